@@ -1,0 +1,434 @@
+"""The model: one Transformer for Llama, Qwen2, Qwen3 and DeepSeek-V3 (MLA + MoE + MTP).
+
+Parameter names equal Hugging Face's on-disk names, so checkpoints load without a name map.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sputnik.config import ModelConfig
+
+if TYPE_CHECKING:
+    from sputnik.engine.cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, scaled in the input dtype (as HF does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# ---------------------------------------------------------------- RoPE
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_frequencies(dim: int, theta: float, scaling: dict | None) -> tuple[Tensor, float]:
+    """Inverse frequencies for `dim` rotary dims and the factor cos/sin are scaled by (YaRN's attention factor)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    if not scaling:
+        return inv_freq, 1.0
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "llama3":
+        old_len = scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        old_len = scaling["original_max_position_embeddings"]
+        beta_fast, beta_slow = scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)
+
+        def correction_dim(n_rot: float) -> float:  # the dim whose wavelength fits n_rot times in old_len
+            return dim * math.log(old_len / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
+
+        lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+        if scaling.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+        keep = 1 - ramp  # 1: high frequency, extrapolate (keep); 0: low frequency, interpolate (divide by factor)
+        inv_freq = inv_freq / factor * (1 - keep) + inv_freq * keep
+        if scaling.get("attention_factor") is not None:
+            attn_factor = float(scaling["attention_factor"])
+        elif scaling.get("mscale") and scaling.get("mscale_all_dim"):
+            attn_factor = yarn_mscale(factor, scaling["mscale"]) / yarn_mscale(factor, scaling["mscale_all_dim"])
+        else:
+            attn_factor = yarn_mscale(factor)
+        return inv_freq, attn_factor
+    raise ValueError(f"unsupported rope type {kind!r}")
+
+
+class Rotary(nn.Module):
+    """cos/sin for arbitrary positions [B, T], computed in fp32 on the fly."""
+
+    def __init__(self, dim: int, theta: float, scaling: dict | None):
+        super().__init__()
+        inv_freq, self.attn_factor = rope_frequencies(dim, theta, scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, dim/2]
+        return freqs.cos() * self.attn_factor, freqs.sin() * self.attn_factor
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool = False) -> Tensor:
+    """Rotate x [B, T, H, D] by cos/sin [B, T, D/2]: halves (Llama/Qwen) or adjacent pairs (DeepSeek checkpoints)."""
+    cos, sin = cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype)
+    if interleave:
+        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).flatten(-2)
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+
+
+# ---------------------------------------------------------------- attention
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float) -> Tensor:
+    """SDPA over [B, H, T, D] queries and [B, Hkv, S, D] keys; repeats kv heads for grouped queries."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention; Qwen2's q/k/v bias and Qwen3's per-head q/k RMSNorm are switches."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(self, x, cos, sin, mask, causal, cache: KVCache | None, layer: int) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        out = attend(q, k, v, mask, causal, self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention. With a cache it keeps only the normed latent c_kv and the shared k_pe per token
+    and folds kv_b_proj into the query (keys) and the output (values): the same result as the naive path."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.q_lora_rank, self.kv_lora_rank = cfg.n_heads, cfg.q_lora_rank, cfg.kv_lora_rank
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.interleave = cfg.rope_interleave
+        qk_dim = self.nope + self.rope
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=cfg.qkv_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, cfg.n_heads * qk_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.dim, cfg.kv_lora_rank + self.rope, bias=cfg.qkv_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * self.v_dim, cfg.dim, bias=cfg.o_bias)
+        self.scale = qk_dim**-0.5
+        s = cfg.rope_scaling or {}
+        if s.get("rope_type", s.get("type")) == "yarn" and s.get("mscale_all_dim"):
+            self.scale *= yarn_mscale(s["factor"], s["mscale_all_dim"]) ** 2
+
+    def forward(self, x, cos, sin, mask, causal, cache: KVCache | None, layer: int) -> Tensor:
+        B, T, _ = x.shape
+        H = self.n_heads
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        q_nope, q_pe = q.view(B, T, H, -1).split([self.nope, self.rope], -1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], -1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        q_pe = apply_rope(q_pe, cos, sin, self.interleave)
+        k_pe = apply_rope(k_pe[:, :, None], cos, sin, self.interleave)[:, :, 0]
+        if cache is None:
+            k_nope, v = self.kv_b_proj(c_kv).view(B, T, H, -1).split([self.nope, self.v_dim], -1)
+            q = torch.cat([q_nope, q_pe], -1).transpose(1, 2)
+            k = torch.cat([k_nope, k_pe[:, :, None].expand(B, T, H, self.rope)], -1).transpose(1, 2)
+            out = attend(q, k, v.transpose(1, 2), mask, causal, self.scale).transpose(1, 2)
+        else:
+            c_all, pe_all = cache.update_latent(layer, c_kv, k_pe)  # [B, S, R], [B, S, rope]
+            w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
+            q_lat = torch.einsum("bthd,hdr->bhtr", q_nope, w[:, : self.nope])
+            q = torch.cat([q_lat, q_pe.transpose(1, 2)], -1)
+            k = torch.cat([c_all, pe_all], -1)[:, None]
+            out = attend(q, k, c_all[:, None], mask, causal, self.scale)  # [B, H, T, R]
+            out = torch.einsum("bhtr,hvr->bthv", out, w[:, self.nope :])
+        return self.o_proj(out.reshape(B, T, H * self.v_dim))
+
+
+# ---------------------------------------------------------------- feed-forward
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate x) * up x)."""
+
+    def __init__(self, dim: int, inter_dim: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=bias)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=bias)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """DeepSeek-V3 router: sigmoid scores; the correction bias picks experts but does not weight them."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = cfg.n_activated_experts, cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        # Updated by the aux-loss-free balancing rule, never by gradients.
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [N, dim] -> (expert ids [N, k], weights [N, k] in fp32)."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1:
+            grouped = choice.view(x.shape[0], self.n_group, -1)
+            group_score = grouped.topk(2, -1).values.sum(-1)
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(self.topk_group, -1).indices, True)
+            # -inf, not 0: a negative bias must never let a dropped group win.
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
+        idx = choice.topk(self.top_k, -1).indices
+        weights = scores.gather(1, idx)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return idx, weights * self.scaling
+
+
+class MoE(nn.Module):
+    """Routed experts (top-k of n) plus always-on shared experts."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = nn.ModuleList(MLP(cfg.dim, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts))
+        self.shared_experts = MLP(cfg.dim, cfg.moe_inter_dim * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        self.load: Tensor | None = None  # tokens per expert in the last forward, for balancing and plots
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        idx, weights = self.gate(x)
+        counts = torch.bincount(idx.flatten(), minlength=len(self.experts))
+        self.load = counts.detach()
+        out = torch.zeros_like(x)
+        order = idx.flatten().argsort(stable=True)
+        token_of = order // idx.shape[1]
+        w_of = weights.flatten()[order]
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n == 0:
+                continue
+            tok = token_of[start : start + n]
+            y = self.experts[e](x[tok]) * w_of[start : start + n, None].to(x.dtype)
+            out.index_add_(0, tok, y)
+            start += n
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out.view(shape)
+
+
+# ---------------------------------------------------------------- blocks and the model
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: attention, then MLP or MoE."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = MLA(cfg) if cfg.is_mla else Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.dim, cfg.inter_dim, cfg.mlp_bias)
+
+    def forward(self, x, cos, sin, mask, causal, cache: KVCache | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, cache, self.layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SharedHead(nn.Module):
+    """The MTP module's own final norm; the output projection is the main model's lm_head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+class MTPLayer(Block):
+    """DeepSeek-V3 multi-token prediction module k: combine h_i with the embedding of t_{i+k}, run one block."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__(cfg, layer)
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.shared_head = SharedHead(cfg)
+
+    def forward(self, h: Tensor, emb: Tensor, cos, sin, mask, causal) -> Tensor:  # type: ignore[override]
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], -1))
+        return super().forward(x, cos, sin, mask, causal)
+
+
+class Decoder(nn.Module):
+    """Embedding, blocks and final norm (HF's `model.` prefix)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+def build_mask(
+    B: int, T: int, start: int, key_valid: Tensor | None, device: torch.device
+) -> tuple[Tensor | None, bool]:
+    """Boolean attention mask [B, 1, T, S] (True = attend) for queries at slots start..start+T-1.
+
+    Returns (None, True) for plain causal attention and (None, False) for one query that may see every key.
+    Each query may always see itself, so rows of padding stay finite.
+    """
+    if key_valid is None:
+        if T == 1 or start == 0:
+            return None, T > 1
+        key_valid = torch.ones(B, start + T, dtype=torch.bool, device=device)
+    S = start + T
+    q_slot = torch.arange(start, S, device=device)[:, None]
+    k_slot = torch.arange(S, device=device)[None, :]
+    mask = (k_slot <= q_slot)[None] & key_valid[:, None, :S]
+    mask |= (k_slot == q_slot)[None]
+    return mask[:, None], False
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM for every family: forward(tokens, positions, cache) -> logits."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.n_layers + k) for k in range(cfg.n_mtp_layers))
+        rope_dim = cfg.qk_rope_head_dim if cfg.is_mla else cfg.head_dim
+        self.rotary = Rotary(rope_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def hidden(
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Last block's output [B, T, dim], before the final norm.
+
+        attn_mask [B, T] marks real tokens (False = padding, never attended to). With a cache the tokens are written
+        at slots cache.length.. and may attend to everything cached before them.
+        """
+        B, T = tokens.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        if cache is not None:
+            key_valid = cache.mark(attn_mask)
+        else:
+            key_valid = attn_mask if attn_mask is not None and not bool(attn_mask.all()) else None
+        mask, causal = build_mask(B, T, start, key_valid, tokens.device)
+        cos, sin = self.rotary(positions)
+        h = self.model.embed_tokens(tokens)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, mask, causal, cache)
+        if cache is not None:
+            cache.length += T
+        return h
+
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        attn_mask: Tensor | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only: prefill needs only the next token's)."""
+        h = self.hidden(tokens, positions, cache, attn_mask)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self.model.norm(h))
+
+    def mtp_logits(self, h: Tensor, tokens: Tensor, positions: Tensor | None = None) -> list[Tensor]:
+        """Logits of each MTP depth k (training only, no cache): row i of depth k predicts token i + k + 1.
+
+        h is hidden() of `tokens`; depth k combines depth k-1's states with the embedding of token i + k,
+        so depth k returns [B, T - k, vocab].
+        """
+        B, T = tokens.shape
+        out = []
+        for k, layer in enumerate(self.mtp, start=1):
+            n = T - k
+            if n <= 0:
+                break
+            pos = positions[:, :n] if positions is not None else torch.arange(n, device=tokens.device).expand(B, n)
+            cos, sin = self.rotary(pos)
+            h = layer(h[:, :n], self.model.embed_tokens(tokens[:, k : k + n]), cos, sin, None, True)
+            out.append(self.lm_head(layer.shared_head.norm(h)))
+        return out
