@@ -90,10 +90,12 @@ class Rotary(nn.Module):
 
     def __init__(self, dim: int, theta: float, scaling: dict | None):
         super().__init__()
-        inv_freq, self.attn_factor = rope_frequencies(dim, theta, scaling)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        with torch.device("cpu"):  # never on meta, never cast to bf16 with the weights: kept off the buffers
+            self.inv_freq, self.attn_factor = rope_frequencies(dim, theta, scaling)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, dim/2]
         return freqs.cos() * self.attn_factor, freqs.sin() * self.attn_factor
 
