@@ -114,11 +114,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool = False) ->
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float) -> Tensor:
-    """SDPA over [B, H, T, D] queries and [B, Hkv, S, D] keys; repeats kv heads for grouped queries."""
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
+    """SDPA over [B, H, T, D] queries and [B, Hkv, S, D] keys; grouped queries share kv heads without copies."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 class Attention(nn.Module):

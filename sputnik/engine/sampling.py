@@ -1,0 +1,164 @@
+"""Choosing the next token: penalties, temperature, top-k, top-p, min-p, and seeded per-sequence sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+# Top-p first looks among this many most likely tokens and sorts the whole vocabulary only when they hold too
+# little mass: a full sort of 32 x 49k logits costs more than the rest of a small model's decoding step.
+TOP_P_CANDIDATES = 1024
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request; temperature 0 means greedy. Names follow vLLM / the OpenAI API."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF's: divides positive logits of every token seen in prompt or output
+    presence_penalty: float = 0.0  # OpenAI's: over output tokens
+    frequency_penalty: float = 0.0
+    n: int = 1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (self.n >= 1, "n must be >= 1"),
+            (all(s for s in self.stop), "stop strings must not be empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    """Samples one token per row. Each row has its own parameters and its own RNG, so a seeded sequence gives the
+    same tokens whatever else shares its batch."""
+
+    def __init__(self, params: list[SamplingParams], seeds: list[int | None], vocab_size: int, device: torch.device):
+        self.params, self.vocab_size, self.device = params, vocab_size, device
+        self.generators = []
+        for s in seeds:
+            g = torch.Generator()
+            g.manual_seed(s if s is not None else int(torch.randint(0, 2**62, (1,)).item()))
+            self.generators.append(g)
+        f = lambda xs: torch.tensor(xs, dtype=torch.float32, device=device)[:, None]  # noqa: E731
+        self.temperature = f([p.temperature if p.temperature > 0 else 1.0 for p in params])
+        self.greedy = torch.tensor([p.greedy for p in params], device=device)
+        self.all_greedy = bool(self.greedy.all())
+        self.top_k = torch.tensor([p.top_k for p in params], device=device)
+        self.top_p = f([p.top_p for p in params])
+        self.min_p = f([p.min_p for p in params])
+        self.rep = f([p.repetition_penalty for p in params])
+        self.presence = f([p.presence_penalty for p in params])
+        self.frequency = f([p.frequency_penalty for p in params])
+        self.use_rep = bool((self.rep != 1).any())
+        self.use_counts = bool((self.presence != 0).any() or (self.frequency != 0).any())
+        self.seen: Tensor | None = None  # [B, V] bool: in prompt or output (repetition penalty)
+        self.counts: Tensor | None = None  # [B, V] output token counts (presence/frequency)
+
+    def start(self, prompts: list[list[int]]) -> None:
+        B, V = len(prompts), self.vocab_size
+        if self.use_rep:
+            self.seen = torch.zeros(B, V, dtype=torch.bool, device=self.device)
+            for i, p in enumerate(prompts):
+                self.seen[i, torch.tensor(p, dtype=torch.long, device=self.device)] = True
+        if self.use_counts:
+            self.counts = torch.zeros(B, V, dtype=torch.float32, device=self.device)
+
+    def select(self, rows: Tensor) -> None:
+        """Keep these rows, in this order (the engine drops finished sequences or fans out samples)."""
+        idx = rows.tolist()
+        self.params = [self.params[i] for i in idx]
+        self.generators = [self.generators[i] for i in idx]
+        for name in ("temperature", "greedy", "top_k", "top_p", "min_p", "rep", "presence", "frequency", "seen",
+                     "counts"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, rows))
+
+    def reseed(self, seeds: list[int | None]) -> None:
+        for g, s in zip(self.generators, seeds):
+            if s is not None:
+                g.manual_seed(s)
+
+    def __call__(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """logits [B, V] -> (tokens [B], log-probs [B] of the chosen tokens under logits / temperature)."""
+        logits = logits.float()
+        if self.use_rep:
+            penalised = torch.where(logits > 0, logits / self.rep, logits * self.rep)
+            logits = torch.where(self.seen, penalised, logits)
+        if self.use_counts:
+            logits = logits - self.frequency * self.counts - self.presence * (self.counts > 0).float()
+        logp = torch.log_softmax(logits / self.temperature, -1)
+        if self.all_greedy:
+            tokens = logits.argmax(-1)
+        else:
+            tokens = torch.where(self.greedy, logits.argmax(-1), self._sample(logp))
+        self._observe(tokens)
+        return tokens, logp.gather(1, tokens[:, None])[:, 0]
+
+    def _observe(self, tokens: Tensor) -> None:
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens[:, None], True)
+        if self.counts is not None:
+            self.counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=torch.float32))
+
+    def _sample(self, logp: Tensor) -> Tensor:
+        probs = logp.exp()
+        if bool((self.min_p > 0).any()):
+            probs = probs.masked_fill(probs < self.min_p * probs.amax(-1, keepdim=True), 0)
+        filter_k, filter_p = bool((self.top_k > 0).any()), bool((self.top_p < 1).any())
+        if not (filter_k or filter_p):
+            return self._draw(probs)
+        V = probs.shape[-1]
+        max_k = int(self.top_k.max())
+        K = min(V, max_k if not filter_p else max(max_k, TOP_P_CANDIDATES))
+        vals, idx = probs.topk(K, -1)
+        if filter_p:
+            has_k = self.top_k[:, None] > 0  # such rows' candidates are exact: K >= their top_k
+            total = torch.where(has_k, self._top_k(vals).sum(-1, keepdim=True), probs.sum(-1, keepdim=True))
+            # Exact only if the tokens top-p keeps all lie among the K candidates.
+            if K < V and not bool((self._top_k(vals).sum(-1, keepdim=True) >= self.top_p * total).all()):
+                vals, idx = probs.sort(-1, descending=True)
+            vals = self._top_k(vals)
+            before = (vals.cumsum(-1) - vals) / total  # share of the kept mass ranked above each token
+            vals = vals.masked_fill(before >= self.top_p, 0)
+        else:
+            vals = self._top_k(vals)
+        return idx.gather(1, self._draw(vals)[:, None])[:, 0]
+
+    def _top_k(self, vals: Tensor) -> Tensor:
+        """Zero candidates (sorted descending) ranked at or beyond each row's top_k."""
+        rank = torch.arange(vals.shape[-1], device=vals.device)[None]
+        return vals.masked_fill((self.top_k[:, None] > 0) & (rank >= self.top_k[:, None]), 0)
+
+    def _draw(self, weights: Tensor) -> Tensor:
+        """Inverse-CDF sampling from unnormalised weights [B, K]: one uniform number per row from the row's RNG."""
+        u = torch.stack([torch.rand((), generator=g) for g in self.generators]).to(weights.device)
+        cdf = weights.cumsum(-1)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+        return pick.clamp_(max=weights.shape[-1] - 1)

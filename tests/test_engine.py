@@ -1,0 +1,132 @@
+"""The engine: ragged batches, shared prefill, seeded sampling, filters, stops, streaming."""
+
+import math
+
+import pytest
+import torch
+
+from sputnik.config import ModelConfig
+from sputnik.engine import Engine, SamplingParams
+from sputnik.engine.sampling import Sampler
+from sputnik.model import Transformer
+
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15]]
+
+
+def tiny(family: str = "llama", vocab: int = 99, **kw) -> Transformer:
+    if family == "deepseek_v3":
+        kw = dict(n_routed_experts=4, n_shared_experts=1, moe_inter_dim=8, n_activated_experts=2, n_group=2,
+                  topk_group=1, first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=None, qk_nope_head_dim=8,
+                  qk_rope_head_dim=4, v_head_dim=8, **kw)
+    cfg = ModelConfig(family=family, vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, inter_dim=48,
+                      max_seq_len=256, **kw)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.4)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "deepseek_v3"])
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=12, temperature=0),
+    SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, top_k=30, min_p=0.01, repetition_penalty=1.2,
+                   presence_penalty=0.5, frequency_penalty=0.3, seed=7),
+])
+def test_ragged_batch_equals_one_by_one(family, params):
+    eng = Engine(tiny(family))
+    together = eng.generate(PROMPTS, params)
+    for i, p in enumerate(PROMPTS):
+        alone = Engine(eng.model, max_batch=1).generate([p], params)[0][0]
+        if params.greedy or i == 0:  # seeded streams are per (prompt index, sample)
+            assert together[i][0].token_ids == alone.token_ids
+        assert len(together[i][0].token_ids) == 12 and together[i][0].finish_reason == "length"
+    # The greedy first token equals the argmax of a plain forward on the unpadded prompt.
+    if params.greedy:
+        for i, p in enumerate(PROMPTS):
+            with torch.no_grad():
+                assert together[i][0].token_ids[0] == eng.model(torch.tensor([p]))[0, -1].argmax().item()
+
+
+def test_n_samples_share_prefill_and_seed_reproduces():
+    eng = Engine(tiny())
+    params = SamplingParams(max_tokens=10, temperature=1.0, n=4, seed=11)
+    a, b = eng.generate(PROMPTS[:2], params), eng.generate(PROMPTS[:2], params)
+    assert [[c.token_ids for c in r] for r in a] == [[c.token_ids for c in r] for r in b]
+    assert len({tuple(c.token_ids) for c in a[0]}) > 1  # the 4 samples differ
+    other = eng.generate(PROMPTS[:2], SamplingParams(max_tokens=10, temperature=1.0, n=4, seed=12))
+    assert [c.token_ids for c in other[0]] != [c.token_ids for c in a[0]]
+    # Smaller max_batch (several prefills) gives the same samples.
+    c = Engine(eng.model, max_batch=4).generate(PROMPTS[:2], params)
+    assert [[x.token_ids for x in r] for r in c] == [[x.token_ids for x in r] for r in a]
+
+
+def test_logprobs_are_the_tempered_distribution():
+    eng = Engine(tiny())
+    p = [3, 4, 5]
+    out = eng.generate([p], SamplingParams(max_tokens=3, temperature=0.7, seed=1))[0][0]
+    ids = torch.tensor([p + out.token_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(eng.model(ids)[0].float() / 0.7, -1)
+    for j, t in enumerate(out.token_ids):
+        assert math.isclose(out.logprobs[j], logp[len(p) - 1 + j, t].item(), abs_tol=1e-4)
+
+
+def test_stop_token_ids_end_and_are_kept():
+    eng = Engine(tiny())
+    free = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=12, temperature=0))[0][0]
+    stop_at = free.token_ids[4]
+    first = free.token_ids.index(stop_at)
+    out = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_at]))[0][0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_at
+    assert out.token_ids == free.token_ids[: first + 1]
+
+
+def sampler_counts(params: SamplingParams, logits: torch.Tensor, draws: int = 4000) -> torch.Tensor:
+    s = Sampler([params] * draws, list(range(draws)), logits.shape[-1], torch.device("cpu"))
+    tokens, _ = s(logits.expand(draws, -1))
+    return torch.bincount(tokens, minlength=logits.shape[-1]).float() / draws
+
+
+def test_filters_keep_exactly_the_right_tokens():
+    probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
+    logits = probs.log()[None]
+    # top-k 2: only the two best, renormalised.
+    f = sampler_counts(SamplingParams(top_k=2), logits)
+    assert f[2:].sum() == 0 and abs(f[0] - 4 / 7) < 0.04
+    # top-p 0.8: 0.4 + 0.3 < 0.8 so the third token is still needed; the fourth is not.
+    f = sampler_counts(SamplingParams(top_p=0.8), logits)
+    assert f[2] > 0 and f[3:].sum() == 0
+    # min-p 0.3: tokens below 0.3 * 0.4 = 0.12 are dropped.
+    f = sampler_counts(SamplingParams(min_p=0.3), logits)
+    assert f[2] > 0 and f[3:].sum() == 0
+    # No filter: frequencies follow the distribution.
+    f = sampler_counts(SamplingParams(temperature=1.0), logits, draws=20000)
+    assert (f - probs).abs().max() < 0.02
+
+
+def test_top_p_over_a_flat_large_vocabulary_falls_back_to_a_full_sort():
+    logits = torch.zeros(1, 5000)  # 1024 candidates hold only 20% of the mass
+    f = sampler_counts(SamplingParams(top_p=0.5), logits, draws=3000)
+    assert (f > 0).sum() > 1100  # tokens beyond the first 1024 candidates are drawn too
+
+
+def test_repetition_penalty_matches_hf_rule():
+    params = SamplingParams(temperature=0, repetition_penalty=2.0)
+    s = Sampler([params], [0], 4, torch.device("cpu"))
+    s.start([[0, 1]])
+    # token 0: 3.0 / 2 = 1.5 < 2.0; token 1: -1 * 2 = -2; so token 3 (2.0) wins over token 0.
+    tok, _ = s(torch.tensor([[3.0, -1.0, 0.5, 2.0]]))
+    assert tok.item() == 3
+
+
+def test_bad_sampling_params_are_refused():
+    for bad, msg in [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(n=0), "n must"),
+                     (dict(max_tokens=0), "max_tokens"), (dict(stop=[""]), "stop")]:
+        with pytest.raises(ValueError, match=msg):
+            SamplingParams(**bad)
+    with pytest.raises(ValueError, match="empty prompt"):
+        Engine(tiny()).generate([[]])
+    with pytest.raises(ValueError, match="does not fit"):
+        Engine(tiny()).generate([[1] * 300])
