@@ -26,7 +26,7 @@ model: setup
 	$(VENV)/bin/sputnik pull $(MODEL)
 
 test: model
-	$(PY) -m pytest -q
+	SPUTNIK_REQUIRE_MODEL=1 $(PY) -m pytest -q
 
 demo: model
 	$(VENV)/bin/sputnik chat --model $(MODEL)

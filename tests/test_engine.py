@@ -130,3 +130,49 @@ def test_bad_sampling_params_are_refused():
         Engine(tiny()).generate([[]])
     with pytest.raises(ValueError, match="does not fit"):
         Engine(tiny()).generate([[1] * 300])
+
+
+def chain_model(tok, text: str) -> tuple[Transformer, list[int]]:
+    """A model whose greedy output after token ids[i] is ids[i+1]: it replays `text` token by token."""
+    ids = tok.encode(text)
+    assert len(set(ids)) == len(ids), "the chain needs distinct tokens"
+    cfg = ModelConfig(family="llama", vocab_size=tok.vocab_size, dim=len(ids) + 1, n_layers=1, n_heads=1,
+                      n_kv_heads=1, head_dim=8, inter_dim=8, max_seq_len=256, tie_embeddings=False)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.norm.weight.fill_(1)
+        for i, t in enumerate(ids):
+            model.model.embed_tokens.weight[t, i] = 1.0
+            if i + 1 < len(ids):
+                model.lm_head.weight[ids[i + 1], i] = 10.0
+    return model.eval(), ids
+
+
+def test_streaming_korean_never_yields_a_broken_character(default_tokenizer):
+    tok = default_tokenizer
+    for text in ("Q 한국 🚀", "Q 한생 🚀", "Q: 한국 🚀", "A 한중 🚀"):  # the prompt is the first token
+        model, ids = chain_model(tok, text)
+        assert any("\ufffd" in tok.decode(ids[: i + 1]) for i in range(len(ids)))  # the tokens split characters
+        pieces = []
+        for d in Engine(model, tok).stream([ids[:1]], SamplingParams(max_tokens=len(ids) - 1, temperature=0)):
+            assert "\ufffd" not in d.text
+            pieces.append(d.text)
+        assert "".join(pieces) == tok.decode(ids[1:])
+
+
+def test_stop_strings_cut_exactly_and_are_never_streamed(default_tokenizer):
+    tok = default_tokenizer
+    model, ids = chain_model(tok, "The quick brown fox jumps over my lazy dog")
+    full = tok.decode(ids[1:])
+    eng = Engine(model, tok)
+    for stop in (["own fo"], ["lazy", "jumps"], ["k"], ["zzz", "dog"]):
+        params = SamplingParams(max_tokens=len(ids) - 1, temperature=0, stop=stop)
+        out = eng.generate([ids[:1]], params)[0][0]
+        first = min((full.index(s), s) for s in stop if s in full)
+        assert out.text == full[: first[0]] and out.finish_reason == "stop" and out.stop_reason == first[1]
+        streamed = "".join(d.text for d in eng.stream([ids[:1]], params))
+        assert streamed == out.text
+    out = eng.generate([ids[:1]], SamplingParams(max_tokens=len(ids) - 1, temperature=0, stop=["absent"]))[0][0]
+    assert out.text == full and out.finish_reason == "length"

