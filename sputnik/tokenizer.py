@@ -699,7 +699,9 @@ def _read_gguf_metadata(path: Path) -> dict[str, Any]:
     import numpy as np
 
     try:
-        reader = gguf.GGUFReader(str(path))
+        from sputnik.checkpoint.gguf import open_gguf
+
+        reader = open_gguf(path)
     except Exception as error:  # GGUFReader raises ValueError/struct errors on files that are not GGUF
         raise ValueError(f"{path} is not a readable GGUF file: {error}") from error
     values: dict[str, Any] = {}

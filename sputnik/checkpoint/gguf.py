@@ -9,6 +9,8 @@ already rotates halves, as llama.cpp's NEOX mode does), so they are left alone.
 
 from __future__ import annotations
 
+import functools
+
 import math
 import re
 from pathlib import Path
@@ -56,6 +58,19 @@ _CHUNK_BYTES = 1 << 22
 _ROPE_FREQS = "rope_freqs.weight"
 
 
+def open_gguf(path: str | Path) -> GGUFReader:
+    """A memory-mapped reader, shared by the model and tokenizer loaders: parsing a 49k-token vocabulary's metadata
+    takes GGUFReader seconds, so a file is parsed once per process (until it changes on disk)."""
+    file = Path(path).expanduser().resolve()
+    st = file.stat()
+    return _open_gguf(file, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_gguf(file: Path, mtime_ns: int, size: int) -> GGUFReader:
+    return GGUFReader(file, "r")  # tensors are read only when dequantised
+
+
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read a GGUF file into ``(hf_config, state_dict)`` with HF tensor names.
 
@@ -66,7 +81,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[dic
     if not file.exists():
         raise CheckpointError(f"no such file or folder: {file}")
     try:
-        reader = GGUFReader(file, "r")  # memory-mapped: tensors are read only when dequantised
+        reader = open_gguf(file)
     except Exception as err:
         raise CheckpointError(f"GGUF file {file} is truncated or corrupt ({type(err).__name__}: {err})") from None
 

@@ -1,0 +1,85 @@
+"""The `sputnik` command: generate --json, chat without a TTY, convert, and clear errors naming the file."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers as tf
+
+from sputnik.checkpoint import CheckpointError, load_model
+from sputnik.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_json_one_object_per_completion(capsys, default_gguf, default_tokenizer):
+    code, out, _ = run(capsys, "generate", "--model", str(default_gguf), "--prompt", "Name a color.", "--chat",
+                       "--system", "Answer in one word.", "--max-tokens", "12", "--temperature", "0.8", "--top-p",
+                       "0.9", "--top-k", "40", "--seed", "3", "--n", "3", "--json")
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 3
+    for r in rows:
+        assert r["finish_reason"] in ("stop", "length") and 1 <= len(r["token_ids"]) <= 12
+        body = [t for t in r["token_ids"] if t not in default_tokenizer.stop_ids]
+        assert r["text"] == default_tokenizer.decode(body)
+    # Same seed, same samples.
+    _, again, _ = run(capsys, "generate", "--model", str(default_gguf), "--prompt", "Name a color.", "--chat",
+                      "--system", "Answer in one word.", "--max-tokens", "12", "--temperature", "0.8", "--top-p",
+                      "0.9", "--top-k", "40", "--seed", "3", "--n", "3", "--json")
+    assert again == out
+
+
+def test_generate_raw_prompt_streams_text(capsys, default_gguf):
+    code, out, _ = run(capsys, "generate", "--model", str(default_gguf), "--prompt", "The capital of France is",
+                       "--max-tokens", "6")
+    assert code == 0 and "Paris" in out
+
+
+def test_chat_without_tty_answers_the_piped_prompt(default_gguf):
+    proc = subprocess.run([sys.executable, "-m", "sputnik.cli", "chat", "--model", str(default_gguf), "--max-tokens",
+                           "16", "--seed", "0"], input="What is 2 + 2?\n", capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "What is 2 + 2?" in proc.stdout and len(proc.stdout.strip().splitlines()) >= 2
+
+
+def test_convert_gguf_to_hf_folder_loads_in_transformers(capsys, tmp_path, default_gguf):
+    code, out, _ = run(capsys, "convert", str(default_gguf), str(tmp_path / "hf"))
+    assert code == 0 and str(tmp_path / "hf") in out
+    ours = load_model(default_gguf)
+    ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ref_tok = tf.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = torch.tensor([ref_tok("Hello, 세계! 12 + 30 =").input_ids])
+    with torch.no_grad():
+        assert torch.equal(ref(ids).logits, ours(ids))
+
+
+def test_missing_model_is_a_clear_error(capsys, tmp_path):
+    code, _, err = run(capsys, "generate", "--model", str(tmp_path / "nowhere"), "--prompt", "hi")
+    assert code == 2 and "nowhere" in err
+
+
+def test_unknown_name_lists_known_models(capsys):
+    code, _, err = run(capsys, "generate", "--model", "no-such-model", "--prompt", "hi")
+    assert code == 2 and "no-such-model" in err and "smollm2-135m-instruct" in err
+
+
+def test_shape_mismatch_names_file_tensor_and_both_shapes(tmp_path):
+    cfg = tf.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    conf["intermediate_size"] = 40
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "shape mismatch for model.layers.0.mlp." in msg
+    assert ("has (32, 37)" in msg and "expects (32, 40)" in msg) or ("has (37, 32)" in msg and "expects (40, 32)" in msg)
