@@ -190,6 +190,28 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from sputnik.eval.report import markdown_table
+    from sputnik.eval.run import EvalConfig, evaluate, load_summary
+
+    if args.compare:
+        summaries = {str(p): load_summary(p) for p in args.compare}
+        print(markdown_table(summaries), end="")
+        return 0
+    if args.model_pos:
+        args.model = args.model_pos
+    model, tok = _load(args)
+    cfg = EvalConfig(task=args.task, n=args.n, k=args.k, split=args.split, seed=args.seed,
+                     temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                     template=args.template, system=args.system, suffix=args.suffix, greedy=not args.no_greedy,
+                     batch=args.batch)
+    summary = evaluate(model, tok, cfg, out_dir=args.out)
+    print(markdown_table({args.model: summary}), end="")
+    if args.out:
+        print(f"wrote {args.out}/samples.jsonl, summary.json, summary.md, accuracy_vs_k.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sputnik", description="The DeepSeek-R1 recipe as installable software.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -213,6 +235,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None)
     _add_sampling_args(p, temperature=0.6, max_tokens=512)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", help="R1-style evaluation: greedy accuracy, pass@1 over k samples, cons@k")
+    p.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
+    _add_model_args(p)
+    p.add_argument("--task", default="arithmetic", help="arithmetic, countdown, math[:FILE], gym:NAME, jsonl:FILE, "
+                   "korean-arithmetic (options after ':', e.g. arithmetic:digits=3)")
+    p.add_argument("--n", type=int, default=200, help="problems")
+    p.add_argument("--k", type=int, default=4, help="samples per problem (0: greedy only)")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--template", default="chat", choices=["chat", "r1-zero", "plain"])
+    p.add_argument("--system", default=None)
+    p.add_argument("--suffix", default=None, help="text after the problem (default: the task's format instruction)")
+    p.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
+    p.add_argument("--batch", type=int, default=64, help="sequences per engine batch")
+    p.add_argument("--out", type=Path, default=None, help="folder for samples.jsonl, summary.json/.md and the plot")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="print earlier runs' summaries side by side")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("convert", help="write any loadable model (e.g. a GGUF) as an HF folder")
     p.add_argument("src")

@@ -95,7 +95,7 @@ _EXTRACT_FNS = {"answer": last_answer_tag, "boxed": last_boxed, "number": last_n
 
 
 def extract_answer(text: str, order: tuple[str, ...] = EXTRACTORS, after_think: bool = True) -> str | None:
-    """Try the extractors in `order`; the first that finds something wins.
+    """Try the extractors in `order`; the first that finds something wins (an empty \\boxed{} does not).
 
     With `after_think`, only the text after the last </think> is searched when there is one: an answer written
     inside the reasoning does not count. An <answer> that holds a \\boxed{} gives the boxed content.
@@ -104,7 +104,9 @@ def extract_answer(text: str, order: tuple[str, ...] = EXTRACTORS, after_think: 
         text = text[text.rfind("</think>") + len("</think>"):]
     for name in order:
         found = _EXTRACT_FNS[name](text)
-        if found is not None:
+        # An empty \boxed{} mostly echoes the instruction; an empty <answer></answer> still counts as an answer
+        # given (TinyZero scores it as present but invalid).
+        if found is not None and (found.strip() or name != "boxed"):
             if name == "answer":
                 found = last_boxed(found) or found
             return found

@@ -1,0 +1,5 @@
+"""R1-style evaluation (pass@1 over k samples, cons@k) and its reports."""
+
+from sputnik.eval.run import EvalConfig, evaluate, majority_vote, pass_at_k, summarize
+
+__all__ = ["EvalConfig", "evaluate", "majority_vote", "pass_at_k", "summarize"]

@@ -1,0 +1,162 @@
+"""R1-style evaluation: greedy accuracy, pass@1 over k samples, cons@k, format rate, length — through the engine."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from sputnik.engine import Engine, SamplingParams
+from sputnik.rewards import format_reward
+from sputnik.tasks import Problem, Task, get_task
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how to sample (R1's defaults: T 0.6, top-p 0.95)."""
+
+    task: str = "arithmetic"
+    n: int = 200  # problems from the split
+    k: int = 4  # samples per problem for pass@1 and cons@k (0: greedy only)
+    split: str = "test"
+    seed: int = 0
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_tokens: int = 512
+    template: str = "chat"  # chat | r1-zero | plain
+    system: str | None = None
+    suffix: str | None = None
+    greedy: bool = True
+    batch: int = 64  # sequences per engine batch
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_vote(answers: list[str | None]) -> str | None:
+    """The most common extracted answer (ties: the one seen first); None answers do not vote."""
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return None
+    top = max(votes.values())
+    return next(a for a in answers if a is not None and votes[a] == top)
+
+
+def prompt_ids(task: Task, problem: Problem, tokenizer, cfg: EvalConfig) -> tuple[list[int], bool]:
+    """Token ids of the rendered prompt, and whether it already opened <think> (R1-style chat templates)."""
+    if cfg.template == "chat":
+        text = task.render(problem, "chat", tokenizer, cfg.system, cfg.suffix)
+    else:
+        text = task.render(problem, cfg.template, None, cfg.system, cfg.suffix)
+        text = text if isinstance(text, str) else ""
+    ids = tokenizer.encode(text, add_special_tokens=cfg.template != "chat")
+    return ids, text.rstrip().endswith("<think>")
+
+
+def _record(task: Task, problem: Problem, kind: str, index: int, completion, think_opened: bool) -> dict[str, Any]:
+    answer = task.extract(completion.text)
+    score = task.score(problem, answer)
+    return {
+        "id": problem.id, "kind": kind, "sample": index, "completion": completion.text, "extracted": answer,
+        "gold": problem.answer, "score": score, "correct": None if score is None else score >= 1.0,
+        "format": format_reward(problem, completion.text, task, think_opened=think_opened),
+        "length": len(completion.token_ids), "finish_reason": completion.finish_reason,
+    }
+
+
+def summarize(records: list[dict[str, Any]], k: int) -> dict[str, Any]:
+    """Aggregate per-sample records: greedy accuracy, pass@1 (mean over k samples), pass@k, cons@k, format, length.
+
+    Problems whose gold answer cannot be verified (score None) are skipped and counted."""
+    by_problem: dict[str, dict[str, list[dict]]] = {}
+    for r in records:
+        by_problem.setdefault(r["id"], {"greedy": [], "sample": []})[r["kind"]].append(r)
+    skipped = [pid for pid, g in by_problem.items() if any(r["score"] is None for r in g["greedy"] + g["sample"])]
+    kept = {pid: g for pid, g in by_problem.items() if pid not in skipped}
+    out: dict[str, Any] = {"problems": len(kept), "skipped": len(skipped)}
+    greedy = [g["greedy"][0] for g in kept.values() if g["greedy"]]
+    if greedy:
+        out["greedy_accuracy"] = sum(r["correct"] for r in greedy) / len(greedy)
+        out["greedy_format_rate"] = sum(r["format"] for r in greedy) / len(greedy)
+        out["greedy_mean_length"] = sum(r["length"] for r in greedy) / len(greedy)
+    samples = [g["sample"] for g in kept.values() if g["sample"]]
+    if samples:
+        flat = [r for s in samples for r in s]
+        out["k"] = k
+        out["pass@1"] = sum(sum(r["correct"] for r in s) / len(s) for s in samples) / len(samples)
+        out[f"pass@{k}"] = sum(any(r["correct"] for r in s) for s in samples) / len(samples)
+        out[f"cons@{k}"] = sum(_cons_correct(s) for s in samples) / len(samples)
+        out["format_rate"] = sum(r["format"] for r in flat) / len(flat)
+        out["mean_length"] = sum(r["length"] for r in flat) / len(flat)
+        out["truncated_rate"] = sum(r["finish_reason"] == "length" for r in flat) / len(flat)
+        # Accuracy against the number of samples j: unbiased pass@j, and cons@j over the first j samples.
+        out["curve"] = {
+            "j": list(range(1, k + 1)),
+            "pass": [sum(pass_at_k(len(s), sum(r["correct"] for r in s), j) for s in samples) / len(samples)
+                     for j in range(1, k + 1)],
+            "cons": [sum(_cons_correct(s[:j]) for s in samples) / len(samples) for j in range(1, k + 1)],
+        }
+    return out
+
+
+def _cons_correct(samples: list[dict]) -> bool:
+    vote = majority_vote([r["extracted"] for r in samples])
+    return any(r["extracted"] == vote and r["correct"] for r in samples) if vote is not None else False
+
+
+def evaluate(model, tokenizer, cfg: EvalConfig, out_dir: str | Path | None = None, progress: bool = True,
+             engine: Engine | None = None) -> dict[str, Any]:
+    """Run the evaluation; with out_dir write samples.jsonl, summary.json, summary.md and accuracy_vs_k.png."""
+    task = get_task(cfg.task)
+    problems = task.problems(cfg.split, cfg.n, seed=cfg.seed)
+    engine = engine or Engine(model, tokenizer, max_batch=cfg.batch)
+    prompts = [prompt_ids(task, p, tokenizer, cfg) for p in problems]
+    records: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    runs = []
+    if cfg.greedy:
+        runs.append(("greedy", SamplingParams(max_tokens=cfg.max_tokens, temperature=0)))
+    if cfg.k > 0:
+        runs.append(("sample", SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                                              top_p=cfg.top_p, n=cfg.k, seed=cfg.seed)))
+    total = sum(len(problems) * p.n for _, p in runs)
+    bar = tqdm(total=total, desc=f"eval {cfg.task}", unit="seq", disable=not progress)
+    for kind, params in runs:
+        per_batch = max(1, cfg.batch // params.n)
+        for s in range(0, len(problems), per_batch):
+            chunk = problems[s : s + per_batch]
+            outs = engine.generate([prompts[s + i][0] for i in range(len(chunk))], params)
+            for i, (problem, comps) in enumerate(zip(chunk, outs)):
+                for j, c in enumerate(comps):
+                    records.append(_record(task, problem, kind, j, c, prompts[s + i][1]))
+            bar.update(len(chunk) * params.n)
+            done = [r for r in records if r["kind"] == kind and r["correct"] is not None]
+            if done:
+                bar.set_postfix(acc=f"{sum(r['correct'] for r in done) / len(done):.3f}")
+    bar.close()
+    summary = {"task": cfg.task, **summarize(records, cfg.k), "seconds": round(time.perf_counter() - start, 1),
+               "config": asdict(cfg)}
+    if out_dir is not None:
+        from sputnik.eval.report import write_report
+
+        write_report(Path(out_dir), records, summary)
+    return summary
+
+
+def load_summary(path: str | Path) -> dict[str, Any]:
+    """A summary.json, given the file or the folder holding it."""
+    p = Path(path)
+    p = p / "summary.json" if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(f"no summary.json at {path}")
+    return json.loads(p.read_text())
