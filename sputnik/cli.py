@@ -212,6 +212,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_train_grpo(args) -> int:
+    from sputnik.train.grpo import GRPOConfig, train_grpo
+    from sputnik.train.loop import TrainConfig
+    from sputnik.train.recipe import load_recipe, settings
+
+    recipe = load_recipe(args.config) if args.config else {}
+    grpo, train = settings(args, recipe, GRPOConfig, TrainConfig)
+    model = args.model or recipe.get("model") or DEFAULT_MODEL
+    summary = train_grpo(model, grpo, train)
+    before, after = summary["before"].get("accuracy"), summary["after"].get("accuracy")
+    if after is not None:
+        print(f"greedy accuracy on {grpo.eval_n} held-out {grpo.task} problems: "
+              f"{before if before is not None else float('nan'):.3f} -> {after:.3f} "
+              f"({summary['steps']} steps, {summary['minutes']:.1f} min); {train.out_dir}/summary.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sputnik", description="The DeepSeek-R1 recipe as installable software.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -256,6 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="folder for samples.jsonl, summary.json/.md and the plot")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="print earlier runs' summaries side by side")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="training stages of the R1 recipe")
+    stages = p.add_subparsers(dest="stage", required=True)
+    g = stages.add_parser("grpo", help="GRPO on a task's verifiable rewards (the R1-Zero recipe)",
+                          description="Settings come from --config (a flat YAML recipe), then from the flags below.")
+    g.add_argument("--model", "-m", default=None, help=f"model to train (default: the recipe's, else {DEFAULT_MODEL})")
+    g.add_argument("--config", "-c", default=None, help="a YAML recipe, e.g. recipes/r1-zero-smollm2-addition.yaml")
+    from sputnik.train.grpo import GRPOConfig
+    from sputnik.train.loop import TrainConfig
+    from sputnik.train.recipe import add_flags
+
+    add_flags(g, GRPOConfig, TrainConfig)
+    g.set_defaults(func=cmd_train_grpo)
 
     p = sub.add_parser("convert", help="write any loadable model (e.g. a GGUF) as an HF folder")
     p.add_argument("src")

@@ -101,9 +101,11 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
 
 def save_model(model: Transformer, path: str | Path, tokenizer=None, max_shard_bytes: int = 2 << 30) -> Path:
     """Write an HF folder (config.json, safetensors, tokenizer files) that transformers and vLLM load."""
+    from sputnik.train.lora import merged_state_dict  # adapters, if any, are folded into the weights
+
     cfg = model.cfg
     sd: dict[str, Tensor] = {}
-    for name, t in model.state_dict().items():
+    for name, t in merged_state_dict(model).items():
         m = re.match(r"mtp\.(\d+)\.(.*)", name)
         if m:
             prefix = f"model.layers.{cfg.n_layers + int(m.group(1))}."

@@ -1,0 +1,292 @@
+"""GRPO (the R1-Zero recipe) as an objective of the shared train loop: rollouts from the engine, verifiable rewards,
+group-relative advantages, a clipped surrogate with TRL's loss types, GSPO, DAPO's dynamic sampling, a KL to a
+periodically reset reference, and LoRA for low-memory runs."""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sputnik.engine import Engine, SamplingParams
+from sputnik.eval.run import EvalConfig, evaluate, prompt_ids
+from sputnik.rewards import combine
+from sputnik.tasks import Problem, get_task
+from sputnik.train.grpo_math import group_advantages, policy_loss, zero_std_fraction
+from sputnik.train.logprobs import completion_mask, token_logprobs
+from sputnik.train.loop import TrainConfig, all_gather_object, all_reduce_sum, dist_info
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO settings; names follow TRL's GRPOConfig where one exists."""
+
+    task: str = "arithmetic"
+    template: str = "chat"  # chat | r1-zero | plain
+    system: str | None = None
+    suffix: str | None = None
+    prompts_per_step: int = 4  # per rank
+    num_generations: int = 8  # G
+    max_completion_length: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo
+    scale_rewards: str = "group"  # group | batch | none
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # DAPO: 0.28
+    importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    beta: float = 0.0  # KL weight; 0 loads no reference model
+    ref_model_sync_steps: int = 0  # reset the reference to the policy every N steps (0: never)
+    num_iterations: int = 1  # mu: updates per batch of rollouts
+    dynamic_sampling: bool = False  # DAPO: drop groups with equal rewards, refill
+    max_refills: int = 4
+    mask_truncated_completions: bool = False
+    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.0})
+    reward_options: dict[str, Any] = field(default_factory=dict)
+    micro_batch_size: int = 8  # sequences per forward/backward
+    train_pool: int = 2000  # training problems drawn from the task's train split, cycled
+    eval_every: int = 0
+    eval_n: int = 200
+    lora_r: int = 0
+    lora_alpha: float = 32.0
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+class GRPOObjective:
+    """Prepares one step's rollouts as micro-batches and scores them with the GRPO loss."""
+
+    def __init__(self, model, tokenizer, cfg: GRPOConfig, seed: int = 0):
+        self.cfg, self.tok, self.seed = cfg, tokenizer, seed
+        self.task = get_task(cfg.task)
+        self.iterations = cfg.num_iterations
+        self.reward = combine(cfg.rewards, **cfg.reward_options)
+        self.rank, self.world = dist_info()
+        pool = self._pool()
+        self.problems = pool
+        self.prompts = [prompt_ids(self.task, p, tokenizer, self._eval_cfg()) for p in pool]
+        self.order = list(range(len(pool)))
+        self.rng = random.Random(seed)
+        self.rng.shuffle(self.order)
+        self.cursor = 0
+        self.ref = None
+        if cfg.beta > 0:
+            self.ref = copy.deepcopy(model).eval()
+            for p in self.ref.parameters():
+                p.requires_grad_(False)
+        self._step_metrics: dict[str, float] = {}
+
+    def _pool(self) -> list[Problem]:
+        n = self.cfg.train_pool
+        while True:
+            try:
+                return self.task.problems("train", n, seed=self.seed)
+            except ValueError:
+                if n <= 16:
+                    raise
+                n //= 2  # small problem spaces (2-digit addition) hold fewer distinct problems
+
+    def _eval_cfg(self, n: int = 0) -> EvalConfig:
+        c = self.cfg
+        return EvalConfig(task=c.task, n=n, k=0, template=c.template, system=c.system, suffix=c.suffix,
+                          max_tokens=c.max_completion_length, seed=self.seed)
+
+    # ------------------------------------------------------------------ state for exact resume
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor, "order": self.order, "rng": self.rng.getstate(),
+                "ref": None if self.ref is None else self.ref.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor, self.order = state["cursor"], state["order"]
+        self.rng.setstate(state["rng"])
+        if self.ref is not None and state.get("ref") is not None:
+            self.ref.load_state_dict(state["ref"])
+
+    def metrics(self, step: int) -> dict[str, float]:
+        return dict(self._step_metrics)
+
+    # ------------------------------------------------------------------ rollouts
+    def _next_prompts(self, n: int) -> list[int]:
+        """Indices of the next n problems for this rank (every rank walks the same order at its own offset)."""
+        out = []
+        for _ in range(n):
+            if self.cursor >= len(self.order):
+                self.rng.shuffle(self.order)
+                self.cursor = 0
+            i = self.order[(self.cursor + self.rank) % len(self.order)]
+            self.cursor += 1
+            out.append(i)
+        # Other ranks take the following slots: skip what they used.
+        self.cursor += n * (self.world - 1)
+        return out
+
+    def _rollout(self, model, step: int, attempt: int) -> list[dict]:
+        c, G = self.cfg, self.cfg.num_generations
+        idx = self._next_prompts(c.prompts_per_step)
+        engine = Engine(model, self.tok, max_batch=len(idx) * G)
+        seed = (self.seed * 1_000_003 + step * 1009 + attempt * 31 + self.rank) % 2**31
+        params = SamplingParams(max_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
+                                top_k=c.top_k, n=G, seed=seed)
+        outs = engine.generate([self.prompts[i][0] for i in idx], params)
+        groups = []
+        for i, comps in zip(idx, outs):
+            problem, (ids, think_opened) = self.problems[i], self.prompts[i]
+            rows = []
+            for comp in comps:
+                total, parts = self.reward(problem, comp.text, self.task, length=len(comp.token_ids),
+                                           think_opened=think_opened)
+                rows.append({"prompt": ids, "completion": comp.token_ids, "reward": total, "parts": parts,
+                             "truncated": comp.finish_reason == "length"})
+            valid = [r["reward"] for r in rows if r["reward"] is not None]
+            fill = sum(valid) / len(valid) if valid else 0.0
+            for r in rows:
+                r["skip"] = r["reward"] is None  # an unverifiable gold answer: no gradient, no effect on the group
+                r["reward"] = fill if r["skip"] else r["reward"]
+            groups.append(rows)
+        return groups
+
+    @torch.no_grad()
+    def prepare(self, step: int, model) -> list[dict]:
+        c, G = self.cfg, self.cfg.num_generations
+        if self.ref is not None and c.ref_model_sync_steps and step > 0 and step % c.ref_model_sync_steps == 0:
+            self.ref.load_state_dict(model.state_dict())
+        groups = self._rollout(model, step, 0)
+        seen = [r for g in groups for r in g]
+        refills = 0
+        if c.dynamic_sampling:
+            kept = [g for g in groups if len({r["reward"] for r in g}) > 1]
+            while len(kept) < c.prompts_per_step and refills < c.max_refills:
+                refills += 1
+                more = self._rollout(model, step, refills)
+                seen += [r for g in more for r in g]
+                kept += [g for g in more if len({r["reward"] for r in g}) > 1]
+            groups = kept[: c.prompts_per_step] or groups  # nothing informative at all: train on zeros
+        rows = [r for g in groups for r in g]
+        local = torch.tensor([r["reward"] for r in rows], dtype=torch.float32)
+        # Advantages need every rank's rewards (batch scaling; metrics); groups never straddle ranks.
+        gathered = all_gather_object([r["reward"] for r in rows])
+        everything = torch.tensor([x for part in gathered for x in part], dtype=torch.float32)
+        adv_all = group_advantages(everything, G, c.scale_rewards)
+        offset = sum(len(part) for part in gathered[: self.rank])
+        adv = adv_all[offset : offset + len(rows)]
+
+        # Tokens: prompts left-padded to a common length, completions right-padded after them.
+        pad = self.tok.pad_id if self.tok.pad_id is not None else 0
+        P = max(len(r["prompt"]) for r in rows)
+        L = max(max(len(r["completion"]) for r in rows), 1)
+        tokens = torch.full((len(rows), P + L), pad, dtype=torch.long)
+        attn = torch.zeros(len(rows), P + L, dtype=torch.bool)
+        comp = torch.full((len(rows), L), pad, dtype=torch.long)
+        for b, r in enumerate(rows):
+            p, o = r["prompt"], r["completion"]
+            tokens[b, P - len(p) : P] = torch.tensor(p)
+            tokens[b, P : P + len(o)] = torch.tensor(o, dtype=torch.long)
+            attn[b, P - len(p) : P + len(o)] = True
+            comp[b, : len(o)] = torch.tensor(o, dtype=torch.long)
+        mask, truncated = completion_mask(comp, self.tok.stop_ids, pad)
+        lengths = torch.tensor([len(r["completion"]) for r in rows])
+        mask = mask * (torch.arange(L)[None] < lengths[:, None])  # only the generated tokens
+        skip = torch.tensor([r["skip"] for r in rows])
+        if c.mask_truncated_completions:
+            skip |= torch.tensor([r["truncated"] for r in rows])
+        mask[skip] = 0
+
+        def score(m) -> Tensor:
+            return token_logprobs(m, tokens, attn, temperature=c.temperature, start=P - 1)[:, P - 1 :]
+
+        old = score(model) if c.num_iterations > 1 else None
+        ref = score(self.ref) if self.ref is not None else None
+        num_items = all_reduce_sum(mask.sum()).item()
+        num_seqs = int(all_reduce_sum(torch.tensor(float(len(rows)))).item())
+        micro = []
+        for s in range(0, len(rows), c.micro_batch_size):
+            sl = slice(s, s + c.micro_batch_size)
+            micro.append({
+                "tokens": tokens[sl], "attn": attn[sl], "mask": mask[sl], "adv": adv[sl], "P": P,
+                "old": None if old is None else old[sl], "ref": None if ref is None else ref[sl],
+                "num_items": max(num_items, 1.0), "num_seqs": num_seqs,
+            })
+
+        acc = [r["parts"].get("accuracy") for r in seen if r["parts"].get("accuracy") is not None]
+        self._step_metrics = {
+            "reward": everything.mean().item(),
+            "reward_std": everything.std().item() if everything.numel() > 1 else 0.0,
+            "accuracy": sum(acc) / len(acc) if acc else 0.0,
+            "completion_length": lengths.float().mean().item(),
+            "truncated": truncated.float().mean().item(),
+            "zero_std_groups": zero_std_fraction(local, G),
+            "refills": float(refills),
+            "tokens": float(num_items),  # the global count, across ranks
+        }
+        for name in c.rewards:
+            vals = [r["parts"].get(name) for r in rows if r["parts"].get(name) is not None]
+            if vals:
+                self._step_metrics[f"rewards/{name}"] = sum(vals) / len(vals)
+        return micro
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, model, m: dict) -> tuple[Tensor, dict[str, float]]:
+        c = self.cfg
+        logp, ent = token_logprobs(model, m["tokens"], m["attn"], temperature=c.temperature, start=m["P"] - 1,
+                                   entropy=True)
+        logp, ent = logp[:, m["P"] - 1 :], ent[:, m["P"] - 1 :]
+        loss, metrics = policy_loss(
+            logp, m["old"], m["adv"], m["mask"], loss_type=c.loss_type, epsilon_low=c.epsilon,
+            epsilon_high=c.epsilon_high if c.epsilon_high is not None else c.epsilon, ref_logp=m["ref"], beta=c.beta,
+            importance=c.importance_sampling_level, max_completion_length=c.max_completion_length,
+            num_items_in_batch=m["num_items"], num_sequences_in_batch=m["num_seqs"],
+        )
+        n = m["mask"].sum().clamp(min=1)
+        metrics["entropy"] = ((ent * m["mask"]).sum() / n).item()
+        return loss, metrics
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, step: int, model, n: int | None = None) -> dict[str, float]:
+        summary = evaluate(model, self.tok, self._eval_cfg(n or self.cfg.eval_n), progress=False)
+        return {"accuracy": summary.get("greedy_accuracy", 0.0), "format_rate": summary.get("greedy_format_rate", 0.0),
+                "completion_length": summary.get("greedy_mean_length", 0.0)}
+
+
+def train_grpo(model_name: str, cfg: GRPOConfig, train: TrainConfig) -> dict[str, Any]:
+    """Load a model, run GRPO with the shared loop (resuming from out_dir's checkpoints if any), and evaluate greedy
+    accuracy on held-out problems before and after. Writes out_dir/summary.json and returns it."""
+    import json
+    import time
+    from pathlib import Path
+
+    from sputnik.checkpoint import load_pretrained
+    from sputnik.train.lora import apply_lora
+    from sputnik.train.loop import Trainer
+
+    start = time.perf_counter()
+    model, tok = load_pretrained(model_name)
+    if cfg.lora_r:
+        apply_lora(model, cfg.lora_r, cfg.lora_alpha, tuple(cfg.lora_target_modules))
+    objective = GRPOObjective(model, tok, cfg, seed=train.seed)
+    rank, _ = dist_info()
+    evals: dict[int, dict[str, float]] = {}
+
+    def run_eval(step: int, m) -> dict[str, float]:
+        if step not in evals:
+            evals[step] = objective.evaluate(step, m)
+        return evals[step]
+
+    trainer = Trainer(model, train, objective, evaluate=run_eval if cfg.eval_n else None,
+                      eval_every=cfg.eval_every, tokenizer=tok)
+    resumed = trainer.resume()
+    before = run_eval(0, trainer.model) if cfg.eval_n and not resumed else {}
+    trainer.run()
+    after = run_eval(train.max_steps, trainer.model) if cfg.eval_n else {}
+    summary = {"model": model_name, "task": cfg.task, "before": before, "after": after,
+               "minutes": round((time.perf_counter() - start) / 60, 2), "steps": train.max_steps,
+               "eval_problems": cfg.eval_n}
+    if rank == 0:
+        out = Path(train.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
