@@ -27,9 +27,53 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:  # the same arithmetic without the casts: decoding one token is op-bound
+            return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.weight
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+def fused_linear(owner: nn.Module, x: Tensor, *layers: nn.Linear) -> Tensor | None:
+    """x through several linears as one matmul, when not training; None when they cannot be fused (autograd on,
+    adapters, sharded or mixed weights), and the caller runs them one by one.
+
+    The fused weight does not copy the layers: their weights are re-pointed to row slices of it, so the state dict,
+    optimizers and in-place updates see the same memory. Moving or casting the model breaks the sharing; the next
+    call notices and fuses again.
+    """
+    if torch.is_grad_enabled() or any(type(m) is not nn.Linear for m in layers):
+        return None
+    ws = [m.weight for m in layers]
+    fused = owner.__dict__.get("_fused")
+    if fused is None or not _shares(fused[0], ws):
+        if any(type(w.data) is not torch.Tensor for w in ws) or len({(w.dtype, w.device) for w in ws}) > 1:
+            return None
+        with torch.inference_mode(False):  # params must stay normal tensors, usable for training later
+            fused = (_fuse([w for w in ws]),
+                     _fuse([m.bias for m in layers]) if all(m.bias is not None for m in layers) else None)
+        if fused[1] is None and any(m.bias is not None for m in layers):
+            return None
+        owner.__dict__["_fused"] = fused
+    return F.linear(x, *fused)
+
+
+def _fuse(params: list[Tensor]) -> Tensor:
+    whole = torch.cat([p.detach() for p in params])
+    offset = 0
+    for p in params:
+        p.data = whole[offset : offset + p.shape[0]]
+        offset += p.shape[0]
+    return whole
+
+
+def _shares(whole: Tensor, params: list[Tensor]) -> bool:
+    """Are the params still row slices of `whole`? (Moving or casting the model gives them new storage.)"""
+    if params[0].data_ptr() != whole.data_ptr():
+        return False
+    end = whole.data_ptr() + whole.numel() * whole.element_size()
+    last = params[-1]
+    return last.data_ptr() + last.numel() * last.element_size() == end and last.dtype == whole.dtype
 
 
 # ---------------------------------------------------------------- RoPE
@@ -86,10 +130,15 @@ def rope_frequencies(dim: int, theta: float, scaling: dict | None) -> tuple[Tens
 
 
 class Rotary(nn.Module):
-    """cos/sin for arbitrary positions [B, T], computed in fp32 on the fly."""
+    """Full-width cos/sin tables [B, T, dim] for arbitrary positions, computed in fp32 once per forward.
 
-    def __init__(self, dim: int, theta: float, scaling: dict | None):
+    Laid out for apply_rope's x * cos + swap(x) * sin: halves (Llama, Qwen) or adjacent pairs (DeepSeek checkpoints),
+    with the sign of the swapped half folded into sin.
+    """
+
+    def __init__(self, dim: int, theta: float, scaling: dict | None, interleave: bool = False):
         super().__init__()
+        self.interleave = interleave
         with torch.device("cpu"):  # never on meta, never cast to bf16 with the weights: kept off the buffers
             self.inv_freq, self.attn_factor = rope_frequencies(dim, theta, scaling)
 
@@ -97,17 +146,17 @@ class Rotary(nn.Module):
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, dim/2]
-        return freqs.cos() * self.attn_factor, freqs.sin() * self.attn_factor
+        cos, sin = freqs.cos() * self.attn_factor, freqs.sin() * self.attn_factor
+        if self.interleave:
+            return cos.repeat_interleave(2, -1), torch.stack([-sin, sin], -1).flatten(-2)
+        return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool = False) -> Tensor:
-    """Rotate x [B, T, H, D] by cos/sin [B, T, D/2]: halves (Llama/Qwen) or adjacent pairs (DeepSeek checkpoints)."""
+    """Rotate x [B, T, H, D] by Rotary's tables: pairs (x_i, x_{i+D/2}) for halves, (x_2i, x_2i+1) interleaved."""
     cos, sin = cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype)
-    if interleave:
-        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).flatten(-2)
-    x1, x2 = x.chunk(2, -1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+    swapped = x.unflatten(-1, (-1, 2) if interleave else (2, -1)).flip(-1 if interleave else -2).flatten(-2)
+    return x * cos + swapped * sin
 
 
 # ---------------------------------------------------------------- attention
@@ -137,12 +186,22 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, causal, cache: KVCache | None, layer: int) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = fused_linear(self, x, self.q_proj, self.k_proj, self.v_proj)
+        if qkv is not None and not self.qk_norm:  # inference: one matmul, one rotation for q and k together
+            qkv = qkv.view(B, T, H + 2 * Hkv, D)
+            q, k = apply_rope(qkv[:, :, : H + Hkv], cos, sin).split([H, Hkv], 2)
+            v = qkv[:, :, H + Hkv :]
+        else:
+            if qkv is not None:
+                q, k, v = qkv.view(B, T, H + 2 * Hkv, D).split([H, Hkv, Hkv], 2)
+            else:
+                q = self.q_proj(x).view(B, T, H, D)
+                k = self.k_proj(x).view(B, T, Hkv, D)
+                v = self.v_proj(x).view(B, T, Hkv, D)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
@@ -213,7 +272,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter_dim, dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = fused_linear(self, x, self.gate_proj, self.up_proj)
+        if gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = gate_up.chunk(2, -1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Gate(nn.Module):
@@ -362,7 +425,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.n_layers + k) for k in range(cfg.n_mtp_layers))
         rope_dim = cfg.qk_rope_head_dim if cfg.is_mla else cfg.head_dim
-        self.rotary = Rotary(rope_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.rotary = Rotary(rope_dim, cfg.rope_theta, cfg.rope_scaling, interleave=cfg.is_mla and cfg.rope_interleave)
 
     @property
     def device(self) -> torch.device:

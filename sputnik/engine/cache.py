@@ -17,14 +17,16 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
         self.cfg, self.max_len = cfg, max_len
-        L = cfg.n_layers
+        # One tensor per layer: indexing a stacked [L, ...] tensor would cost an op per layer per step.
+        def zeros(*shape: int) -> list[Tensor]:
+            return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+
         if cfg.is_mla:
-            self.kv = torch.zeros(L, batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
-            self.pe = torch.zeros(L, batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+            self.kv = zeros(batch, max_len, cfg.kv_lora_rank)
+            self.pe = zeros(batch, max_len, cfg.qk_rope_head_dim)
         else:
-            shape = (L, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-            self.k = torch.zeros(shape, dtype=dtype, device=device)
-            self.v = torch.zeros(shape, dtype=dtype, device=device)
+            self.k = zeros(batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+            self.v = zeros(batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
         self.has_pad = False
         self.length = 0
@@ -51,28 +53,30 @@ class KVCache:
         T = k.shape[2]
         self._check(T)
         end = self.length + T
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        kc, vc = self.k[layer], self.v[layer]
+        kc[:, :, self.length : end] = k
+        vc[:, :, self.length : end] = v
+        return kc[:, :, :end], vc[:, :, :end]
 
     def update_latent(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor]:
         """Write MLA's c_kv [B, T, R] and k_pe [B, T, rope]; return all cached [B, S, R], [B, S, rope]."""
         T = c_kv.shape[1]
         self._check(T)
         end = self.length + T
-        self.kv[layer, :, self.length : end] = c_kv
-        self.pe[layer, :, self.length : end] = k_pe
-        return self.kv[layer, :, :end], self.pe[layer, :, :end]
+        kv, pe = self.kv[layer], self.pe[layer]
+        kv[:, self.length : end] = c_kv
+        pe[:, self.length : end] = k_pe
+        return kv[:, :end], pe[:, :end]
 
     def buffers(self) -> list[Tensor]:
-        return [self.kv, self.pe] if self.cfg.is_mla else [self.k, self.v]
+        return [*self.kv, *self.pe] if self.cfg.is_mla else [*self.k, *self.v]
 
     def select(self, rows: Tensor) -> None:
         """Keep (or repeat) batch rows in this order: drop finished sequences, or fan one prefill out to n samples."""
         for name in ("kv", "pe") if self.cfg.is_mla else ("k", "v"):
-            setattr(self, name, getattr(self, name).index_select(1, rows))
+            setattr(self, name, [t.index_select(0, rows) for t in getattr(self, name)])
         self.valid = self.valid.index_select(0, rows)
         self.has_pad = self.has_pad and not bool(self.valid[:, : self.length].all())
 
     def nbytes_per_token(self) -> int:
-        return sum(b[:, 0, ..., 0, :].numel() * b.element_size() for b in self.buffers())
+        return sum(b[0, ..., 0, :].numel() * b.element_size() for b in self.buffers())
