@@ -7,7 +7,7 @@ PIP := $(PY) -m pip -q --disable-pip-version-check
 TORCH_CPU ?= torch==2.13.0
 MODEL ?= smollm2-135m-instruct
 
-.PHONY: setup model demo test bench clean
+.PHONY: setup model demo test bench r1-zero clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,13 @@ demo: model
 bench: model
 	$(PIP) install -e '.[bench]' || $(PIP) install -e '.[test]'
 	$(PY) benchmarks/decode.py
+
+# R1-Zero on a CPU: GRPO on 2-digit addition, greedy accuracy on 200 held-out problems before and after.
+r1-zero: model
+	$(VENV)/bin/sputnik train grpo --config recipes/r1-zero-smollm2-addition.yaml
+	mkdir -p docs
+	cp runs/r1-zero-smollm2-addition/summary.json docs/r1-zero.json
+	cp runs/r1-zero-smollm2-addition/metrics.png docs/r1-zero.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

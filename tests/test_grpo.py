@@ -74,3 +74,24 @@ def test_dynamic_sampling_drops_groups_with_equal_rewards(tmp_path):
     micro = objective.prepare(0, model)
     adv = torch.cat([m["adv"] for m in micro]).view(-1, 8)
     assert (adv.abs().sum(1) > 0).all()  # every kept group carries a signal
+
+
+def test_kill_and_resume_gives_the_same_next_step(tmp_path):
+    def run(out, steps, resume=False):
+        model, tok, cfg = setup(tmp_path, num_iterations=2)
+        trainer = Trainer(model, TrainConfig(out_dir=str(out), max_steps=steps, lr=3e-3, progress=False,
+                                             plot_every=0, save_every=2), GRPOObjective(model, tok, cfg, seed=0))
+        if resume:
+            assert trainer.resume() == 2
+        trainer.run()
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return rows, trainer.model
+
+    straight, m1 = run(tmp_path / "a", 3)
+    run(tmp_path / "b", 2)  # "killed" after the checkpoint at step 2
+    resumed, m2 = run(tmp_path / "b", 3, resume=True)
+    assert resumed[-1]["step"] == 3
+    for key in ("loss", "reward", "grad_norm", "completion_length"):
+        assert resumed[-1][key] == straight[-1][key], key
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
