@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -17,8 +16,6 @@ from sputnik.tokenizer import (
     _PRE_SPLITS,
 )
 
-MODEL_DIR = "smollm2-135m-instruct"
-MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TEXTS = [
     "Hello, world! This is a simple English sentence.",
@@ -54,28 +51,9 @@ CONVERSATIONS = [
 ]
 
 
-def find_default_gguf() -> Path | None:
-    """The default model's GGUF: $SPUTNIK_TEST_GGUF, else under $SPUTNIK_HOME, else the user cache dir."""
-    candidates = []
-    if os.environ.get("SPUTNIK_TEST_GGUF"):
-        candidates.append(Path(os.environ["SPUTNIK_TEST_GGUF"]))
-    if os.environ.get("SPUTNIK_HOME"):
-        candidates.append(Path(os.environ["SPUTNIK_HOME"]) / "models" / MODEL_DIR / MODEL_FILE)
-    try:
-        import platformdirs
-
-        candidates.append(Path(platformdirs.user_cache_dir("sputnik")) / "models" / MODEL_DIR / MODEL_FILE)
-    except ImportError:
-        pass
-    return next((path for path in candidates if path.is_file()), None)
-
-
 @pytest.fixture(scope="module")
-def gguf_path() -> Path:
-    path = find_default_gguf()
-    if path is None:
-        pytest.skip("default model GGUF not found (run `make model`, or set SPUTNIK_TEST_GGUF)")
-    return path
+def gguf_path(default_gguf: Path) -> Path:
+    return default_gguf
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
 
 from sputnik.engine.cache import KVCache
 from sputnik.engine.sampling import Sampler, SamplingParams
