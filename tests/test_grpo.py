@@ -95,3 +95,25 @@ def test_kill_and_resume_gives_the_same_next_step(tmp_path):
         assert resumed[-1][key] == straight[-1][key], key
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(a, b)
+
+
+def test_rows_with_zero_advantage_can_be_left_out_exactly():
+    """prepare() skips rows whose advantage is 0 (beta = 0): same loss and gradient for every loss type."""
+    from sputnik.train.grpo_math import policy_loss
+
+    torch.manual_seed(0)
+    logp = torch.randn(6, 5, requires_grad=True)
+    old = (logp + 0.3 * torch.randn(6, 5)).detach()
+    adv = torch.tensor([0.0, 1.2, -0.7, 0.0, 0.5, 0.0])
+    mask = (torch.rand(6, 5) > 0.2).float()
+    keep = adv != 0
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        for importance in ("token", "sequence"):
+            kw = dict(loss_type=loss_type, importance=importance, max_completion_length=5,
+                      num_items_in_batch=mask.sum().item(), num_sequences_in_batch=6)
+            full, _ = policy_loss(logp, old, adv, mask, **kw)
+            (g_full,) = torch.autograd.grad(full, logp)
+            part, _ = policy_loss(logp[keep], old[keep], adv[keep], mask[keep], **kw)
+            (g_part,) = torch.autograd.grad(part, logp)
+            assert torch.allclose(full, part, atol=1e-7), (loss_type, importance)
+            assert torch.allclose(g_full, g_part, atol=1e-7), (loss_type, importance)

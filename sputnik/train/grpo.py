@@ -203,9 +203,13 @@ class GRPOObjective:
         ref = score(self.ref) if self.ref is not None else None
         num_items = all_reduce_sum(mask.sum()).item()
         num_seqs = int(all_reduce_sum(torch.tensor(float(len(rows)))).item())
+        # A row with advantage 0 adds exactly 0 to the loss and its gradient when there is no KL term (whatever the
+        # ratio), so it is left out of the forward/backward; the normalisers above still count it, as TRL does.
+        train = (adv != 0) & (mask.sum(1) > 0) if c.beta == 0 else mask.sum(1) > 0
+        rows_idx = train.nonzero()[:, 0] if bool(train.any()) else torch.arange(1)
         micro = []
-        for s in range(0, len(rows), c.micro_batch_size):
-            sl = slice(s, s + c.micro_batch_size)
+        for s in range(0, len(rows_idx), c.micro_batch_size):
+            sl = rows_idx[s : s + c.micro_batch_size]
             micro.append({
                 "tokens": tokens[sl], "attn": attn[sl], "mask": mask[sl], "adv": adv[sl], "P": P,
                 "old": None if old is None else old[sl], "ref": None if ref is None else ref[sl],
@@ -222,6 +226,7 @@ class GRPOObjective:
             "zero_std_groups": zero_std_fraction(local, G),
             "refills": float(refills),
             "tokens": float(num_items),  # the global count, across ranks
+            "trained_rows": float(len(rows_idx)) / len(rows),
         }
         for name in c.rewards:
             vals = [r["parts"].get(name) for r in rows if r["parts"].get(name) is not None]
