@@ -112,18 +112,15 @@ class GRPOObjective:
 
     # ------------------------------------------------------------------ rollouts
     def _next_prompts(self, n: int) -> list[int]:
-        """Indices of the next n problems for this rank (every rank walks the same order at its own offset)."""
-        out = []
-        for _ in range(n):
-            if self.cursor >= len(self.order):
-                self.rng.shuffle(self.order)
-                self.cursor = 0
-            i = self.order[(self.cursor + self.rank) % len(self.order)]
-            self.cursor += 1
-            out.append(i)
-        # Other ranks take the following slots: skip what they used.
-        self.cursor += n * (self.world - 1)
-        return out
+        """Indices of the next n problems for this rank: every rank walks the same shuffled order (same seed) and
+        takes its own n-slot share of each stride of n x world."""
+        stride = n * self.world
+        if self.cursor + stride > len(self.order):
+            self.rng.shuffle(self.order)
+            self.cursor = 0
+        start = self.cursor + self.rank * n
+        self.cursor += stride
+        return [self.order[(start + i) % len(self.order)] for i in range(n)]
 
     def _rollout(self, model, step: int, attempt: int) -> list[dict]:
         c, G = self.cfg, self.cfg.num_generations
