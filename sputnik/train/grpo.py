@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -254,12 +255,24 @@ class GRPOObjective:
                 "completion_length": summary.get("greedy_mean_length", 0.0)}
 
 
+def _logged_eval(metrics: "Path", step: int) -> dict[str, float]:
+    """The eval/* figures a run logged at `step` (a resumed run keeps its baseline)."""
+    import json
+
+    if not metrics.exists():
+        return {}
+    for line in metrics.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("step") == step and any(k.startswith("eval/") for k in row):
+            return {k.removeprefix("eval/"): v for k, v in row.items() if k.startswith("eval/")}
+    return {}
+
+
 def train_grpo(model_name: str, cfg: GRPOConfig, train: TrainConfig) -> dict[str, Any]:
     """Load a model, run GRPO with the shared loop (resuming from out_dir's checkpoints if any), and evaluate greedy
     accuracy on held-out problems before and after. Writes out_dir/summary.json and returns it."""
     import json
     import time
-    from pathlib import Path
 
     from sputnik.checkpoint import load_pretrained
     from sputnik.train.lora import apply_lora
@@ -281,11 +294,17 @@ def train_grpo(model_name: str, cfg: GRPOConfig, train: TrainConfig) -> dict[str
     trainer = Trainer(model, train, objective, evaluate=run_eval if cfg.eval_n else None,
                       eval_every=cfg.eval_every, tokenizer=tok)
     resumed = trainer.resume()
-    before = run_eval(0, trainer.model) if cfg.eval_n and not resumed else {}
+    before = {}
+    if cfg.eval_n:
+        before = _logged_eval(Path(train.out_dir) / "metrics.jsonl", 0) if resumed else run_eval(0, trainer.model)
     trainer.run()
     after = run_eval(train.max_steps, trainer.model) if cfg.eval_n else {}
+    minutes = (time.perf_counter() - start) / 60
+    if resumed:  # add the steps an earlier, interrupted session ran (their evaluations are not counted)
+        rows = [json.loads(line) for line in (Path(train.out_dir) / "metrics.jsonl").read_text().splitlines()]
+        minutes += sum(r.get("seconds", 0.0) for r in rows if 0 < r.get("step", 0) <= resumed) / 60
     summary = {"model": model_name, "task": cfg.task, "before": before, "after": after,
-               "minutes": round((time.perf_counter() - start) / 60, 2), "steps": train.max_steps,
+               "minutes": round(minutes, 2), "steps": train.max_steps, "resumed_from": resumed,
                "eval_problems": cfg.eval_n}
     if rank == 0:
         out = Path(train.out_dir)
