@@ -129,3 +129,18 @@ def test_ranks_take_disjoint_prompts(tmp_path):
     for step in range(3):
         slots = [i for rank in range(3) for i in taken[rank][step]]
         assert len(set(slots)) == 12  # no prompt twice in one global batch
+
+
+def test_resumed_run_keeps_its_logged_baseline(tmp_path):
+    from sputnik.train.grpo import _logged_eval
+
+    path = tmp_path / "metrics.jsonl"
+    assert _logged_eval(path, 0) == {}
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"step": 0, "eval/accuracy": 0.1, "eval/format_rate": 0.0},
+        {"step": 1, "loss": 0.5},
+        {"step": 20, "loss": 0.1, "eval/accuracy": 0.7},
+    ]) + "\n")
+    assert _logged_eval(path, 0) == {"accuracy": 0.1, "format_rate": 0.0}
+    assert _logged_eval(path, 20) == {"accuracy": 0.7}
+    assert _logged_eval(path, 1) == {}
