@@ -34,6 +34,7 @@ demo: model
 bench: model
 	$(PIP) install -e '.[bench]' || $(PIP) install -e '.[test]'
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/grpo_step.py
 
 # R1-Zero on a CPU: GRPO on 2-digit addition, greedy accuracy on 200 held-out problems before and after.
 r1-zero: model
