@@ -443,9 +443,12 @@ def test_sentencepiece_stream_random_ids(spm_gguf: Path) -> None:
 def test_every_pre_type_builds() -> None:
     from tokenizers import Regex, pre_tokenizers
 
+    text = "Hello, world! 12345 한국어 中文テキスト it's\n\n  x = 9"
     for name, splits in _PRE_SPLITS.items():
         for split in splits:
-            pre_tokenizers.Split(Regex(split), behavior="isolated")  # raises if Oniguruma rejects it
+            pre = pre_tokenizers.Split(Regex(split), behavior="isolated")  # raises if Oniguruma rejects it
+            pieces = [piece for piece, _ in pre.pre_tokenize_str(text)]
+            assert "".join(pieces) == text and len(pieces) > 1, name  # splits, and loses nothing
 
 
 def byte_level_gguf(tmp_path: Path, pre: str) -> Tokenizer:
