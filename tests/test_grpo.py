@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
@@ -144,3 +145,71 @@ def test_resumed_run_keeps_its_logged_baseline(tmp_path):
     assert _logged_eval(path, 0) == {"accuracy": 0.1, "format_rate": 0.0}
     assert _logged_eval(path, 20) == {"accuracy": 0.7}
     assert _logged_eval(path, 1) == {}
+
+
+DIST_SCRIPT = """
+import sys
+import torch
+sys.path.insert(0, {tests!r})
+from test_grpo import replayed
+from sputnik.train.loop import Trainer, TrainConfig, init_distributed
+
+rank, world = init_distributed()
+model, objective = replayed({data!r}, prompts_per_step=4)
+Trainer(model, TrainConfig(out_dir={out!r}, max_steps=2, lr=3e-3, progress=False, plot_every=0), objective).run()
+torch.distributed.destroy_process_group()
+"""
+
+
+def replayed(tmp: str, **overrides):
+    """A GRPO objective whose rollouts are fixed per problem (so 1 and 2 processes see the same samples)."""
+    from pathlib import Path
+
+    from sputnik.engine import Completion
+
+    model, tok, cfg = setup(Path(tmp), **overrides)
+
+    class Replayed(GRPOObjective):
+        def _sample(self, model, idx, step, attempt):
+            return [[Completion(text, tok.encode(text) + [0], [], "stop", 0)
+                     for text in (f"{(i + j + step) % 5}" * (1 + j % 3) for j in range(self.cfg.num_generations))]
+                    for i in idx]
+
+    return model, Replayed(model, tok, cfg, seed=0)
+
+
+def test_two_processes_equal_one(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    from sputnik.checkpoint import load_state
+
+    tests = Path(__file__).resolve().parent
+    script = tmp_path / "grpo_dist.py"
+    script.write_text(textwrap.dedent(DIST_SCRIPT.format(tests=str(tests), data=str(tmp_path),
+                                                         out=str(tmp_path / "two"))))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), str(script)], cwd=tests.parent,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    model, objective = replayed(str(tmp_path), prompts_per_step=8)  # both ranks' prompts in one process
+    Trainer(model, TrainConfig(out_dir=str(tmp_path / "one"), max_steps=2, lr=3e-3, progress=False, plot_every=0),
+            objective).run()
+    _, got, _ = load_state(tmp_path / "two" / "checkpoints" / "step_000002")
+    moved = False
+    for name, t in model.state_dict().items():
+        if name in got:
+            torch.testing.assert_close(got[name], t, rtol=0, atol=1e-5, msg=name)
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(rows, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["reward"] == b["reward"]
+        moved = moved or a["grad_norm"] > 0
+    assert moved

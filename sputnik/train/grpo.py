@@ -123,14 +123,18 @@ class GRPOObjective:
         self.cursor += stride
         return [self.order[(start + i) % len(self.order)] for i in range(n)]
 
-    def _rollout(self, model, step: int, attempt: int) -> list[dict]:
+    def _sample(self, model, idx: list[int], step: int, attempt: int) -> list[list]:
+        """G completions for each problem index, from the engine."""
         c, G = self.cfg, self.cfg.num_generations
-        idx = self._next_prompts(c.prompts_per_step)
         engine = Engine(model, self.tok, max_batch=len(idx) * G)
         seed = (self.seed * 1_000_003 + step * 1009 + attempt * 31 + self.rank) % 2**31
         params = SamplingParams(max_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
                                 top_k=c.top_k, n=G, seed=seed)
-        outs = engine.generate([self.prompts[i][0] for i in idx], params)
+        return engine.generate([self.prompts[i][0] for i in idx], params)
+
+    def _rollout(self, model, step: int, attempt: int) -> list[dict]:
+        idx = self._next_prompts(self.cfg.prompts_per_step)
+        outs = self._sample(model, idx, step, attempt)
         groups = []
         for i, comps in zip(idx, outs):
             problem, (ids, think_opened) = self.problems[i], self.prompts[i]
