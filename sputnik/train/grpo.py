@@ -198,20 +198,23 @@ class GRPOObjective:
             skip |= torch.tensor([r["truncated"] for r in rows])
         mask[skip] = 0
 
+        num_items = all_reduce_sum(mask.sum()).item()
+        num_seqs = int(all_reduce_sum(torch.tensor(float(len(rows)))).item())
+        # A row with advantage 0 adds exactly 0 to the loss and its gradient when there is no KL term (whatever the
+        # ratio), so it is left out of the forward/backward and of the old/reference scoring; the normalisers above
+        # still count it, as TRL does.
+        train = (adv != 0) & (mask.sum(1) > 0) if c.beta == 0 else mask.sum(1) > 0
+        rows_idx = train.nonzero()[:, 0] if bool(train.any()) else torch.arange(1)
+        tokens, attn, mask, adv = tokens[rows_idx], attn[rows_idx], mask[rows_idx], adv[rows_idx]
+
         def score(m) -> Tensor:
             return token_logprobs(m, tokens, attn, temperature=c.temperature, start=P - 1)[:, P - 1 :]
 
         old = score(model) if c.num_iterations > 1 else None
         ref = score(self.ref) if self.ref is not None else None
-        num_items = all_reduce_sum(mask.sum()).item()
-        num_seqs = int(all_reduce_sum(torch.tensor(float(len(rows)))).item())
-        # A row with advantage 0 adds exactly 0 to the loss and its gradient when there is no KL term (whatever the
-        # ratio), so it is left out of the forward/backward; the normalisers above still count it, as TRL does.
-        train = (adv != 0) & (mask.sum(1) > 0) if c.beta == 0 else mask.sum(1) > 0
-        rows_idx = train.nonzero()[:, 0] if bool(train.any()) else torch.arange(1)
         micro = []
         for s in range(0, len(rows_idx), c.micro_batch_size):
-            sl = rows_idx[s : s + c.micro_batch_size]
+            sl = slice(s, s + c.micro_batch_size)
             micro.append({
                 "tokens": tokens[sl], "attn": attn[sl], "mask": mask[sl], "adv": adv[sl], "P": P,
                 "old": None if old is None else old[sl], "ref": None if ref is None else ref[sl],
