@@ -444,24 +444,25 @@ class Transformer(nn.Module):
     ) -> Tensor:
         """Last block's output [B, T, dim], before the final norm.
 
-        attn_mask [B, T] marks real tokens (False = padding, never attended to). With a cache the tokens are written
-        at slots cache.length.. and may attend to everything cached before them.
+        attn_mask [B, T] marks real tokens (False = padding, never attended to). With a KVCache the tokens are written
+        at slots cache.length.. and may attend to everything cached before them; a SlotCache (one token per row, each
+        row at its own length) needs explicit positions.
         """
         B, T = tokens.shape
-        start = cache.length if cache is not None else 0
         if positions is None:
+            start = 0 if cache is None else cache.length
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         if cache is not None:
-            key_valid = cache.mark(attn_mask)
+            mask, causal = cache.prepare(T, attn_mask)
         else:
             key_valid = attn_mask if attn_mask is not None and not bool(attn_mask.all()) else None
-        mask, causal = build_mask(B, T, start, key_valid, tokens.device)
+            mask, causal = build_mask(B, T, 0, key_valid, tokens.device)
         cos, sin = self.rotary(positions)
         h = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
             h = layer(h, cos, sin, mask, causal, cache)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         return h
 
     def forward(

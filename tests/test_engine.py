@@ -176,3 +176,100 @@ def test_stop_strings_cut_exactly_and_are_never_streamed(default_tokenizer):
         assert streamed == out.text
     out = eng.generate([ids[:1]], SamplingParams(max_tokens=len(ids) - 1, temperature=0, stop=["absent"]))[0][0]
     assert out.text == full and out.finish_reason == "length"
+
+
+# ---------------------------------------------------------------- continuous batching
+
+
+def _drive(eng: Engine, arrivals: dict[int, list[tuple[str, list[int], SamplingParams]]]) -> dict[str, list[int]]:
+    """Step the engine, adding requests at the given steps; return each request's tokens."""
+    out: dict[str, list[int]] = {}
+    step = 0
+    while eng.has_work or any(s >= step for s in arrivals):
+        for key, ids, params in arrivals.get(step, []):
+            eng.add(key, ids, params)
+            out[key] = []
+        for d in eng.step():
+            out[d.prompt].append(d.token_id)
+        step += 1
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "deepseek_v3"])
+def test_requests_joining_mid_run_equal_the_same_requests_alone(family):
+    model = tiny(family)
+    greedy = SamplingParams(max_tokens=10, temperature=0)
+    seeded = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.95, seed=5, n=2)
+    arrivals = {0: [("a", PROMPTS[1], greedy)], 3: [("b", PROMPTS[0], seeded), ("c", PROMPTS[3], greedy)],
+                4: [("d", PROMPTS[2], greedy)]}
+    together = _drive(Engine(model, prefill_chunk=2), arrivals)
+    for reqs in arrivals.values():
+        for key, ids, params in reqs:
+            alone = _drive(Engine(model), {0: [(key, ids, params)]})
+            assert sorted(together[key]) == sorted(alone[key]), key
+            assert len(together[key]) == 10 * params.n
+
+
+def test_a_long_prefill_does_not_stall_running_streams():
+    eng = Engine(tiny(), prefill_chunk=4)
+    eng.add("running", PROMPTS[0], SamplingParams(max_tokens=30, temperature=0))
+    eng.step()
+    eng.add("long", list(range(1, 41)), SamplingParams(max_tokens=5, temperature=0))
+    # 40 prompt tokens in chunks of 4: ten steps of prefill, each also decoding the running stream.
+    for _ in range(10):
+        keys = [d.prompt for d in eng.step()]
+        assert "running" in keys
+    assert "long" in keys  # its first token comes with the last chunk
+
+
+def test_abort_frees_rows_at_once_and_the_rest_finish():
+    eng = Engine(tiny())
+    params = SamplingParams(max_tokens=20, temperature=0)
+    for i, p in enumerate(PROMPTS):
+        eng.add(i, p, params)
+    eng.step()
+    assert eng.num_running == 4
+    eng.abort(1)
+    eng.abort(3)
+    seen = {k: 0 for k in range(4)}
+    while eng.has_work:
+        for d in eng.step():
+            seen[d.prompt] += 1
+        assert eng.num_running <= 2
+    assert seen[1] == seen[3] == 0 and seen[0] == seen[2] == 19
+    assert eng._cache.n == 0 and len(eng._sampler.params) == 0  # no leaked slot
+
+
+def test_abort_of_a_queued_request_never_runs_it():
+    eng = Engine(tiny(), max_batch=1)
+    eng.add("a", PROMPTS[0], SamplingParams(max_tokens=3, temperature=0))
+    eng.add("b", PROMPTS[1], SamplingParams(max_tokens=3, temperature=0))
+    eng.abort("b")
+    keys = {d.prompt for _ in range(10) for d in eng.step()}
+    assert keys == {"a"} and not eng.has_work
+
+
+@pytest.mark.parametrize("family", ["llama", "deepseek_v3"])
+def test_prefix_cache_hits_give_the_same_tokens(family):
+    model = tiny(family)
+    system = list(range(1, 25))
+    params = SamplingParams(max_tokens=8, temperature=0)
+    cold = Engine(model).generate([system + [30, 31], system + [40, 41, 42]], params)
+    eng = Engine(model, prefix_cache_mb=16)
+    first = eng.generate([system + [30, 31]], params)[0][0]
+    second = eng.generate([system + [40, 41, 42]], params)[0][0]
+    assert eng.stats["prefix_hit_tokens"] == len(system)
+    assert [first.token_ids, second.token_ids] == [c[0].token_ids for c in cold]
+    # The next turn of a conversation starts with the whole first exchange: prompt and answer.
+    follow = system + [30, 31] + first.token_ids + [50, 51]
+    again = eng.generate([follow], params)[0][0]
+    assert eng.stats["prefix_hit_tokens"] == 2 * len(system) + 2 + len(first.token_ids) - 1
+    assert again.token_ids == Engine(model).generate([follow], params)[0][0].token_ids
+
+
+def test_top_logprobs_are_sorted_and_hold_the_greedy_choice():
+    c = Engine(tiny()).generate([PROMPTS[1]], SamplingParams(max_tokens=5, temperature=0, logprobs=3))[0][0]
+    assert len(c.top_logprobs) == 5
+    for tok, lp, top in zip(c.token_ids, c.logprobs, c.top_logprobs):
+        assert len(top) == 3 and top[0][0] == tok and math.isclose(top[0][1], lp, abs_tol=1e-6)
+        assert top[0][1] >= top[1][1] >= top[2][1]

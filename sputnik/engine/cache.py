@@ -44,6 +44,29 @@ class KVCache:
             self.has_pad = True
         return self.valid if self.has_pad else None
 
+    def prepare(self, T: int, attn_mask: Tensor | None) -> tuple[Tensor | None, bool]:
+        """The attention mask (and whether plain causal attention will do) for the next T tokens."""
+        from sputnik.model import build_mask
+
+        return build_mask(self.batch, T, self.length, self.mark(attn_mask), self.valid.device)
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
+    def row(self, r: int) -> list[Tensor]:
+        """Row r's real (unpadded) slots, [1, ..., len, ...] per buffer per layer, as SlotCache.add takes them."""
+        pad = int((~self.valid[r, : self.length]).sum())  # left padding comes first
+        return [t[r : r + 1, pad : self.length] if t.dim() == 3 else t[r : r + 1, :, pad : self.length]
+                for t in self.buffers()]
+
+    def load_prefix(self, tensors: list[Tensor]) -> None:
+        """Start this (one-row) cache from a cached prefix: tensors as from row()."""
+        n = tensors[0].shape[-2]
+        self._check(n)
+        for buf, t in zip(self.buffers(), tensors):
+            (buf[:, :n] if buf.dim() == 3 else buf[:, :, :n]).copy_(t)
+        self.length = n
+
     def _check(self, T: int) -> None:
         if self.length + T > self.max_len:
             raise ValueError(f"KV cache full: {self.length} + {T} tokens > max_len {self.max_len}")
@@ -80,3 +103,109 @@ class KVCache:
 
     def nbytes_per_token(self) -> int:
         return sum(b[0, ..., 0, :].numel() * b.element_size() for b in self.buffers())
+
+
+class SlotCache:
+    """A pool of rows for continuous batching: rows [0, n) each hold one sequence at its own length.
+
+    Decoding writes row b's new token at slot lens[b] and attends to slots <= lens[b], so sequences of any length
+    share a step. Finished rows are refilled by moving the last row into them; buffers grow by doubling.
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str, rows: int = 4,
+                 max_len: int = 128):
+        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        self.names = ("kv", "pe") if cfg.is_mla else ("k", "v")
+        self.n = 0
+        self.host_lens: list[int] = []
+        self.rows, self.max_len = 0, 0
+        self._alloc(rows, max_len)
+
+    def _shape(self, name: str, rows: int, length: int) -> tuple[int, ...]:
+        cfg = self.cfg
+        if name == "kv":
+            return rows, length, cfg.kv_lora_rank
+        if name == "pe":
+            return rows, length, cfg.qk_rope_head_dim
+        return rows, cfg.n_kv_heads, length, cfg.head_dim
+
+    def _alloc(self, rows: int, length: int) -> None:
+        length = min(length, self.cfg.max_seq_len)
+        for name in self.names:
+            new = [torch.zeros(self._shape(name, rows, length), dtype=self.dtype, device=self.device)
+                   for _ in range(self.cfg.n_layers)]
+            for old, t in zip(getattr(self, name, []), new):
+                self._slots(t, 0, self.n)[..., : self.max_len, :].copy_(self._slots(old, 0, self.n))
+            setattr(self, name, new)
+        self.rows, self.max_len = rows, length
+
+    def _slots(self, t: Tensor, start: int, end: int, length: int | None = None) -> Tensor:
+        """Rows [start, end) of one buffer, slots [0, length)."""
+        t = t[start:end]
+        return t if length is None else (t[:, :length] if t.dim() == 3 else t[:, :, :length])
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Make room for `rows` rows of `length` slots (doubling, so growth is rare)."""
+        if rows > self.rows or length > self.max_len:
+            self._alloc(max(rows, self.rows * (2 if rows > self.rows else 1)),
+                        max(length, self.max_len * (2 if length > self.max_len else 1)))
+
+    def add(self, tensors: list[Tensor], count: int = 1) -> None:
+        """Append `count` rows holding the same sequence; tensors: one per buffer per layer, as from `row()`."""
+        length = tensors[0].shape[-2]
+        self.reserve(self.n + count, length + 1)
+        bufs = self.buffers()
+        for buf, t in zip(bufs, tensors):
+            self._slots(buf, self.n, self.n + count, length).copy_(t.expand(count, *t.shape[1:]))
+        self.n += count
+        self.host_lens += [length] * count
+
+    def row(self, r: int) -> list[Tensor]:
+        """Row r's cached slots, [1, ..., len, ...] per buffer per layer (views, not copies)."""
+        return [self._slots(buf, r, r + 1, self.host_lens[r]) for buf in self.buffers()]
+
+    def remove(self, rows: list[int]) -> list[int]:
+        """Free these rows by moving the last rows into them; return the old index of each remaining row."""
+        order = list(range(self.n))
+        for r in sorted(rows, reverse=True):
+            last = self.n - 1
+            if r != last:
+                length = self.host_lens[last]
+                for buf in self.buffers():
+                    self._slots(buf, r, r + 1, length).copy_(self._slots(buf, last, last + 1, length))
+                self.host_lens[r], order[r] = length, order[last]
+            self.host_lens.pop()
+            order.pop()
+            self.n -= 1
+        return order
+
+    def buffers(self) -> list[Tensor]:
+        return [t for name in self.names for t in getattr(self, name)]
+
+    # ---- the interface Transformer.hidden uses: one new token per row
+    def prepare(self, T: int, attn_mask: Tensor | None) -> tuple[Tensor, bool]:
+        if T != 1 or attn_mask is not None:
+            raise ValueError("a SlotCache decodes one token per row; prefill into a KVCache first")
+        self.reserve(self.n, max(self.host_lens) + 1)
+        self._lens = torch.tensor(self.host_lens, device=self.device)
+        self._S = max(self.host_lens) + 1
+        self._rows = torch.arange(self.n, device=self.device)
+        if self.n == 1:  # one row sees every cached slot: no mask keeps SDPA on its fastest path
+            return None, False
+        mask = torch.arange(self._S, device=self.device)[None] <= self._lens[:, None]
+        return mask[:, None, None], False
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        kc, vc = self.k[layer], self.v[layer]
+        kc[self._rows, :, self._lens] = k[:, :, 0]
+        vc[self._rows, :, self._lens] = v[:, :, 0]
+        return kc[: self.n, :, : self._S], vc[: self.n, :, : self._S]
+
+    def update_latent(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor]:
+        kv, pe = self.kv[layer], self.pe[layer]
+        kv[self._rows, self._lens] = c_kv[:, 0]
+        pe[self._rows, self._lens] = k_pe[:, 0]
+        return kv[: self.n, : self._S], pe[: self.n, : self._S]
+
+    def advance(self, T: int) -> None:
+        self.host_lens = [n + T for n in self.host_lens]

@@ -1,17 +1,21 @@
-"""The engine: batched generation over a static KV cache, with streaming, stops and per-token log-probs.
+"""The engine: continuous batching over a slot KV cache, with streaming, stops and per-token log-probs.
 
 Every sampled token in sputnik comes from here: eval, GRPO rollouts, teacher traces and the server.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections import deque
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
-from sputnik.engine.cache import KVCache
+from sputnik.engine.cache import KVCache, SlotCache
+from sputnik.engine.prefix import PrefixCache
 from sputnik.engine.sampling import Sampler, SamplingParams
 from sputnik.model import Transformer
 
@@ -26,33 +30,39 @@ class Completion:
     text: str
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "abort"
     prompt_tokens: int
     stop_reason: str | int | None = None  # the stop string or token id that ended it
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, when the request asked for them
 
 
 @dataclass
 class Delta:
     """One streamed step of one sample: the new token and the text it completed (may be empty while held back)."""
 
-    prompt: int
+    prompt: Hashable  # the prompt's index for generate/stream, the request key for add
     sample: int
     token_id: int
     logprob: float
     text: str
     finish_reason: str | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclass
 class _Seq:
-    prompt: int
+    prompt: Hashable
     sample: int
     prompt_ids: list[int]
     params: SamplingParams
     decoder: StreamDecoder | None
     stop_ids: set[int]
+    seed: int | None = None
+    max_new: int = 0
+    admitted_at: float = 0.0  # time.monotonic() when its prefill began (queue time, for servers)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of text already streamed
     finish_reason: str | None = None
@@ -60,12 +70,12 @@ class _Seq:
 
     def completion(self) -> Completion:
         return Completion(self.text, self.token_ids, self.logprobs, self.finish_reason or "length",
-                          len(self.prompt_ids), self.stop_reason)
+                          len(self.prompt_ids), self.stop_reason, self.top_logprobs if self.params.logprobs else None)
 
 
-def _row_seed(seed: int | None, prompt: int, sample: int) -> int | None:
-    # Distinct, reproducible streams per (prompt, sample); a lone request gets the same stream in any batch.
-    return None if seed is None else (seed * 1_000_003 + prompt * 8191 + sample) % 2**62
+def _row_seed(seed: int | None, index: int, sample: int) -> int | None:
+    # Distinct, reproducible streams per (prompt index, sample); a lone request gets the same stream in any batch.
+    return None if seed is None else (seed * 1_000_003 + index * 8191 + sample) % 2**62
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -79,16 +89,52 @@ def _held_back(text: str, stops: list[str]) -> int:
     return best
 
 
+@dataclass
+class _Request:
+    key: Hashable
+    ids: list[int]
+    params: SamplingParams
+    seqs: list[_Seq]
+    prefix: list[Tensor] | None = None  # cached KV of ids[:len], when the prefix cache holds part of the prompt
+
+
+@dataclass
+class _Prefill:
+    """A group of waiting prompts being prefilled together, one chunk per step, into a left-padded KVCache."""
+
+    requests: list[_Request]
+    tokens: Tensor
+    positions: Tensor
+    attn_mask: Tensor | None
+    cache: KVCache
+    done: int  # columns prefilled so far
+
+
 class Engine:
-    """Generates for many prompts at once: left-padded ragged prefill (chunked), n samples sharing one prefill,
-    finished rows dropped from the batch as they end."""
+    """Continuous batching: requests join the running batch at any step and leave it as they finish.
+
+    Each step prefills one chunk of waiting prompts (several prompts at once, left-padded) and decodes one token for
+    every running sequence, so long prompts never stall running streams. Running sequences live in a SlotCache, each
+    row at its own length; n samples of a prompt share one prefill. `generate` and `stream` drive the same steps that a
+    server drives with `add`, `step` and `abort`.
+    """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_batch: int = 64,
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 512, prefix_cache_mb: float = 0):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+        self._inbox: deque[tuple[str, Any]] = deque()  # add/abort from any thread; step() drains it
+        self._waiting: deque[_Request] = deque()
+        self._prefill: _Prefill | None = None
+        self._running: list[_Seq] = []
+        self._next: Tensor | None = None  # the token each running row feeds next
+        self._cache = SlotCache(model.cfg, model.dtype, model.device)
+        self._sampler = Sampler([], [], model.cfg.vocab_size, model.device)
+        self.stats = {"prefix_hit_tokens": 0, "prompt_tokens": 0}
 
+    # ---- the request interface (thread-safe: add and abort only queue work for the stepping thread)
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -96,99 +142,222 @@ class Engine:
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         return [int(t) for t in prompt]
 
+    def add(self, key: Hashable, prompt: str | Sequence[int], params: SamplingParams, seed_index: int = 0
+            ) -> list[_Seq]:
+        """Queue one request (n samples); its deltas carry prompt=key. The seed stream depends on (seed, seed_index,
+        sample) only, so a seeded request samples the same whatever shares its batch."""
+        ids = self._ids(prompt)
+        if not ids:
+            raise ValueError("empty prompt: give at least one token")
+        if len(ids) >= self.model.cfg.max_seq_len:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit the model's context of "
+                             f"{self.model.cfg.max_seq_len}")
+        from sputnik.tokenizer import StreamDecoder
+
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos and self.tokenizer is not None:
+            stop_ids |= set(self.tokenizer.stop_ids)
+        seqs = [_Seq(key, j, ids, params, StreamDecoder(self.tokenizer) if self.tokenizer else None, stop_ids,
+                     seed=_row_seed(params.seed, seed_index, j)) for j in range(params.n)]
+        self._inbox.append(("add", _Request(key, ids, params, seqs)))
+        return seqs
+
+    def abort(self, key: Hashable) -> None:
+        """Stop a request wherever it is (queued, prefilling or running); its rows are freed at the next step."""
+        self._inbox.append(("abort", key))
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._inbox or self._waiting or self._prefill or self._running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting) + (sum(len(r.seqs) for r in self._prefill.requests) if self._prefill else 0)
+
+    # ---- batch helpers
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None
                  ) -> list[list[Completion]]:
         """All completions: result[i][j] is sample j of prompt i."""
         params = params or SamplingParams()
-        finished: list[_Seq] = []
-        for _ in self._run(prompts, params, finished):
-            pass
-        out: list[list[Completion]] = [[None] * params.n for _ in prompts]  # type: ignore[list-item]
-        for seq in finished:
-            out[seq.prompt][seq.sample] = seq.completion()
-        return out
+        seqs = self._add_all(prompts, params)
+        while self.has_work:
+            self.step()
+        return [[s.completion() for s in row] for row in seqs]
 
     def stream(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None) -> Iterator[Delta]:
         """Deltas as tokens are chosen, across every prompt and sample; text never ends inside a UTF-8 character or a
         possible stop string."""
-        return self._run(prompts, params or SamplingParams(), [])
+        self._add_all(prompts, params or SamplingParams())
+        while self.has_work:
+            yield from self.step()
 
-    def _run(self, prompts, params: SamplingParams, finished: list[_Seq]) -> Iterator[Delta]:
+    def _add_all(self, prompts, params: SamplingParams) -> list[list[_Seq]]:
+        if self.has_work:
+            raise RuntimeError("generate/stream need an idle engine (a server drives this one with add/step)")
         ids = [self._ids(p) for p in prompts]
         if any(len(p) == 0 for p in ids):
             raise ValueError("empty prompt: give at least one token")
-        per_batch = max(1, self.max_batch // params.n)
-        for start in range(0, len(ids), per_batch):
-            yield from self._batch(ids[start : start + per_batch], start, params, finished)
+        return [self.add(i, p, params, seed_index=i) for i, p in enumerate(ids)]
 
+    # ---- one step
     @torch.inference_mode()
-    def _batch(self, prompts: list[list[int]], offset: int, params: SamplingParams, finished: list[_Seq]
-               ) -> Iterator[Delta]:
-        model, cfg, device = self.model, self.model.cfg, self.model.device
-        P, n = len(prompts), params.n
-        lens = [len(p) for p in prompts]
-        L = max(lens)
-        if L >= cfg.max_seq_len:
-            raise ValueError(f"prompt of {L} tokens does not fit the model's context of {cfg.max_seq_len}")
-        max_new = min(params.max_tokens, cfg.max_seq_len - L)
-        if self.tokenizer is not None:
-            from sputnik.tokenizer import StreamDecoder
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos and self.tokenizer is not None:
-            stop_ids |= set(self.tokenizer.stop_ids)
-        seqs = [
-            _Seq(offset + i, j, prompts[i], params, StreamDecoder(self.tokenizer) if self.tokenizer else None, stop_ids)
-            for i in range(P) for j in range(n)
-        ]
+    def step(self) -> list[Delta]:
+        """Admit waiting requests, prefill one chunk, decode one token for every running row; return the deltas."""
+        self._drain_inbox()
+        self._admit()
+        logits = self._decode() if self._running else None
+        joined = self._prefill_chunk()
+        if joined is not None:
+            logits = joined if logits is None else torch.cat([logits, joined])
+        if logits is None:
+            return []
+        tok, logp = self._sampler(logits)
+        top = None
+        if self._sampler.top_logprobs:
+            vals, idx = self._sampler.logp.topk(self._sampler.top_logprobs, -1)
+            top = (vals.tolist(), idx.tolist())
+        deltas, done = [], []
+        for r, (seq, t, lp) in enumerate(zip(self._running, tok.tolist(), logp.tolist())):
+            n_top = seq.params.logprobs
+            alts = list(zip(top[1][r][:n_top], top[0][r][:n_top])) if top and n_top else None
+            deltas.append(self._advance(seq, t, lp, last=len(seq.token_ids) + 1 >= seq.max_new, top=alts))
+            if seq.finish_reason is not None:
+                done.append(r)
+        self._next = tok
+        if done:
+            self._release(done)
+        return deltas
 
-        # Prefill each prompt once, left-padded so every row writes the same cache slots.
+    def _drain_inbox(self) -> None:
+        aborted = set()
+        while self._inbox:
+            kind, item = self._inbox.popleft()
+            if kind == "add":
+                self._waiting.append(item)
+            else:
+                aborted.add(item)
+        if not aborted:
+            return
+        self._waiting = deque(r for r in self._waiting if r.key not in aborted)
+        groups = [self._prefill.requests] if self._prefill else []
+        for seq in [s for g in groups for r in g for s in r.seqs] + self._running:
+            if seq.prompt in aborted and seq.finish_reason is None:
+                seq.finish_reason = "abort"
+        rows = [r for r, s in enumerate(self._running) if s.finish_reason == "abort"]
+        if rows:
+            self._release(rows, store=False)
+
+    def _admit(self) -> None:
+        """Start prefilling the next waiting prompts that fit (FIFO), as one left-padded group."""
+        if self._prefill is not None or not self._waiting:
+            return
+        free = self.max_batch - len(self._running)
+        group: list[_Request] = []
+        while self._waiting and free >= self._waiting[0].params.n:
+            req = self._waiting[0]
+            if self.prefix_cache is not None:
+                req.prefix = self.prefix_cache.lookup(req.ids)
+            if req.prefix is not None and group:
+                break  # a prompt continuing a cached prefix prefills alone
+            group.append(self._waiting.popleft())
+            free -= req.params.n
+            if req.prefix is not None:
+                break
+        if not group and not self._running:
+            req = self._waiting.popleft()  # n > max_batch: run it alone rather than never
+            group = [req]
+        if not group:
+            return
+        model, device = self.model, self.model.device
+        start = group[0].prefix[0].shape[-2] if group[0].prefix is not None else 0
+        lens = [len(r.ids) - start for r in group]
+        L = max(lens)
         pad = torch.tensor([L - m for m in lens], device=device)
-        tokens = torch.zeros(P, L, dtype=torch.long, device=device)
-        for i, p in enumerate(prompts):
-            tokens[i, L - len(p) :] = torch.tensor(p, dtype=torch.long)
+        tokens = torch.zeros(len(group), L, dtype=torch.long, device=device)
+        for i, r in enumerate(group):
+            tokens[i, L - lens[i] :] = torch.tensor(r.ids[start:], dtype=torch.long)
         slots = torch.arange(L, device=device)[None]
         attn_mask = slots >= pad[:, None]
-        positions = (slots - pad[:, None]).clamp(min=0)
-        cache = KVCache(cfg, P, L + max_new, model.dtype, device)
-        for s in range(0, L, self.prefill_chunk):
-            e = min(L, s + self.prefill_chunk)
-            logits = model(tokens[:, s:e], positions[:, s:e], cache, attn_mask[:, s:e], last_only=True)[:, -1]
-        rows = torch.arange(P, device=device).repeat_interleave(n)
-        if n > 1:
-            cache.select(rows)
-            logits = logits.index_select(0, rows)
-        next_pos = torch.tensor(lens, device=device).index_select(0, rows)
-        sampler = Sampler([params] * len(seqs), [_row_seed(params.seed, s.prompt, s.sample) for s in seqs],
-                          cfg.vocab_size, device)
-        sampler.start([s.prompt_ids for s in seqs])
+        positions = (slots - pad[:, None]).clamp(min=0) + start
+        cache = KVCache(model.cfg, len(group), start + L, model.dtype, device)
+        if start:
+            cache.load_prefix(group[0].prefix)
+        now = time.monotonic()
+        for req in group:
+            for seq in req.seqs:
+                seq.admitted_at = now
+        self.stats["prompt_tokens"] += sum(len(r.ids) for r in group)
+        self.stats["prefix_hit_tokens"] += start
+        self._prefill = _Prefill(group, tokens, positions, None if bool(attn_mask.all()) else attn_mask, cache, 0)
 
-        active: list[_Seq | None] = list(seqs)  # None: a finished row still riding in the batch
-        for step in range(max_new):
-            tok, logp = sampler(logits)
-            for seq, t, lp in zip(active, tok.tolist(), logp.tolist()):
-                if seq is not None:
-                    yield self._advance(seq, t, lp, last=step == max_new - 1)
-                    if seq.finish_reason is not None:
-                        finished.append(seq)
-            keep = [r for r, seq in enumerate(active) if seq is not None and seq.finish_reason is None]
-            if not keep:
-                return
-            # Drop finished rows once enough have ended: the copy is cheaper than decoding them further.
-            if len(keep) < len(active) and (4 * (len(active) - len(keep)) >= len(active) or len(keep) <= 2):
-                idx = torch.tensor(keep, device=device)
-                cache.select(idx)
-                sampler.select(idx)
-                tok, next_pos = tok.index_select(0, idx), next_pos.index_select(0, idx)
-                active = [active[r] for r in keep]
-            else:
-                active = [seq if seq is not None and seq.finish_reason is None else None for seq in active]
-            logits = model(tok[:, None], next_pos[:, None], cache)[:, -1]
-            next_pos = next_pos + 1
+    def _prefill_chunk(self) -> Tensor | None:
+        """Prefill one chunk of the current group; when it completes, move its rows into the running batch and
+        return their next-token logits."""
+        pf = self._prefill
+        if pf is None:
+            return None
+        L = pf.tokens.shape[1]
+        s, e = pf.done, min(L, pf.done + self.prefill_chunk)
+        mask = pf.attn_mask[:, s:e] if pf.attn_mask is not None else None
+        logits = self.model(pf.tokens[:, s:e], pf.positions[:, s:e], pf.cache, mask, last_only=True)[:, -1]
+        pf.done = e
+        if e < L:
+            return None
+        self._prefill = None
+        rows, seqs = [], []
+        for i, req in enumerate(pf.requests):
+            kv = pf.cache.row(i)
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(req.ids, kv)
+            live = [s for s in req.seqs if s.finish_reason is None]
+            if not live:
+                continue
+            self._cache.add(kv, len(live))
+            rows += [i] * len(live)
+            seqs += live
+        if not seqs:
+            return None
+        for seq in seqs:
+            seq.max_new = min(seq.params.max_tokens, self.model.cfg.max_seq_len - len(seq.prompt_ids))
+        joining = Sampler([s.params for s in seqs], [s.seed for s in seqs], self.model.cfg.vocab_size,
+                          self.model.device)
+        joining.start([s.prompt_ids for s in seqs])
+        self._sampler.extend(joining)
+        self._running += seqs
+        return logits.index_select(0, torch.tensor(rows, device=logits.device))
 
-    def _advance(self, seq: _Seq, token: int, logprob: float, last: bool) -> Delta:
+    def _decode(self) -> Tensor:
+        cache = self._cache
+        positions = torch.tensor(cache.host_lens, device=self.model.device)[:, None]
+        return self.model(self._next[:, None], positions, cache)[:, -1]
+
+    def _release(self, rows: list[int], store: bool = True) -> None:
+        """Free finished rows: keep a finished sequence's KV in the prefix cache (a chat's next turn starts with
+        it), then move the last rows into the holes."""
+        if store and self.prefix_cache is not None:
+            for r in rows:
+                seq = self._running[r]
+                if seq.finish_reason != "abort":
+                    # The last sampled token was never fed, so the cache covers prompt + tokens[:-1].
+                    self.prefix_cache.store(seq.prompt_ids + seq.token_ids[:-1], self._cache.row(r))
+        order = self._cache.remove(rows)
+        self._running = [self._running[i] for i in order]
+        idx = torch.tensor(order, dtype=torch.long, device=self.model.device)
+        self._sampler.select(idx)
+        if self._next is not None:
+            self._next = self._next.index_select(0, idx)
+
+    def _advance(self, seq: _Seq, token: int, logprob: float, last: bool,
+                 top: list[tuple[int, float]] | None = None) -> Delta:
         """Append one token to a sequence; decide whether it has finished; return the text it can stream now."""
         seq.token_ids.append(token)
         seq.logprobs.append(logprob)
+        if top is not None:
+            seq.top_logprobs.append(top)
         if token in seq.stop_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif seq.decoder is not None:
@@ -211,4 +380,4 @@ class Engine:
                 seq.text += seq.decoder.flush()
             upto = len(seq.text)
         text, seq.emitted = seq.text[seq.emitted : upto], max(seq.emitted, upto)
-        return Delta(seq.prompt, seq.sample, token, logprob, text, seq.finish_reason)
+        return Delta(seq.prompt, seq.sample, token, logprob, text, seq.finish_reason, top)

@@ -29,6 +29,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int = 0  # how many most likely alternatives to report with each token (OpenAI's top_logprobs)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -44,6 +45,7 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.n >= 1, "n must be >= 1"),
             (all(s for s in self.stop), "stop strings must not be empty"),
+            (0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -67,18 +69,22 @@ class Sampler:
             self.generators.append(g)
         f = lambda xs: torch.tensor(xs, dtype=torch.float32, device=device)[:, None]  # noqa: E731
         self.temperature = f([p.temperature if p.temperature > 0 else 1.0 for p in params])
-        self.greedy = torch.tensor([p.greedy for p in params], device=device)
-        self.all_greedy = bool(self.greedy.all())
-        self.top_k = torch.tensor([p.top_k for p in params], device=device)
+        self.greedy = torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device)
+        self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
         self.top_p = f([p.top_p for p in params])
         self.min_p = f([p.min_p for p in params])
         self.rep = f([p.repetition_penalty for p in params])
         self.presence = f([p.presence_penalty for p in params])
         self.frequency = f([p.frequency_penalty for p in params])
-        self.use_rep = bool((self.rep != 1).any())
-        self.use_counts = bool((self.presence != 0).any() or (self.frequency != 0).any())
         self.seen: Tensor | None = None  # [B, V] bool: in prompt or output (repetition penalty)
         self.counts: Tensor | None = None  # [B, V] output token counts (presence/frequency)
+        self._flags()
+
+    def _flags(self) -> None:
+        self.all_greedy = bool(self.greedy.all())
+        self.use_rep = bool((self.rep != 1).any())
+        self.use_counts = bool((self.presence != 0).any() or (self.frequency != 0).any())
+        self.top_logprobs = max((p.logprobs for p in self.params), default=0)
 
     def start(self, prompts: list[list[int]]) -> None:
         B, V = len(prompts), self.vocab_size
@@ -89,16 +95,33 @@ class Sampler:
         if self.use_counts:
             self.counts = torch.zeros(B, V, dtype=torch.float32, device=self.device)
 
+    _ROW_STATE = ("temperature", "greedy", "top_k", "top_p", "min_p", "rep", "presence", "frequency", "seen", "counts")
+
+    def extend(self, other: "Sampler") -> None:
+        """Append other's rows (sequences joining a running batch)."""
+        B, B2 = len(self.params), len(other.params)
+        self.params, self.generators = self.params + other.params, self.generators + other.generators
+        for name, dtype in (("seen", torch.bool), ("counts", torch.float32)):
+            a, b = getattr(self, name), getattr(other, name)
+            if a is None and b is None:
+                continue
+            a = a if a is not None else torch.zeros(B, self.vocab_size, dtype=dtype, device=self.device)
+            b = b if b is not None else torch.zeros(B2, self.vocab_size, dtype=dtype, device=self.device)
+            setattr(self, name, torch.cat([a, b]))
+        for name in self._ROW_STATE[:8]:
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        self._flags()
+
     def select(self, rows: Tensor) -> None:
         """Keep these rows, in this order (the engine drops finished sequences or fans out samples)."""
         idx = rows.tolist()
         self.params = [self.params[i] for i in idx]
         self.generators = [self.generators[i] for i in idx]
-        for name in ("temperature", "greedy", "top_k", "top_p", "min_p", "rep", "presence", "frequency", "seen",
-                     "counts"):
+        for name in self._ROW_STATE:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.index_select(0, rows))
+        self._flags()
 
     def reseed(self, seeds: list[int | None]) -> None:
         for g, s in zip(self.generators, seeds):
@@ -119,6 +142,7 @@ class Sampler:
         else:
             tokens = torch.where(self.greedy, logits.argmax(-1), self._sample(logp))
         self._observe(tokens)
+        self.logp = logp  # the engine reads the most likely alternatives from here when a row asks for them
         return tokens, logp.gather(1, tokens[:, None])[:, 0]
 
     def _observe(self, tokens: Tensor) -> None:
