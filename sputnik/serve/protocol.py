@@ -1,0 +1,275 @@
+"""The server's request side: OpenAI/DeepSeek request models, their validation errors, and engine parameters."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from sputnik.engine.sampling import SamplingParams
+
+
+class APIError(Exception):
+    """An error the server answers with an HTTP status and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def __repr__(self) -> str:
+        return f"APIError({self.status}, {self.message!r}, param={self.param!r}, code={self.code!r})"
+
+
+# JSON from Python's json module may hold NaN and Infinity, which a one-sided range (repetition_penalty > 0) lets in.
+_CONFIG = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+class TextPart(BaseModel):
+    """One part of a multi-part message content; only text parts are understood."""
+
+    model_config = _CONFIG
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One chat message as clients send it, earlier assistant turns possibly with their reasoning."""
+
+    model_config = _CONFIG
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[TextPart] | None = None
+    reasoning_content: str | None = None  # DeepSeek's name
+    reasoning: str | None = None  # OpenRouter's and vLLM's name
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    """What a streamed response adds at its end."""
+
+    model_config = _CONFIG
+
+    include_usage: bool = False
+
+
+class ResponseFormat(BaseModel):
+    """The output format a chat request asks for."""
+
+    model_config = _CONFIG
+
+    type: Literal["text", "json_object"]
+
+
+class _SamplingFields(BaseModel):
+    """The sampling and streaming fields shared by chat and legacy completion requests."""
+
+    model_config = _CONFIG
+
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1)  # -1 means off, as in vLLM; 0 means off, as in sputnik
+    min_p: float = Field(0.0, ge=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    # A str is wrapped into a list before validation: a `str | list[str]` union would report every failure twice.
+    stop: list[NonEmptyStr] | None = Field(None, max_length=4)
+    n: int = Field(1, ge=1)
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [value]
+        if value is not None and not isinstance(value, list):
+            raise PydanticCustomError("stop", "Input should be a string or a list of strings")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise PydanticCustomError("stream_options", "only allowed when stream is true")
+        return value
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """A request to /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise PydanticCustomError("top_logprobs", "only allowed when logprobs is true")
+        return value
+
+
+class CompletionRequest(_SamplingFields):
+    """A request to the legacy /v1/completions."""
+
+    prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
+    logprobs: int | None = Field(None, ge=0, le=5)  # the legacy API's number of top log-probs per token
+    echo: bool = False
+
+
+@dataclass
+class Limits:
+    """What one request may ask of this server."""
+
+    max_prompt_tokens: int = 8192
+    max_tokens: int = 4096
+    max_n: int = 16
+    default_max_tokens: int = 1024
+
+
+def _models_in(annotation: Any) -> type[BaseModel] | None:
+    """The first pydantic model inside an annotation such as `list[ChatMessage] | None`, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _models_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _field_path(model_cls: type[BaseModel], loc: tuple) -> tuple[str | int, ...]:
+    """An error location without the names of union members, which pydantic puts among the field names
+    (`content`, `str`); walking the models tells the two apart."""
+    path: list[str | int] = []
+    current: type[BaseModel] | None = model_cls
+    for item in loc:
+        if isinstance(item, int):
+            path.append(item)
+        elif current is not None and item in current.model_fields:
+            path.append(item)
+            current = _models_in(current.model_fields[item].annotation)
+    return tuple(path)
+
+
+def _path_text(path: tuple[str | int, ...]) -> str:
+    """A location as a client reads it: `messages[0].content`."""
+    text = ""
+    for item in path:
+        if isinstance(item, int):
+            text += f"[{item}]"
+        else:
+            text += f".{item}" if text else item
+    return text
+
+
+def parse_request(model_cls: type[BaseModel], data: Any) -> Any:
+    """Validate a decoded JSON body into model_cls; any problem becomes an APIError 400 naming the parameter."""
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        errors = [(_field_path(model_cls, err["loc"]), err["msg"]) for err in e.errors()]
+    # When a union field fails, pydantic reports one error per member. Among the errors under the first error's
+    # field, the deepest says most (a bad part inside a list beats "should be a valid string"); ties are joined.
+    root = errors[0][0]
+    related = [(path, msg) for path, msg in errors if path[:len(root)] == root]
+    deepest = max(related, key=lambda err: len(err[0]))[0]
+    message = " or ".join(dict.fromkeys(msg for path, msg in related if path == deepest))
+    param = _path_text(deepest)
+    if not param:
+        raise APIError(400, message)
+    raise APIError(400, f"{param}: {message}", param=param)
+
+
+def sampling_params(req: ChatCompletionRequest | CompletionRequest, limits: Limits, prompt_tokens: int,
+                    context: int) -> SamplingParams:
+    """The engine's parameters for a validated request, after the server's limits and the model's context."""
+    prompt_param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+    if req.n > limits.max_n:
+        raise APIError(400, f"n is {req.n}; this server allows at most {limits.max_n}", param="n")
+    if prompt_tokens >= context:
+        raise APIError(400, f"prompt has {prompt_tokens} tokens; this model's context is {context}",
+                       param=prompt_param, code="context_length_exceeded")
+    if prompt_tokens > limits.max_prompt_tokens:
+        raise APIError(400, f"prompt has {prompt_tokens} tokens; this server accepts at most "
+                       f"{limits.max_prompt_tokens}", param=prompt_param, code="context_length_exceeded")
+
+    max_completion_tokens = getattr(req, "max_completion_tokens", None)
+    requested = max_completion_tokens or req.max_tokens
+    if requested is not None and requested > limits.max_tokens:
+        param = "max_completion_tokens" if max_completion_tokens else "max_tokens"
+        raise APIError(400, f"{param} is {requested}; this server allows at most {limits.max_tokens}", param=param)
+    if requested is None:
+        requested = min(limits.default_max_tokens, limits.max_tokens)
+    # A long prompt leaves less room: generate up to the end of the context rather than refuse.
+    max_tokens = min(requested, context - prompt_tokens)
+
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_k=max(req.top_k, 0),
+            top_p=req.top_p,
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            n=req.n,
+            seed=req.seed,
+            stop=list(req.stop or []),
+        )
+    except ValueError as e:  # the models check the same ranges, so this only guards against them drifting apart
+        raise APIError(400, str(e)) from e
+
+
+def _without_reasoning(content: str) -> str:
+    # As R1's own chat template does: keep what follows the last </think>. The opening tag may be missing, since R1's
+    # template puts it into the prompt, so the tail after the closing tag is what counts.
+    if "</think>" in content:
+        return content.rsplit("</think>", 1)[1].lstrip()
+    return content
+
+
+def prompt_messages(messages: list[ChatMessage]) -> list[dict]:
+    """Plain {"role", "content"} dicts for a chat template. As DeepSeek-R1 does, the reasoning of earlier assistant
+    turns stays out of the prompt."""
+    out = []
+    for m in messages:
+        # Chat templates predate OpenAI's "developer" role, which means what "system" means to them.
+        role = "system" if m.role == "developer" else m.role
+        content = m.text()
+        if m.role == "assistant":
+            content = _without_reasoning(content)
+        out.append({"role": role, "content": content})
+    return out
