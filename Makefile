@@ -1,4 +1,4 @@
-# Quick start: `make demo` (set up, pull the default model, chat) and `make test` (set up, run the tests).
+# Quick start: `make demo` (set up, pull the default model, serve it) and `make test` (set up, run the tests).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -28,13 +28,19 @@ model: setup
 test: model
 	SPUTNIK_REQUIRE_MODEL=1 $(PY) -m pytest -q
 
+# The DeepSeek/OpenAI-compatible API on loopback (no keys needed there); Ctrl-C stops it.
+PORT ?= 8000
 demo: model
-	$(VENV)/bin/sputnik chat --model $(MODEL)
+	@echo "serving $(MODEL) on http://127.0.0.1:$(PORT)/v1 — try:"
+	@echo "  curl -s http://127.0.0.1:$(PORT)/v1/chat/completions -H 'content-type: application/json' \\"
+	@echo "    -d '{\"model\": \"$(MODEL)\", \"messages\": [{\"role\": \"user\", \"content\": \"What is 17 + 25?\"}]}'"
+	$(VENV)/bin/sputnik serve --model $(MODEL) --served-name $(MODEL) --port $(PORT) --no-auth
 
 bench: model
 	$(PIP) install -e '.[bench]' || $(PIP) install -e '.[test]'
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/grpo_step.py
+	$(PY) benchmarks/serve_load.py
 
 # R1-Zero on a CPU: GRPO on 2-digit addition, greedy accuracy on 200 held-out problems before and after.
 r1-zero: model

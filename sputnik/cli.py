@@ -229,6 +229,55 @@ def cmd_train_grpo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from sputnik.serve.app import ServeConfig, create_app
+    from sputnik.serve.protocol import Limits
+
+    cfg = ServeConfig(model=args.model, upstream=args.upstream, upstream_key=args.upstream_key,
+                      served_name=args.served_name, host=args.host, port=args.port, auth=not args.no_auth,
+                      keys_path=args.keys, rate_per_minute=args.rate_limit, cors_origins=args.cors_origin,
+                      max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
+                      prefix_cache_mb=args.prefix_cache_mb, dtype=args.dtype, device=args.device,
+                      limits=Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
+                                    max_n=args.max_n))
+    if cfg.auth:
+        from sputnik.serve.app import _default_keys_path
+        from sputnik.serve.keys import KeyStore
+
+        if not any(k.active for k in KeyStore(cfg.keys_path or _default_keys_path()).list()):
+            print("note: no API key exists yet: create one with `sputnik keys create NAME` "
+                  "(or serve on loopback with --no-auth)", file=sys.stderr)
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from datetime import datetime, timezone
+
+    from sputnik.serve.app import _default_keys_path
+    from sputnik.serve.keys import KeyStore
+
+    store = KeyStore(args.keys or _default_keys_path())
+    if args.action == "create":
+        record, key = store.create(args.name or "default")
+        print(f"created key {record.id} ({record.name}); it is shown only now:\n{key}")
+    elif args.action == "list":
+        for r in store.list():
+            when = datetime.fromtimestamp(r.created_at, timezone.utc).strftime("%Y-%m-%d %H:%M")
+            print(f"{r.id}\t{r.prefix}…\t{r.name}\t{when}\t{'active' if r.active else 'revoked'}")
+    else:
+        if not args.name:
+            raise ValueError("keys revoke needs the key's id or prefix")
+        try:
+            record = store.revoke(args.name)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        print(f"revoked key {record.id} ({record.name})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sputnik", description="The DeepSeek-R1 recipe as installable software.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -286,6 +335,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_flags(g, GRPOConfig, TrainConfig)
     g.set_defaults(func=cmd_train_grpo)
+
+    p = sub.add_parser("serve", help="a DeepSeek/OpenAI-compatible API server with continuous batching")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--no-auth", action="store_true", help="no API keys (allowed only on a loopback host)")
+    p.add_argument("--keys", type=Path, default=None, help="API key store (default: SPUTNIK_HOME/keys.db)")
+    p.add_argument("--upstream", default=None, help="serve an OpenAI-compatible URL (e.g. vLLM) instead of the engine")
+    p.add_argument("--upstream-key", default=None, help="API key for --upstream")
+    p.add_argument("--served-name", default=None, help="the model id clients use (default: the model's name)")
+    p.add_argument("--rate-limit", type=float, default=120, help="requests per minute per key (0: unlimited)")
+    p.add_argument("--cors-origin", action="append", default=[], help="an allowed browser origin (repeatable)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-queue", type=int, default=64, help="queued requests before 503")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
+    p.add_argument("--prefix-cache-mb", type=float, default=256)
+    p.add_argument("--max-prompt-tokens", type=int, default=8192)
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="the largest max_tokens a request may ask")
+    p.add_argument("--max-n", type=int, default=16)
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("keys", help="API keys for `sputnik serve`: create NAME | list | revoke ID")
+    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("name", nargs="?", default=None)
+    p.add_argument("--keys", type=Path, default=None, help="API key store (default: SPUTNIK_HOME/keys.db)")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("convert", help="write any loadable model (e.g. a GGUF) as an HF folder")
     p.add_argument("src")

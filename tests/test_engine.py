@@ -237,7 +237,7 @@ def test_abort_frees_rows_at_once_and_the_rest_finish():
             seen[d.prompt] += 1
         assert eng.num_running <= 2
     assert seen[1] == seen[3] == 0 and seen[0] == seen[2] == 19
-    assert eng._cache.n == 0 and len(eng._sampler.params) == 0  # no leaked slot
+    assert eng.num_cache_rows == 0 and len(eng._sampler.params) == 0  # no leaked slot
 
 
 def test_abort_of_a_queued_request_never_runs_it():

@@ -175,6 +175,11 @@ class Engine:
         return len(self._running)
 
     @property
+    def num_cache_rows(self) -> int:
+        """KV cache rows holding a sequence: equals num_running unless a row leaked."""
+        return self._cache.n
+
+    @property
     def num_waiting(self) -> int:
         return len(self._waiting) + (sum(len(r.seqs) for r in self._prefill.requests) if self._prefill else 0)
 

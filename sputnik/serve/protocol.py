@@ -99,6 +99,7 @@ class _SamplingFields(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0)
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -248,6 +249,7 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, limits: Limi
             n=req.n,
             seed=req.seed,
             stop=list(req.stop or []),
+            ignore_eos=req.ignore_eos,
         )
     except ValueError as e:  # the models check the same ranges, so this only guards against them drifting apart
         raise APIError(400, str(e)) from e

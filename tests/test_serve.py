@@ -1,0 +1,419 @@
+"""`sputnik serve` over real HTTP: the official openai client, SSE, errors, auth, limits, continuous batching."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from sputnik.config import ModelConfig
+from sputnik.model import Transformer
+from sputnik.serve.app import ServeConfig, create_app
+from sputnik.serve.keys import KeyStore
+
+openai = pytest.importorskip("openai")
+
+THOUGHT, ANSWER = "Two plus two makes four.\n", "The answer is 4."
+REPLY = f"<think>\n{THOUGHT}</think>\n\n{ANSWER}"
+USERS = ["What is 2 + 2?", "Hi", "Tell me something.", "안녕하세요", "Write a poem about the sea.", "x"]
+
+
+@pytest.fixture(scope="session")
+def think_model(tmp_path_factory, default_tokenizer) -> Path:
+    """A tiny model trained here to answer every chat with REPLY: a test model whose output holds <think>."""
+    from sputnik.checkpoint import save_model
+
+    tok = default_tokenizer
+    end = tok.token_to_id("<|im_end|>")
+    rows = []
+    for system in (None, "You are helpful."):
+        for user in USERS:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+            rows.append((tok.apply_chat_template(msgs, tokenize=True), tok.encode(REPLY) + [end]))
+    cfg = ModelConfig(family="llama", vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                      inter_dim=128, max_seq_len=512, tie_embeddings=True)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    L = max(len(p) + len(r) for p, r in rows)
+    x = torch.zeros(len(rows), L, dtype=torch.long)
+    y = torch.full((len(rows), L), -100)
+    for i, (p, r) in enumerate(rows):
+        x[i, : len(p) + len(r)] = torch.tensor(p + r)
+        y[i, len(p) - 1 : len(p) + len(r) - 1] = torch.tensor(r)
+    target = y != -100
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        logits = model.lm_head(model.model.norm(model.hidden(x)[target]))
+        loss = torch.nn.functional.cross_entropy(logits, y[target])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05, f"the test model did not learn its reply (loss {loss.item():.3f})"
+    path = tmp_path_factory.mktemp("think-model")
+    save_model(model, path, tokenizer=tok)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Live:
+    """A real uvicorn server on a free loopback port, in a thread of this process."""
+
+    def __init__(self, cfg: ServeConfig, loader=None):
+        cfg.port = free_port()
+        self.cfg = cfg
+        self.app = create_app(cfg) if loader is None else create_app(cfg, loader=loader)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host=cfg.host, port=cfg.port, log_level="warning"))
+        self.url = f"http://{cfg.host}:{cfg.port}"
+
+    def __enter__(self) -> Live:
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        return self
+
+    def wait_ready(self, timeout: float = 120) -> Live:
+        end = time.monotonic() + timeout
+        while httpx.get(f"{self.url}/health").status_code != 200:
+            assert time.monotonic() < end, "server never became ready"
+            time.sleep(0.05)
+        return self
+
+    def client(self, key: str = "none", **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **kw)
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for line in httpx.get(f"{self.url}/metrics").text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def think_server(think_model):
+    with Live(ServeConfig(model=str(think_model), served_name="think", auth=False, keepalive_s=0.2)) as live:
+        yield live.wait_ready()
+
+
+@pytest.fixture(scope="module")
+def smol_server(default_gguf):
+    with Live(ServeConfig(model=str(default_gguf), auth=False, max_batch=32, keepalive_s=0.2,
+                          rate_per_minute=0)) as live:
+        yield live.wait_ready()
+
+
+def ask(client, **kw):
+    kw.setdefault("model", "think")
+    kw.setdefault("messages", [{"role": "user", "content": "What is 2 + 2?"}])
+    return client.chat.completions.create(**{k: v for k, v in kw.items() if v is not None})
+
+
+# ---------------------------------------------------------------- the openai client, content and reasoning
+
+
+def test_openai_client_reads_content_and_reasoning(think_server):
+    r = ask(think_server.client(), temperature=0)
+    msg = r.choices[0].message
+    assert msg.content == ANSWER
+    assert msg.model_extra["reasoning_content"] == THOUGHT
+    assert r.choices[0].finish_reason == "stop"
+    details = r.usage.completion_tokens_details
+    assert 0 < details.reasoning_tokens < r.usage.completion_tokens
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert [m.id for m in think_server.client().models.list().data] == [r.model]
+
+
+def test_streaming_sends_reasoning_first_then_content_then_usage(think_server):
+    chunks = list(ask(think_server.client(), temperature=0, stream=True, stream_options={"include_usage": True}))
+    kinds, thought, content = [], "", ""
+    for c in chunks[:-1]:
+        delta = c.choices[0].delta
+        r = (delta.model_extra or {}).get("reasoning_content")
+        if r:
+            kinds.append("r")
+            thought += r
+        if delta.content:
+            kinds.append("c")
+            content += delta.content
+    assert (thought, content) == (THOUGHT, ANSWER)
+    assert kinds == sorted(kinds, reverse=True) and "r" in kinds and "c" in kinds  # every reasoning delta first
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+
+def test_raw_sse_ends_with_done(think_server):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "stream": True, "temperature": 0}
+    with httpx.stream("POST", f"{think_server.url}/v1/chat/completions", json=body) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_earlier_reasoning_stays_out_of_the_prompt(think_server):
+    client = think_server.client()
+    plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ANSWER},
+             {"role": "user", "content": "x"}]
+    with_thoughts = [plain[0], {"role": "assistant", "content": ANSWER, "reasoning_content": "long " * 50},
+                     plain[2]]
+    inline = [plain[0], {"role": "assistant", "content": REPLY}, plain[2]]
+    counts = {ask(client, messages=m, max_tokens=1).usage.prompt_tokens for m in (plain, with_thoughts, inline)}
+    assert len(counts) == 1
+
+
+def test_logprobs_and_top_logprobs(think_server):
+    r = ask(think_server.client(), temperature=0, logprobs=True, top_logprobs=3, max_tokens=5)
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == 5
+    for e in entries:
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+        assert e.logprob <= 0 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+
+
+def test_legacy_completions_with_n_echo_and_logprobs(think_server):
+    client = think_server.client()
+    r = client.completions.create(model="think", prompt=["Hello", "World"], max_tokens=4, n=2, temperature=1.0, seed=3,
+                                  logprobs=2, echo=True)
+    assert len(r.choices) == 4 and sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    assert r.choices[0].text.startswith("Hello") and r.choices[3].text.startswith("World")
+    assert all(len(c.logprobs.tokens) == 4 and len(c.logprobs.top_logprobs[0]) == 2 for c in r.choices)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="think", prompt="Hello", max_tokens=4, temperature=0, stream=True) if c.choices)
+    assert streamed == client.completions.create(model="think", prompt="Hello", max_tokens=4, temperature=0
+                                                 ).choices[0].text
+
+
+def test_json_mode_refuses_output_that_is_not_json(think_server):
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        ask(think_server.client(), response_format={"type": "json_object"}, temperature=0)
+    assert e.value.body["code"] == "invalid_json_output"
+
+
+# ---------------------------------------------------------------- error paths
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 99}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
+    ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-9"}, 404, "model"),
+    ({"messages": [{"role": "user", "content": "word " * 600}]}, 400, "messages"),
+    ([1, 2], 400, None),
+])
+def test_invalid_requests_get_openai_style_errors(think_server, body, status, param):
+    r = httpx.post(f"{think_server.url}/v1/chat/completions", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] and err["param"] == param
+
+
+def test_not_json_and_too_large_bodies(think_server):
+    r = httpx.post(f"{think_server.url}/v1/chat/completions", content=b"{nope", headers={"content-type":
+                                                                                          "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    big = {"messages": [{"role": "user", "content": "a" * (2 << 20)}]}
+    r = httpx.post(f"{think_server.url}/v1/chat/completions", json=big)
+    assert r.status_code == 413 and r.json()["error"]["message"]
+
+
+def test_health_is_503_while_loading(think_model):
+    release = threading.Event()
+
+    def slow(cfg):
+        from sputnik.serve.app import load_backend
+
+        release.wait(30)
+        return load_backend(cfg)
+
+    with Live(ServeConfig(model=str(think_model), served_name="think", auth=False), loader=slow) as live:
+        assert httpx.get(f"{live.url}/health").status_code == 503
+        r = httpx.post(f"{live.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and "Retry-After" in r.headers
+        release.set()
+        live.wait_ready()
+        assert httpx.get(f"{live.url}/health").json() == {"status": "ok"}
+
+
+def test_no_auth_only_on_loopback():
+    with pytest.raises(ValueError, match="loopback"):
+        ServeConfig(host="0.0.0.0", auth=False)
+    assert ServeConfig(host="::1", auth=False).auth is False
+
+
+# ---------------------------------------------------------------- keys, rate limits, CORS
+
+
+def test_keys_cli_and_auth(think_model, tmp_path):
+    keys = tmp_path / "keys.db"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "sputnik.cli", "keys", *a, "--keys", str(keys)],  # noqa: E731
+                                    capture_output=True, text=True, check=True).stdout
+    key = run("create", "alice").strip().splitlines()[-1]
+    assert key.startswith("sk-") and key.encode() not in keys.read_bytes()
+    other = KeyStore(keys).create("bob")[1]
+    with Live(ServeConfig(model=str(think_model), served_name="think", keys_path=keys, rate_per_minute=3,
+                          cors_origins=["http://chat.example"])) as live:
+        live.wait_ready()
+        with pytest.raises(openai.AuthenticationError):
+            ask(live.client("sk-wrong"), max_tokens=1)
+        r = httpx.get(f"{live.url}/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert ask(live.client(key), max_tokens=1).choices
+        # A flood: 3 per minute per key, so the fourth request is refused with Retry-After; another key still works.
+        codes = [httpx.get(f"{live.url}/v1/models", headers={"Authorization": f"Bearer {key}"}) for _ in range(3)]
+        assert [c.status_code for c in codes] == [200, 200, 429]
+        assert int(codes[-1].headers["Retry-After"]) >= 1 and codes[-1].json()["error"]["type"] == "rate_limit_error"
+        assert httpx.get(f"{live.url}/v1/models", headers={"Authorization": f"Bearer {other}"}).status_code == 200
+        # Revoked: refused from then on.
+        assert "revoked" in run("revoke", key[:10])
+        assert "revoked" in run("list")
+        assert httpx.get(f"{live.url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+        # CORS: only the allowlisted origin is told it may read.
+        pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+        ok = httpx.options(f"{live.url}/v1/chat/completions", headers={"Origin": "http://chat.example", **pre})
+        bad = httpx.options(f"{live.url}/v1/chat/completions", headers={"Origin": "http://evil.example", **pre})
+        assert ok.headers.get("access-control-allow-origin") == "http://chat.example"
+        assert "access-control-allow-origin" not in bad.headers
+
+
+# ---------------------------------------------------------------- continuous batching under load
+
+
+def test_32_streams_with_disconnects_finish_free_their_slots_and_match_alone(smol_server):
+    url = f"{smol_server.url}/v1/chat/completions"
+
+    def body(i: int) -> dict:
+        return {"messages": [{"role": "user", "content": f"Count to {i}."}], "max_tokens": 24, "temperature": 0.9,
+                "seed": i, "stream": True}
+
+    def run(i: int, drop_after: int | None = None) -> str | None:
+        text, seen = "", 0
+        with httpx.stream("POST", url, json=body(i), timeout=120) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                text += chunk["choices"][0]["delta"].get("content") or ""
+                seen += 1
+                if drop_after is not None and seen >= drop_after:
+                    return None  # leaves the with-block: the connection closes mid-stream
+        return text
+
+    drops = {i: 3 for i in range(0, 32, 4)}  # every fourth client hangs up after a few chunks
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(lambda i: run(i, drops.get(i)), range(32)))
+    for i, text in enumerate(together):
+        assert (text is None) == (i in drops)
+    deadline = time.monotonic() + 30
+    while True:  # the server frees a dropped stream's row at its next step
+        m = smol_server.metrics()
+        if m["sputnik_kv_cache_rows_used"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert m["sputnik_kv_cache_rows_used"] == 0
+    assert m["sputnik_requests_running"] == 0 and m["sputnik_requests_waiting"] == 0
+    assert m['sputnik_requests_total{outcome="cancelled"}'] >= len(drops)
+    for i in (1, 2, 7, 30):  # seeded requests sample the same alone as in a crowd
+        assert run(i) == together[i]
+
+
+def test_keepalive_comments_while_queued(think_model):
+    cfg = ServeConfig(model=str(think_model), served_name="think", auth=False, max_batch=1, keepalive_s=0.05)
+    with Live(cfg) as live:
+        live.wait_ready()
+        long = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 400, "ignore_eos": True,
+                "temperature": 1.0, "stream": True}
+        with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=long, timeout=60) as first:
+            lines_of_first = first.iter_lines()  # kept: dropping the iterator would close the stream
+            next(lines_of_first)  # the first stream is running and holds the only row
+            second = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": True}
+            with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=second, timeout=60) as r:
+                lines = [line for line in r.iter_lines() if line]
+        assert ": keep-alive" in lines and lines[-1] == "data: [DONE]"
+
+
+def test_upstream_backend_serves_the_same_api(think_server):
+    cfg = ServeConfig(upstream=f"{think_server.url}/v1", auth=False)
+    with Live(cfg) as front:
+        front.wait_ready()
+        client = front.client()
+        r = ask(client, temperature=0)
+        assert r.choices[0].message.content == ANSWER
+        assert r.choices[0].message.model_extra["reasoning_content"] == THOUGHT
+        assert r.usage.prompt_tokens > 0
+        streamed = "".join(c.choices[0].delta.content or "" for c in ask(client, temperature=0, stream=True)
+                           if c.choices)
+        assert streamed == ANSWER
+        with pytest.raises(openai.NotFoundError):
+            ask(client, model="nope")
+
+
+def test_schemathesis_finds_no_server_errors(think_server):
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, settings
+
+    from hypothesis import given
+
+    schema = schemathesis.openapi.from_url(f"{think_server.url}/openapi.json")
+    operations = [op.ok() for op in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"}
+    for operation in operations:
+        @given(case=operation.as_strategy())
+        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+        def check(case):
+            if isinstance(case.body, dict):
+                case.body["max_tokens"] = 2  # keep generation short; validation still sees everything else
+                case.body.pop("max_completion_tokens", None)
+            response = case.call()
+            assert response.status_code < 500, (case.path, case.body, response.text)
+
+        check()
+
+
+def test_serve_command_starts_and_answers(think_model, tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "sputnik.cli", "serve", "--model", str(think_model), "--port",
+                             str(port), "--no-auth", "--served-name", "think", "--log-level", "warning"], stderr=subprocess.PIPE, text=True)
+    try:
+        live = Live.__new__(Live)
+        live.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{live.url}/health").status_code == 200:
+                    break
+            except httpx.ConnectError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.1)
+        assert ask(live.client(), temperature=0).choices[0].message.content == ANSWER
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
