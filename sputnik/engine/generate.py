@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -210,32 +210,56 @@ class Engine:
 
     # ---- one step
     @torch.inference_mode()
-    def step(self) -> list[Delta]:
-        """Admit waiting requests, prefill one chunk, decode one token for every running row; return the deltas."""
+    def step(self, emit: Callable[[list[Delta]], None] | None = None) -> list[Delta]:
+        """Admit waiting requests, prefill one chunk, decode one token for every running row; return the deltas.
+
+        The prefill goes first and its first tokens are ready before the decode runs: given `emit`, each phase's
+        deltas go there as soon as they exist (a new stream's first token does not wait for the batch's step)."""
         self._drain_inbox()
         self._admit()
-        logits = self._decode() if self._running else None
+        out: list[Delta] = []
+        send = emit or out.extend
         joined = self._prefill_chunk()
         if joined is not None:
-            logits = joined if logits is None else torch.cat([logits, joined])
-        if logits is None:
-            return []
-        tok, logp = self._sampler(logits)
+            seqs, kvs, logits = joined
+            sampler = Sampler([s.params for s in seqs], [s.seed for s in seqs], self.model.cfg.vocab_size,
+                              self.model.device)
+            sampler.start([s.prompt_ids for s in seqs])
+            deltas, done, tok = self._sample(sampler, seqs, logits)
+            send(deltas)
+        if self._running:
+            deltas, done_running, self._next = self._sample(self._sampler, self._running, self._decode())
+            if done_running:
+                self._release(done_running)
+            send(deltas)
+        if joined is not None:  # the new rows join the batch for the next step
+            keep = [r for r in range(len(seqs)) if r not in set(done)]
+            if keep:
+                idx = torch.tensor(keep, device=self.model.device)
+                sampler.select(idx)
+                for r in keep:
+                    self._cache.add(kvs[r])
+                self._sampler.extend(sampler)
+                self._running += [seqs[r] for r in keep]
+                tok = tok.index_select(0, idx)
+                self._next = tok if self._next is None or not len(self._next) else torch.cat([self._next, tok])
+        return out
+
+    def _sample(self, sampler: Sampler, seqs: list[_Seq], logits: Tensor) -> tuple[list[Delta], list[int], Tensor]:
+        """Choose each row's next token; return the deltas, the rows that finished, and the tokens."""
+        tok, logp = sampler(logits)
         top = None
-        if self._sampler.top_logprobs:
-            vals, idx = self._sampler.logp.topk(self._sampler.top_logprobs, -1)
+        if sampler.top_logprobs:
+            vals, idx = sampler.logp.topk(sampler.top_logprobs, -1)
             top = (vals.tolist(), idx.tolist())
         deltas, done = [], []
-        for r, (seq, t, lp) in enumerate(zip(self._running, tok.tolist(), logp.tolist())):
+        for r, (seq, t, lp) in enumerate(zip(seqs, tok.tolist(), logp.tolist())):
             n_top = seq.params.logprobs
             alts = list(zip(top[1][r][:n_top], top[0][r][:n_top])) if top and n_top else None
             deltas.append(self._advance(seq, t, lp, last=len(seq.token_ids) + 1 >= seq.max_new, top=alts))
             if seq.finish_reason is not None:
                 done.append(r)
-        self._next = tok
-        if done:
-            self._release(done)
-        return deltas
+        return deltas, done, tok
 
     def _drain_inbox(self) -> None:
         aborted = set()
@@ -299,9 +323,9 @@ class Engine:
         self.stats["prefix_hit_tokens"] += start
         self._prefill = _Prefill(group, tokens, positions, None if bool(attn_mask.all()) else attn_mask, cache, 0)
 
-    def _prefill_chunk(self) -> Tensor | None:
-        """Prefill one chunk of the current group; when it completes, move its rows into the running batch and
-        return their next-token logits."""
+    def _prefill_chunk(self) -> tuple[list[_Seq], list[list[Tensor]], Tensor] | None:
+        """Prefill one chunk of the current group; when it completes, return its live sequences, each one's KV rows
+        and next-token logits (n samples of a prompt share its prefill)."""
         pf = self._prefill
         if pf is None:
             return None
@@ -313,27 +337,20 @@ class Engine:
         if e < L:
             return None
         self._prefill = None
-        rows, seqs = [], []
+        rows, seqs, kvs = [], [], []
         for i, req in enumerate(pf.requests):
             kv = pf.cache.row(i)
             if self.prefix_cache is not None:
                 self.prefix_cache.store(req.ids, kv)
-            live = [s for s in req.seqs if s.finish_reason is None]
-            if not live:
-                continue
-            self._cache.add(kv, len(live))
-            rows += [i] * len(live)
-            seqs += live
+            for seq in req.seqs:
+                if seq.finish_reason is None:
+                    seq.max_new = min(seq.params.max_tokens, self.model.cfg.max_seq_len - len(seq.prompt_ids))
+                    rows.append(i)
+                    seqs.append(seq)
+                    kvs.append(kv)
         if not seqs:
             return None
-        for seq in seqs:
-            seq.max_new = min(seq.params.max_tokens, self.model.cfg.max_seq_len - len(seq.prompt_ids))
-        joining = Sampler([s.params for s in seqs], [s.seed for s in seqs], self.model.cfg.vocab_size,
-                          self.model.device)
-        joining.start([s.prompt_ids for s in seqs])
-        self._sampler.extend(joining)
-        self._running += seqs
-        return logits.index_select(0, torch.tensor(rows, device=logits.device))
+        return seqs, kvs, logits.index_select(0, torch.tensor(rows, device=logits.device))
 
     def _decode(self) -> Tensor:
         cache = self._cache

@@ -71,16 +71,17 @@ class EngineBackend:
                 self._wake.clear()
                 continue
             try:
-                deltas = self.engine.step()
+                self.engine.step(emit=self._dispatch)
             except Exception as e:  # noqa: BLE001 — every waiting client must hear of it, then the loop goes on
                 for loop, q in list(self._queues.values()):
                     loop.call_soon_threadsafe(q.put_nowait, e)
                 self._reset()
-                continue
-            for d in deltas:
-                target = self._queues.get(d.prompt)
-                if target is not None:
-                    target[0].call_soon_threadsafe(target[1].put_nowait, d)
+
+    def _dispatch(self, deltas) -> None:
+        for d in deltas:
+            target = self._queues.get(d.prompt)
+            if target is not None:
+                target[0].call_soon_threadsafe(target[1].put_nowait, d)
 
     def _reset(self) -> None:
         for key in list(self._queues):
