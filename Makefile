@@ -7,9 +7,25 @@ PIP := $(PY) -m pip -q --disable-pip-version-check
 TORCH_CPU ?= torch==2.13.0
 MODEL ?= smollm2-135m-instruct
 
-.PHONY: setup model demo test bench r1-zero clean
+.PHONY: setup model demo test test-deps bench r1-zero clean
 
-setup: $(VENV)/.installed
+# The web chat's front-end libraries (marked, DOMPurify, highlight.js, KaTeX) come from the npm registry at
+# install time, pinned by web/package-lock.json, and are served from the package: never from a CDN.
+VENDOR := sputnik/web/static/vendor/.built
+
+setup: $(VENV)/.installed $(VENDOR)
+
+$(VENDOR): web/package.json web/package-lock.json web/vendor.mjs
+	@command -v npm >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q nodejs npm; }
+	npm ci --prefix web --no-audit --no-fund --loglevel=error
+	node web/vendor.mjs
+	touch $@
+
+# Debian packages the tests use: Chromium for the browser tests, PostgreSQL's server for the storage tests (the
+# tests start a throwaway cluster on a free loopback port and stop it).
+test-deps:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q postgresql; }
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,8 +41,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 model: setup
 	$(VENV)/bin/sputnik pull $(MODEL)
 
-test: model
-	SPUTNIK_REQUIRE_MODEL=1 $(PY) -m pytest -q
+test: model test-deps
+	SPUTNIK_REQUIRE_MODEL=1 SPUTNIK_REQUIRE_PG=1 SPUTNIK_REQUIRE_BROWSER=1 $(PY) -m pytest -q
 
 # The DeepSeek/OpenAI-compatible API on loopback (no keys needed there); Ctrl-C stops it.
 PORT ?= 8000
@@ -50,4 +66,4 @@ r1-zero: model
 	cp runs/r1-zero-smollm2-addition/metrics.png docs/r1-zero.png
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache web/node_modules sputnik/web/static/vendor

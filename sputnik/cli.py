@@ -241,7 +241,8 @@ def cmd_serve(args) -> int:
                       max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
                       prefix_cache_mb=args.prefix_cache_mb, dtype=args.dtype, device=args.device,
                       limits=Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
-                                    max_n=args.max_n))
+                                    max_n=args.max_n),
+                      web=not args.no_web, database_url=args.database_url, public_url=args.public_url)
     if cfg.auth:
         from sputnik.serve.app import _default_keys_path
         from sputnik.serve.keys import KeyStore
@@ -354,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=8192)
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="the largest max_tokens a request may ask")
     p.add_argument("--max-n", type=int, default=16)
+    p.add_argument("--no-web", action="store_true", help="only the API: no chat page, accounts or database")
+    p.add_argument("--database-url", default=None,
+                   help="the web chat's database (default: $DATABASE_URL, else SQLite under $SPUTNIK_DATA_DIR)")
+    p.add_argument("--public-url", default=None, help="the address users reach, e.g. https://chat.example.org")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
 

@@ -52,6 +52,10 @@ class ServeConfig:
     device: str = "auto"
     keepalive_s: float = 10.0  # SSE comment this often while a stream waits in the queue
     limits: Limits = field(default_factory=Limits)
+    web: bool = True  # the chat page at / with its accounts and saved conversations
+    database_url: str | None = None  # default: $DATABASE_URL, else SQLite under $SPUTNIK_DATA_DIR
+    oidc: list | None = None  # OIDCProviders for "Sign in with …"; default: from SPUTNIK_OIDC_* variables
+    public_url: str | None = None  # the address users reach (fixes OIDC redirects behind a proxy)
 
     def __post_init__(self) -> None:
         if not self.auth and not is_loopback(self.host):
@@ -244,17 +248,7 @@ def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], B
         b = backend()
         name = await check_model(b, body.model)
         messages = prompt_messages(body.messages)
-        in_reasoning = False
-        if isinstance(b, EngineBackend):
-            try:
-                text = b.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            except Exception as e:  # noqa: BLE001 — a template that refuses these messages is the client's 400
-                raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from e
-            prompt: Any = b.tokenizer.encode(text, add_special_tokens=False)
-            in_reasoning = text.rstrip().endswith("<think>")  # R1's template opens the thought in the prompt
-            n_prompt = len(prompt)
-        else:
-            prompt, n_prompt = messages, 0
+        prompt, n_prompt, in_reasoning = chat_prompt(b, messages)
         params = sampling_params(body, cfg.limits, n_prompt, b.context)
         params.logprobs = body.top_logprobs or 0
         job = Job(prompt, params, params.n, logprobs=body.logprobs, prompt_tokens=n_prompt)
@@ -274,7 +268,7 @@ def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], B
         finish: list[str | None] = [None] * n
         thoughts, contents = [""] * n, [""] * n
         reasoning_tokens, tokens = 0, 0
-        async for piece in _pieces(b, [job], request, cfg.keepalive_s, metrics, stream=False):
+        async for piece in pieces(b, [job], request, cfg.keepalive_s, metrics, stream=False):
             if piece is None:
                 continue
             thought, text, thinking = _split(splitters[piece.index], piece)
@@ -308,7 +302,7 @@ def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], B
                                              "logprobs": None, "finish_reason": None}]})
         reasoning_tokens, tokens = 0, 0
         try:
-            async for piece in _pieces(b, jobs, request, cfg.keepalive_s, metrics, stream=True):
+            async for piece in pieces(b, jobs, request, cfg.keepalive_s, metrics, stream=True):
                 if piece is None:
                     yield b": keep-alive\n\n"
                     continue
@@ -362,7 +356,7 @@ def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], B
                 sent = set()
                 tokens = 0
                 try:
-                    async for piece in _pieces(b, jobs, request, cfg.keepalive_s, metrics, stream=True):
+                    async for piece in pieces(b, jobs, request, cfg.keepalive_s, metrics, stream=True):
                         if piece is None:
                             yield b": keep-alive\n\n"
                             continue
@@ -388,7 +382,7 @@ def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], B
         logprobs: list[list[dict]] = [[] for _ in out]
         finish: list[str | None] = [None] * len(out)
         tokens = 0
-        async for piece in _pieces(b, jobs, request, cfg.keepalive_s, metrics, stream=False):
+        async for piece in pieces(b, jobs, request, cfg.keepalive_s, metrics, stream=False):
             if piece is None:
                 continue
             tokens += piece.tokens
@@ -401,7 +395,49 @@ def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], B
         usage = _usage(sum(j.prompt_tokens for j in jobs), max(tokens, sum(j.completion_tokens for j in jobs)), 0)
         return {**head, "choices": choices, "usage": usage}
 
+    if cfg.web:
+        _add_web(app, cfg, backend, served_names, metrics)
     return app
+
+
+def _add_web(app: FastAPI, cfg: ServeConfig, backend, served_names, metrics: Metrics) -> None:
+    from fastapi.staticfiles import StaticFiles
+
+    from sputnik.web.auth import Auth
+    from sputnik.web.chat import Hooks, chat_router
+    from sputnik.web.db import Database, database_url
+    from sputnik.web.oidc import providers_from_env
+    from sputnik.web.page import STATIC, page_router
+    from sputnik.web.routes import web_router
+
+    db = Database(cfg.database_url or database_url())
+    db.migrate()
+    auth = Auth(db)
+    providers = cfg.oidc if cfg.oidc is not None else providers_from_env()
+    hooks = Hooks(backend, served_names, pieces, chat_prompt, metrics, cfg.keepalive_s, cfg.limits.max_prompt_tokens)
+    app.include_router(web_router(db, providers, auth=auth, public_url=cfg.public_url))
+    app.include_router(chat_router(db, hooks, auth.current_user, auth.require_csrf))
+    app.include_router(page_router())
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.state.db = db
+
+
+def chat_prompt(b: Backend, messages: list[dict], thinking: bool = True) -> tuple[Any, int, bool]:
+    """(what the backend takes, its prompt tokens, whether the output starts inside a thought) for chat messages.
+
+    The engine renders the model's template; R1's opens `<think>` in the prompt, and thinking=False closes it at
+    once so the model answers directly. An upstream server renders its own template."""
+    if not isinstance(b, EngineBackend):
+        return messages, 0, False
+    try:
+        text = b.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 — a template that refuses these messages is the client's 400
+        raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from e
+    in_reasoning = text.rstrip().endswith("<think>")
+    if in_reasoning and not thinking:
+        text, in_reasoning = text + "\n</think>\n\n", False
+    ids = b.tokenizer.encode(text, add_special_tokens=False)
+    return ids, len(ids), in_reasoning
 
 
 def _default_keys_path() -> Path:
@@ -415,7 +451,7 @@ def _stream(events: AsyncIterator[bytes]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _pieces(b: Backend, jobs: list[Job], request: Request, keepalive_s: float, metrics: Metrics,
+async def pieces(b: Backend, jobs: list[Job], request: Request, keepalive_s: float, metrics: Metrics,
                   stream: bool) -> AsyncIterator[Piece | None]:
     """Every job's pieces in arrival order (choice indices offset per job), None when keepalive_s passes quietly.
     Leaving early cancels the jobs, which frees their rows in the engine at once."""

@@ -1,0 +1,897 @@
+// Sputnik web chat: one plain script, no framework and no build step.
+// The page runs under a strict CSP (no inline script, no eval), so every element is built with the DOM API;
+// the only innerHTML writes take DOMPurify's output. Talks only to the routes in docs/web-api.md.
+'use strict';
+
+(() => {
+  // ------------------------------------------------------------------ small helpers
+
+  const $ = (sel, root = document) => root.querySelector(sel);
+  const enc = encodeURIComponent;
+
+  // h('button', {class: 'x', text: 'Hi', onclick: fn}, ...children): the one way this file makes elements.
+  function h(tag, props = {}, ...kids) {
+    const el = document.createElement(tag);
+    let value;
+    for (const [k, v] of Object.entries(props)) {
+      if (v == null || v === false) continue;
+      if (k === 'class') el.className = v;
+      else if (k === 'text') el.textContent = v;
+      else if (k === 'value') value = v; // set after the children (a <select> needs its options first)
+      else if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
+      else el.setAttribute(k, v === true ? '' : v);
+    }
+    for (const kid of kids.flat()) if (kid != null && kid !== false) el.append(kid);
+    if (value !== undefined) el.value = value;
+    return el;
+  }
+
+  function readCookie(name) {
+    const hit = document.cookie.split('; ').find((c) => c.startsWith(name + '='));
+    return hit ? decodeURIComponent(hit.slice(name.length + 1)) : null;
+  }
+  function writeCookie(name, value) {
+    const secure = location.protocol === 'https:' ? '; Secure' : '';
+    document.cookie = `${name}=${enc(value)}; Path=/; Max-Age=31536000; SameSite=Lax${secure}`;
+  }
+
+  // Enter submits, Shift+Enter is a newline, and the Enter that confirms an IME composition
+  // (Korean, Japanese, Chinese input) never submits: browsers disagree on which flag they set, so check all.
+  function onEnter(field, submit) {
+    let composing = false;
+    field.addEventListener('compositionstart', () => { composing = true; });
+    field.addEventListener('compositionend', () => { composing = false; });
+    field.addEventListener('keydown', (e) => {
+      if (e.key !== 'Enter' || e.shiftKey) return;
+      if (e.isComposing || e.keyCode === 229 || composing) return;
+      e.preventDefault();
+      submit();
+    });
+  }
+
+  // ------------------------------------------------------------------ i18n
+  // The server inlines the chosen language's strings as JSON data (not script) in #i18n.
+
+  let STRINGS = {};
+  try { STRINGS = JSON.parse($('#i18n').textContent); } catch { /* template not filled: fetched in boot() */ }
+  const LANG = (document.documentElement.lang || 'en').toLowerCase().startsWith('ko') ? 'ko' : 'en';
+
+  function t(key, vars = {}) {
+    const s = STRINGS[key] ?? key;
+    return s.replace(/\{(\w+)\}/g, (m, k) => (k in vars ? String(vars[k]) : m));
+  }
+  function thoughtLabel(seconds) {
+    if (typeof seconds !== 'number' || !isFinite(seconds)) return t('thought');
+    const n = Math.max(1, Math.round(seconds));
+    return n === 1 ? t('thought_for_one') : t('thought_for', { n });
+  }
+
+  // ------------------------------------------------------------------ theme
+  // data-theme on <html>; the default follows the OS, an explicit choice is kept in the cookie sputnik_theme.
+
+  const darkQuery = matchMedia('(prefers-color-scheme: dark)');
+  function applyTheme(theme) {
+    document.documentElement.dataset.theme = theme;
+    // both highlight.js themes are linked; only the matching one stays enabled
+    for (const link of document.querySelectorAll('link[data-hljs-theme]')) {
+      link.disabled = link.dataset.hljsTheme !== theme;
+    }
+    const btn = $('#theme-toggle');
+    if (btn) labelThemeButton(btn, theme);
+  }
+  function labelThemeButton(btn, theme) {
+    const label = theme === 'dark' ? t('theme_to_light') : t('theme_to_dark');
+    btn.textContent = theme === 'dark' ? '☀' : '☾';
+    btn.title = label;
+    btn.setAttribute('aria-label', label);
+  }
+  const savedTheme = readCookie('sputnik_theme');
+  applyTheme(savedTheme === 'dark' || savedTheme === 'light' ? savedTheme : darkQuery.matches ? 'dark' : 'light');
+  darkQuery.addEventListener('change', (e) => {
+    if (!readCookie('sputnik_theme')) applyTheme(e.matches ? 'dark' : 'light');
+  });
+
+  // Language select and theme toggle, shown signed in and signed out alike.
+  function prefsControls() {
+    const lang = h('select', { id: 'lang-switch', 'aria-label': t('language'), title: t('language'), value: LANG,
+      onchange: () => { writeCookie('sputnik_lang', lang.value); location.reload(); } },
+    h('option', { value: 'en', text: 'English' }), h('option', { value: 'ko', text: '한국어' }));
+    const theme = h('button', { id: 'theme-toggle', type: 'button', class: 'icon-btn', onclick: () => {
+      const next = document.documentElement.dataset.theme === 'dark' ? 'light' : 'dark';
+      writeCookie('sputnik_theme', next);
+      applyTheme(next);
+    } });
+    labelThemeButton(theme, document.documentElement.dataset.theme);
+    return h('div', { class: 'prefs' }, lang, theme);
+  }
+
+  // ------------------------------------------------------------------ API
+  // Same-origin cookies carry the session; the CSRF token from /api/me lives only in memory.
+
+  const state = { me: null, csrf: '', signupOpen: false, providers: [], convs: [], convId: null, stream: null };
+
+  class ApiError extends Error {
+    constructor(message, status, code, retryAfter) {
+      super(message);
+      Object.assign(this, { status, code, retryAfter });
+    }
+  }
+  async function apiError(res) {
+    let message = '', code = '';
+    try {
+      const body = await res.json();
+      message = body?.error?.message || (typeof body?.detail === 'string' ? body.detail : '');
+      code = body?.error?.code || '';
+    } catch { /* not JSON */ }
+    return new ApiError(message || `${res.status} ${res.statusText}`, res.status, code,
+      Number(res.headers.get('Retry-After')) || 0);
+  }
+  function request(method, path, body, extra = {}) {
+    const headers = { Accept: 'application/json' };
+    if (method !== 'GET') headers['X-CSRF-Token'] = state.csrf;
+    if (body !== undefined) headers['Content-Type'] = 'application/json';
+    return fetch(path, { method, headers, credentials: 'same-origin',
+      body: body === undefined ? undefined : JSON.stringify(body), ...extra });
+  }
+  async function api(method, path, body) {
+    const res = await request(method, path, body);
+    if (!res.ok) throw await apiError(res);
+    return (res.headers.get('content-type') || '').includes('json') ? res.json() : null;
+  }
+  function errorText(err) {
+    if (err?.status === 429) return t('error_rate_limited', { n: err.retryAfter || 60 });
+    const known = { invalid_credentials: 'error_invalid_credentials', signup_closed: 'error_signup_closed',
+      signup_failed: 'error_signup_failed' };
+    if (known[err?.code]) return t(known[err.code]);
+    if (err instanceof TypeError) return t('error_network'); // fetch itself failed
+    return err?.message || t('error_generic');
+  }
+
+  let toastTimer;
+  function toast(text) {
+    let el = $('#toast');
+    if (!el) document.body.append(el = h('div', { id: 'toast', role: 'status' }));
+    el.textContent = text;
+    el.hidden = false;
+    clearTimeout(toastTimer);
+    toastTimer = setTimeout(() => { el.hidden = true; }, 5000);
+  }
+
+  async function copyText(text, btn) {
+    try {
+      await navigator.clipboard.writeText(text);
+    } catch { // no clipboard API on plain http outside localhost
+      const area = h('textarea', { class: 'offscreen' });
+      area.value = text;
+      document.body.append(area);
+      area.select();
+      document.execCommand('copy');
+      area.remove();
+    }
+    btn.textContent = t('copied');
+    setTimeout(() => { btn.textContent = t('copy'); }, 1500);
+  }
+  const copyButton = (cls, getText) => h('button', { type: 'button', class: `small-btn ${cls}`, text: t('copy'),
+    onclick: (e) => copyText(getText(), e.currentTarget) });
+
+  // ------------------------------------------------------------------ markdown, code and math
+  // marked -> DOMPurify -> highlight.js + KaTeX on the sanitized tree. Math is cut out of the markdown first
+  // (so `_` and `\(` are not eaten as markdown) and emitted as escaped text in .math spans, which KaTeX's
+  // auto-render then renders after sanitizing.
+
+  const haveMarkdown = typeof marked !== 'undefined' && typeof DOMPurify !== 'undefined';
+  const escapeHtml = (s) => s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+  const mathHtml = (tex, display) => (display
+    ? `<div class="math math-block">\\[${escapeHtml(tex)}\\]</div>`
+    : `<span class="math math-inline">\\(${escapeHtml(tex)}\\)</span>`);
+
+  if (haveMarkdown) {
+    marked.use({
+      gfm: true,
+      breaks: false,
+      extensions: [
+        { // $$…$$ or \[…\] alone on its lines
+          name: 'mathBlock', level: 'block',
+          start: (src) => src.match(/^ {0,3}(\$\$|\\\[)/m)?.index,
+          tokenizer(src) {
+            const m = /^ {0,3}(?:\$\$([\s\S]+?)\$\$|\\\[([\s\S]+?)\\\])[ \t]*(?:\n+|$)/.exec(src);
+            if (m) return { type: 'mathBlock', raw: m[0], tex: (m[1] ?? m[2]).trim() };
+          },
+          renderer: (tok) => mathHtml(tok.tex, true),
+        },
+        { // $…$, \(…\), and $$…$$ / \[…\] inside a line. "$5 and $10" stays text: no space inside the
+          // dollars' edges and no digit right after the closing one.
+          name: 'mathInline', level: 'inline',
+          start: (src) => src.match(/\$|\\\(|\\\[/)?.index,
+          tokenizer(src) {
+            let m;
+            if ((m = /^\$\$([\s\S]+?)\$\$/.exec(src)) || (m = /^\\\[([\s\S]+?)\\\]/.exec(src))) {
+              return { type: 'mathInline', raw: m[0], tex: m[1].trim(), display: true };
+            }
+            if ((m = /^\\\(([\s\S]+?)\\\)/.exec(src))
+              || (m = /^\$(?![\s$])((?:\\[\s\S]|[^\\$\n])+?)(?<!\s)\$(?!\d)/.exec(src))) {
+              return { type: 'mathInline', raw: m[0], tex: m[1], display: false };
+            }
+          },
+          renderer: (tok) => mathHtml(tok.tex, tok.display),
+        },
+      ],
+    });
+    // Links open in a new tab and leak neither window.opener nor the referrer.
+    DOMPurify.addHook('afterSanitizeAttributes', (node) => {
+      if (node.tagName === 'A' && node.hasAttribute('href')) {
+        node.setAttribute('rel', 'noopener noreferrer');
+        if (!node.getAttribute('href').startsWith('#')) node.setAttribute('target', '_blank');
+      }
+    });
+  }
+  // No <style>/style= (the CSP allows inline styles, so model output could restyle the page) and no ids
+  // or names (they could shadow the page's own elements).
+  const PURIFY = { FORBID_TAGS: ['style', 'form'], FORBID_ATTR: ['style', 'id', 'name'] };
+
+  function renderMarkdown(el, text, final = true) {
+    if (!haveMarkdown) { el.textContent = text; return; } // never show unsanitized HTML
+    el.innerHTML = DOMPurify.sanitize(marked.parse(text), PURIFY);
+    decorateCode(el, final);
+    if (typeof renderMathInElement === 'function') {
+      for (const m of el.querySelectorAll('.math')) {
+        renderMathInElement(m, { throwOnError: false, delimiters: [
+          { left: '\\[', right: '\\]', display: true }, { left: '\\(', right: '\\)', display: false }] });
+      }
+    }
+  }
+
+  // Highlight each code block and give it a header with its language and a copy button.
+  // Auto-detecting the language is slow, so it waits for the final render of a streamed answer.
+  function decorateCode(root, final) {
+    for (const code of root.querySelectorAll('pre > code')) {
+      const pre = code.parentElement;
+      const text = code.textContent;
+      let lang = ([...code.classList].find((c) => c.startsWith('language-')) || '').slice(9);
+      if (typeof hljs !== 'undefined') {
+        let out = null;
+        if (lang && hljs.getLanguage(lang)) out = hljs.highlight(text, { language: lang, ignoreIllegals: true });
+        else if (!lang && final && text.length < 20000) out = hljs.highlightAuto(text);
+        if (out) {
+          code.innerHTML = DOMPurify.sanitize(out.value, PURIFY); // hljs escapes; sanitize anyway
+          code.classList.add('hljs');
+          lang = lang || out.language || '';
+        }
+      }
+      const block = h('div', { class: 'code-block' },
+        h('div', { class: 'code-head' }, h('span', { class: 'code-lang', text: lang }),
+          copyButton('copy-code', () => text)));
+      pre.replaceWith(block);
+      block.append(pre);
+    }
+  }
+
+  // ------------------------------------------------------------------ boot and the signed-out page
+
+  const root = $('#app');
+  const brand = document.title || 'Sputnik';
+
+  async function boot() {
+    if (!Object.keys(STRINGS).length) { // opened without the server filling the template
+      try { STRINGS = await (await fetch(`/static/i18n/${LANG}.json`)).json(); } catch { /* show the keys */ }
+    }
+    let me;
+    try {
+      me = await api('GET', '/api/me');
+    } catch (err) {
+      root.replaceChildren(h('div', { class: 'fatal' }, h('p', { text: errorText(err) }),
+        h('button', { type: 'button', class: 'btn', text: t('retry'), onclick: boot })));
+      return;
+    }
+    Object.assign(state, { me: me.user, csrf: me.csrf || '', signupOpen: !!me.signup_open,
+      providers: me.providers || [] });
+    if (state.me) renderApp(); else renderAuth();
+  }
+
+  function field(id, label, attrs) {
+    return h('label', { class: 'field', for: id }, h('span', { text: label }), h('input', { id, ...attrs }));
+  }
+
+  function renderAuth() {
+    document.title = brand;
+    const signinError = h('p', { id: 'signin-error', class: 'form-error', role: 'alert' });
+    const signupError = h('p', { id: 'signup-error', class: 'form-error', role: 'alert' });
+
+    // Forms skip the browser's own validation so the API's (translated) messages show inline instead.
+    async function submit(form, errorEl, path, body) {
+      errorEl.textContent = '';
+      const button = $('button[type=submit]', form);
+      button.disabled = true;
+      try {
+        await api('POST', path, body);
+        await boot(); // fresh /api/me: the user and a CSRF token for the new session
+      } catch (err) {
+        errorEl.textContent = errorText(err);
+        button.disabled = false;
+      }
+    }
+    const signin = h('form', { id: 'signin-form', class: 'auth-form', novalidate: true, onsubmit: (e) => {
+      e.preventDefault();
+      submit(signin, signinError, '/api/auth/signin',
+        { email: $('#signin-email').value.trim(), password: $('#signin-password').value });
+    } },
+    field('signin-email', t('email'), { type: 'email', autocomplete: 'username', required: true }),
+    field('signin-password', t('password'), { type: 'password', autocomplete: 'current-password', required: true }),
+    signinError,
+    h('button', { id: 'signin-submit', type: 'submit', class: 'btn primary', text: t('sign_in') }));
+
+    const signup = h('form', { id: 'signup-form', class: 'auth-form', novalidate: true, hidden: true,
+      onsubmit: (e) => {
+        e.preventDefault();
+        const password = $('#signup-password').value;
+        if (password.length < 8) { signupError.textContent = t('error_password_short'); return; }
+        const body = { email: $('#signup-email').value.trim(), password };
+        const name = $('#signup-name').value.trim();
+        if (name) body.name = name;
+        submit(signup, signupError, '/api/auth/signup', body);
+      } },
+    field('signup-name', t('name'), { type: 'text', autocomplete: 'name' }),
+    field('signup-email', t('email'), { type: 'email', autocomplete: 'username', required: true }),
+    field('signup-password', t('password'), { type: 'password', autocomplete: 'new-password', required: true,
+      minlength: 8, placeholder: t('password_hint') }),
+    signupError,
+    h('button', { id: 'signup-submit', type: 'submit', class: 'btn primary', text: t('sign_up') }));
+
+    const showTab = (which) => {
+      signin.hidden = which !== 'signin';
+      signup.hidden = which !== 'signup';
+      tabIn.setAttribute('aria-selected', which === 'signin');
+      tabUp.setAttribute('aria-selected', which === 'signup');
+      $(`#${which}-email`).focus();
+    };
+    const tabIn = h('button', { id: 'tab-signin', type: 'button', role: 'tab', 'aria-selected': 'true',
+      text: t('sign_in'), onclick: () => showTab('signin') });
+    const tabUp = h('button', { id: 'tab-signup', type: 'button', role: 'tab', 'aria-selected': 'false',
+      text: t('sign_up'), hidden: !state.signupOpen, onclick: () => showTab('signup') });
+
+    const providers = state.providers.map((p) => h('a', { class: 'btn oidc-login', 'data-provider': p.id,
+      href: `/auth/oidc/${enc(p.id)}/login`, text: t('sign_in_with', { provider: p.name || p.id }) }));
+
+    root.replaceChildren(h('div', { class: 'auth-page' },
+      h('header', { class: 'auth-top' }, prefsControls()),
+      h('main', { class: 'auth-card' },
+        h('h1', { class: 'brand', text: brand }),
+        h('div', { class: 'tabs', role: 'tablist' }, tabIn, tabUp),
+        signin, signup,
+        state.signupOpen ? null : h('p', { class: 'note', text: t('signup_closed_note') }),
+        providers.length ? h('div', { class: 'oidc' }, h('div', { class: 'divider', text: t('or') }), providers) : null)));
+    $('#signin-email').focus();
+  }
+
+  // ------------------------------------------------------------------ the signed-in page
+
+  let ui = {}; // elements of the signed-in page, kept here instead of looked up by id each time
+  const settings = { model: null };
+
+  function renderApp() {
+    ui = {};
+    ui.convList = h('ul', { id: 'conv-list' });
+    ui.search = h('input', { id: 'conv-search', type: 'search', placeholder: t('search'), 'aria-label': t('search') });
+    let searchTimer;
+    ui.search.addEventListener('input', () => {
+      clearTimeout(searchTimer);
+      searchTimer = setTimeout(loadConversations, 250);
+    });
+    const sidebar = h('aside', { id: 'sidebar' },
+      h('div', { class: 'sidebar-head' }, h('span', { class: 'brand', text: brand }),
+        h('button', { id: 'new-chat', type: 'button', class: 'btn', text: t('new_chat'), onclick: () => {
+          document.body.classList.remove('sidebar-open');
+          if (location.hash) location.hash = ''; else newChat();
+        } })),
+      ui.search, ui.convList,
+      h('div', { class: 'sidebar-foot' },
+        state.me.is_admin ? h('button', { id: 'admin-open', type: 'button', class: 'btn', text: t('admin'),
+          onclick: openAdmin }) : null,
+        h('div', { class: 'user-row' },
+          h('span', { id: 'user-name', text: state.me.name || state.me.email, title: state.me.email }),
+          h('button', { id: 'signout', type: 'button', class: 'btn', text: t('sign_out'), onclick: signOut }))));
+
+    ui.title = h('h1', { id: 'conv-title' });
+    ui.model = h('select', { id: 'model-picker', 'aria-label': t('model'), title: t('model'), hidden: true,
+      onchange: () => { settings.model = ui.model.value; } });
+    ui.temperature = h('input', { id: 'settings-temperature', type: 'number', min: 0, max: 2, step: 0.1,
+      placeholder: t('default') });
+    ui.maxTokens = h('input', { id: 'settings-max-tokens', type: 'number', min: 1, step: 1, placeholder: t('default') });
+    ui.settings = h('div', { id: 'settings-panel', class: 'popover', hidden: true },
+      h('h2', { text: t('settings') }),
+      h('label', { class: 'field', for: 'settings-temperature' }, h('span', { text: t('temperature') }), ui.temperature),
+      h('label', { class: 'field', for: 'settings-max-tokens' }, h('span', { text: t('max_tokens') }), ui.maxTokens));
+    const settingsToggle = h('button', { id: 'settings-toggle', type: 'button', class: 'icon-btn', text: '⚙',
+      title: t('settings'), 'aria-label': t('settings'), onclick: () => { ui.settings.hidden = !ui.settings.hidden; } });
+
+    ui.list = h('div', { id: 'message-list' });
+    ui.empty = h('div', { id: 'empty-state', text: t('empty_state') });
+    ui.scroller = h('div', { id: 'messages' }, h('div', { class: 'messages-inner' }, ui.empty, ui.list));
+
+    ui.composer = h('textarea', { id: 'composer', rows: 1, placeholder: t('composer_placeholder'),
+      'aria-label': t('composer_placeholder') });
+    ui.composer.addEventListener('input', () => autoGrow(ui.composer));
+    onEnter(ui.composer, submitComposer);
+    ui.thinking = h('input', { id: 'settings-thinking', type: 'checkbox', checked: true });
+    ui.send = h('button', { id: 'send', type: 'submit', class: 'btn primary', text: t('send') });
+    ui.stop = h('button', { id: 'stop', type: 'button', class: 'btn danger', text: t('stop'), hidden: true,
+      onclick: stopStream });
+    const composerForm = h('form', { id: 'composer-form', onsubmit: (e) => { e.preventDefault(); submitComposer(); } },
+      ui.composer,
+      h('div', { class: 'composer-bar' },
+        h('label', { class: 'switch', for: 'settings-thinking' }, ui.thinking, h('span', { text: t('thinking_mode') })),
+        h('span', { class: 'spacer' }), ui.stop, ui.send));
+
+    const main = h('main', { class: 'chat' },
+      h('header', { class: 'topbar' },
+        h('button', { id: 'sidebar-toggle', type: 'button', class: 'icon-btn', text: '☰', 'aria-label': t('conversations'),
+          onclick: () => document.body.classList.toggle('sidebar-open') }),
+        ui.title, h('span', { class: 'spacer' }), ui.model, settingsToggle, prefsControls()),
+      ui.settings, ui.scroller,
+      h('div', { class: 'composer-wrap' }, composerForm));
+
+    root.replaceChildren(h('div', { class: 'layout' }, sidebar, main));
+    loadConversations();
+    loadModels();
+    route();
+  }
+
+  document.addEventListener('click', (e) => { // a click outside closes the settings popover
+    if (ui.settings && !ui.settings.hidden && !e.target.closest('#settings-panel, #settings-toggle')) {
+      ui.settings.hidden = true;
+    }
+  });
+
+  function autoGrow(area) {
+    area.style.height = 'auto';
+    area.style.height = Math.min(area.scrollHeight, 240) + 'px';
+  }
+
+  async function signOut() {
+    abortStream();
+    try { await api('POST', '/api/auth/signout'); } catch (err) { toast(errorText(err)); }
+    history.replaceState(null, '', location.pathname);
+    boot();
+  }
+
+  async function loadModels() {
+    try {
+      const ids = ((await api('GET', '/api/models'))?.data || []).map((m) => m.id);
+      ui.model.replaceChildren(...ids.map((id) => h('option', { value: id, text: id })));
+      ui.model.hidden = !ids.length;
+      settings.model = ids.includes(settings.model) ? settings.model : ids[0] ?? null;
+      if (settings.model) ui.model.value = settings.model;
+    } catch { ui.model.hidden = true; }
+  }
+
+  // ------------------------------------------------------------------ conversations (sidebar)
+
+  const convPath = (id) => `/api/conversations/${enc(id)}`;
+
+  async function loadConversations() {
+    const q = ui.search.value.trim();
+    try {
+      state.convs = await api('GET', '/api/conversations' + (q ? `?q=${enc(q)}` : ''));
+      renderConvList();
+    } catch (err) { toast(errorText(err)); }
+  }
+
+  function renderConvList() {
+    ui.convList.replaceChildren(...state.convs.map((c) => {
+      const li = h('li', { class: 'conv-item' + (String(c.id) === String(state.convId) ? ' active' : ''),
+        'data-id': c.id });
+      li.append(
+        h('a', { class: 'conv-link', href: `#/c/${enc(c.id)}`, title: c.title || t('untitled'),
+          onclick: () => document.body.classList.remove('sidebar-open') },
+        h('span', { class: 'conv-title', text: c.title || t('untitled') })),
+        h('div', { class: 'conv-actions' },
+          h('button', { type: 'button', class: 'conv-rename', text: '✎', title: t('rename'), 'aria-label': t('rename'),
+            onclick: () => startRename(li, c) }),
+          h('a', { class: 'conv-export-json', href: `${convPath(c.id)}/export?format=json`, download: true,
+            text: 'JSON', title: t('export_json') }),
+          h('a', { class: 'conv-export-md', href: `${convPath(c.id)}/export?format=md`, download: true,
+            text: 'MD', title: t('export_md') }),
+          h('button', { type: 'button', class: 'conv-delete', text: '✕', title: t('delete'), 'aria-label': t('delete'),
+            onclick: () => deleteConversation(c) })));
+      return li;
+    }));
+    if (!state.convs.length) ui.convList.append(h('li', { class: 'conv-none', text: t('no_conversations') }));
+  }
+
+  function startRename(li, conv) {
+    const input = h('input', { class: 'conv-rename-input', value: conv.title || '', 'aria-label': t('rename') });
+    li.replaceChildren(input);
+    input.focus();
+    input.select();
+    let finished = false;
+    const finish = async (save) => {
+      if (finished) return;
+      finished = true;
+      const title = input.value.trim();
+      if (save && title && title !== conv.title) {
+        try {
+          conv.title = (await api('PATCH', convPath(conv.id), { title }))?.title ?? title;
+          if (String(conv.id) === String(state.convId)) setTitle(conv.title);
+        } catch (err) { toast(errorText(err)); }
+      }
+      renderConvList();
+    };
+    onEnter(input, () => finish(true));
+    input.addEventListener('keydown', (e) => { if (e.key === 'Escape') finish(false); });
+    input.addEventListener('blur', () => finish(true));
+  }
+
+  async function deleteConversation(conv) {
+    if (!confirm(t('confirm_delete', { title: conv.title || t('untitled') }))) return;
+    try {
+      await api('DELETE', convPath(conv.id));
+      state.convs = state.convs.filter((c) => c !== conv);
+      if (String(conv.id) === String(state.convId)) {
+        if (location.hash) location.hash = ''; else newChat();
+      }
+      renderConvList();
+    } catch (err) { toast(errorText(err)); }
+  }
+
+  function setTitle(title) {
+    ui.title.textContent = title || t('new_chat');
+    document.title = title ? `${title} · ${brand}` : brand;
+  }
+
+  // The open conversation lives in the URL hash (#/c/ID), so reload and back/forward work.
+  function route() {
+    const m = /^#\/c\/(.+)$/.exec(location.hash);
+    if (m) openConversation(decodeURIComponent(m[1])); else newChat();
+  }
+  window.addEventListener('hashchange', () => { if (state.me && ui.list) route(); });
+
+  function newChat() {
+    abortStream();
+    state.convId = null;
+    ui.list.replaceChildren();
+    ui.empty.hidden = false;
+    setTitle('');
+    renderConvList();
+    ui.composer.focus();
+  }
+
+  async function openConversation(id) {
+    if (state.stream && String(state.stream.convId) === String(id)) return; // already showing it live
+    abortStream();
+    state.convId = id;
+    renderConvList();
+    ui.list.replaceChildren();
+    ui.empty.hidden = true;
+    try {
+      const conv = await api('GET', convPath(id));
+      if (state.convId !== id) return; // the user moved on meanwhile
+      setTitle(conv.title);
+      for (const m of conv.messages || []) {
+        if (m.role === 'user') ui.list.append(userMessage(m));
+        else if (m.role === 'assistant') ui.list.append(savedAnswer(m));
+      }
+      ui.empty.hidden = ui.list.childElementCount > 0;
+      updateRegenerate();
+      ui.scroller.scrollTop = ui.scroller.scrollHeight;
+    } catch (err) {
+      toast(errorText(err));
+      if (err.status === 404) location.hash = '';
+    }
+  }
+
+  // ------------------------------------------------------------------ messages
+
+  function userMessage(m) {
+    const el = h('article', { class: 'msg user', 'data-id': m.id ?? '' });
+    el.msgId = m.id ?? null; // keeps the JSON type (number or string) for edit_of
+    el.raw = m.content || '';
+    const content = h('div', { class: 'content', text: el.raw }); // plain text, never HTML
+    el.append(h('div', { class: 'bubble' }, content), h('div', { class: 'msg-actions' },
+      copyButton('copy-msg', () => el.raw),
+      h('button', { type: 'button', class: 'small-btn edit', text: t('edit'), onclick: () => startEdit(el) })));
+    return el;
+  }
+
+  function assistantMessage(id) {
+    const el = h('article', { class: 'msg assistant', 'data-id': id ?? '' });
+    el.raw = { content: '', reasoning: '' };
+    el.reasoning = h('details', { class: 'reasoning', hidden: true },
+      h('summary', { text: t('thinking') }), h('div', { class: 'reasoning-body markdown' }));
+    el.content = h('div', { class: 'content markdown' });
+    el.actions = h('div', { class: 'msg-actions' }, copyButton('copy-msg', () => el.raw.content));
+    el.append(el.reasoning, el.content, el.actions);
+    return el;
+  }
+
+  // Reasoning, once over, collapses into "Thought for N seconds".
+  function closeReasoning(el, seconds) {
+    if (el.reasoning.hidden) return;
+    el.reasoning.open = false;
+    el.reasoning.classList.remove('live');
+    $('summary', el.reasoning).textContent = thoughtLabel(seconds);
+  }
+
+  function markUnfinished(el) {
+    if (!$('.unfinished', el)) el.actions.prepend(h('span', { class: 'unfinished', text: t('unfinished'),
+      title: t('unfinished_hint') }));
+  }
+
+  function savedAnswer(m) {
+    const el = assistantMessage(m.id);
+    el.raw = { content: m.content || '', reasoning: m.reasoning || '' };
+    if (el.raw.reasoning) {
+      el.reasoning.hidden = false;
+      renderMarkdown($('.reasoning-body', el), el.raw.reasoning);
+      closeReasoning(el, m.reasoning_seconds);
+    }
+    renderMarkdown(el.content, el.raw.content);
+    if (m.finished === false) markUnfinished(el);
+    return el;
+  }
+
+  // Only the last answer can be regenerated, and not while one is streaming.
+  function updateRegenerate() {
+    for (const b of ui.list.querySelectorAll('.regenerate')) b.remove();
+    const last = ui.list.lastElementChild;
+    if (state.stream || !last?.classList.contains('assistant')) return;
+    last.actions.append(h('button', { type: 'button', class: 'small-btn regenerate', text: t('regenerate'),
+      onclick: () => {
+        if (state.stream) return;
+        last.remove();
+        streamAnswer({ content: '', regenerate: true });
+      } }));
+  }
+
+  function startEdit(el) {
+    if (state.stream || el.msgId == null || $('.edit-input', el)) return;
+    const bubble = $('.bubble', el);
+    const area = h('textarea', { class: 'edit-input', 'aria-label': t('edit') });
+    area.value = el.raw;
+    const done = () => { form.remove(); bubble.hidden = false; };
+    const save = () => {
+      const content = area.value;
+      if (!content.trim() || state.stream) return;
+      done();
+      el.raw = content;
+      $('.content', el).textContent = content;
+      while (el.nextElementSibling) el.nextElementSibling.remove(); // the server drops every later message
+      streamAnswer({ content, edit_of: el.msgId }, el);
+    };
+    const form = h('div', { class: 'edit-form' }, area, h('div', { class: 'edit-bar' },
+      h('button', { type: 'button', class: 'btn edit-cancel', text: t('cancel'), onclick: done }),
+      h('button', { type: 'button', class: 'btn primary edit-save', text: t('save_and_send'), onclick: save })));
+    onEnter(area, save);
+    area.addEventListener('keydown', (e) => { if (e.key === 'Escape') done(); });
+    bubble.hidden = true;
+    bubble.after(form);
+    autoGrow(area);
+    area.addEventListener('input', () => autoGrow(area));
+    area.focus();
+  }
+
+  // ------------------------------------------------------------------ sending and streaming
+
+  let creating = false; // a conversation is being created for the first message: don't create two
+  async function submitComposer() {
+    const content = ui.composer.value;
+    if (!content.trim() || state.stream || creating) return;
+    if (!state.convId) { // first message: create the conversation, then stream into it
+      creating = true;
+      ui.send.disabled = true;
+      try {
+        const conv = await api('POST', '/api/conversations', {});
+        state.convId = conv.id;
+        state.convs.unshift(conv);
+        history.replaceState(null, '', `#/c/${enc(conv.id)}`); // no hashchange: nothing to reload
+        renderConvList();
+      } catch (err) { toast(errorText(err)); return; } finally { creating = false; ui.send.disabled = false; }
+    }
+    ui.composer.value = '';
+    autoGrow(ui.composer);
+    const userEl = userMessage({ content });
+    ui.list.append(userEl);
+    streamAnswer({ content }, userEl);
+  }
+
+  function setStreaming(on) {
+    document.body.classList.toggle('streaming', on);
+    ui.send.hidden = on;
+    ui.stop.hidden = !on;
+  }
+
+  function abortStream() { // leave the page's current answer without telling the server to stop
+    const live = state.stream;
+    if (!live) return;
+    state.stream = null;
+    live.ctrl.abort();
+    setStreaming(false);
+  }
+
+  async function stopStream() {
+    const live = state.stream;
+    if (!live || live.stopped) return;
+    live.stopped = true;
+    const stop = api('POST', `${convPath(live.convId)}/stop`).catch(() => {});
+    await Promise.race([stop, new Promise((r) => setTimeout(r, 1500))]);
+    live.ctrl.abort();
+  }
+
+  // POST the message and read the SSE answer from the response body (EventSource cannot POST).
+  async function streamAnswer(body, userEl = null) {
+    ui.empty.hidden = true;
+    const el = assistantMessage();
+    ui.list.append(el);
+    const live = { el, userEl, convId: state.convId, ctrl: new AbortController(), done: false, stopped: false,
+      thinkStart: null, thinkSeconds: null, renderTimer: null };
+    state.stream = live;
+    setStreaming(true);
+    updateRegenerate();
+    Object.assign(body, { thinking: ui.thinking.checked });
+    if (settings.model) body.model = settings.model;
+    const temperature = parseFloat(ui.temperature.value);
+    if (Number.isFinite(temperature)) body.temperature = temperature;
+    const maxTokens = parseInt(ui.maxTokens.value, 10);
+    if (maxTokens > 0) body.max_tokens = maxTokens;
+    ui.scroller.scrollTop = ui.scroller.scrollHeight;
+
+    try {
+      const res = await request('POST', `${convPath(live.convId)}/messages`, body,
+        { signal: live.ctrl.signal });
+      if (!res.ok) throw await apiError(res);
+      await readEvents(res.body, (ev) => onEvent(live, ev));
+    } catch (err) {
+      if (err.name !== 'AbortError') showError(el, errorText(err));
+    } finally {
+      clearTimeout(live.renderTimer);
+      if (ui.list.contains(el)) renderLive(live, true);
+      closeReasoning(el, live.thinkSeconds ?? thinkingSoFar(live));
+      if (!live.done) markUnfinished(el);
+      if (state.stream === live) { state.stream = null; setStreaming(false); }
+      if (ui.list.contains(el)) { // still on screen (not left for another chat or signed out)
+        updateRegenerate();
+        loadConversations(); // new title, newest first
+      }
+    }
+  }
+  const thinkingSoFar = (live) => (live.thinkStart === null ? null : (performance.now() - live.thinkStart) / 1000);
+
+  // A small SSE reader: lines "data: …" accumulate until a blank line ends the event.
+  async function readEvents(stream, onData) {
+    const reader = stream.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = '', data = [];
+    const line = (text) => {
+      if (text === '') {
+        if (data.length) { const payload = data.join('\n'); data = []; dispatch(payload); }
+      } else if (text.startsWith('data:')) {
+        data.push(text.slice(text[5] === ' ' ? 6 : 5));
+      } // comments (":keep-alive") and other fields are ignored
+    };
+    const dispatch = (payload) => {
+      if (payload === '[DONE]') return;
+      try { onData(JSON.parse(payload)); } catch (err) { console.warn('bad event', payload, err); }
+    };
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value;
+      const lines = buffer.split(/\r\n|\r(?!$)|\n/); // a trailing \r may be half of a \r\n: keep it
+      buffer = lines.pop();
+      lines.forEach(line);
+    }
+    line(buffer.replace(/\r$/, ''));
+    line('');
+  }
+
+  function onEvent(live, ev) {
+    const { el } = live;
+    switch (ev.type) {
+      case 'start':
+        if (ev.assistant_message_id != null) el.dataset.id = ev.assistant_message_id;
+        if (live.userEl && ev.user_message_id != null) {
+          live.userEl.dataset.id = ev.user_message_id;
+          live.userEl.msgId = ev.user_message_id;
+        }
+        if (ev.title && String(live.convId) === String(state.convId)) {
+          setTitle(ev.title);
+          const conv = state.convs.find((c) => String(c.id) === String(live.convId));
+          if (conv) { conv.title = ev.title; renderConvList(); }
+        }
+        break;
+      case 'reasoning':
+        if (live.thinkStart === null) {
+          live.thinkStart = performance.now();
+          el.reasoning.hidden = false;
+          el.reasoning.open = true;
+          el.reasoning.classList.add('live');
+        }
+        el.raw.reasoning += ev.text || '';
+        scheduleRender(live);
+        break;
+      case 'content':
+        if (live.thinkStart !== null && live.thinkSeconds === null) { // the first answer token ends thinking
+          live.thinkSeconds = (performance.now() - live.thinkStart) / 1000;
+          closeReasoning(el, live.thinkSeconds);
+        }
+        el.raw.content += ev.text || '';
+        scheduleRender(live);
+        break;
+      case 'done':
+        live.done = true;
+        if (typeof ev.reasoning_seconds === 'number') live.thinkSeconds = ev.reasoning_seconds; // the server's count wins
+        closeReasoning(el, live.thinkSeconds ?? thinkingSoFar(live));
+        break;
+      case 'error':
+        showError(el, ev.message || t('error_generic'));
+        break;
+    }
+  }
+
+  // Re-rendering the whole answer on each token is wasteful; ten times a second is plenty.
+  function scheduleRender(live) {
+    if (!live.renderTimer) live.renderTimer = setTimeout(() => { live.renderTimer = null; renderLive(live, false); }, 100);
+  }
+  function renderLive(live, final) {
+    const box = ui.scroller;
+    const stick = box.scrollHeight - box.scrollTop - box.clientHeight < 80; // follow only if already at the bottom
+    const { el } = live;
+    if (el.raw.reasoning) renderMarkdown($('.reasoning-body', el), el.raw.reasoning, final);
+    renderMarkdown(el.content, el.raw.content, final);
+    if (stick) box.scrollTop = box.scrollHeight;
+  }
+
+  function showError(el, text) {
+    el.content.after(h('p', { class: 'msg-error', role: 'alert', text }));
+  }
+
+  // ------------------------------------------------------------------ admin
+
+  async function openAdmin() {
+    let dialog = $('#admin-panel');
+    if (!dialog) {
+      const signupSwitch = h('input', { id: 'admin-signup-open', type: 'checkbox', checked: state.signupOpen,
+        onchange: async () => {
+          const open = signupSwitch.checked;
+          try {
+            await api('PATCH', '/api/admin/settings', { signup_open: open });
+            state.signupOpen = open;
+          } catch (err) { signupSwitch.checked = !open; toast(errorText(err)); }
+        } });
+      dialog = h('dialog', { id: 'admin-panel' },
+        h('div', { class: 'dialog-head' }, h('h2', { text: t('admin') }),
+          h('button', { id: 'admin-close', type: 'button', class: 'icon-btn', text: '✕', 'aria-label': t('close'),
+            onclick: () => dialog.close() })),
+        h('label', { class: 'switch', for: 'admin-signup-open' }, signupSwitch, h('span', { text: t('signup_open') })),
+        h('h3', { text: t('users') }),
+        h('table', { id: 'admin-users' }));
+      document.body.append(dialog);
+    }
+    dialog.showModal();
+    const table = $('#admin-users');
+    table.replaceChildren(h('tr', {}, h('td', { text: t('loading') })));
+    try {
+      const users = await api('GET', '/api/admin/users');
+      table.replaceChildren(h('tr', {}, ...['name', 'email', 'status', ''].map((k) => h('th', { text: k && t(k) }))),
+        ...users.map(userRow));
+    } catch (err) { table.replaceChildren(h('tr', {}, h('td', { class: 'form-error', text: errorText(err) }))); }
+  }
+
+  function userRow(user) {
+    const row = h('tr', { class: 'admin-user' + (user.disabled ? ' disabled' : ''), 'data-id': user.id },
+      h('td', { text: (user.name || '') + (user.is_admin ? ` (${t('admin')})` : '') }),
+      h('td', { text: user.email || '' }),
+      h('td', { class: 'admin-status', text: user.disabled ? t('disabled') : t('active') }),
+      h('td', {}, h('button', { type: 'button', class: 'btn admin-toggle',
+        text: user.disabled ? t('enable') : t('disable'),
+        disabled: String(user.id) === String(state.me.id), // no locking yourself out
+        onclick: async () => {
+          try {
+            await api('PATCH', `/api/admin/users/${enc(user.id)}`, { disabled: !user.disabled });
+            user.disabled = !user.disabled;
+            row.replaceWith(userRow(user));
+          } catch (err) { toast(errorText(err)); }
+        } })));
+    return row;
+  }
+
+  boot();
+})();

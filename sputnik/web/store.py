@@ -1,0 +1,311 @@
+"""The web chat's data as plain functions over a SQLAlchemy session.
+
+Every conversation and message function takes the signed-in `user_id` and answers `NotFound` for anything that
+user does not own, exactly as for an id that does not exist, so ids from other accounts reveal nothing.
+The caller owns the session (`with db.session() as s:`) and so the transaction; functions only flush.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from datetime import datetime
+
+from sqlalchemy import delete, func, or_, select
+from sqlalchemy.orm import Session as DBSession
+
+from sputnik.web.db import Conversation, Identity, Message, Setting, User, utcnow
+
+DEFAULT_TITLE = "New chat"
+TITLE_CHARS = 200
+ROLES = ("system", "user", "assistant")
+
+
+class NotFound(Exception):
+    """No such row for this user (it may exist, owned by someone else)."""
+
+
+# ---- users and identities
+
+
+def user_count(s: DBSession) -> int:
+    return s.scalar(select(func.count()).select_from(User)) or 0
+
+
+def create_user(s: DBSession, email: str | None, name: str = "", password_hash: str | None = None) -> User:
+    """A new account; the first one ever made is the admin. Emails are kept lower-cased."""
+    # Two first sign-ups racing could both become admin; a one-person server's first minute is not worth a lock.
+    user = User(email=normalize_email(email) if email else None, name=(name or "").strip()[:200],
+                password_hash=password_hash, is_admin=user_count(s) == 0, disabled=False)
+    s.add(user)
+    s.flush()
+    return user
+
+
+def normalize_email(email: str) -> str:
+    return email.strip().lower()
+
+
+def get_user(s: DBSession, user_id: int) -> User | None:
+    return s.get(User, user_id)
+
+
+def get_by_email(s: DBSession, email: str) -> User | None:
+    return s.scalar(select(User).where(User.email == normalize_email(email)))
+
+
+def list_users(s: DBSession) -> list[User]:
+    return list(s.scalars(select(User).order_by(User.id)))
+
+
+def set_disabled(s: DBSession, user_id: int, disabled: bool) -> User:
+    """Disable or re-enable an account; a disabled user's sessions stop working at once."""
+    user = s.get(User, user_id)
+    if user is None:
+        raise NotFound(f"no user {user_id}")
+    user.disabled = disabled
+    s.flush()
+    return user
+
+
+def find_oidc_user(s: DBSession, provider: str, sub: str) -> User | None:
+    identity = s.scalar(select(Identity).where(Identity.provider == provider, Identity.subject == sub))
+    return identity.user if identity else None
+
+
+def find_or_create_oidc_user(s: DBSession, provider: str, sub: str, email: str | None, email_verified: bool,
+                             name: str | None) -> User:
+    """The user behind (provider, sub), made on first sign-in.
+
+    Never joined to an existing account by email: whoever controls an address at some provider would otherwise
+    take over the password account that uses it. The identity's email is refreshed at every sign-in.
+    """
+    identity = s.scalar(select(Identity).where(Identity.provider == provider, Identity.subject == sub))
+    if identity is None:
+        user = create_user(s, None, name or email or sub)
+        identity = Identity(provider=provider, subject=sub)
+        user.identities.append(identity)
+    identity.email = normalize_email(email) if email else None
+    identity.email_verified = bool(email_verified)
+    s.flush()
+    return identity.user
+
+
+def display_email(user: User) -> str | None:
+    """The account's own email, or for an OIDC account the email its provider gave."""
+    if user.email:
+        return user.email
+    return next((i.email for i in user.identities if i.email), None)
+
+
+def user_dict(user: User, admin_view: bool = False) -> dict:
+    out = {"id": user.id, "email": display_email(user), "name": user.name, "is_admin": user.is_admin}
+    if admin_view:
+        out |= {"disabled": user.disabled, "created_at": _time(user.created_at)}
+    return out
+
+
+# ---- settings
+
+
+def get_setting(s: DBSession, key: str, default=None):
+    row = s.get(Setting, key)
+    return json.loads(row.value) if row else default
+
+
+def set_setting(s: DBSession, key: str, value) -> None:
+    row = s.get(Setting, key)
+    if row is None:
+        s.add(Setting(key=key, value=json.dumps(value)))
+    else:
+        row.value = json.dumps(value)
+    s.flush()
+
+
+def signup_open(s: DBSession) -> bool:
+    return bool(get_setting(s, "signup_open", True))
+
+
+def set_signup_open(s: DBSession, is_open: bool) -> None:
+    set_setting(s, "signup_open", bool(is_open))
+
+
+def secret_key(s: DBSession) -> str:
+    """A random server secret kept in the database, so every worker process signs with the same one."""
+    key = get_setting(s, "secret_key")
+    if key is None:
+        key = secrets.token_urlsafe(32)
+        set_setting(s, "secret_key", key)
+    return key
+
+
+# ---- conversations
+
+
+def create_conversation(s: DBSession, user_id: int, title: str | None = None) -> Conversation:
+    now = utcnow()
+    conv = Conversation(user_id=user_id, title=clean_title(title) or DEFAULT_TITLE, created_at=now, updated_at=now)
+    s.add(conv)
+    s.flush()
+    return conv
+
+
+def clean_title(title: str | None) -> str:
+    return " ".join((title or "").split())[:TITLE_CHARS]
+
+
+def _like(q: str) -> str:
+    # The user's own % and _ are text to find, not wildcards.
+    return "%" + re.sub(r"([\\%_])", r"\\\1", q) + "%"
+
+
+def list_conversations(s: DBSession, user_id: int, q: str | None = None, limit: int | None = None
+                       ) -> list[Conversation]:
+    """The user's conversations, most recently active first; `q` finds text in titles or messages, any case."""
+    stmt = select(Conversation).where(Conversation.user_id == user_id)
+    if q and q.strip():
+        pattern = _like(q.strip())
+        in_messages = select(Message.id).where(Message.conversation_id == Conversation.id,
+                                               Message.content.ilike(pattern, escape="\\"))
+        stmt = stmt.where(or_(Conversation.title.ilike(pattern, escape="\\"), in_messages.exists()))
+    stmt = stmt.order_by(Conversation.updated_at.desc(), Conversation.created_at.desc(), Conversation.id)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return list(s.scalars(stmt))
+
+
+def get_conversation(s: DBSession, user_id: int, conversation_id: str) -> Conversation:
+    conv = s.get(Conversation, conversation_id) if isinstance(conversation_id, str) else None
+    if conv is None or conv.user_id != user_id:
+        raise NotFound("no such conversation")
+    return conv
+
+
+def rename_conversation(s: DBSession, user_id: int, conversation_id: str, title: str) -> Conversation:
+    conv = get_conversation(s, user_id, conversation_id)
+    conv.title = clean_title(title) or DEFAULT_TITLE
+    conv.updated_at = utcnow()
+    s.flush()
+    return conv
+
+
+def delete_conversation(s: DBSession, user_id: int, conversation_id: str) -> None:
+    conv = get_conversation(s, user_id, conversation_id)
+    s.delete(conv)
+    s.flush()
+
+
+def conversation_dict(conv: Conversation, messages: list[Message] | None = None) -> dict:
+    out = {"id": conv.id, "title": conv.title, "created_at": _time(conv.created_at),
+           "updated_at": _time(conv.updated_at)}
+    if messages is not None:
+        out["messages"] = [message_dict(m) for m in messages]
+    return out
+
+
+# ---- messages
+
+
+def list_messages(s: DBSession, user_id: int, conversation_id: str) -> list[Message]:
+    get_conversation(s, user_id, conversation_id)
+    return list(s.scalars(select(Message).where(Message.conversation_id == conversation_id)
+                          .order_by(Message.position)))
+
+
+def add_message(s: DBSession, user_id: int, conversation_id: str, role: str, content: str, *,
+                reasoning: str | None = None, reasoning_seconds: float | None = None,
+                finished: bool = True) -> Message:
+    """Append a message at the end of the conversation (and mark the conversation as just active)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+    conv = get_conversation(s, user_id, conversation_id)
+    last = s.scalar(select(func.max(Message.position)).where(Message.conversation_id == conv.id))
+    msg = Message(conversation_id=conv.id, position=(last or 0) + 1, role=role, content=content,
+                  reasoning=reasoning, reasoning_seconds=reasoning_seconds, finished=finished)
+    conv.updated_at = msg.created_at = utcnow()
+    s.add(msg)
+    s.flush()
+    return msg
+
+
+def get_message(s: DBSession, user_id: int, message_id: int) -> Message:
+    msg = s.get(Message, message_id) if isinstance(message_id, int) else None
+    if msg is None or msg.conversation.user_id != user_id:
+        raise NotFound("no such message")
+    return msg
+
+
+def update_message(s: DBSession, user_id: int, message_id: int, *, content: str | None = None,
+                   reasoning: str | None = None, reasoning_seconds: float | None = None,
+                   finished: bool | None = None) -> Message:
+    """Change the fields given (None leaves a field as it is): how a streaming answer is saved as it grows."""
+    msg = get_message(s, user_id, message_id)
+    if content is not None:
+        msg.content = content
+    if reasoning is not None:
+        msg.reasoning = reasoning
+    if reasoning_seconds is not None:
+        msg.reasoning_seconds = reasoning_seconds
+    if finished is not None:
+        msg.finished = finished
+    msg.conversation.updated_at = utcnow()
+    s.flush()
+    return msg
+
+
+def truncate_after(s: DBSession, user_id: int, message_id: int) -> int:
+    """Drop every message after this one in its conversation (an edit restarts the chat there); how many went."""
+    msg = get_message(s, user_id, message_id)
+    result = s.execute(delete(Message).where(Message.conversation_id == msg.conversation_id,
+                                             Message.position > msg.position)
+                       .execution_options(synchronize_session="fetch"))
+    s.expire(msg.conversation, ["messages"])
+    return result.rowcount or 0
+
+
+def delete_message(s: DBSession, user_id: int, message_id: int) -> None:
+    msg = get_message(s, user_id, message_id)
+    conv = msg.conversation
+    s.delete(msg)
+    s.flush()
+    s.expire(conv, ["messages"])
+
+
+def last_assistant(s: DBSession, user_id: int, conversation_id: str) -> Message | None:
+    """The conversation's last message if it is an answer (what `regenerate` replaces), else None."""
+    messages = list_messages(s, user_id, conversation_id)
+    return messages[-1] if messages and messages[-1].role == "assistant" else None
+
+
+def message_dict(msg: Message) -> dict:
+    return {"id": msg.id, "role": msg.role, "content": msg.content, "reasoning": msg.reasoning,
+            "reasoning_seconds": msg.reasoning_seconds, "finished": msg.finished,
+            "created_at": _time(msg.created_at)}
+
+
+# ---- export
+
+
+def export_json(s: DBSession, user_id: int, conversation_id: str) -> dict:
+    """The conversation and all its messages, as `GET /api/conversations/{id}` shows them."""
+    conv = get_conversation(s, user_id, conversation_id)
+    return conversation_dict(conv, list_messages(s, user_id, conversation_id))
+
+
+def export_markdown(s: DBSession, user_id: int, conversation_id: str) -> str:
+    """The title, then a **User** / **Assistant** section per message, the reasoning folded in <details>."""
+    conv = get_conversation(s, user_id, conversation_id)
+    parts = [f"# {conv.title}"]
+    for msg in list_messages(s, user_id, conversation_id):
+        parts.append(f"**{msg.role.capitalize()}**")
+        if msg.reasoning:
+            took = f" ({msg.reasoning_seconds:.1f} s)" if msg.reasoning_seconds is not None else ""
+            reasoning = msg.reasoning.strip("\n")
+            parts.append(f"<details>\n<summary>Reasoning{took}</summary>\n\n{reasoning}\n\n</details>")
+        parts.append(msg.content.strip("\n") + ("" if msg.finished else "\n\n*(unfinished)*"))
+    return "\n\n".join(parts) + "\n"
+
+
+def _time(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")

@@ -1,0 +1,286 @@
+"""The web chat in a real browser (Debian's Chromium driven by Playwright) against a real `sputnik serve`."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from sputnik.serve.app import ServeConfig
+from live import ANSWER, THOUGHT, Live, free_port
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("SPUTNIK_REQUIRE_BROWSER") == "1":
+            pytest.fail("Debian's chromium is not installed (make test installs it)")
+        pytest.skip("chromium not installed")
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def chat_server(think_model, tmp_path_factory):
+    db = tmp_path_factory.mktemp("web") / "web.db"
+    cfg = ServeConfig(model=str(think_model), served_name="think", auth=False, database_url=f"sqlite:///{db}")
+    with Live(cfg) as live:
+        yield live.wait_ready()
+
+
+def new_page(browser, live, locale="en-US"):
+    context = browser.new_context(locale=locale, extra_http_headers={"Accept-Language": locale})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.accept()))
+    page.goto(live.url + "/")
+    page.errors, page.dialogs = errors, dialogs  # type: ignore[attr-defined]
+    return page
+
+
+def sign_up(page, email: str, password: str = "correct horse battery", name: str = "Tester") -> None:
+    page.click("#tab-signup")
+    page.fill("#signup-name", name)
+    page.fill("#signup-email", email)
+    page.fill("#signup-password", password)
+    page.click("#signup-submit")
+    page.wait_for_selector("#composer")
+
+
+def send(page, text: str) -> None:
+    page.fill("#composer", text)
+    page.press("#composer", "Enter")
+
+
+def last_answer(page):
+    return page.locator("article.msg.assistant").last
+
+
+def wait_answer(page, text: str, count: int | None = None) -> None:
+    page.wait_for_function(
+        """([text, count]) => {
+            const answers = document.querySelectorAll('article.msg.assistant');
+            const last = answers[answers.length - 1];
+            return last && last.querySelector('.content').textContent.trim() === text
+                && document.querySelector('#send') && !document.querySelector('#send').hidden
+                && (count === null || answers.length === count);
+        }""", arg=[text, count], timeout=30_000)
+
+
+def test_chat_thoughts_regenerate_edit_korean_ime_signout(browser, chat_server):
+    page = new_page(browser, chat_server)
+    assert page.get_attribute("html", "lang") == "en"
+    sign_up(page, "first@example.com")
+    send(page, "What is 2 + 2?")
+    wait_answer(page, ANSWER, 1)
+    answer = last_answer(page)
+    details = answer.locator(".reasoning")
+    # The thought streamed into the block, which then closed into "Thought for N seconds".
+    assert THOUGHT.strip() in answer.locator(".reasoning-body").text_content()
+    assert re.fullmatch(r"Thought for (1 second|\d+ seconds)", answer.locator(".reasoning summary").inner_text())
+    assert details.get_attribute("open") is None
+    assert page.locator("article.msg.user .content").first.inner_text() == "What is 2 + 2?"
+
+    # Regenerate replaces the answer; edit rewrites the question and answers it again.
+    with page.expect_response(lambda r: r.url.endswith("/messages") and r.request.method == "POST") as sent:
+        page.click(".regenerate")
+    assert sent.value.request.post_data_json["regenerate"] is True and sent.value.status == 200
+    wait_answer(page, ANSWER, 1)
+    page.locator("article.msg.user .edit").first.click()
+    page.fill(".edit-input", "Hi")
+    page.click(".edit-save")
+    page.wait_for_function("() => document.querySelector('article.msg.user .content').textContent.trim() === 'Hi'",
+                           timeout=30_000)
+    wait_answer(page, ANSWER, 1)
+    conv_id = page.locator(".conv-item.active").get_attribute("data-id")
+    saved = page.evaluate("id => fetch('/api/conversations/' + id).then(r => r.json())", conv_id)
+    assert [(m["role"], m["content"]) for m in saved["messages"]] == [("user", "Hi"), ("assistant", ANSWER)]
+    assert saved["messages"][1]["reasoning"].strip() == THOUGHT.strip() and saved["messages"][1]["finished"]
+
+    # Korean: the switch reloads the page in Korean, saved thoughts fold into "N초 동안 생각함".
+    page.select_option("#lang-switch", "ko")
+    page.wait_for_function("() => document.documentElement.lang === 'ko'")
+    page.wait_for_selector("article.msg.assistant .reasoning summary")
+    assert re.fullmatch(r"\d+초 동안 생각함", page.locator(".reasoning summary").first.inner_text())
+
+    # IME: Enter while a Hangul composition is open never sends; after it is committed, Enter sends.
+    page.click("#new-chat")
+    page.click("#composer")
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Input.imeSetComposition", {"text": "안녕하세", "selectionStart": 4, "selectionEnd": 4})
+    page.keyboard.press("Enter")
+    time.sleep(0.5)
+    assert page.locator("article.msg.user").count() == 0
+    cdp.send("Input.insertText", {"text": "안녕하세요"})
+    # A real IME consumes the Enter that ends a composition; the synthetic one above may leave a newline.
+    assert page.input_value("#composer").rstrip("\n") == "안녕하세요"
+    page.press("#composer", "Enter")
+    wait_answer(page, ANSWER, 1)
+    assert page.locator("article.msg.user .content").first.inner_text().strip() == "안녕하세요"
+
+    page.click("#signout")
+    page.wait_for_selector("#signin-email")
+    assert page.evaluate("() => fetch('/api/me').then(r => r.json())")["user"] is None
+    assert not page.errors and not page.dialogs
+
+
+def test_first_html_follows_accept_language(chat_server):
+    ko = httpx.get(chat_server.url + "/", headers={"Accept-Language": "ko-KR,ko;q=0.9,en;q=0.8"})
+    en = httpx.get(chat_server.url + "/", headers={"Accept-Language": "en-GB,en;q=0.9,ko;q=0.3"})
+    assert '<html lang="ko">' in ko.text and "생각" in ko.text
+    assert '<html lang="en">' in en.text and "Thought for" in en.text
+    assert "script-src 'self'" in ko.headers["content-security-policy"]
+    assert httpx.get(chat_server.url + "/", cookies={"sputnik_lang": "ko"}).text.count('lang="ko"') == 1
+    assert httpx.get(chat_server.url + "/static/vendor/katex/katex.min.js").status_code == 200
+
+
+def test_xss_in_user_text_and_model_output_is_inert(browser, chat_server):
+    from sputnik.web import store
+
+    page = new_page(browser, chat_server)
+    sign_up(page, "xss@example.com")
+    payload = '<img src=x onerror="alert(1)"><script>alert(2)</script>[link](javascript:alert(3))'
+    send(page, payload)
+    wait_answer(page, ANSWER, 1)
+    conv_id = page.locator(".conv-item.active").get_attribute("data-id")
+    user_id = page.evaluate("() => fetch('/api/me').then(r => r.json())")["user"]["id"]
+    with chat_server.app.state.db.session() as s:  # a model that answers with markup of its own
+        store.add_message(s, user_id, conv_id, "assistant", payload + ' <a href="javascript:alert(4)">x</a>'
+                          ' <svg onload="alert(5)"></svg> $x^2$', reasoning="<img src=y onerror=alert(6)>")
+    page.reload()
+    page.wait_for_selector("article.msg.assistant >> nth=1")
+    time.sleep(0.5)
+    listing = page.locator("#message-list")
+    # Markup may survive as inert elements (an empty <svg>), but no script and no event handler does.
+    found = listing.evaluate("root => [...root.querySelectorAll('*')].filter(e => e.tagName === 'SCRIPT'"
+                             " || [...e.attributes].some(a => a.name.startsWith('on'))).map(e => e.outerHTML)")
+    assert found == []
+    assert listing.locator("a[href^='javascript']").count() == 0
+    assert page.locator(".katex").count() >= 1  # LaTeX still renders
+    assert "<script>" in page.locator("article.msg.user .content").first.inner_text()  # shown, not run
+    assert not page.dialogs
+
+
+def test_one_user_cannot_reach_another_users_conversation(browser, chat_server):
+    owner = new_page(browser, chat_server)
+    sign_up(owner, "owner@example.com")
+    send(owner, "my secret plan")
+    wait_answer(owner, ANSWER, 1)
+    secret_id = owner.locator(".conv-item.active").get_attribute("data-id")
+    other = new_page(browser, chat_server)
+    sign_up(other, "other@example.com")
+    other.goto(f"{chat_server.url}/#/c/{secret_id}")
+    time.sleep(1)
+    assert "my secret plan" not in other.content()
+    status = other.evaluate("id => fetch('/api/conversations/' + id).then(r => r.status)", secret_id)
+    assert status == 404
+    assert other.locator(".conv-item").count() == 0
+
+
+def test_stop_cancels_the_answer_on_the_server(browser, default_gguf, tmp_path):
+    cfg = ServeConfig(model=str(default_gguf), served_name="smol", auth=False, database_url=f"sqlite:///{tmp_path}/w.db")
+    with Live(cfg) as live:
+        live.wait_ready()
+        page = new_page(browser, live)
+        sign_up(page, "stopper@example.com")
+        page.fill("#settings-max-tokens", "2000") if page.locator("#settings-max-tokens").is_visible() else None
+        send(page, "Write a very long story about a dragon who learns to count.")
+        page.wait_for_function("() => { const c = document.querySelector('article.msg.assistant .content');"
+                               " return c && c.textContent.length > 20; }", timeout=60_000)
+        page.click("#stop")
+        page.wait_for_selector("#send", state="visible", timeout=10_000)
+        deadline = time.monotonic() + 10
+        while live.metrics()["sputnik_kv_cache_rows_used"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert live.metrics()["sputnik_kv_cache_rows_used"] == 0  # the server stopped generating
+        text = last_answer(page).locator(".content").inner_text()
+        time.sleep(1)
+        assert last_answer(page).locator(".content").inner_text() == text
+        conv_id = page.locator(".conv-item.active").get_attribute("data-id")
+        saved = page.evaluate("id => fetch('/api/conversations/' + id).then(r => r.json())", conv_id)
+        assert saved["messages"][-1]["content"].strip() and not saved["messages"][-1]["finished"]
+
+
+def test_a_restart_mid_answer_keeps_the_question_and_the_partial_answer(default_gguf, tmp_path):
+    db = f"sqlite:///{tmp_path}/restart.db"
+
+    def start(port):
+        return subprocess.Popen([sys.executable, "-m", "sputnik.cli", "serve", "--model", str(default_gguf),
+                                 "--port", str(port), "--no-auth", "--database-url", db, "--log-level", "warning"])
+
+    def ready(url, proc):
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    return
+            except httpx.ConnectError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start(port)
+    try:
+        ready(url, proc)
+        client = httpx.Client(base_url=url)
+        client.get("/api/me")
+        csrf = client.cookies["sputnik_csrf"]
+        client.post("/api/auth/signup", json={"email": "r@example.com", "password": "long enough pw"},
+                    headers={"X-CSRF-Token": csrf}).raise_for_status()
+        csrf = client.get("/api/me").json()["csrf"]
+        conv = client.post("/api/conversations", json={}, headers={"X-CSRF-Token": csrf}).json()["id"]
+        body = {"content": "Tell me a long story about the sea.", "max_tokens": 2000, "temperature": 0.7}
+        got = ""
+        with client.stream("POST", f"/api/conversations/{conv}/messages", json=body,
+                            headers={"X-CSRF-Token": csrf}, timeout=60) as r:
+            started = time.monotonic()
+            for line in r.iter_lines():
+                if line.startswith("data: ") and '"content"' in line:
+                    got += line
+                if time.monotonic() - started > 2.5:
+                    break
+            os.kill(proc.pid, signal.SIGKILL)  # the server dies mid-answer
+        proc.wait(timeout=10)
+        assert got
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start(port)
+    try:
+        ready(url, proc)
+        client = httpx.Client(base_url=url)
+        client.get("/api/me")
+        csrf = client.cookies["sputnik_csrf"]
+        client.post("/api/auth/signin", json={"email": "r@example.com", "password": "long enough pw"},
+                    headers={"X-CSRF-Token": csrf}).raise_for_status()
+        messages = client.get(f"/api/conversations/{conv}").json()["messages"]
+        assert messages[0]["role"] == "user" and messages[0]["content"] == body["content"]
+        assert messages[1]["role"] == "assistant" and messages[1]["content"] and not messages[1]["finished"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
