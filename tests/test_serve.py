@@ -10,13 +10,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import openai
 import pytest
 
 from live import ANSWER, REPLY, THOUGHT, Live, free_port
 from sputnik.serve.app import ServeConfig
 from sputnik.serve.keys import KeyStore
 
-openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +285,7 @@ def test_upstream_backend_serves_the_same_api(think_server):
 
 
 def test_schemathesis_finds_no_server_errors(think_server):
-    schemathesis = pytest.importorskip("schemathesis")
+    import schemathesis
     from hypothesis import HealthCheck, settings
 
     from hypothesis import given
