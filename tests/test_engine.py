@@ -273,3 +273,10 @@ def test_top_logprobs_are_sorted_and_hold_the_greedy_choice():
     for tok, lp, top in zip(c.token_ids, c.logprobs, c.top_logprobs):
         assert len(top) == 3 and top[0][0] == tok and math.isclose(top[0][1], lp, abs_tol=1e-6)
         assert top[0][1] >= top[1][1] >= top[2][1]
+
+
+def test_a_vanishing_temperature_is_greedy_not_nan():
+    eng = Engine(tiny())
+    greedy = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=8, temperature=0))[0][0]
+    tiny_t = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=8, temperature=5e-324, seed=1))[0][0]
+    assert tiny_t.token_ids == greedy.token_ids and all(math.isfinite(lp) for lp in tiny_t.logprobs)

@@ -10,6 +10,7 @@ from torch import Tensor
 # Top-p first looks among this many most likely tokens and sorts the whole vocabulary only when they hold too
 # little mass: a full sort of 32 x 49k logits costs more than the rest of a small model's decoding step.
 TOP_P_CANDIDATES = 1024
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
 
 
 @dataclass
@@ -53,7 +54,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below this, logits / temperature overflow to inf and the softmax to NaN: it is greedy in all but name.
+        return self.temperature < GREEDY_BELOW
 
 
 class Sampler:
@@ -68,7 +70,7 @@ class Sampler:
             g.manual_seed(s if s is not None else int(torch.randint(0, 2**62, (1,)).item()))
             self.generators.append(g)
         f = lambda xs: torch.tensor(xs, dtype=torch.float32, device=device)[:, None]  # noqa: E731
-        self.temperature = f([p.temperature if p.temperature > 0 else 1.0 for p in params])
+        self.temperature = f([1.0 if p.greedy else p.temperature for p in params])
         self.greedy = torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device)
         self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
         self.top_p = f([p.top_p for p in params])

@@ -123,9 +123,14 @@ class EngineBackend:
 
     def _entry(self, token_id: int, logprob: float, top) -> dict:
         tok = self.tokenizer.decode([token_id]) if self.tokenizer else str(token_id)
-        return {"token": tok, "logprob": logprob, "bytes": list(tok.encode()),
-                "top_logprobs": [{"token": (t := self.tokenizer.decode([i])), "logprob": lp, "bytes": list(t.encode())}
-                                 for i, lp in (top or [])]}
+        return {"token": tok, "logprob": _finite(logprob), "bytes": list(tok.encode()),
+                "top_logprobs": [{"token": (t := self.tokenizer.decode([i])), "logprob": _finite(lp),
+                                  "bytes": list(t.encode())} for i, lp in (top or [])]}
+
+
+def _finite(logprob: float) -> float:
+    # JSON has no -inf: OpenAI reports impossible tokens as -9999.
+    return logprob if logprob > -9999.0 else -9999.0
 
 
 class UpstreamBackend:
