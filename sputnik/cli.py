@@ -229,6 +229,58 @@ def cmd_train_grpo(args) -> int:
     return 0
 
 
+def cmd_train_tokenizer(args) -> int:
+    from sputnik.train.recipe import build
+    from sputnik.train.tokenizer import TokenizerConfig, print_report, run
+
+    values = {k: v for k, v in vars(args).items() if v is not None}
+    result = run([Path(f) for f in args.files], Path(args.out), build(TokenizerConfig, values))
+    print_report(result["chars_per_token"])
+    print(f"tokenizer saved to {args.out} (report.json beside it)")
+    return 0
+
+
+def cmd_train_pretrain(args) -> int:
+    from sputnik.tokenizer import Tokenizer
+    from sputnik.train.loop import TrainConfig
+    from sputnik.train.pretrain import ModelShape, PretrainConfig, nano_config, shards_from_text, train_pretrain
+    from sputnik.train.recipe import load_recipe, settings
+
+    recipe = load_recipe(args.config) if args.config else {}
+    shape, pre, train = settings(args, recipe, ModelShape, PretrainConfig, TrainConfig)
+    if not shape.tokenizer:
+        raise ValueError("pretraining needs --tokenizer (a folder from `sputnik train tokenizer`, or a model)")
+    from sputnik.checkpoint.registry import resolve
+
+    tok = Tokenizer.load(resolve(shape.tokenizer))
+    text = args.text or []
+    if not pre.data:
+        if not text:
+            raise ValueError("give --data (a token shard folder) or --text FILE... to tokenize")
+        pre.data = shards_from_text(list(text), tok, Path(train.out_dir) / "data")
+    cfg = nano_config(tok.vocab_size, shape.arch, shape.dim, shape.n_layers, shape.n_heads, shape.max_seq_len,
+                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    s = train_pretrain(cfg, pre, train, tokenizer=tok)
+    print(f"pretrained {s['params'] / 1e6:.2f}M parameters ({s['active_params'] / 1e6:.2f}M active): loss "
+          f"{s['loss']:.3f}, {s['tokens_per_s']:.0f} tokens/s, MFU {s['mfu']:.2f}; HF folder {s['checkpoint']}")
+    return 0
+
+
+def cmd_train_sft(args) -> int:
+    from sputnik.checkpoint import load_pretrained
+    from sputnik.train.loop import TrainConfig
+    from sputnik.train.recipe import load_recipe, settings
+    from sputnik.train.sft import SFTConfig, train_sft
+
+    recipe = load_recipe(args.config) if args.config else {}
+    sft, train = settings(args, recipe, SFTConfig, TrainConfig)
+    model, tok = load_pretrained(args.model or recipe.get("model") or DEFAULT_MODEL)
+    s = train_sft(model, tok, sft, train)
+    print(f"SFT: loss {s['loss_first']:.3f} -> {s['loss_last']:.3f} over {s['steps']} steps "
+          f"({s['rows']} packed rows, {s['truncated']} truncated); {train.out_dir}/summary.json")
+    return 0
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -336,6 +388,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_flags(g, GRPOConfig, TrainConfig)
     g.set_defaults(func=cmd_train_grpo)
+
+    from sputnik.train.pretrain import ModelShape, PretrainConfig
+    from sputnik.train.sft import SFTConfig
+    from sputnik.train.tokenizer import TokenizerConfig
+
+    g = stages.add_parser("tokenizer", help="train a byte-level BPE tokenizer (Hangul kept whole, R1 specials)")
+    g.add_argument("files", nargs="+", help="text or JSONL files")
+    g.add_argument("--out", "-o", required=True, help="folder to write the tokenizer and report.json to")
+    add_flags(g, TokenizerConfig)
+    g.set_defaults(func=cmd_train_tokenizer)
+
+    g = stages.add_parser("pretrain", help="pretrain a small DeepSeek-V3-style (MLA + MoE + MTP) or dense model",
+                          description="Settings come from --config (a flat YAML recipe), then from the flags below.")
+    g.add_argument("--config", "-c", default=None)
+    g.add_argument("--text", nargs="+", default=None, help="text/JSONL files to tokenize into shards (or --data)")
+    add_flags(g, ModelShape, PretrainConfig, TrainConfig)
+    g.set_defaults(func=cmd_train_pretrain)
+
+    g = stages.add_parser("sft", help="supervised fine-tuning on chat JSONL (loss on assistant tokens, packed)",
+                          description="Settings come from --config (a flat YAML recipe), then from the flags below.")
+    g.add_argument("--model", "-m", default=None, help=f"model to train (default: the recipe's, else {DEFAULT_MODEL})")
+    g.add_argument("--config", "-c", default=None)
+    add_flags(g, SFTConfig, TrainConfig)
+    g.set_defaults(func=cmd_train_sft)
 
     p = sub.add_parser("serve", help="a DeepSeek/OpenAI-compatible API server with continuous batching")
     _add_model_args(p)

@@ -293,6 +293,8 @@ class Gate(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [N, dim] -> (expert ids [N, k], weights [N, k] in fp32)."""
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        # Training keeps the scores (with their graph) and the choices for the sequence-wise balance loss.
+        self.scores = scores if self.training else None
         choice = scores + self.e_score_correction_bias.float()
         if self.n_group > 1:
             grouped = choice.view(x.shape[0], self.n_group, -1)
@@ -302,6 +304,7 @@ class Gate(nn.Module):
             # -inf, not 0: a negative bias must never let a dropped group win.
             choice = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
         idx = choice.topk(self.top_k, -1).indices
+        self.chosen = idx if self.training else None
         weights = scores.gather(1, idx)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
@@ -378,9 +381,12 @@ class MTPLayer(Block):
         self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h: Tensor, emb: Tensor, cos, sin, mask, causal) -> Tensor:  # type: ignore[override]
+    def forward(self, h: Tensor, emb: Tensor, cos, sin, mask, causal) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        """(the next depth's states, their shared_head norm for the output head): both inside this module's call, so
+        a sharded (FSDP) module gathers its weights once."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], -1))
-        return super().forward(x, cos, sin, mask, causal)
+        h = super().forward(x, cos, sin, mask, causal)
+        return h, self.shared_head.norm(h)
 
 
 class Decoder(nn.Module):
@@ -413,6 +419,17 @@ def build_mask(
     return mask[:, None], False
 
 
+def build_doc_mask(doc_ids: Tensor, key_valid: Tensor | None = None) -> Tensor:
+    """Block-diagonal causal mask [B, 1, T, T] (True = attend) for packed rows: a query sees the earlier keys of its
+    own document only. key_valid [B, T] (False = padding) also hides pad keys; each query still sees itself."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    mask = causal[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    if key_valid is not None:
+        mask = (mask & key_valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=doc_ids.device)[None]
+    return mask[:, None]
+
+
 class Transformer(nn.Module):
     """Decoder-only LM for every family: forward(tokens, positions, cache) -> logits."""
 
@@ -441,18 +458,25 @@ class Transformer(nn.Module):
         positions: Tensor | None = None,
         cache: KVCache | None = None,
         attn_mask: Tensor | None = None,
+        doc_ids: Tensor | None = None,
     ) -> Tensor:
         """Last block's output [B, T, dim], before the final norm.
 
         attn_mask [B, T] marks real tokens (False = padding, never attended to). With a KVCache the tokens are written
         at slots cache.length.. and may attend to everything cached before them; a SlotCache (one token per row, each
-        row at its own length) needs explicit positions.
+        row at its own length) needs explicit positions. doc_ids [B, T] (packed rows, no cache) keeps attention
+        causal within each document id; pass positions that restart at 0 per document with it.
         """
         B, T = tokens.shape
         if positions is None:
             start = 0 if cache is None else cache.length
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        if cache is not None:
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("doc_ids is for packed training rows, not for decoding with a cache")
+            key_valid = None if attn_mask is None else attn_mask.bool()
+            mask, causal = build_doc_mask(doc_ids.to(tokens.device), key_valid), False
+        elif cache is not None:
             mask, causal = cache.prepare(T, attn_mask)
         else:
             key_valid = attn_mask if attn_mask is not None and not bool(attn_mask.all()) else None
@@ -472,14 +496,21 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         attn_mask: Tensor | None = None,
         last_only: bool = False,
-    ) -> Tensor:
-        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only: prefill needs only the next token's)."""
-        h = self.hidden(tokens, positions, cache, attn_mask)
+        doc_ids: Tensor | None = None,
+        mtp: bool = False,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only: prefill needs only the next token's).
+
+        With mtp (training), also each MTP depth's logits (see mtp_logits), computed inside this call so that a
+        sharded (FSDP) model gathers its embedding and head once for both."""
+        h = self.hidden(tokens, positions, cache, attn_mask, doc_ids=doc_ids)
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(self.model.norm(h))
+        logits = self.lm_head(self.model.norm(h))
+        return (logits, self.mtp_logits(h, tokens, positions, doc_ids)) if mtp else logits
 
-    def mtp_logits(self, h: Tensor, tokens: Tensor, positions: Tensor | None = None) -> list[Tensor]:
+    def mtp_logits(self, h: Tensor, tokens: Tensor, positions: Tensor | None = None,
+                   doc_ids: Tensor | None = None) -> list[Tensor]:
         """Logits of each MTP depth k (training only, no cache): row i of depth k predicts token i + k + 1.
 
         h is hidden() of `tokens`; depth k combines depth k-1's states with the embedding of token i + k,
@@ -493,6 +524,8 @@ class Transformer(nn.Module):
                 break
             pos = positions[:, :n] if positions is not None else torch.arange(n, device=tokens.device).expand(B, n)
             cos, sin = self.rotary(pos)
-            h = layer(h[:, :n], self.model.embed_tokens(tokens[:, k : k + n]), cos, sin, None, True)
-            out.append(self.lm_head(layer.shared_head.norm(h)))
+            # Row i belongs to the document of h_i: packed rows keep their block-diagonal mask here too.
+            mask = build_doc_mask(doc_ids[:, :n]) if doc_ids is not None else None
+            h, normed = layer(h[:, :n], self.model.embed_tokens(tokens[:, k : k + n]), cos, sin, mask, mask is None)
+            out.append(self.lm_head(normed))
         return out

@@ -319,6 +319,8 @@ class Trainer:
             self._sync_grads()
             norms.append(self._clip())
             self.optimizer.step()
+            if hasattr(self.objective, "after_update"):  # e.g. pretraining's router bias update
+                self.objective.after_update(self.model)
             self.updates += 1
             lrs.append(lr)
 
