@@ -281,6 +281,31 @@ def cmd_train_sft(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from sputnik.train.distill import DistillConfig, distill
+    from sputnik.train.loop import TrainConfig
+    from sputnik.train.recipe import load_recipe, settings
+    from sputnik.train.sft import SFTConfig
+
+    recipe = load_recipe(args.config) if args.config else {}
+    student = args.student or recipe.pop("student", None) or recipe.pop("model", None) or DEFAULT_MODEL
+    mode = args.mode or recipe.pop("mode", None) or "sft"
+    cfg, sft, train = settings(args, recipe, DistillConfig, SFTConfig, TrainConfig)
+    s = distill(cfg, student, sft, train, mode=mode)
+    a = s["acceptance"]
+    print(f"distill ({mode}): {a['accepted']}/{a['traces']} traces accepted; "
+          f"loss {s['loss_first']:.4g} -> {s['final_loss']:.4g}; {train.out_dir}/summary.json")
+    return 0
+
+
+def cmd_nano_r1(args) -> int:
+    from sputnik.train.nano_r1 import NanoR1Config, run
+    from sputnik.train.recipe import build
+
+    run(build(NanoR1Config, {k: v for k, v in vars(args).items() if v is not None}))
+    return 0
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -412,6 +437,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", "-c", default=None)
     add_flags(g, SFTConfig, TrainConfig)
     g.set_defaults(func=cmd_train_sft)
+
+    from sputnik.train.distill import DistillConfig
+    from sputnik.train.nano_r1 import NanoR1Config
+
+    p = sub.add_parser("distill", help="R1 distillation: teacher traces, rejection sampling, then SFT or logit KL",
+                       description="Settings come from --config (a flat YAML recipe), then from the flags below.")
+    p.add_argument("--student", "-s", default=None, help=f"model to train (default: {DEFAULT_MODEL})")
+    p.add_argument("--mode", choices=["sft", "kl"], default=None,
+                   help="sft: learn the accepted traces' text; kl: match the teacher's logits (same tokenizer)")
+    p.add_argument("--config", "-c", default=None)
+    add_flags(p, DistillConfig, SFTConfig, TrainConfig)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("nano-r1", help="the whole R1 recipe from nothing on a CPU: tokenizer, pretrain, SFT, GRPO")
+    add_flags(p, NanoR1Config)
+    p.set_defaults(func=cmd_nano_r1)
 
     p = sub.add_parser("serve", help="a DeepSeek/OpenAI-compatible API server with continuous batching")
     _add_model_args(p)
