@@ -7,7 +7,7 @@ PIP := $(PY) -m pip -q --disable-pip-version-check
 TORCH_CPU ?= torch==2.13.0
 MODEL ?= smollm2-135m-instruct
 
-.PHONY: setup model demo test test-deps bench r1-zero clean
+.PHONY: setup model demo test test-deps bench r1-zero nano-r1 clean
 
 # The web chat's front-end libraries (marked, DOMPurify, highlight.js, KaTeX) come from the npm registry at
 # install time, pinned by web/package-lock.json, and are served from the package: never from a CDN.
@@ -64,6 +64,14 @@ r1-zero: model
 	mkdir -p docs
 	cp runs/r1-zero-smollm2-addition/summary.json docs/r1-zero.json
 	cp runs/r1-zero-smollm2-addition/metrics.png docs/r1-zero.png
+
+# The whole R1 recipe from nothing on a CPU: tokenizer -> pretrain (MLA + MoE + MTP) -> cold-start SFT -> GRPO ->
+# pass@1 of SFT and GRPO on held-out problems; docs/nano-r1.json and the stages' plots.
+nano-r1: setup
+	$(VENV)/bin/sputnik nano-r1 --out-dir runs/nano-r1
+	mkdir -p docs
+	cp runs/nano-r1/nano-r1.json docs/nano-r1.json
+	for s in pretrain sft grpo; do cp runs/nano-r1/$$s.png docs/nano-r1-$$s.png; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache web/node_modules sputnik/web/static/vendor

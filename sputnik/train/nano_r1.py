@@ -25,17 +25,17 @@ class NanoR1Config:
     out_dir: str = "runs/nano-r1"
     task: str = "arithmetic"  # 2-digit addition, the R1-Zero demo task
     seed: int = 0
-    corpus_problems: int = 20000  # train-split problems written as pretraining text
+    corpus_problems: int = 3000  # train-split problems written as pretraining text (three documents each)
     vocab_size: int = 512
     dim: int = 128
     n_layers: int = 4
     n_heads: int = 4
-    pretrain_steps: int = 300
+    pretrain_steps: int = 1000
     pretrain_lr: float = 3e-3
     sft_problems: int = 400
-    sft_steps: int = 40
+    sft_steps: int = 30
     sft_lr: float = 1e-3
-    grpo_steps: int = 40
+    grpo_steps: int = 100
     grpo_lr: float = 2e-4
     eval_n: int = 200
     eval_k: int = 4
@@ -65,17 +65,15 @@ def trace(p: Problem) -> tuple[str, str]:
 
 
 def corpus(problems: list[Problem], rng: random.Random) -> list[str]:
-    """Pretraining documents: the questions, equations and worked columns of train-split problems."""
+    """Pretraining documents: each train-split problem as a question with its sum, its worked columns, and a bare
+    equation (held-out problems never appear)."""
     docs = []
     for p in problems:
         reasoning, answer = trace(p)
-        kind = rng.random()
-        if kind < 0.4:
-            docs.append(f"{p.prompt} {p.meta['a']} + {p.meta['b']} = {p.answer}.")
-        elif kind < 0.7:
-            docs.append(f"{p.prompt}\n{reasoning}\nThe answer is {answer}.")
-        else:
-            docs.append(f"{p.meta['a']} + {p.meta['b']} = {p.answer}")
+        docs += [f"{p.prompt} {p.meta['a']} + {p.meta['b']} = {p.answer}.",
+                 f"{p.prompt}\n{reasoning}\nThe answer is {answer}.",
+                 f"{p.meta['a']} + {p.meta['b']} = {p.answer}"]
+    rng.shuffle(docs)
     return docs
 
 
@@ -172,6 +170,9 @@ def run(cfg: NanoR1Config) -> dict:
                "task": cfg.task, "params": pre["params"], "active_params": pre["active_params"],
                "pretrain_mfu": pre["mfu"], "grpo_reward": grpo.get("after", {}), "config": asdict(cfg)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    figure = {"sft": results["sft"], "grpo": results["grpo"], "minutes": summary["minutes"], "task": cfg.task,
+              "eval_problems": cfg.eval_n, "k": cfg.eval_k}
+    (out / "nano-r1.json").write_text(json.dumps(figure, indent=2) + "\n")
     print(f"[nano-r1] pass@1 on {cfg.eval_n} held-out problems: SFT {results['sft'].get('pass@1', 0):.3f} -> "
           f"GRPO {results['grpo'].get('pass@1', 0):.3f} in {summary['minutes']:.1f} min; {out}/summary.json")
     return summary
