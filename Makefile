@@ -57,6 +57,7 @@ bench: model
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/grpo_step.py
 	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/train_mfu.py
 
 # R1-Zero on a CPU: GRPO on 2-digit addition, greedy accuracy on 200 held-out problems before and after.
 r1-zero: model

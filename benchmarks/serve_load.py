@@ -125,9 +125,9 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=30)
 
-    try:
-        import llama_cpp.server  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llama_cpp.server") is None:
         print("llama.cpp: llama-cpp-python[server] not installed (pip install -e '.[bench]'); column skipped")
     else:
         port = free_port()
