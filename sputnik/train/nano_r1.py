@@ -146,7 +146,7 @@ def run(cfg: NanoR1Config) -> dict:
     grpo = train_grpo(str(sft_ckpt), GRPOConfig(task=cfg.task, template="chat", prompts_per_step=8,
                                                  num_generations=8, max_completion_length=96, temperature=1.0,
                                                  loss_type="dapo", epsilon_high=0.28,
-                                                 rewards={"accuracy": 1.0, "format": 0.5}, micro_batch_size=32,
+                                                 rewards={"accuracy": 1.0, "format": 0.1}, micro_batch_size=32,
                                                  eval_every=0, eval_n=0),
                       TrainConfig(out_dir=str(out / "grpo"), max_steps=cfg.grpo_steps, lr=cfg.grpo_lr,
                                   warmup_steps=3, seed=cfg.seed, plot_every=10))
