@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--spread", type=float, default=4.0, help="seconds over which a level's streams arrive")
+    ap.add_argument("--dtype", default="float32", help="sputnik's weights: float32 or bfloat16 (fast on AMX CPUs)")
     args = ap.parse_args()
     gguf = resolve(args.model)
     results: dict[str, dict] = {}
@@ -117,9 +118,9 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     proc = start([sys.executable, "-m", "sputnik.cli", "serve", "--model", args.model, "--served-name", "m",
                   "--port", str(port), "--no-auth", "--rate-limit", "0", "--max-batch", str(max(args.levels)),
-                  "--max-queue", "1000", "--log-level", "warning"], url)
+                  "--max-queue", "1000", "--log-level", "warning", "--dtype", args.dtype, "--no-web"], url)
     try:
-        print("sputnik serve")
+        print(f"sputnik serve ({args.dtype})")
         results["sputnik"] = measure(url, "m", args.levels, args.new_tokens, args.spread)
     finally:
         proc.terminate()
@@ -148,7 +149,7 @@ def main() -> None:
             print(f"{name:<10} {n:>7} {r['agg_tok_s']:8.1f} {r['ttft_p50_s']:9.3f} {r['ttft_p95_s']:9.3f} "
                   f"{r['itl_ms']:7.1f}")
     figures = {"machine": platform.processor() or platform.machine(), "new_tokens": args.new_tokens,
-               "spread_s": args.spread}
+               "spread_s": args.spread, "dtype": args.dtype}
     for name, rows in results.items():
         tag = "" if name == "sputnik" else "llamacpp_"
         for n, r in rows.items():
