@@ -78,10 +78,15 @@ class EngineBackend:
                 self._reset()
 
     def _dispatch(self, deltas) -> None:
+        # One wake-up of each event loop per engine phase, not one per token: at 16 streams that is 16× fewer
+        # cross-thread calls competing with the engine for the GIL.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
         for d in deltas:
             target = self._queues.get(d.prompt)
             if target is not None:
-                target[0].call_soon_threadsafe(target[1].put_nowait, d)
+                by_loop.setdefault(target[0], []).append((target[1], d))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, items)
 
     def _reset(self) -> None:
         for key in list(self._queues):
@@ -131,6 +136,11 @@ class EngineBackend:
 def _finite(logprob: float) -> float:
     # JSON has no -inf: OpenAI reports impossible tokens as -9999.
     return logprob if logprob > -9999.0 else -9999.0
+
+
+def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 class UpstreamBackend:
