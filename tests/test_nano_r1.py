@@ -1,0 +1,26 @@
+"""The nano R1 pipeline wired end to end at toy size (the real run is `make nano-r1`)."""
+
+import json
+
+from sputnik.tasks import get_task
+from sputnik.train.nano_r1 import NanoR1Config, run, trace
+
+
+def test_traces_add_column_by_column():
+    for p in get_task("arithmetic:digits=3").problems("train", 50):
+        reasoning, answer = trace(p)
+        assert answer == f"\\boxed{{{p.answer}}}" and reasoning.endswith(f"= {p.answer}.")
+        assert reasoning.startswith(f"{p.meta['a']} + {p.meta['b']}.")
+
+
+def test_pipeline_runs_every_stage(tmp_path):
+    cfg = NanoR1Config(out_dir=str(tmp_path / "nano"), corpus_problems=300, vocab_size=300, dim=32, n_layers=2,
+                       pretrain_steps=3, sft_problems=16, sft_steps=2, grpo_steps=1, eval_n=8, eval_k=1)
+    summary = run(cfg)
+    figure = json.loads((tmp_path / "nano" / "nano-r1.json").read_text())
+    assert set(figure) >= {"sft", "grpo", "minutes"} and figure["minutes"] > 0
+    assert 0 <= figure["sft"]["pass@1"] <= 1 and 0 <= figure["grpo"]["pass@1"] <= 1
+    assert summary["stage_minutes"].keys() == {"tokenizer", "pretrain", "sft", "grpo", "eval"}
+    for stage in ("pretrain", "sft", "grpo"):
+        assert (tmp_path / "nano" / f"{stage}.png").is_file()
+    assert (tmp_path / "nano" / "pretrain" / "expert_load.png").is_file()
