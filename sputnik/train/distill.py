@@ -31,7 +31,7 @@ from sputnik.engine import Engine, SamplingParams
 from sputnik.eval.run import EvalConfig, prompt_ids
 from sputnik.rewards import SCRIPTS, format_reward, language_reward
 from sputnik.tasks import TEMPLATES, Problem, Task, get_task
-from sputnik.train.loop import TrainConfig, Trainer, barrier, init_distributed
+from sputnik.train.loop import TrainConfig, barrier, init_distributed
 from sputnik.train.sft import IGNORE, SFTConfig, SFTObjective, fold_reasoning, train_sft
 
 MODES = ("sft", "kl")
@@ -374,40 +374,15 @@ class KLDistillObjective(SFTObjective):
         return {**super().state_dict(), "temperature": self.temperature}
 
 
-def _metrics_rows(out_dir: Path) -> list[dict]:
-    path = out_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def train_kl(student: nn.Module, teacher: nn.Module, tokenizer, cfg: SFTConfig, train: TrainConfig,
              temperature: float = 1.0, teacher_tokenizer=None) -> dict[str, Any]:
-    """Distil the teacher's distributions on cfg.data into the student with the shared loop (resuming from out_dir).
+    """Distil the teacher's distributions on cfg.data into the student: train_sft's run with the KL objective.
 
     Writes out_dir/metrics.jsonl, checkpoints/ and summary.json as train_sft does; returns the summary."""
-    start = time.perf_counter()
-    rank, world = init_distributed()
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {world} processes")
-    objective = KLDistillObjective(student, teacher, tokenizer, cfg, temperature, teacher_tokenizer)
-    if cfg.epochs > 0:
-        train = replace(train, max_steps=objective.steps_for(cfg.epochs))
-    trainer = Trainer(student, train, objective, tokenizer=tokenizer)
-    resumed = trainer.resume()
-    trainer.run()
-    out = Path(train.out_dir)
-    rows = _metrics_rows(out)
-    losses = [r["loss"] for r in rows if "loss" in r]
-    minutes = sum(r.get("seconds", 0.0) for r in rows if 0 < r.get("step", 0) <= resumed) / 60
-    summary = {"data": cfg.data, **objective.stats, "steps": train.max_steps, "resumed_from": resumed,
-               "kl_temperature": temperature, "loss_first": losses[0] if losses else None,
-               "loss_last": losses[-1] if losses else None,
-               "minutes": round(minutes + (time.perf_counter() - start) / 60, 2)}
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return train_sft(student, tokenizer, cfg, train,
+                     objective_factory=lambda: KLDistillObjective(student, teacher, tokenizer, cfg, temperature,
+                                                                  teacher_tokenizer),
+                     extra={"kl_temperature": temperature})
 
 
 # ---------------------------------------------------------------- the stage

@@ -17,7 +17,7 @@ import time
 from array import array
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -338,15 +338,18 @@ class SFTObjective:
 # ---------------------------------------------------------------- the run
 
 
-def train_sft(model: nn.Module, tokenizer, cfg: SFTConfig, train: TrainConfig) -> dict[str, Any]:
+def train_sft(model: nn.Module, tokenizer, cfg: SFTConfig, train: TrainConfig,
+              objective_factory: Callable[[], SFTObjective] | None = None,
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune `model` on cfg.data with the shared loop (resuming from out_dir's checkpoints, if any).
 
+    objective_factory swaps the loss over the same rows (distillation's KL); extra joins the summary.
     Writes out_dir/metrics.jsonl, metrics.png, checkpoints/ and summary.json; returns the summary."""
     start = time.perf_counter()
     rank, world = init_distributed()  # before the objective, which takes its share of every step by rank
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {world} processes")
-    objective = SFTObjective(tokenizer, cfg)
+    objective = objective_factory() if objective_factory else SFTObjective(tokenizer, cfg)
     if cfg.epochs > 0:
         train = replace(train, max_steps=objective.steps_for(cfg.epochs))
     trainer = Trainer(model, train, objective, tokenizer=tokenizer)
@@ -361,7 +364,7 @@ def train_sft(model: nn.Module, tokenizer, cfg: SFTConfig, train: TrainConfig) -
     summary = {"data": cfg.data, **objective.stats, "steps": train.max_steps, "resumed_from": resumed,
                "epochs": train.max_steps * cfg.batch_size / len(objective.rows),
                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-               "minutes": round(minutes + (time.perf_counter() - start) / 60, 2)}
+               "minutes": round(minutes + (time.perf_counter() - start) / 60, 2), **(extra or {})}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
