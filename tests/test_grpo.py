@@ -179,26 +179,17 @@ def replayed(tmp: str, **overrides):
 
 
 def test_two_processes_equal_one(tmp_path):
-    import os
-    import socket
-    import subprocess
-    import sys
     import textwrap
     from pathlib import Path
 
     from sputnik.checkpoint import load_state
+    from torchrun import torchrun
 
     tests = Path(__file__).resolve().parent
     script = tmp_path / "grpo_dist.py"
     script.write_text(textwrap.dedent(DIST_SCRIPT.format(tests=str(tests), data=str(tmp_path),
                                                          out=str(tmp_path / "two"))))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(port), str(script)], cwd=tests.parent,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    torchrun(script)
     model, objective = replayed(str(tmp_path), prompts_per_step=8)  # both ranks' prompts in one process
     Trainer(model, TrainConfig(out_dir=str(tmp_path / "one"), max_steps=2, lr=3e-3, progress=False, plot_every=0),
             objective).run()

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from sputnik.checkpoint import load_state
+from torchrun import torchrun
 from sputnik.model import MoE, Transformer
 from sputnik.train.data import TokenShards, document_ids, document_positions, write_shards
 from sputnik.train.loop import TrainConfig, Trainer
@@ -174,13 +171,7 @@ def test_two_processes_equal_one(tmp_path, fsdp):
     tests = Path(__file__).resolve().parent
     script = tmp_path / "dist.py"
     script.write_text(textwrap.dedent(DIST.format(tests=str(tests), data=data, out=str(tmp_path / "two"), fsdp=fsdp)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(port), str(script)], cwd=tests.parent,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    torchrun(script)
     model = tiny("moe")
     objective = PretrainObjective(model, PretrainConfig(data=data, seq_len=16, batch_size=4, micro_batch=1),
                                   peak_flops=1e9)
