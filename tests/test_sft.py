@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sputnik.config import ModelConfig
 from sputnik.model import Transformer
 from sputnik.tokenizer import R1_CHAT_TEMPLATE, R1_EOS, R1_SPECIAL_TOKENS, Tokenizer
 from sputnik.train.loop import TrainConfig
 from sputnik.train.sft import (SFTConfig, SFTObjective, collate, load_chat_jsonl, pack, tokenize_chat,
                                train_sft)
+from test_engine import tiny as tiny_model  # 2 layers, weights large enough that masking mistakes show
 
 CHAT = [
     {"role": "user", "content": "What is 2+2?"},
@@ -20,23 +20,6 @@ CHAT = [
     {"role": "user", "content": "And 3+3?"},
     {"role": "assistant", "content": "<think>\nThree twice.\n</think>\n\nIt is 6."},
 ]
-
-
-def tiny_model(family: str, vocab: int) -> Transformer:
-    """A 2-layer model with weights large enough that masking mistakes show in the logits."""
-    extra = {}
-    if family == "deepseek_v3":
-        extra = dict(n_routed_experts=4, n_shared_experts=1, moe_inter_dim=8, n_activated_experts=2, n_group=2,
-                     topk_group=1, first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=None, qk_nope_head_dim=8,
-                     qk_rope_head_dim=4, v_head_dim=8)
-    cfg = ModelConfig(family=family, vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, inter_dim=48,
-                      max_seq_len=256, **extra)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.4)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
