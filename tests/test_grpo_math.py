@@ -17,7 +17,7 @@ from sputnik.train.grpo_math import (
     zero_std_fraction,
     zero_std_groups,
 )
-from sputnik.train.logprobs import completion_mask, token_logprobs
+from sputnik.train.logprobs import completion_mask, head_logprobs, token_logprobs
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
 
@@ -82,6 +82,39 @@ def test_temperature_divides_logits_before_log_softmax(model, tokens):
     torch.testing.assert_close(logp, manual, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent, manual_ent, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(logp, token_logprobs(model, tokens).detach(), atol=1e-3)
+
+
+def test_fused_backward_matches_autograd(model, tokens):
+    """The fused log-softmax backward gives autograd's gradients of log_softmax(logits / T)[target]."""
+    T = 0.8
+    weights = torch.randn(2, 11)  # an arbitrary upstream gradient, as a policy loss would give
+    logp = token_logprobs(model, tokens, temperature=T)
+    ours = torch.autograd.grad((logp * weights).sum(), list(model.parameters()))
+    logits = model(tokens)[:, :-1].float()
+    ref = torch.log_softmax(logits / T, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    theirs = torch.autograd.grad((ref * weights).sum(), list(model.parameters()))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_head_recomputes_in_backward_when_probs_do_not_fit(model, tokens):
+    """keep_bytes=0 recomputes each chunk's probabilities in backward: the same values and gradients; and under
+    bf16 autocast the head runs in bf16 and still gives fp32 gradients close to fp32's."""
+    params = list(model.parameters())
+    weights = torch.randn(22)
+
+    def run(keep_bytes):
+        h = model.hidden(tokens)[:, :-1].reshape(22, -1)
+        lp, ent = head_logprobs(model, h, tokens[:, 1:].reshape(-1), 0.9, chunk=5, keep_bytes=keep_bytes)
+        return lp, ent, torch.autograd.grad((lp * weights).sum(), params)
+
+    kept, recomputed = run(2**30), run(0)
+    for a, b in zip(kept[:2] + kept[2], recomputed[:2] + recomputed[2]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, _, grads = run(2**30)
+    assert lp.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    torch.testing.assert_close(lp, kept[0], atol=0.1, rtol=0.05)
 
 
 def test_chunked_equals_unchunked_with_gradients(model, tokens):

@@ -315,7 +315,7 @@ def masked_kl_sum(student: nn.Module, teacher: nn.Module, hs: Tensor, ht: Tensor
                   temperature: float = 1.0, chunk: int = 1024) -> Tensor:
     """Forward KL summed over the trained positions (targets != IGNORE), from both models' hidden states.
 
-    Like sft.masked_ce_sum: only those positions reach the heads, `chunk` at a time and recomputed in backward, so
+    Only those positions reach the heads, `chunk` at a time and recomputed in backward, so
     neither model's fp32 logits [tokens, vocab] exist at once (the checkpoint keeps hidden states, not logits)."""
     sel = targets != IGNORE
     hs_sel, ht_sel = hs[sel], ht[sel]

@@ -1,4 +1,4 @@
-"""Per-token log-probs and completion masks: the one place GRPO, distillation and eval get them from.
+"""Per-token log-probs and completion masks: the one place GRPO, SFT, distillation and eval get them from.
 
 Column t of `token_logprobs` is log p(tokens[t + 1] | tokens[:t + 1]), so for a prompt of length P the completion
 tokens tokens[P:] are scored by columns P - 1 onwards.
@@ -7,8 +7,8 @@ tokens tokens[P:] are scored by columns P - 1 onwards.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from sputnik.model import Transformer
 
@@ -18,15 +18,86 @@ def positions_from_mask(attn_mask: Tensor) -> Tensor:
     return (attn_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _chunk_logprobs(model: Transformer, h: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """Log-prob of `targets` and entropy for one chunk of hidden states [B, c, dim], in fp32."""
-    logits = model.lm_head(model.model.norm(h)).float() / temperature
-    lse = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    # Entropy is for logging only: no graph. H = lse - sum(p * logits).
-    with torch.no_grad():
-        ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    return logp, ent
+def _tempered_probs(h: Tensor, weight: Tensor, targets: Tensor, temperature: float, dtype: torch.dtype,
+                    entropy: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """p = softmax(h W^T / T) [N, V] in fp32, log p[target] [N] and (optionally) the entropy [N].
+
+    Works in place on two [N, V] buffers: on a CPU every fresh buffer of that size costs as much in page faults
+    as the arithmetic done on it."""
+    z = F.linear(h.to(dtype), weight.to(dtype)).float()
+    if temperature != 1.0:
+        z.div_(temperature)
+    z.sub_(z.amax(-1, keepdim=True))
+    picked = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    p = torch.exp(z)
+    total = p.sum(-1, keepdim=True)
+    p.div_(total)
+    log_total = total.log().squeeze(-1)
+    ent = log_total - torch.linalg.vecdot(p, z) if entropy else None  # H = log sum e^z - sum p z (z shifted)
+    return p, picked - log_total, ent
+
+
+class _HeadLogProbs(torch.autograd.Function):
+    """log softmax(h W^T / T)[target] and the entropy, for hidden states h [N, dim] and the head's weight [V, dim].
+
+    Autograd through matmul, logsumexp and gather would keep several [N, V] tensors and pass over each; this keeps
+    the probabilities p only (or nothing, recomputing them chunk by chunk in backward when they would not fit
+    `keep_bytes`), and the backward is d logits = g (onehot - p) / T."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, temperature: float, chunk: int,
+                keep_bytes: int) -> tuple[Tensor, Tensor]:
+        # Under autocast the head runs in the autocast dtype; the backward reuses it (autocast is off there).
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        N = h.shape[0]
+        keep = N * weight.shape[0] * 4 <= keep_bytes
+        logp = torch.empty(N, dtype=torch.float32, device=h.device)
+        ent = torch.empty(N, dtype=torch.float32, device=h.device)
+        probs = []
+        for c0 in range(0, N, chunk):
+            p, logp[c0 : c0 + chunk], ent[c0 : c0 + chunk] = _tempered_probs(
+                h[c0 : c0 + chunk], weight, targets[c0 : c0 + chunk], temperature, dtype, entropy=True)
+            if keep:
+                probs.append(p)
+        ctx.save_for_backward(h, weight, targets, *probs)
+        ctx.args = temperature, chunk, dtype
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g: Tensor, _g_ent: Tensor):
+        h, weight, targets, *probs = ctx.saved_tensors
+        temperature, chunk, dtype = ctx.args
+        want_h, want_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        w = weight.to(dtype)
+        for i, c0 in enumerate(range(0, h.shape[0], chunk)):
+            hc, tc = h[c0 : c0 + chunk], targets[c0 : c0 + chunk]
+            p = probs[i] if probs else _tempered_probs(hc, weight, tc, temperature, dtype, entropy=False)[0]
+            scale = g[c0 : c0 + chunk].unsqueeze(-1) / temperature
+            d = p.mul_(-scale)  # p is not needed again: its memory becomes the logits' gradient
+            d.scatter_add_(-1, tc.unsqueeze(-1), scale)
+            d = d.to(dtype)
+            if want_h:
+                grad_h[c0 : c0 + chunk] = d @ w
+            if want_w:
+                grad_w.addmm_(d.T.float(), hc.float())
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+
+
+def head_logprobs(model: Transformer, h: Tensor, targets: Tensor, temperature: float = 1.0, chunk: int = 1024,
+                  keep_bytes: int = 2**30) -> tuple[Tensor, Tensor]:
+    """log p(targets) [N] and entropy [N] (detached) of the tempered next-token distributions at hidden states
+    h [N, dim] (the last block's output, before the final norm), in fp32.
+
+    The head runs `chunk` rows at a time; the backward keeps the fp32 probabilities while they fit in keep_bytes
+    and recomputes them chunk by chunk otherwise, so [N, V] logits never need to exist at once."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not (torch.is_grad_enabled() and h.requires_grad):
+        keep_bytes = 0
+    return _HeadLogProbs.apply(model.model.norm(h), model.lm_head.weight, targets, temperature, chunk, keep_bytes)
 
 
 def token_logprobs(
@@ -45,12 +116,9 @@ def token_logprobs(
     attn_mask [B, T] (True = real token) allows left padding; positions then default to the real-token index,
     so padded and unpadded rows give equal log-probs. Only columns t >= start are computed (start: int, or one
     per row [B]); the others are 0. Pass start = P - 1 to score just the completion after a P-token prompt.
-    The lm_head runs `chunk` positions at a time, and under autograd each chunk is recomputed in backward,
-    so the fp32 [B, T, V] logits never exist at once. entropy=True also returns the tempered distribution's
+    The head runs through head_logprobs, `chunk` tokens at a time. entropy=True also returns the tempered distribution's
     per-token entropy [B, T - 1] (detached, 0 where not computed).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     B, T = tokens.shape
     if positions is None and attn_mask is not None:
         positions = positions_from_mask(attn_mask)
@@ -66,24 +134,12 @@ def token_logprobs(
         first = int(start)
     first = max(0, min(first, n))
 
-    logp = torch.zeros(B, n, dtype=torch.float32, device=tokens.device)
-    ent = torch.zeros(B, n, dtype=torch.float32, device=tokens.device)
-    pieces, ents = [], []
-    # Recompute each chunk in backward instead of keeping its fp32 logits alive for it.
-    recompute = torch.is_grad_enabled() and h.requires_grad
-    for c0 in range(first, n, chunk):
-        c1 = min(c0 + chunk, n)
-        if recompute:
-            lp, en = checkpoint(_chunk_logprobs, model, h[:, c0:c1], targets[:, c0:c1], temperature,
-                                use_reentrant=False)
-        else:
-            lp, en = _chunk_logprobs(model, h[:, c0:c1], targets[:, c0:c1], temperature)
-        pieces.append(lp)
-        ents.append(en)
-    if pieces:
-        # cat keeps one graph; the skipped prompt columns stay constant 0.
-        logp = torch.cat([logp[:, :first], *pieces], dim=1)
-        ent = torch.cat([ent[:, :first], *ents], dim=1)
+    # The skipped prompt columns are constant zeros; cat keeps one graph.
+    lp, en = head_logprobs(model, h[:, first:].reshape(-1, h.shape[-1]), targets[:, first:].reshape(-1),
+                           temperature, chunk)
+    zeros = torch.zeros(B, first, dtype=torch.float32, device=tokens.device)
+    logp = torch.cat([zeros, lp.view(B, n - first)], dim=1)
+    ent = torch.cat([zeros, en.view(B, n - first)], dim=1)
     if row_start is not None:
         keep = torch.arange(n, device=tokens.device)[None, :] >= row_start
         logp = logp * keep

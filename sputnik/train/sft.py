@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from sputnik.train.logprobs import head_logprobs
 from sputnik.train.loop import TrainConfig, Trainer, dist_info, init_distributed
 
 # The cold-start format: reasoning inside <think> before the answer, in the assistant turn itself.
@@ -224,24 +223,15 @@ def collate(rows: Sequence[PackedRow], pad_id: int) -> dict[str, Tensor]:
 # ---------------------------------------------------------------- the objective
 
 
-def _ce_chunk(model: nn.Module, h: Tensor, targets: Tensor) -> Tensor:
-    logits = model.lm_head(model.model.norm(h)).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
-
-
 def masked_ce_sum(model: nn.Module, h: Tensor, targets: Tensor, chunk: int = 1024) -> Tensor:
     """Summed cross-entropy of the trained positions (targets != IGNORE) of hidden states h [B, T, dim].
 
-    Only those positions go through the lm_head, `chunk` at a time and recomputed in backward, so fp32 logits
-    [tokens, vocab] never exist at once."""
+    Only those positions go through the head (head_logprobs: chunked, [tokens, vocab] logits never at once)."""
     sel = targets != IGNORE
-    hs, ts = h[sel], targets[sel]
     # No targets: a zero that still reaches every parameter, so backward (and FSDP's collectives) runs as elsewhere.
     total = h.float().sum() * 0.0
-    recompute = torch.is_grad_enabled() and h.requires_grad
-    for c in range(0, len(ts), chunk):
-        args = (model, hs[c : c + chunk], ts[c : c + chunk])
-        total = total + (checkpoint(_ce_chunk, *args, use_reentrant=False) if recompute else _ce_chunk(*args))
+    if bool(sel.any()):
+        total = total - head_logprobs(model, h[sel], targets[sel], chunk=chunk)[0].sum()
     return total
 
 
