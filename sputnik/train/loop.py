@@ -18,12 +18,14 @@ keeps the adapters raw; such a run resumes onto the same base model, rebuilt by 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import random
 import re
 import shutil
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -171,6 +173,23 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def retain_freed_memory(limit: int = 1 << 30) -> bool:
+    """Keep freed blocks of up to `limit` bytes in the process instead of handing them back to the OS (glibc).
+
+    glibc's malloc returns every block over its mmap threshold (at most 32 MB by default) to the OS on free, so a
+    training step that allocates hundreds of MB of logits and activations page-faults all of it in again on the
+    next step; on a small CPU that costs as much as the arithmetic (a 190 MB elementwise op: 35 ms on fresh memory,
+    10 ms on reused). Linux with glibc only; returns whether the settings took."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library (musl)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, limit)) and bool(libc.mallopt(m_trim_threshold, limit))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -206,6 +225,8 @@ class Trainer:
         if self.world > 1 and torch.cuda.is_available():
             model = model.to(torch.device("cuda", torch.cuda.current_device()))
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            retain_freed_memory()
         if cfg.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', not {cfg.dtype!r}")
         if cfg.dtype == "bfloat16" and self.device.type == "cpu":
