@@ -310,9 +310,12 @@ def test_retain_freed_memory_stops_refaulting_each_step():
     """By default glibc hands most of a step's freed activations back to the OS, and the next step page-faults them
     in again; after retain_freed_memory (which the Trainer calls on a CPU) they are reused. In a fresh process: the
     setting is process-wide."""
-    out = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, check=True).stdout.split()
-    before, took, after = int(out[0]), out[1] == "True", int(out[2])
-    assert took
-    if before < 1000:
+    for _ in range(5):  # whether glibc trims depends on what else sits on the heap: usually it does
+        out = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, check=True).stdout.split()
+        before, took, after = int(out[0]), out[1] == "True", int(out[2])
+        assert took
+        if before >= 1000:
+            break
+    else:
         pytest.skip(f"only {before} page faults a step without it (transparent huge pages?): nothing to compare")
     assert after < before // 20, (before, after)
