@@ -23,6 +23,7 @@ import time
 import httpx
 
 from sputnik.checkpoint.registry import resolve
+from sputnik.device import pick_device, pick_dtype
 
 QUESTIONS = [f"Explain, step by step, how to add {a} and {b}." for a, b in zip(range(11, 999, 7), range(997, 9, -5))]
 
@@ -109,8 +110,10 @@ def main() -> None:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--spread", type=float, default=4.0, help="seconds over which a level's streams arrive")
-    ap.add_argument("--dtype", default="float32", help="sputnik's weights: float32 or bfloat16 (fast on AMX CPUs)")
+    ap.add_argument("--dtype", default="auto", help="sputnik's weights: auto (serve's default: bf16 on AMX CPUs and "
+                    "GPUs, else float32), float32 or bfloat16")
     args = ap.parse_args()
+    args.dtype = str(pick_dtype(args.dtype, pick_device("auto"))).removeprefix("torch.")  # what the server will use
     gguf = resolve(args.model)
     results: dict[str, dict] = {}
 

@@ -7,35 +7,25 @@ import json
 import sys
 from pathlib import Path
 
+from sputnik.device import DTYPES, pick_device, pick_dtype
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SAMPLE_PROMPT = "What is 17 + 25? Think it through, then give the answer."
-
-
-def _dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-            "float16": torch.float16, "fp16": torch.float16}[name]
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def _load(args):
     from sputnik.checkpoint import load_pretrained
 
-    return load_pretrained(args.model, dtype=_dtype(args.dtype), device=_device(args.device))
+    device = pick_device(args.device)
+    return load_pretrained(args.model, dtype=pick_dtype(args.dtype, device), device=device)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help="a registry name, an HF folder, a .gguf file or an HF repo id (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"])
+    p.add_argument("--dtype", default="float32", choices=["auto", *DTYPES],
+                   help="auto: bf16 where the device multiplies it natively (AMX CPUs, GPUs), else float32 "
+                        "(the default of serve; the other commands default to float32)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
 
 
@@ -184,7 +174,7 @@ def cmd_chat(args) -> int:
 def cmd_convert(args) -> int:
     from sputnik.checkpoint import load_pretrained, save_model
 
-    model, tok = load_pretrained(args.src, dtype=_dtype(args.dtype))
+    model, tok = load_pretrained(args.src, dtype=pick_dtype(args.dtype, "cpu"))
     out = save_model(model, args.dst, tokenizer=tok)
     print(f"wrote {out}")
     return 0
@@ -468,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--max-queue", type=int, default=64, help="queued requests before 503")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
+    p.set_defaults(dtype="auto")  # a server wants batched throughput: bf16 where the device runs it natively
     p.add_argument("--prefix-cache-mb", type=float, default=256)
     p.add_argument("--max-prompt-tokens", type=int, default=8192)
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="the largest max_tokens a request may ask")

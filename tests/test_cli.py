@@ -83,3 +83,20 @@ def test_shape_mismatch_names_file_tensor_and_both_shapes(tmp_path):
     msg = str(e.value)
     assert str(tmp_path) in msg and "shape mismatch for model.layers.0.mlp." in msg
     assert ("has (32, 37)" in msg and "expects (32, 40)" in msg) or ("has (37, 32)" in msg and "expects (40, 32)" in msg)
+
+
+def test_dtype_auto_is_bf16_only_where_the_device_multiplies_it_natively():
+    import torch
+
+    from sputnik.cli import build_parser
+    from sputnik.device import pick_dtype
+
+    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    assert pick_dtype("auto", "cpu") == (torch.bfloat16 if amx else torch.float32)
+    assert pick_dtype("bf16", "cpu") == torch.bfloat16 and pick_dtype("float32", "cuda") == torch.float32
+    with pytest.raises(ValueError, match="unknown dtype 'int4'"):
+        pick_dtype("int4", "cpu")
+    # The server defaults to auto (throughput); the other commands to float32 (parity, reproducibility).
+    ap = build_parser()
+    assert ap.parse_args(["serve"]).dtype == "auto"
+    assert ap.parse_args(["generate", "--prompt", "x"]).dtype == "float32"

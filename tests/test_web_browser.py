@@ -41,7 +41,7 @@ def browser():
 @pytest.fixture(scope="module")
 def chat_server(think_model, tmp_path_factory):
     db = tmp_path_factory.mktemp("web") / "web.db"
-    cfg = ServeConfig(model=str(think_model), served_name="think", auth=False, database_url=f"sqlite:///{db}")
+    cfg = ServeConfig(model=str(think_model), dtype="float32", served_name="think", auth=False, database_url=f"sqlite:///{db}")
     with Live(cfg) as live:
         yield live.wait_ready()
 

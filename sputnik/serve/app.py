@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from sputnik.device import pick_device, pick_dtype
 from sputnik.serve.backend import EngineBackend, Job, Piece, UpstreamBackend
 from sputnik.serve.keys import KeyRecord, KeyStore, RateLimiter
 from sputnik.serve.metrics import Metrics
@@ -48,7 +49,7 @@ class ServeConfig:
     max_queue: int = 64
     max_batch: int = 32
     prefix_cache_mb: float = 256
-    dtype: str = "float32"
+    dtype: str = "auto"  # bf16 where the device multiplies it natively (AMX CPUs, GPUs), else float32
     device: str = "auto"
     keepalive_s: float = 10.0  # SSE comment this often while a stream waits in the queue
     limits: Limits = field(default_factory=Limits)
@@ -75,14 +76,11 @@ def is_loopback(host: str) -> bool:
 def load_backend(cfg: ServeConfig) -> Backend:
     if cfg.upstream:
         return UpstreamBackend(cfg.upstream, cfg.upstream_key, cfg.served_name, cfg.max_queue)
-    import torch
-
     from sputnik.checkpoint import load_pretrained
     from sputnik.engine import Engine
 
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = load_pretrained(cfg.model, dtype=getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}.get(
-        cfg.dtype, cfg.dtype)), device=device)
+    device = pick_device(cfg.device)
+    model, tok = load_pretrained(cfg.model, dtype=pick_dtype(cfg.dtype, device), device=device)
     engine = Engine(model, tok, max_batch=cfg.max_batch, prefix_cache_mb=cfg.prefix_cache_mb)
     name = cfg.served_name or Path(cfg.model.rstrip("/")).name.removesuffix(".gguf")
     return EngineBackend(engine, name, cfg.max_queue)

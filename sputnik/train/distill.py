@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from sputnik.device import pick_device
 from sputnik.engine import Engine, SamplingParams
 from sputnik.eval.run import EvalConfig, prompt_ids
 from sputnik.rewards import SCRIPTS, format_reward, language_reward
@@ -78,12 +79,6 @@ class DistillConfig:
             raise ValueError(f"kl_temperature must be > 0, got {self.kl_temperature}")
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 # ---------------------------------------------------------------- traces
 
 
@@ -127,7 +122,7 @@ def load_teacher(cfg: DistillConfig, dtype: torch.dtype = torch.float32) -> Engi
     """An engine over the local teacher model."""
     from sputnik.checkpoint import load_pretrained
 
-    model, tok = load_pretrained(cfg.teacher, dtype=dtype, device=_device(cfg.device))
+    model, tok = load_pretrained(cfg.teacher, dtype=dtype, device=pick_device(cfg.device))
     return Engine(model, tok, max_batch=cfg.batch)
 
 
@@ -405,7 +400,7 @@ def distill(cfg: DistillConfig, student_model_name: str, sft_cfg: SFTConfig, tra
     start = time.perf_counter()
     out = Path(train_cfg.out_dir)
     cfg = replace(cfg, out_jsonl=cfg.out_jsonl or str(out / "distill.jsonl"))
-    device = _device(cfg.device)
+    device = pick_device(cfg.device)
     dtype = torch.bfloat16 if train_cfg.dtype == "bfloat16" else torch.float32
     student, student_tok = load_pretrained(student_model_name, device=device)
     engine = None
