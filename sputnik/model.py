@@ -6,7 +6,7 @@ Parameter names equal Hugging Face's on-disk names, so checkpoints load without 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -498,12 +498,17 @@ class Transformer(nn.Module):
         last_only: bool = False,
         doc_ids: Tensor | None = None,
         mtp: bool = False,
-    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        head: Callable[[Tensor], Any] | None = None,
+    ) -> Tensor | tuple[Tensor, list[Tensor]] | Any:
         """Logits [B, T, vocab] (or [B, 1, vocab] with last_only: prefill needs only the next token's).
 
         With mtp (training), also each MTP depth's logits (see mtp_logits), computed inside this call so that a
-        sharded (FSDP) model gathers its embedding and head once for both."""
+        sharded (FSDP) model gathers its embedding and head once for both. With head, returns head(h) for the last
+        block's output h [B, T, dim] instead: a loss that uses the model's own norm and head weights (log-probs,
+        cross-entropy) runs inside this call, where a sharded model has them gathered."""
         h = self.hidden(tokens, positions, cache, attn_mask, doc_ids=doc_ids)
+        if head is not None:
+            return head(h)
         if last_only:
             h = h[:, -1:]
         logits = self.lm_head(self.model.norm(h))

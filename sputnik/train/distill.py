@@ -361,8 +361,9 @@ class KLDistillObjective(SFTObjective):
                                                                               "targets"))
         with torch.no_grad():
             ht = self.teacher.hidden(tokens, positions, doc_ids=doc_ids)
-        hs = model.hidden(tokens, positions, doc_ids=doc_ids)
-        kl = masked_kl_sum(model, self.teacher, hs, ht, targets, self.temperature)
+        # Inside the student's call: under FSDP its norm and head are gathered only there.
+        kl = model(tokens, positions, doc_ids=doc_ids,
+                   head=lambda hs: masked_kl_sum(model, self.teacher, hs, ht, targets, self.temperature))
         return kl / micro["num_items"], {}
 
     def state_dict(self) -> dict:

@@ -122,7 +122,6 @@ def token_logprobs(
     B, T = tokens.shape
     if positions is None and attn_mask is not None:
         positions = positions_from_mask(attn_mask)
-    h = model.hidden(tokens, positions, attn_mask=attn_mask)[:, :-1]
     targets = tokens[:, 1:]
     n = T - 1
 
@@ -134,9 +133,12 @@ def token_logprobs(
         first = int(start)
     first = max(0, min(first, n))
 
+    def score(h: Tensor) -> tuple[Tensor, Tensor]:  # inside the model's call (FSDP: the head is gathered there)
+        h = h[:, first:n]
+        return head_logprobs(model, h.reshape(-1, h.shape[-1]), targets[:, first:].reshape(-1), temperature, chunk)
+
     # The skipped prompt columns are constant zeros; cat keeps one graph.
-    lp, en = head_logprobs(model, h[:, first:].reshape(-1, h.shape[-1]), targets[:, first:].reshape(-1),
-                           temperature, chunk)
+    lp, en = model(tokens, positions, attn_mask=attn_mask, head=score)
     zeros = torch.zeros(B, first, dtype=torch.float32, device=tokens.device)
     logp = torch.cat([zeros, lp.view(B, n - first)], dim=1)
     ent = torch.cat([zeros, en.view(B, n - first)], dim=1)

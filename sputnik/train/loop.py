@@ -321,17 +321,32 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         sums: dict[str, list[float]] = {}  # per key: [sum, count] of micro-batch values
         norms, lrs = [], []
+        # Under FSDP every forward and backward is a collective: all ranks must run as many micro-batches. A rank
+        # with fewer (GRPO's trained rows differ per rank) runs its last one again with the loss times 0.
+        passes = len(micros)
+        if self.fsdp:
+            count = torch.tensor(float(passes), device=self.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            passes = int(count.item())
+            if passes and not micros:
+                raise RuntimeError(f"rank {self.rank} got no micro-batch in step {step + 1} while others did: under "
+                                   "FSDP every rank must run each forward (give each rank data: batch >= ranks)")
         for _ in range(self.iterations):
             lr = lr_at(self.cfg, self.updates, self.total_updates)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.zero_grad(set_to_none=True)
-            for i, micro in enumerate(micros):
-                self._set_grad_sync(i == len(micros) - 1)
+            for i in range(passes):
+                micro, padding = micros[min(i, len(micros) - 1)], i >= len(micros)
+                self._set_grad_sync(i == passes - 1)
                 with self.autocast:
                     loss, m = self.objective.loss(self.model, micro)
+                if padding:
+                    loss = loss * 0.0
                 if loss.requires_grad:  # a rank with nothing to learn from this micro-batch may return a constant
                     loss.backward()
+                if padding:
+                    continue
                 loss_sum += loss.detach().double()
                 for k, v in m.items():
                     acc = sums.setdefault(k, [0.0, 0])

@@ -308,8 +308,9 @@ class SFTObjective:
         device = next(model.parameters()).device
         tokens, positions, doc_ids, targets = (micro[k].to(device) for k in ("tokens", "positions", "doc_ids",
                                                                               "targets"))
-        h = model.hidden(tokens, positions, doc_ids=doc_ids)
-        return masked_ce_sum(model, h, targets) / micro["num_items"], {}
+        # The loss runs inside the model's call: under FSDP its norm and head are gathered only there.
+        total = model(tokens, positions, doc_ids=doc_ids, head=lambda h: masked_ce_sum(model, h, targets))
+        return total / micro["num_items"], {}
 
     def metrics(self, step: int) -> dict[str, float]:
         return dict(self._step_metrics)
