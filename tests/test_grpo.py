@@ -120,12 +120,12 @@ def test_rows_with_zero_advantage_can_be_left_out_exactly():
             assert torch.allclose(g_full, g_part, atol=1e-7), (loss_type, importance)
 
 
-def test_ranks_take_disjoint_prompts(tmp_path):
+def test_ranks_take_disjoint_prompts(tmp_path, monkeypatch):
     model, tok, cfg = setup(tmp_path)
     taken = []
     for rank in range(3):
         objective = GRPOObjective(model, tok, cfg, seed=0)
-        objective.rank, objective.world = rank, 3
+        monkeypatch.setattr("sputnik.train.grpo.dist_info", lambda rank=rank: (rank, 3))
         taken.append([objective._next_prompts(4) for _ in range(3)])
     for step in range(3):
         slots = [i for rank in range(3) for i in taken[rank][step]]

@@ -24,6 +24,10 @@ CHAT = [
 
 @pytest.fixture(scope="module")
 def r1_tokenizer() -> Tokenizer:
+    return make_r1_tokenizer()
+
+
+def make_r1_tokenizer() -> Tokenizer:
     """A small byte-level BPE with DeepSeek-R1's special tokens and chat template."""
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -274,3 +278,43 @@ def test_bad_jsonl_names_file_and_line(tmp_path):
         line = len(rows)
         with pytest.raises(ValueError, match=rf"bad\.jsonl, line {line}: .*{why}"):
             load_chat_jsonl(path)
+
+
+DIST = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_sft import make_r1_tokenizer, tiny_model
+from sputnik.train.loop import TrainConfig, Trainer
+from sputnik.train.sft import SFTConfig, SFTObjective
+tok = make_r1_tokenizer()
+objective = SFTObjective(tok, SFTConfig(data={data!r}, seq_len=48, batch_size=3, micro_batch=1, seed=3))
+Trainer(tiny_model("llama", tok.vocab_size).train(),
+        TrainConfig(out_dir={out!r}, max_steps=2, lr=3e-3, progress=False, plot_every=0, fsdp={fsdp}), objective).run()
+"""
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_equal_one(tmp_path, r1_tokenizer, fsdp):
+    """3 rows a step over 2 ranks: one rank runs 2 micro-batches, the other 1 (and a padding one under FSDP)."""
+    import textwrap
+
+    from sputnik.checkpoint import load_state
+    from sputnik.train.loop import Trainer
+    from torchrun import torchrun
+
+    data = write_jsonl(tmp_path / "chat.jsonl", conversations(12))
+    script = tmp_path / "dist.py"
+    script.write_text(textwrap.dedent(DIST.format(tests=str(Path(__file__).resolve().parent), data=str(data),
+                                                  out=str(tmp_path / "two"), fsdp=fsdp)))
+    torchrun(script)
+    model = tiny_model("llama", r1_tokenizer.vocab_size).train()
+    objective = SFTObjective(r1_tokenizer, SFTConfig(data=str(data), seq_len=48, batch_size=3, micro_batch=1, seed=3))
+    Trainer(model, TrainConfig(out_dir=str(tmp_path / "one"), max_steps=2, lr=3e-3, progress=False, plot_every=0),
+            objective).run()
+    _, got, _ = load_state(tmp_path / "two" / "checkpoints" / "step_000002")
+    for name, t in model.state_dict().items():
+        if name in got:
+            torch.testing.assert_close(got[name], t, rtol=0, atol=1e-5, msg=name)
+    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)

@@ -62,12 +62,20 @@ class GRPOConfig:
 class GRPOObjective:
     """Prepares one step's rollouts as micro-batches and scores them with the GRPO loss."""
 
+    # Read when used, not at construction: the Trainer may start the process group after the objective exists.
+    @property
+    def rank(self) -> int:
+        return dist_info()[0]
+
+    @property
+    def world(self) -> int:
+        return dist_info()[1]
+
     def __init__(self, model, tokenizer, cfg: GRPOConfig, seed: int = 0):
         self.cfg, self.tok, self.seed = cfg, tokenizer, seed
         self.task = get_task(cfg.task)
         self.iterations = cfg.num_iterations
         self.reward = combine(cfg.rewards, **cfg.reward_options)
-        self.rank, self.world = dist_info()
         pool = self._pool()
         self.problems = pool
         self.prompts = [prompt_ids(self.task, p, tokenizer, self._eval_cfg()) for p in pool]

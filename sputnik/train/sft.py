@@ -241,9 +241,17 @@ class SFTObjective:
 
     iterations = 1
 
+    # Read when used, not at construction: the Trainer may start the process group after the objective exists.
+    @property
+    def rank(self) -> int:
+        return dist_info()[0]
+
+    @property
+    def world(self) -> int:
+        return dist_info()[1]
+
     def __init__(self, tokenizer, cfg: SFTConfig):
         self.cfg, self.tok = cfg, tokenizer
-        self.rank, self.world = dist_info()
         if not cfg.data:
             raise ValueError("no SFT data: set `data` (--data) to a chat JSONL file")
         conversations = load_chat_jsonl(cfg.data)
