@@ -34,6 +34,11 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def sharded(module: nn.Module) -> bool:
+    """Is this module part of a model the Trainer sharded with FSDP (which marks every submodule)?"""
+    return module.__dict__.get("_fsdp_sharded", False)
+
+
 def fused_linear(owner: nn.Module, x: Tensor, *layers: nn.Linear) -> Tensor | None:
     """x through several linears as one matmul, when not training; None when they cannot be fused (autograd on,
     adapters, sharded or mixed weights), and the caller runs them one by one.
@@ -42,8 +47,8 @@ def fused_linear(owner: nn.Module, x: Tensor, *layers: nn.Linear) -> Tensor | No
     optimizers and in-place updates see the same memory. Moving or casting the model breaks the sharing; the next
     call notices and fuses again.
     """
-    if torch.is_grad_enabled() or any(type(m) is not nn.Linear for m in layers):
-        return None
+    if torch.is_grad_enabled() or any(type(m) is not nn.Linear for m in layers) or sharded(owner):
+        return None  # (FSDP owns a sharded model's gathered weights: never re-point them)
     ws = [m.weight for m in layers]
     fused = owner.__dict__.get("_fused")
     if fused is None or not _shares(fused[0], ws):

@@ -17,7 +17,7 @@ from torch import Tensor
 from sputnik.engine.cache import KVCache, SlotCache
 from sputnik.engine.prefix import PrefixCache
 from sputnik.engine.sampling import Sampler, SamplingParams
-from sputnik.model import Transformer
+from sputnik.model import Transformer, sharded
 
 if TYPE_CHECKING:
     from sputnik.tokenizer import StreamDecoder, Tokenizer
@@ -209,12 +209,17 @@ class Engine:
         return [self.add(i, p, params, seed_index=i) for i, p in enumerate(ids)]
 
     # ---- one step
-    @torch.inference_mode()
     def step(self, emit: Callable[[list[Delta]], None] | None = None) -> list[Delta]:
         """Admit waiting requests, prefill one chunk, decode one token for every running row; return the deltas.
 
         The prefill goes first and its first tokens are ready before the decode runs: given `emit`, each phase's
         deltas go there as soon as they exist (a new stream's first token does not wait for the batch's step)."""
+        # A model sharded by FSDP gathers its weights into buffers it reuses in training, which must not become
+        # inference tensors: plain no_grad there.
+        with torch.no_grad() if sharded(self.model) else torch.inference_mode():
+            return self._step(emit)
+
+    def _step(self, emit: Callable[[list[Delta]], None] | None) -> list[Delta]:
         self._drain_inbox()
         self._admit()
         out: list[Delta] = []

@@ -273,6 +273,7 @@ class Trainer:
             fully_shard(block)
         fully_shard(model)
         for m in model.modules():
+            m.__dict__["_fsdp_sharded"] = True  # model.sharded(): no fused inference weights, no inference tensors
             if isinstance(m, FSDPModule):
                 # Objectives normalise globally, so the reduce is a plain sum; forcing SUM (instead of a premultiplied
                 # sum by 1/1) also keeps it on gloo, which has no PREMUL_SUM.
