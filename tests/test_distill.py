@@ -283,3 +283,46 @@ def test_distill_refuses_what_kl_cannot_do(tmp_path, think_model):
     with pytest.raises(ValueError, match="vocabularies differ"):
         distill(cfg, str(tmp_path / "other"), SFTConfig(), train, mode="kl")
     assert not (tmp_path / "run" / "traces.jsonl").exists()
+
+
+DIST = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_distill import tiny_model, tiny_tokenizer
+from sputnik.train.distill import KLDistillObjective
+from sputnik.train.loop import TrainConfig, Trainer
+from sputnik.train.sft import SFTConfig
+tok = tiny_tokenizer()
+student, teacher = tiny_model(tok.vocab_size, seed=0), tiny_model(tok.vocab_size, seed=1)
+objective = KLDistillObjective(student, teacher, tok, SFTConfig(data={data!r}, seq_len=64, batch_size=2, micro_batch=1))
+Trainer(student, TrainConfig(out_dir={out!r}, max_steps=2, lr=1e-2, progress=False, plot_every=0, fsdp={fsdp}),
+        objective).run()
+"""
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_kl_two_processes_equal_one(tmp_path, fsdp):
+    """Logit-level distillation on 2 ranks (the student sharded under FSDP2, the teacher whole) equals one process."""
+    import textwrap
+
+    from sputnik.checkpoint import load_state
+    from torchrun import torchrun
+
+    data = sft_rows_file(tmp_path)
+    script = tmp_path / "dist.py"
+    script.write_text(textwrap.dedent(DIST.format(tests=str(Path(__file__).resolve().parent), data=str(data),
+                                                  out=str(tmp_path / "two"), fsdp=fsdp)))
+    torchrun(script)
+    tok = tiny_tokenizer()
+    student, teacher = tiny_model(tok.vocab_size, seed=0), tiny_model(tok.vocab_size, seed=1)
+    objective = KLDistillObjective(student, teacher, tok, SFTConfig(data=str(data), seq_len=64, batch_size=2,
+                                                                    micro_batch=1))
+    Trainer(student, TrainConfig(out_dir=str(tmp_path / "one"), max_steps=2, lr=1e-2, progress=False, plot_every=0),
+            objective).run()
+    _, got, _ = load_state(tmp_path / "two" / "checkpoints" / "step_000002")
+    for name, t in student.state_dict().items():
+        if name in got:
+            torch.testing.assert_close(got[name], t, rtol=0, atol=1e-5, msg=name)
+    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
