@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from sputnik.checkpoint import load_state
-from torchrun import torchrun
+from torchrun import assert_two_equal_one, torchrun
 from sputnik.model import MoE, Transformer
 from sputnik.train.data import TokenShards, document_ids, document_positions, write_shards
 from sputnik.train.loop import TrainConfig, Trainer
@@ -177,13 +177,7 @@ def test_two_processes_equal_one(tmp_path, fsdp):
                                   peak_flops=1e9)
     Trainer(model, TrainConfig(out_dir=str(tmp_path / "one"), max_steps=2, lr=3e-3, progress=False, plot_every=0),
             objective).run()
-    _, got, _ = load_state(tmp_path / "two" / "checkpoints" / "step_000002")
-    for name, t in model.state_dict().items():
-        if name in got:
-            torch.testing.assert_close(got[name], t, rtol=0, atol=2e-5, msg=lambda m: f"{name}: {m}")
-    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in two], rel=1e-5)
+    assert_two_equal_one(tmp_path / "two", tmp_path / "one", model, atol=2e-5)
 
 
 def test_cli_tokenizer_then_pretrain_then_hf_folder(tmp_path, capsys):

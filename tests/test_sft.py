@@ -298,9 +298,8 @@ def test_two_processes_equal_one(tmp_path, r1_tokenizer, fsdp):
     """3 rows a step over 2 ranks: one rank runs 2 micro-batches, the other 1 (and a padding one under FSDP)."""
     import textwrap
 
-    from sputnik.checkpoint import load_state
     from sputnik.train.loop import Trainer
-    from torchrun import torchrun
+    from torchrun import assert_two_equal_one, torchrun
 
     data = write_jsonl(tmp_path / "chat.jsonl", conversations(12))
     script = tmp_path / "dist.py"
@@ -311,10 +310,4 @@ def test_two_processes_equal_one(tmp_path, r1_tokenizer, fsdp):
     objective = SFTObjective(r1_tokenizer, SFTConfig(data=str(data), seq_len=48, batch_size=3, micro_batch=1, seed=3))
     Trainer(model, TrainConfig(out_dir=str(tmp_path / "one"), max_steps=2, lr=3e-3, progress=False, plot_every=0),
             objective).run()
-    _, got, _ = load_state(tmp_path / "two" / "checkpoints" / "step_000002")
-    for name, t in model.state_dict().items():
-        if name in got:
-            torch.testing.assert_close(got[name], t, rtol=0, atol=1e-5, msg=name)
-    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    assert_two_equal_one(tmp_path / "two", tmp_path / "one", model)

@@ -17,3 +17,22 @@ def torchrun(script: Path, nproc: int = 2) -> None:
                           cwd=TESTS.parent, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def assert_two_equal_one(two: Path, one: Path, model, atol: float = 1e-5) -> tuple[list[dict], list[dict]]:
+    """The two-process run's step-2 checkpoint holds `model`'s weights (trained by the one-process run) to atol, and
+    both runs logged the same losses; returns both runs' metric rows (two, one)."""
+    import json
+
+    import pytest
+    import torch
+
+    from sputnik.checkpoint import load_state
+
+    _, got, _ = load_state(two / "checkpoints" / "step_000002")
+    for name, t in model.state_dict().items():
+        if name in got:
+            torch.testing.assert_close(got[name], t, rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
+    rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (two, one)]
+    assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]], rel=1e-5)
+    return rows[0], rows[1]

@@ -19,7 +19,7 @@ from sputnik.rewards import combine
 from sputnik.tasks import Problem, get_task
 from sputnik.train.grpo_math import group_advantages, policy_loss, zero_std_fraction
 from sputnik.train.logprobs import completion_mask, token_logprobs
-from sputnik.train.loop import TrainConfig, all_gather_object, all_reduce_sum, dist_info
+from sputnik.train.loop import RankAware, TrainConfig, all_gather_object, all_reduce_sum, dist_info
 
 
 @dataclass
@@ -59,17 +59,8 @@ class GRPOConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
-class GRPOObjective:
+class GRPOObjective(RankAware):
     """Prepares one step's rollouts as micro-batches and scores them with the GRPO loss."""
-
-    # Read when used, not at construction: the Trainer may start the process group after the objective exists.
-    @property
-    def rank(self) -> int:
-        return dist_info()[0]
-
-    @property
-    def world(self) -> int:
-        return dist_info()[1]
 
     def __init__(self, model, tokenizer, cfg: GRPOConfig, seed: int = 0):
         self.cfg, self.tok, self.seed = cfg, tokenizer, seed

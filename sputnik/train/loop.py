@@ -103,6 +103,19 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+class RankAware:
+    """rank and world for objectives, read when used, not at construction: the Trainer may start the process group
+    after the objective exists."""
+
+    @property
+    def rank(self) -> int:
+        return dist_info()[0]
+
+    @property
+    def world(self) -> int:
+        return dist_info()[1]
+
+
 def init_distributed() -> tuple[int, int]:
     """Join the process group when launched by torchrun (idempotent); returns (rank, world)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from sputnik.config import ModelConfig
 from sputnik.model import MoE, Transformer
 from sputnik.train.data import TokenShards, document_ids, document_positions
-from sputnik.train.loop import TrainConfig, all_reduce_sum, dist_info
+from sputnik.train.loop import RankAware, TrainConfig, all_reduce_sum
 
 
 @dataclass
@@ -129,7 +129,7 @@ def matmul_flops_per_s(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / sorted(times)[len(times) // 2]
 
 
-class PretrainObjective:
+class PretrainObjective(RankAware):
     """Next-token (+ MTP, + balance) loss on random windows of the token shards, seeded per (seed, step)."""
 
     iterations = 1
@@ -146,7 +146,6 @@ class PretrainObjective:
 
     def prepare(self, step: int, model: nn.Module) -> list[Tensor]:
         self._t0 = time.perf_counter()
-        self.rank, self.world = dist_info()  # here, not in __init__: the Trainer joins the process group later
         # The step's global batch is drawn once and split by rank, so N processes train on what one would.
         rng = np.random.default_rng([self.seed, step])
         B = self.cfg.batch_size

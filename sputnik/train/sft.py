@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from sputnik.train.logprobs import head_logprobs
-from sputnik.train.loop import TrainConfig, Trainer, dist_info, init_distributed
+from sputnik.train.loop import RankAware, TrainConfig, Trainer, init_distributed
 
 # The cold-start format: reasoning inside <think> before the answer, in the assistant turn itself.
 THINK_TEMPLATE = "<think>\n{reasoning}\n</think>\n\n{answer}"
@@ -235,20 +235,11 @@ def masked_ce_sum(model: nn.Module, h: Tensor, targets: Tensor, chunk: int = 102
     return total
 
 
-class SFTObjective:
+class SFTObjective(RankAware):
     """Packed chat rows in a seeded order per epoch; loss = cross-entropy summed over assistant tokens / the step's
     global assistant-token count."""
 
     iterations = 1
-
-    # Read when used, not at construction: the Trainer may start the process group after the objective exists.
-    @property
-    def rank(self) -> int:
-        return dist_info()[0]
-
-    @property
-    def world(self) -> int:
-        return dist_info()[1]
 
     def __init__(self, tokenizer, cfg: SFTConfig):
         self.cfg, self.tok = cfg, tokenizer
