@@ -22,8 +22,9 @@ $(VENDOR): web/package.json web/package-lock.json web/vendor.mjs
 	touch $@
 
 # Debian packages the tests use: Chromium for the browser tests, PostgreSQL's server for the storage tests (the
-# tests start a throwaway cluster on a free loopback port and stop it).
+# tests start a throwaway cluster on a free loopback port and stop it), a C++ compiler for the compiled decode step.
 test-deps:
+	@command -v g++ >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q g++; }
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium; }
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q postgresql; }
 

@@ -29,6 +29,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
 
 
+def _add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="decode with a compiled graph (torch.compile): ~1.4x the batch-1 speed on a CPU after a "
+                        "one-time compile of about a minute (cached on disk for later runs)")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
     p.add_argument("--max-tokens", type=int, default=max_tokens)
     p.add_argument("--temperature", "-t", type=float, default=temperature, help="0 = greedy")
@@ -69,7 +75,7 @@ def cmd_generate(args) -> int:
             raise SystemExit("error: --system needs --chat (a raw --prompt has no roles)")
         prompt = tok.encode(args.prompt, add_special_tokens=True)
     params = _sampling(args, n=args.n)
-    engine = Engine(model, tok)
+    engine = Engine(model, tok, compile=args.compile)
     if args.json:
         for c in engine.generate([prompt], params)[0]:
             print(json.dumps({"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
@@ -126,7 +132,7 @@ def cmd_chat(args) -> int:
 
     console = Console(highlight=False)
     model, tok = _load(args)
-    engine = Engine(model, tok)
+    engine = Engine(model, tok, compile=args.compile)
     params = _sampling(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict] = []
@@ -306,7 +312,7 @@ def cmd_serve(args) -> int:
                       served_name=args.served_name, host=args.host, port=args.port, auth=not args.no_auth,
                       keys_path=args.keys, rate_per_minute=args.rate_limit, cors_origins=args.cors_origin,
                       max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
-                      prefix_cache_mb=args.prefix_cache_mb, dtype=args.dtype, device=args.device,
+                      prefix_cache_mb=args.prefix_cache_mb, dtype=args.dtype, device=args.device, compile=args.compile,
                       limits=Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
                                     max_n=args.max_n),
                       web=not args.no_web, database_url=args.database_url, public_url=args.public_url)
@@ -361,12 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--n", type=int, default=1, help="samples for the prompt (sharing one prefill)")
     p.add_argument("--json", action="store_true", help="one JSON object per completion per line")
+    _add_compile_arg(p)
     _add_sampling_args(p, temperature=0.0, max_tokens=128)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="chat in the terminal, streaming; the model's <think> part is dimmed")
     _add_model_args(p)
     p.add_argument("--system", default=None)
+    _add_compile_arg(p)
     _add_sampling_args(p, temperature=0.6, max_tokens=512)
     p.set_defaults(func=cmd_chat)
 
@@ -458,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--max-queue", type=int, default=64, help="queued requests before 503")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
+    _add_compile_arg(p)
     p.set_defaults(dtype="auto")  # a server wants batched throughput: bf16 where the device runs it natively
     p.add_argument("--prefix-cache-mb", type=float, default=256)
     p.add_argument("--max-prompt-tokens", type=int, default=8192)

@@ -49,6 +49,9 @@ def fused_linear(owner: nn.Module, x: Tensor, *layers: nn.Linear) -> Tensor | No
     """
     if torch.is_grad_enabled() or any(type(m) is not nn.Linear for m in layers) or sharded(owner):
         return None  # (FSDP owns a sharded model's gathered weights: never re-point them)
+    if torch.compiler.is_compiling():  # a compiled decode step: the eager prefill before it fused (or re-fused) them
+        fused = owner.__dict__.get("_fused")
+        return None if fused is None else F.linear(x, *fused)
     ws = [m.weight for m in layers]
     fused = owner.__dict__.get("_fused")
     if fused is None or not _shares(fused[0], ws):
@@ -468,7 +471,7 @@ class Transformer(nn.Module):
         """Last block's output [B, T, dim], before the final norm.
 
         attn_mask [B, T] marks real tokens (False = padding, never attended to). With a KVCache the tokens are written
-        at slots cache.length.. and may attend to everything cached before them; a SlotCache (one token per row, each
+        at slots cache.length.. and may attend to everything cached before them; a SlotView (one token per row, each
         row at its own length) needs explicit positions. doc_ids [B, T] (packed rows, no cache) keeps attention
         causal within each document id; pass positions that restart at 0 per document with it.
         """

@@ -132,8 +132,9 @@ class SlotCache:
     def _alloc(self, rows: int, length: int) -> None:
         length = min(length, self.cfg.max_seq_len)
         for name in self.names:
-            new = [torch.zeros(self._shape(name, rows, length), dtype=self.dtype, device=self.device)
-                   for _ in range(self.cfg.n_layers)]
+            with torch.inference_mode(False):  # always plain tensors, wherever they grow: a compiled step sees one kind
+                new = [torch.zeros(self._shape(name, rows, length), dtype=self.dtype, device=self.device)
+                       for _ in range(self.cfg.n_layers)]
             for old, t in zip(getattr(self, name, []), new):
                 self._slots(t, 0, self.n)[..., : self.max_len, :].copy_(self._slots(old, 0, self.n))
             setattr(self, name, new)
@@ -182,30 +183,50 @@ class SlotCache:
     def buffers(self) -> list[Tensor]:
         return [t for name in self.names for t in getattr(self, name)]
 
-    # ---- the interface Transformer.hidden uses: one new token per row
-    def prepare(self, T: int, attn_mask: Tensor | None) -> tuple[Tensor, bool]:
-        if T != 1 or attn_mask is not None:
-            raise ValueError("a SlotCache decodes one token per row; prefill into a KVCache first")
+    def view(self, full: bool = False) -> SlotView:
+        """This step's view for Transformer.hidden: row b writes its new token at slot host_lens[b].
+
+        Eager steps attend to the slots any row has filled (no mask for a lone row: SDPA's fastest path); a compiled
+        step (full) attends to every slot under a mask, so its shapes change only when the buffers grow."""
         self.reserve(self.n, max(self.host_lens) + 1)
-        self._lens = torch.tensor(self.host_lens, device=self.device)
-        self._S = max(self.host_lens) + 1
-        self._rows = torch.arange(self.n, device=self.device)
-        if self.n == 1:  # one row sees every cached slot: no mask keeps SDPA on its fastest path
-            return None, False
-        mask = torch.arange(self._S, device=self.device)[None] <= self._lens[:, None]
-        return mask[:, None, None], False
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        kc, vc = self.k[layer], self.v[layer]
-        kc[self._rows, :, self._lens] = k[:, :, 0]
-        vc[self._rows, :, self._lens] = v[:, :, 0]
-        return kc[: self.n, :, : self._S], vc[: self.n, :, : self._S]
-
-    def update_latent(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor]:
-        kv, pe = self.kv[layer], self.pe[layer]
-        kv[self._rows, self._lens] = c_kv[:, 0]
-        pe[self._rows, self._lens] = k_pe[:, 0]
-        return kv[: self.n, : self._S], pe[: self.n, : self._S]
+        lens = torch.tensor(self.host_lens, device=self.device)
+        S = self.max_len if full else max(self.host_lens) + 1
+        return SlotView(self.buffers(), lens, S, masked=full or self.n > 1)
 
     def advance(self, T: int) -> None:
         self.host_lens = [n + T for n in self.host_lens]
+
+
+class SlotView:
+    """One decode step over rows [0, n) of a SlotCache's buffers: row b writes its token at slot lens[b] and attends
+    to slots <= lens[b] among the first S. Tensors and sizes only, so a compiled step traces it whole."""
+
+    def __init__(self, buffers: list[Tensor], lens: Tensor, S: int, masked: bool = True):
+        half = len(buffers) // 2
+        self.buffers = buffers
+        self.first, self.second = buffers[:half], buffers[half:]  # k and v, or MLA's c_kv and k_pe
+        self.lens, self.S, self.masked = lens, S, masked
+        self.rows = torch.arange(lens.shape[0], device=lens.device)
+
+    def prepare(self, T: int, attn_mask: Tensor | None) -> tuple[Tensor | None, bool]:
+        if T != 1 or attn_mask is not None:
+            raise ValueError("a SlotCache decodes one token per row; prefill into a KVCache first")
+        if not self.masked:
+            return None, False
+        mask = torch.arange(self.S, device=self.lens.device)[None] <= self.lens[:, None]
+        return mask[:, None, None], False
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        kc, vc, n = self.first[layer], self.second[layer], self.lens.shape[0]
+        kc[self.rows, :, self.lens] = k[:, :, 0]
+        vc[self.rows, :, self.lens] = v[:, :, 0]
+        return kc[:n, :, : self.S], vc[:n, :, : self.S]
+
+    def update_latent(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor]:
+        kv, pe, n = self.first[layer], self.second[layer], self.lens.shape[0]
+        kv[self.rows, self.lens] = c_kv[:, 0]
+        pe[self.rows, self.lens] = k_pe[:, 0]
+        return kv[:n, : self.S], pe[:n, : self.S]
+
+    def advance(self, T: int) -> None:
+        pass  # the SlotCache advances its host-side lengths after the step

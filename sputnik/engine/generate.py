@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from sputnik.engine.cache import KVCache, SlotCache
+from sputnik.engine.cache import KVCache, SlotCache, SlotView
 from sputnik.engine.prefix import PrefixCache
 from sputnik.engine.sampling import Sampler, SamplingParams
 from sputnik.model import Transformer, sharded
@@ -98,6 +98,20 @@ class _Request:
     prefix: list[Tensor] | None = None  # cached KV of ids[:len], when the prefix cache holds part of the prompt
 
 
+def compiled_decode(model: Transformer) -> Callable[[Tensor, Tensor, list[Tensor]], Tensor]:
+    """The decode step as one compiled graph (inductor, C++ wrapper): at batch 1 a step is a few hundred tiny ops
+    around the matrix-vector products, and eager dispatch of those costs as much as a third of the step on a CPU.
+
+    Shapes stay put between steps (every slot attended under a mask), so it compiles once for one row and once for
+    several, and again only if the cache outgrows what was marked dynamic. The first steps pay the compile
+    (tens of seconds on a laptop CPU); eager is the default for that reason."""
+
+    def step(tokens: Tensor, positions: Tensor, buffers: list[Tensor]) -> Tensor:
+        return model(tokens, positions, SlotView(buffers, positions[:, 0], buffers[0].shape[-2]))
+
+    return torch.compile(step, options={"cpp_wrapper": model.device.type == "cpu"})
+
+
 @dataclass
 class _Prefill:
     """A group of waiting prompts being prefilled together, one chunk per step, into a left-padded KVCache."""
@@ -120,8 +134,10 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_batch: int = 64,
-                 prefill_chunk: int = 512, prefix_cache_mb: float = 0):
+                 prefill_chunk: int = 512, prefix_cache_mb: float = 0, compile: bool = False):
         self.model = model.eval()
+        self._compiled = compiled_decode(model) if compile else None
+        self._marked: Tensor | None = None  # the cache buffer last marked dynamic for the compiler
         self.tokenizer = tokenizer
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
@@ -358,9 +374,21 @@ class Engine:
         return seqs, kvs, logits.index_select(0, torch.tensor(rows, device=logits.device))
 
     def _decode(self) -> Tensor:
-        cache = self._cache
-        positions = torch.tensor(cache.host_lens, device=self.model.device)[:, None]
-        return self.model(self._next[:, None], positions, cache)[:, -1]
+        cache, tokens = self._cache, self._next[:, None]
+        if self._compiled is None:
+            view = cache.view()
+            logits = self.model(tokens, view.lens[:, None], view)
+        else:
+            view = cache.view(full=True)
+            if view.buffers[0] is not self._marked:  # new buffers (the cache grew): their sizes may vary
+                for t in view.buffers:
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+                    torch._dynamo.maybe_mark_dynamic(t, t.dim() - 2)  # (a negative dim is not understood)
+                self._marked = view.buffers[0]
+            torch._dynamo.maybe_mark_dynamic(tokens, 0)
+            logits = self._compiled(tokens, view.lens[:, None], view.buffers)
+        cache.advance(1)
+        return logits[:, -1]
 
     def _release(self, rows: list[int], store: bool = True) -> None:
         """Free finished rows: keep a finished sequence's KV in the prefix cache (a chat's next turn starts with

@@ -51,6 +51,7 @@ class ServeConfig:
     prefix_cache_mb: float = 256
     dtype: str = "auto"  # bf16 where the device multiplies it natively (AMX CPUs, GPUs), else float32
     device: str = "auto"
+    compile: bool = False  # decode with a compiled graph (a minute of compiling at the first requests of each kind)
     keepalive_s: float = 10.0  # SSE comment this often while a stream waits in the queue
     limits: Limits = field(default_factory=Limits)
     web: bool = True  # the chat page at / with its accounts and saved conversations
@@ -81,7 +82,7 @@ def load_backend(cfg: ServeConfig) -> Backend:
 
     device = pick_device(cfg.device)
     model, tok = load_pretrained(cfg.model, dtype=pick_dtype(cfg.dtype, device), device=device)
-    engine = Engine(model, tok, max_batch=cfg.max_batch, prefix_cache_mb=cfg.prefix_cache_mb)
+    engine = Engine(model, tok, max_batch=cfg.max_batch, prefix_cache_mb=cfg.prefix_cache_mb, compile=cfg.compile)
     name = cfg.served_name or Path(cfg.model.rstrip("/")).name.removesuffix(".gguf")
     return EngineBackend(engine, name, cfg.max_queue)
 
