@@ -70,7 +70,8 @@ class _HeadLogProbs(torch.autograd.Function):
         temperature, chunk, dtype = ctx.args
         want_h, want_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        # beta 0 on the first chunk: it writes the [V, dim] gradient, the others add to it (no zero-fill pass)
+        grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         w = weight.to(dtype)
         for i, c0 in enumerate(range(0, h.shape[0], chunk)):
             hc, tc = h[c0 : c0 + chunk], targets[c0 : c0 + chunk]
@@ -82,7 +83,7 @@ class _HeadLogProbs(torch.autograd.Function):
             if want_h:
                 grad_h[c0 : c0 + chunk] = d @ w
             if want_w:
-                grad_w.addmm_(d.T.float(), hc.float())
+                grad_w.addmm_(d.T.float(), hc.float(), beta=0 if i == 0 else 1)
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
 
 
