@@ -31,8 +31,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
-                   help="decode with a compiled graph (torch.compile): ~1.4x the batch-1 speed on a CPU after a "
-                        "one-time compile of about a minute (cached on disk for later runs)")
+                   help="decode with a compiled graph (torch.compile): ~1.2-1.6x the batch-1 speed on a CPU, after "
+                        "a compile of 1-3 minutes on 2 cores the first time (cached on disk: ~20 s later)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:

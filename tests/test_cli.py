@@ -100,3 +100,6 @@ def test_dtype_auto_is_bf16_only_where_the_device_multiplies_it_natively():
     ap = build_parser()
     assert ap.parse_args(["serve"]).dtype == "auto"
     assert ap.parse_args(["generate", "--prompt", "x"]).dtype == "float32"
+    # The compiled decode step is opt-in (it costs minutes of compiling the first time).
+    assert not ap.parse_args(["serve"]).compile and ap.parse_args(["serve", "--compile"]).compile
+    assert ap.parse_args(["chat", "--compile"]).compile and not ap.parse_args(["generate", "-p", "x"]).compile

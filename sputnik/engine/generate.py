@@ -209,6 +209,12 @@ class Engine:
             self.step()
         return [[s.completion() for s in row] for row in seqs]
 
+    def warm_up(self) -> None:
+        """Run a lone row and then two rows for a few tokens: with compile=True this builds both graphs now (minutes
+        on a small CPU the first time) rather than at the first requests."""
+        for rows in (1, 2):
+            self.generate([[1, 2, 3]] * rows, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+
     def stream(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None) -> Iterator[Delta]:
         """Deltas as tokens are chosen, across every prompt and sample; text never ends inside a UTF-8 character or a
         possible stop string."""

@@ -51,7 +51,7 @@ class ServeConfig:
     prefix_cache_mb: float = 256
     dtype: str = "auto"  # bf16 where the device multiplies it natively (AMX CPUs, GPUs), else float32
     device: str = "auto"
-    compile: bool = False  # decode with a compiled graph (a minute of compiling at the first requests of each kind)
+    compile: bool = False  # decode with a compiled graph (compiled at start-up: 1-3 minutes on 2 cores, then cached)
     keepalive_s: float = 10.0  # SSE comment this often while a stream waits in the queue
     limits: Limits = field(default_factory=Limits)
     web: bool = True  # the chat page at / with its accounts and saved conversations
@@ -83,6 +83,8 @@ def load_backend(cfg: ServeConfig) -> Backend:
     device = pick_device(cfg.device)
     model, tok = load_pretrained(cfg.model, dtype=pick_dtype(cfg.dtype, device), device=device)
     engine = Engine(model, tok, max_batch=cfg.max_batch, prefix_cache_mb=cfg.prefix_cache_mb, compile=cfg.compile)
+    if cfg.compile:
+        engine.warm_up()  # compile before /health says ready, not at the first requests
     name = cfg.served_name or Path(cfg.model.rstrip("/")).name.removesuffix(".gguf")
     return EngineBackend(engine, name, cfg.max_queue)
 
