@@ -6,6 +6,7 @@ Parameter names equal Hugging Face's on-disk names, so checkpoints load without 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -171,8 +172,33 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool = False) ->
 # ---------------------------------------------------------------- attention
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float) -> Tensor:
+@dataclass
+class Unpadded:
+    """Padded rows [B, T] run as one row of their real tokens: `index` [N] places each in the flattened [B * T]
+    layout, where attention runs (under `mask` / `causal`); every other layer sees only the N real tokens."""
+
+    index: Tensor
+    rows: int
+    cols: int
+    mask: Tensor | None
+    causal: bool
+
+    def pad(self, x: Tensor) -> Tensor:
+        """[1, H, N, D] -> [B, H, T, D], zeros at the pads."""
+        H, D = x.shape[1], x.shape[-1]
+        flat = x.new_zeros(self.rows * self.cols, H, D).index_copy(0, self.index, x[0].transpose(0, 1))
+        return flat.view(self.rows, self.cols, H, D).transpose(1, 2)
+
+    def unpad(self, x: Tensor) -> Tensor:
+        """[B, H, T, D] -> [1, H, N, D]."""
+        H, D = x.shape[1], x.shape[-1]
+        return x.transpose(1, 2).reshape(-1, H, D).index_select(0, self.index).transpose(0, 1)[None]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Unpadded | None, causal: bool, scale: float) -> Tensor:
     """SDPA over [B, H, T, D] queries and [B, Hkv, S, D] keys; grouped queries share kv heads without copies."""
+    if isinstance(mask, Unpadded):  # rows are padded back for attention only (a few copies, no matmul on pads)
+        return mask.unpad(attend(mask.pad(q), mask.pad(k), mask.pad(v), mask.mask, mask.causal, scale))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
                                           enable_gqa=k.shape[1] != q.shape[1])
 
@@ -468,19 +494,30 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         attn_mask: Tensor | None = None,
         doc_ids: Tensor | None = None,
+        unpad: bool = False,
     ) -> Tensor:
         """Last block's output [B, T, dim], before the final norm.
 
         attn_mask [B, T] marks real tokens (False = padding, never attended to). With a KVCache the tokens are written
         at slots cache.length.. and may attend to everything cached before them; a SlotView (one token per row, each
         row at its own length) needs explicit positions. doc_ids [B, T] (packed rows, no cache) keeps attention
-        causal within each document id; pass positions that restart at 0 per document with it.
+        causal within each document id; pass positions that restart at 0 per document with it. unpad (training rows
+        with attn_mask, no cache) runs every layer but attention on the real tokens only and returns [1, N, dim]: the
+        real tokens row after row, as tokens[attn_mask] orders them.
         """
         B, T = tokens.shape
         if positions is None:
             start = 0 if cache is None else cache.length
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        if doc_ids is not None:
+        if unpad:
+            if attn_mask is None or cache is not None or doc_ids is not None:
+                raise ValueError("unpad is for padded rows (attn_mask) without a cache or doc_ids")
+            real = attn_mask.bool()
+            mask, causal = build_mask(B, T, 0, None if bool(real.all()) else real, tokens.device)
+            index = real.flatten().nonzero().squeeze(1)
+            mask, causal = Unpadded(index, B, T, mask, causal), False
+            tokens, positions = tokens.flatten()[index][None], positions.flatten()[index][None]
+        elif doc_ids is not None:
             if cache is not None:
                 raise ValueError("doc_ids is for packed training rows, not for decoding with a cache")
             key_valid = None if attn_mask is None else attn_mask.bool()
@@ -508,14 +545,18 @@ class Transformer(nn.Module):
         doc_ids: Tensor | None = None,
         mtp: bool = False,
         head: Callable[[Tensor], Any] | None = None,
+        unpad: bool = False,
     ) -> Tensor | tuple[Tensor, list[Tensor]] | Any:
         """Logits [B, T, vocab] (or [B, 1, vocab] with last_only: prefill needs only the next token's).
 
         With mtp (training), also each MTP depth's logits (see mtp_logits), computed inside this call so that a
         sharded (FSDP) model gathers its embedding and head once for both. With head, returns head(h) for the last
         block's output h [B, T, dim] instead: a loss that uses the model's own norm and head weights (log-probs,
-        cross-entropy) runs inside this call, where a sharded model has them gathered."""
-        h = self.hidden(tokens, positions, cache, attn_mask, doc_ids=doc_ids)
+        cross-entropy) runs inside this call, where a sharded model has them gathered; with unpad (see hidden) h is
+        [1, N, dim], the real tokens only."""
+        if unpad and (mtp or head is None):
+            raise ValueError("unpad needs a head over the real tokens' states (and no MTP)")
+        h = self.hidden(tokens, positions, cache, attn_mask, doc_ids=doc_ids, unpad=unpad)
         if head is not None:
             return head(h)
         if last_only:

@@ -71,6 +71,35 @@ def test_left_padding_gives_equal_logprobs(model, tokens):
     torch.testing.assert_close(both[1], row1[0], atol=1e-5, rtol=1e-5)
 
 
+def test_padded_rows_score_like_each_row_alone(model, tokens):
+    """Left and right padding in one batch (the padded rows run unpadded): every column that predicts a real token
+    from a real one equals the row scored alone, with equal gradients; columns next to pads are 0."""
+    L = 16
+    rows = [tokens[0, :12], tokens[1, 2:9], tokens[0, 5:7]]
+    lefts = [0, 3, 6]
+    batch = torch.zeros(3, L, dtype=tokens.dtype)
+    real = torch.zeros(3, L, dtype=torch.bool)
+    for b, (r, s) in enumerate(zip(rows, lefts)):
+        batch[b, s : s + len(r)], real[b, s : s + len(r)] = r, True
+    w = torch.randn(3, L - 1, generator=torch.Generator().manual_seed(5))
+    model.zero_grad()
+    got = token_logprobs(model, batch, attn_mask=real, start=torch.tensor([0, 4, 6]))
+    (got * w).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    want = torch.zeros(3, L - 1)
+    for b, (r, s) in enumerate(zip(rows, lefts)):
+        alone = token_logprobs(model, r[None])[0]
+        keep = torch.arange(len(r) - 1) + s >= [0, 4, 6][b]
+        (alone * keep * w[b, s : s + len(r) - 1]).sum().backward()
+        want[b, s : s + len(r) - 1] = (alone * keep).detach()
+    torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=1e-5)
+    assert (got[~(real[:, :-1] & real[:, 1:])] == 0).all()
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+    model.zero_grad()
+
+
 def test_temperature_divides_logits_before_log_softmax(model, tokens):
     T = 0.7
     with torch.no_grad():

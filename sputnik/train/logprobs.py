@@ -114,8 +114,9 @@ def token_logprobs(
     """Per-token log-probs [B, T - 1] in fp32: column t is log p(tokens[:, t + 1] | tokens[:, :t + 1]).
 
     Logits are divided by `temperature` before the log-softmax, so rollouts sampled at T score as sampled.
-    attn_mask [B, T] (True = real token) allows left padding; positions then default to the real-token index,
-    so padded and unpadded rows give equal log-probs. Only columns t >= start are computed (start: int, or one
+    attn_mask [B, T] (True = real token) allows left and right padding; positions then default to the real-token
+    index, so padded and unpadded rows give equal log-probs. With padding, only the real tokens go through the model
+    (attention aside) and columns whose next token is a pad are 0. Only columns t >= start are computed (start: int, or one
     per row [B]); the others are 0. Pass start = P - 1 to score just the completion after a P-token prompt.
     The head runs through head_logprobs, `chunk` tokens at a time. entropy=True also returns the tempered distribution's
     per-token entropy [B, T - 1] (detached, 0 where not computed).
@@ -133,6 +134,25 @@ def token_logprobs(
     else:
         first = int(start)
     first = max(0, min(first, n))
+
+    if attn_mask is not None and not bool(attn_mask.all()):
+        # Padded rows: the model runs on the real tokens only and the head on the columns that predict a real token
+        # from a real one (the others are 0, as are the skipped prompt columns); no matmul is spent on padding.
+        real = attn_mask.bool()
+        scored = real[:, :-1] & real[:, 1:]
+        scored[:, :first] = False
+        if row_start is not None:
+            scored &= torch.arange(n, device=tokens.device)[None, :] >= row_start
+        at = (real.flatten().cumsum(0) - 1).view(B, T)[:, :-1][scored]  # each scored column among the real tokens
+        picked = targets[scored]
+
+        def score_real(h: Tensor) -> tuple[Tensor, Tensor]:
+            return head_logprobs(model, h[0, at], picked, temperature, chunk)
+
+        lp, en = model(tokens, positions, attn_mask=attn_mask, head=score_real, unpad=True)
+        zeros = torch.zeros(B, n, dtype=torch.float32, device=tokens.device)
+        logp, ent = zeros.masked_scatter(scored, lp), zeros.masked_scatter(scored, en)
+        return (logp, ent) if entropy else logp
 
     def score(h: Tensor) -> tuple[Tensor, Tensor]:  # inside the model's call (FSDP: the head is gathered there)
         h = h[:, first:n]
