@@ -7,6 +7,9 @@ generation round and one optimizer update. Medians over the steps after the firs
 sputnik's floor, from rates measured in the same run: the step's rollout tokens at sputnik's own sampled decode
 speed (the rollout's shape: prompts x G rows, max-new-tokens each) plus 6 * params * trained tokens (prompt +
 completion tokens through forward and backward, padding excluded) at the fp32 matmul rate of a training-like shape.
+Both rates are measured right after each step, so each step is held to the machine's speed of that moment: on a
+shared VM the speed drifts by 20-30% within minutes, and rates taken once at the end compared steps with another
+machine. `vs_floor` is the median over the timed steps of step seconds / that step's floor.
 With beta = 0 sputnik leaves rows whose advantage is 0 (every group whose rewards are all equal) out of the
 forward/backward, which changes neither loss nor gradient; TRL runs every row. "trained tokens" counts what each side
 actually ran, so on a task the model mostly fails (all-zero groups) sputnik's update is far smaller than TRL's.
@@ -85,17 +88,28 @@ def run_sputnik(model, tok, args, out_dir: str) -> tuple[GRPOObjective, list[dic
 
     objective._next_prompts, objective.prepare = counting_next_prompts, counting_prepare
     rows = []
+    params_count = sum(p.numel() for p in model.parameters())
     for step in range(args.steps):  # train_step directly: Trainer.run() would also save a checkpoint at the end
         r = trainer.train_step(step)
         generated = r["completion_length"] * args.prompts * args.generations  # every rollout row's tokens
+        # The floor's rates, now: decode at this step's prompts (every row to max-new-tokens), matmul.
+        decode = decode_tok_s(model, tok, [objective.prompts[i][0] for i in used[-args.prompts :]], args, repeats=1)
+        gflops = matmul_gflops(model.cfg.dim, model.cfg.inter_dim, batch=512, repeats=5)
+        floor_rollout = generated / decode
+        floor_update = 6 * params_count * counts["trained"] / (gflops * 1e9)
         rows.append({"seconds": r["seconds"], "rollout_seconds": r["prepare_seconds"],
                      "update_seconds": r["seconds"] - r["prepare_seconds"], "rollout_tokens": generated,
                      "trained_tokens": counts["trained"], "padded_tokens": counts["padded"],
                      "all_tokens": counts["prompt"] + generated, "trained_rows": r.get("trained_rows", 1.0),
-                     "reward": r["reward"]})
+                     "reward": r["reward"], "decode_tok_s": decode, "matmul_gflop_s": gflops,
+                     "floor_rollout_seconds": floor_rollout, "floor_update_seconds": floor_update,
+                     "floor_seconds": floor_rollout + floor_update,
+                     "vs_floor": r["seconds"] / (floor_rollout + floor_update)})
+        model.train()
         print(f"  sputnik step {step + 1}: {r['seconds']:.2f}s (rollout {r['prepare_seconds']:.2f}s), "
               f"{generated:.0f} generated, {counts['trained']:.0f} trained tokens "
-              f"({rows[-1]['trained_rows']:.0%} of rows), reward {r['reward']:.3f}", flush=True)
+              f"({rows[-1]['trained_rows']:.0%} of rows), reward {r['reward']:.3f}; floor {rows[-1]['floor_seconds']:.2f}s "
+              f"(decode {decode:.1f} tok/s, matmul {gflops:.1f} GFLOP/s)", flush=True)
     return objective, rows, used
 
 
@@ -205,20 +219,12 @@ def main() -> None:
         del objective
         model.zero_grad(set_to_none=True)
 
-        print("floor rates", flush=True)
-        model.eval()
-        decode = decode_tok_s(model, tok, prompts[: args.prompts], args)
-        gflops = matmul_gflops(model.cfg.dim, model.cfg.inter_dim, batch=512)
-
         trl = None
         if not args.skip_trl:
             print("TRL GRPOTrainer", flush=True)
             trl = run_trl(hf_dir, problems, task, prompts, args, str(Path(tmp) / "trl"))
 
-    for r in sp:
-        r["floor_rollout_seconds"] = r["rollout_tokens"] / decode
-        r["floor_update_seconds"] = 6 * params_count * r["trained_tokens"] / (gflops * 1e9)
-        r["floor_seconds"] = r["floor_rollout_seconds"] + r["floor_update_seconds"]
+    decode, gflops = med([r["decode_tok_s"] for r in sp]), med([r["matmul_gflop_s"] for r in sp])
 
     def col(rows, key):
         return med([r[key] for r in rows])
@@ -227,8 +233,9 @@ def main() -> None:
     print(f"\nGRPO step, SmolLM2-135M fp32, 2-digit addition, {args.prompts} prompts x G={args.generations}, "
           f"<= {args.max_new_tokens} new tokens, dapo, full fine-tune; median of {n_timed} step(s) after warm-up; "
           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"floor rates: decode {decode:.1f} tok/s (sputnik, B={args.prompts * args.generations} sampled), "
-          f"matmul {gflops:.1f} GFLOP/s (512 rows), {params_count / 1e6:.1f}M params")
+    print(f"floor rates (median of those measured after each step): decode {decode:.1f} tok/s (sputnik, "
+          f"B={args.prompts * args.generations} sampled), matmul {gflops:.1f} GFLOP/s (512 rows), "
+          f"{params_count / 1e6:.1f}M params")
     print(f"sputnik trained {med([r['trained_rows'] for r in sp]):.0%} of the rollout rows (advantage != 0), TRL all")
     print(f"{'':<18}{'step s':>9}{'rollout s':>11}{'update s':>10}{'gen tokens':>12}{'trained tok':>13}{'vs sputnik':>12}")
     s_med = col(sp, "seconds")
@@ -249,7 +256,8 @@ def main() -> None:
 
     figures = {
         "vs_trl": round(s_med / col(trl, "seconds"), 3) if trl else None,
-        "vs_floor": round(s_med / col(sp, "floor_seconds"), 3),
+        "vs_floor": round(col(sp, "vs_floor"), 3),
+        "vs_floor_of_medians": round(s_med / col(sp, "floor_seconds"), 3),
         "rollout_vs_trl": round(col(sp, "rollout_seconds") / col(trl, "rollout_seconds"), 3) if trl else None,
         "sputnik_step_s": round(s_med, 3),
         "sputnik_rollout_s": round(col(sp, "rollout_seconds"), 3),
@@ -273,6 +281,9 @@ def main() -> None:
         "sputnik_all_rows_tokens": rounded(sp, "all_tokens", 0),
         "sputnik_trained_rows": rounded(sp, "trained_rows"),
         "floor_steps_s": rounded(sp, "floor_seconds"),
+        "vs_floor_steps": rounded(sp, "vs_floor"),
+        "decode_steps_tok_s": rounded(sp, "decode_tok_s", 1),
+        "matmul_steps_gflop_s": rounded(sp, "matmul_gflop_s", 1),
         "trl_steps_s": rounded(trl, "seconds") if trl else None,
         "trl_rollout_steps_s": rounded(trl, "rollout_seconds") if trl else None,
         "trl_rollout_tokens": rounded(trl, "rollout_tokens", 0) if trl else None,
