@@ -108,8 +108,9 @@ def run_sputnik(model, tok, args, out_dir: str) -> tuple[GRPOObjective, list[dic
         model.train()
         print(f"  sputnik step {step + 1}: {r['seconds']:.2f}s (rollout {r['prepare_seconds']:.2f}s), "
               f"{generated:.0f} generated, {counts['trained']:.0f} trained tokens "
-              f"({rows[-1]['trained_rows']:.0%} of rows), reward {r['reward']:.3f}; floor {rows[-1]['floor_seconds']:.2f}s "
-              f"(decode {decode:.1f} tok/s, matmul {gflops:.1f} GFLOP/s)", flush=True)
+              f"({rows[-1]['trained_rows']:.0%} of rows), reward {r['reward']:.3f}; "
+              f"floor {rows[-1]['floor_seconds']:.2f}s (decode {decode:.1f} tok/s, matmul {gflops:.1f} GFLOP/s)",
+              flush=True)
     return objective, rows, used
 
 

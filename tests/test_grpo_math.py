@@ -100,6 +100,19 @@ def test_padded_rows_score_like_each_row_alone(model, tokens):
     model.zero_grad()
 
 
+def test_nothing_scored_gives_zero_gradient(model, tokens):
+    """Padding everywhere but one token per row: no column predicts a real token, so every log-prob is 0 and the
+    gradient (the head's included) is exactly 0, not uninitialised memory."""
+    real = torch.zeros_like(tokens, dtype=torch.bool)
+    real[:, 3] = True
+    model.zero_grad()
+    logp = token_logprobs(model, tokens, attn_mask=real)
+    assert logp.shape == (2, 11) and (logp == 0).all()
+    (logp.sum() + sum(p.sum() * 0 for p in model.parameters())).backward()
+    assert all(p.grad is not None and (p.grad == 0).all() for p in model.parameters())
+    model.zero_grad()
+
+
 def test_temperature_divides_logits_before_log_softmax(model, tokens):
     T = 0.7
     with torch.no_grad():

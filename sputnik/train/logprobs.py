@@ -72,6 +72,8 @@ class _HeadLogProbs(torch.autograd.Function):
         grad_h = torch.empty_like(h) if want_h else None
         # beta 0 on the first chunk: it writes the [V, dim] gradient, the others add to it (no zero-fill pass)
         grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        if grad_w is not None and h.shape[0] == 0:
+            grad_w.zero_()  # no chunk will write it
         w = weight.to(dtype)
         for i, c0 in enumerate(range(0, h.shape[0], chunk)):
             hc, tc = h[c0 : c0 + chunk], targets[c0 : c0 + chunk]
@@ -116,8 +118,8 @@ def token_logprobs(
     Logits are divided by `temperature` before the log-softmax, so rollouts sampled at T score as sampled.
     attn_mask [B, T] (True = real token) allows left and right padding; positions then default to the real-token
     index, so padded and unpadded rows give equal log-probs. With padding, only the real tokens go through the model
-    (attention aside) and columns whose next token is a pad are 0. Only columns t >= start are computed (start: int, or one
-    per row [B]); the others are 0. Pass start = P - 1 to score just the completion after a P-token prompt.
+    (attention aside) and columns whose next token is a pad are 0. Only columns t >= start are computed (start: int,
+    or one per row [B]); the others are 0. Pass start = P - 1 to score just the completion after a P-token prompt.
     The head runs through head_logprobs, `chunk` tokens at a time. entropy=True also returns the tempered distribution's
     per-token entropy [B, T - 1] (detached, 0 where not computed).
     """
