@@ -186,7 +186,7 @@ class Unpadded:
     def pad(self, x: Tensor) -> Tensor:
         """[1, H, N, D] -> [B, H, T, D], zeros at the pads."""
         H, D = x.shape[1], x.shape[-1]
-        flat = x.new_zeros(self.rows * self.cols, H, D).index_copy(0, self.index, x[0].transpose(0, 1))
+        flat = x.new_zeros(self.rows * self.cols, H, D).index_copy_(0, self.index, x[0].transpose(0, 1))
         return flat.view(self.rows, self.cols, H, D).transpose(1, 2)
 
     def unpad(self, x: Tensor) -> Tensor:

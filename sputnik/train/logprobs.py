@@ -137,38 +137,23 @@ def token_logprobs(
         first = int(start)
     first = max(0, min(first, n))
 
-    if attn_mask is not None and not bool(attn_mask.all()):
-        # Padded rows: the model runs on the real tokens only and the head on the columns that predict a real token
-        # from a real one (the others are 0, as are the skipped prompt columns); no matmul is spent on padding.
-        real = attn_mask.bool()
-        scored = real[:, :-1] & real[:, 1:]
-        scored[:, :first] = False
-        if row_start is not None:
-            scored &= torch.arange(n, device=tokens.device)[None, :] >= row_start
-        at = (real.flatten().cumsum(0) - 1).view(B, T)[:, :-1][scored]  # each scored column among the real tokens
-        picked = targets[scored]
-
-        def score_real(h: Tensor) -> tuple[Tensor, Tensor]:
-            return head_logprobs(model, h[0, at], picked, temperature, chunk)
-
-        lp, en = model(tokens, positions, attn_mask=attn_mask, head=score_real, unpad=True)
-        zeros = torch.zeros(B, n, dtype=torch.float32, device=tokens.device)
-        logp, ent = zeros.masked_scatter(scored, lp), zeros.masked_scatter(scored, en)
-        return (logp, ent) if entropy else logp
+    # Only columns that predict a real token from a real one, at or after start, go through the head; the others are
+    # 0. With padding the model runs on the real tokens alone (unpad): no matmul is spent on pads.
+    real = attn_mask.bool() if attn_mask is not None else torch.ones(B, T, dtype=torch.bool, device=tokens.device)
+    unpad = not bool(real.all())
+    scored = real[:, :-1] & real[:, 1:]
+    scored[:, :first] = False
+    if row_start is not None:
+        scored &= torch.arange(n, device=tokens.device)[None, :] >= row_start
+    at = (real.flatten().cumsum(0) - 1).view(B, T)[:, :-1][scored]  # each scored column's row in h, flattened
+    picked = targets[scored]
 
     def score(h: Tensor) -> tuple[Tensor, Tensor]:  # inside the model's call (FSDP: the head is gathered there)
-        h = h[:, first:n]
-        return head_logprobs(model, h.reshape(-1, h.shape[-1]), targets[:, first:].reshape(-1), temperature, chunk)
+        return head_logprobs(model, h.reshape(-1, h.shape[-1])[at], picked, temperature, chunk)
 
-    # The skipped prompt columns are constant zeros; cat keeps one graph.
-    lp, en = model(tokens, positions, attn_mask=attn_mask, head=score)
-    zeros = torch.zeros(B, first, dtype=torch.float32, device=tokens.device)
-    logp = torch.cat([zeros, lp.view(B, n - first)], dim=1)
-    ent = torch.cat([zeros, en.view(B, n - first)], dim=1)
-    if row_start is not None:
-        keep = torch.arange(n, device=tokens.device)[None, :] >= row_start
-        logp = logp * keep
-        ent = ent * keep
+    lp, en = model(tokens, positions, attn_mask=attn_mask, head=score, unpad=unpad)
+    zeros = torch.zeros(B, n, dtype=torch.float32, device=tokens.device)
+    logp, ent = zeros.masked_scatter(scored, lp), zeros.masked_scatter(scored, en)
     return (logp, ent) if entropy else logp
 
 
