@@ -82,8 +82,8 @@ def run_sputnik(model, tok, args, out_dir: str) -> tuple[GRPOObjective, list[dic
         micros = prepare(step, m)
         # The rows that go through forward/backward (sputnik leaves out rows with advantage 0 when beta = 0);
         # attn is True on their real tokens: the prompt (left-padded to P) and the completion after it.
-        counts["trained"] = float(sum(mb["attn"].sum().item() for mb in micros))
-        counts["padded"] = float(sum(mb["tokens"].numel() for mb in micros))
+        counts["trained"] = float(sum(mb.attn.sum().item() for mb in micros))
+        counts["padded"] = float(sum(mb.tokens.numel() for mb in micros))
         return micros
 
     objective._next_prompts, objective.prepare = counting_next_prompts, counting_prepare

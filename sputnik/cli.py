@@ -217,11 +217,11 @@ def cmd_train_grpo(args) -> int:
     grpo, train = settings(args, recipe, GRPOConfig, TrainConfig)
     model = args.model or recipe.get("model") or DEFAULT_MODEL
     summary = train_grpo(model, grpo, train)
-    before, after = summary["before"].get("accuracy"), summary["after"].get("accuracy")
+    before, after = summary.before.get("accuracy"), summary.after.get("accuracy")
     if after is not None:
         print(f"greedy accuracy on {grpo.eval_n} held-out {grpo.task} problems: "
               f"{before if before is not None else float('nan'):.3f} -> {after:.3f} "
-              f"({summary['steps']} steps, {summary['minutes']:.1f} min); {train.out_dir}/summary.json")
+              f"({summary.steps} steps, {summary.minutes:.1f} min); {train.out_dir}/summary.json")
     return 0
 
 

@@ -8,14 +8,14 @@
 
 `combine({"accuracy": 1, "format": 1})` gives the weighted sum (R1-Zero's reward: accuracy + format, equal
 weights) together with each component. Functions take **cfg and ignore what they do not use, so one set of
-options (RewardConfig) serves them all.
+options (think_opened, require_answer_tag, language, max_length, overlong_cache) serves them all; each option's
+default is the one its function's signature gives.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sputnik.tasks.base import Problem, Task
@@ -160,28 +160,13 @@ REWARDS: dict[str, RewardFn] = {
 
 # ----- combining -----
 
-@dataclass
-class RewardConfig:
-    """Weights by reward name, and the options the reward functions read."""
-
-    weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
-    think_opened: bool = False  # the prompt ends with "<think>" (R1 chat template)
-    require_answer_tag: bool = False  # format: the answer must be <answer>…</answer> (R1-Zero template)
-    language: str = "en"  # target language of the chain of thought: "en" or "ko"
-    max_length: int = 4096  # L_max: the generation budget in tokens
-    overlong_cache: int = 512  # L_cache: the soft penalty window before L_max
-
-    @staticmethod
-    def parse_weights(text: str) -> dict[str, float]:
-        """"accuracy=1,format=0.5" -> {"accuracy": 1.0, "format": 0.5}; a bare name weighs 1."""
-        weights = {}
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            name, _, value = part.partition("=")
-            weights[name.strip()] = float(value) if value else 1.0
-        return weights
-
-    def options(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "weights"}
+def parse_weights(text: str) -> dict[str, float]:
+    """"accuracy=1,format=0.5" -> {"accuracy": 1.0, "format": 0.5}; a bare name weighs 1."""
+    weights = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        weights[name.strip()] = float(value) if value else 1.0
+    return weights
 
 
 class Reward:
@@ -217,11 +202,9 @@ class Reward:
         return f"Reward({self.weights}, {self.options})"
 
 
-def combine(spec: dict[str, float] | RewardConfig | str, **options: Any) -> Reward:
-    """A Reward from weights ({"accuracy": 1, "format": 1}, "accuracy=1,format=1") or a RewardConfig;
-    `options` (think_opened, language, max_length, ...) override the config's."""
-    if isinstance(spec, str):
-        spec = RewardConfig.parse_weights(spec)
-    if isinstance(spec, RewardConfig):
-        return Reward(spec.weights, **{**spec.options(), **options})
-    return Reward(spec, **{**RewardConfig(weights=dict(spec)).options(), **options})
+def combine(weights: dict[str, float] | str, **options: Any) -> Reward:
+    """A Reward from weights ({"accuracy": 1, "format": 1} or "accuracy=1,format=1") and the options the reward
+    functions read (think_opened, language, max_length, ...; a call's own keywords override them)."""
+    if isinstance(weights, str):
+        weights = parse_weights(weights)
+    return Reward(weights, **options)

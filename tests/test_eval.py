@@ -29,7 +29,7 @@ RECORDS = [
 
 
 def test_summary_by_hand():
-    s = summarize(RECORDS, k=4)
+    s = summarize(RECORDS, k=4).to_json()
     assert s["problems"] == 2 and s["skipped"] == 1
     assert s["greedy_accuracy"] == 0.5
     assert s["pass@1"] == pytest.approx((1 / 4 + 3 / 4) / 2)

@@ -56,25 +56,49 @@ def test_prepare_builds_masks_advantages_and_global_counts(tmp_path):
     model, tok, cfg = setup(tmp_path, num_iterations=2, beta=0.04, micro_batch_size=5)
     objective = GRPOObjective(model, tok, cfg, seed=0)
     micro = objective.prepare(0, model)
-    assert sum(m["tokens"].shape[0] for m in micro) == 32 and [m["tokens"].shape[0] for m in micro][0] == 5
-    mask = torch.cat([m["mask"] for m in micro])
-    assert micro[0]["num_items"] == mask.sum().item() and micro[0]["num_seqs"] == 32
-    adv = torch.cat([m["adv"] for m in micro]).view(4, 8)
+    assert sum(m.tokens.shape[0] for m in micro) == 32 and [m.tokens.shape[0] for m in micro][0] == 5
+    mask = torch.cat([m.mask for m in micro])
+    assert micro[0].num_items == mask.sum().item() and micro[0].num_seqs == 32
+    adv = torch.cat([m.adv for m in micro]).view(4, 8)
     assert torch.allclose(adv.sum(1), torch.zeros(4), atol=1e-5)  # group-relative
     # mu = 2 keeps the old log-probs; beta > 0 scores a reference that starts equal to the policy: KL 0 at first.
     loss, metrics = objective.loss(model, micro[0])
     assert torch.isfinite(loss) and metrics["kl"] == 0.0 and metrics["clip_ratio"] == 0.0
     for m in micro:
-        lengths = m["attn"].sum(1) - (m["attn"][:, : m["P"]].sum(1))
-        assert torch.all(m["mask"].sum(1) <= lengths)  # no loss on padding
+        lengths = m.attn.sum(1) - (m.attn[:, : m.P].sum(1))
+        assert torch.all(m.mask.sum(1) <= lengths)  # no loss on padding
 
 
 def test_dynamic_sampling_drops_groups_with_equal_rewards(tmp_path):
     model, tok, cfg = setup(tmp_path, dynamic_sampling=True, max_refills=3)
     objective = GRPOObjective(model, tok, cfg, seed=0)
     micro = objective.prepare(0, model)
-    adv = torch.cat([m["adv"] for m in micro]).view(-1, 8)
+    adv = torch.cat([m.adv for m in micro]).view(-1, 8)
     assert (adv.abs().sum(1) > 0).all()  # every kept group carries a signal
+
+
+def test_truncated_completions_can_be_left_out_of_the_loss(tmp_path):
+    """DAPO's overlong filtering (mask_truncated_completions): rows that hit the length limit get no loss; their
+    rewards still count in their group."""
+    from sputnik.engine import Completion
+
+    def prepared(mask_truncated: bool):
+        model, tok, cfg = setup(tmp_path, beta=0.04, mask_truncated_completions=mask_truncated)
+
+        class Cut(GRPOObjective):  # even samples stop after "3", odd ones run to the limit on "333"
+            def _sample(self, model, idx, step, attempt):
+                return [[Completion("333", tok.encode("333"), [], "length", 0) if j % 2 else
+                         Completion("3", tok.encode("3") + [0], [], "stop", 0) for j in range(8)] for _ in idx]
+
+        objective = Cut(model, tok, cfg, seed=0)
+        return objective.prepare(0, model), objective.metrics(0)
+
+    kept, metrics = prepared(False)
+    assert sum(m.tokens.shape[0] for m in kept) == 32 and kept[0].num_items == 16 * 2 + 16 * 3
+    masked, masked_metrics = prepared(True)
+    assert sum(m.tokens.shape[0] for m in masked) == 16 and masked[0].num_items == 16 * 2
+    assert torch.all(torch.cat([m.adv for m in masked]) > 0)  # the right answers, against groups half wrong
+    assert masked_metrics["reward"] == metrics["reward"] == 0.5
 
 
 def test_kill_and_resume_gives_the_same_next_step(tmp_path):

@@ -11,9 +11,7 @@ from sputnik.model import Transformer
 from sputnik.train.grpo_math import (
     group_advantages,
     kl_k3,
-    overlong_penalty,
     policy_loss,
-    truncation_policy,
     zero_std_fraction,
     zero_std_groups,
 )
@@ -368,20 +366,3 @@ def test_gspo_sequence_ratio():
     (g,) = torch.autograd.grad(loss, logp)
     want = torch.tensor([[-s0 / 2 / 2, -s0 / 2 / 2, 0.0], [0.5 * s1 / 3 / 2] * 3])
     torch.testing.assert_close(g, want, atol=1e-6, rtol=1e-6)
-
-
-# ---------------------------------------------------------------- length handling
-
-
-def test_overlong_penalty_and_truncation_policy():
-    p = overlong_penalty(torch.tensor([10, 96, 112, 128, 200]), max_len=128, cache_len=32)
-    torch.testing.assert_close(p, torch.tensor([0.0, 0.0, -0.5, -1.0, -1.0]))
-    mask = torch.ones(3, 4)
-    truncated = torch.tensor([False, True, False])
-    rewards = torch.tensor([1.0, 1.0, 0.0])
-    m, r = truncation_policy(mask, truncated, "keep", rewards)
-    assert m is mask and r is rewards
-    m, r = truncation_policy(mask, truncated, "mask", rewards)
-    assert m.sum(1).tolist() == [4.0, 0.0, 4.0] and r.tolist() == [1.0, 1.0, 0.0]
-    m, r = truncation_policy(mask, truncated, "penalize", rewards)
-    assert m.sum().item() == 12.0 and r.tolist() == [1.0, -1.0, 0.0]

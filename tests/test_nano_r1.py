@@ -20,7 +20,7 @@ def test_pipeline_runs_every_stage(tmp_path):
     figure = json.loads((tmp_path / "nano" / "nano-r1.json").read_text())
     assert set(figure) >= {"sft", "grpo", "minutes"} and figure["minutes"] > 0
     assert 0 <= figure["sft"]["pass@1"] <= 1 and 0 <= figure["grpo"]["pass@1"] <= 1
-    assert summary["stage_minutes"].keys() == {"tokenizer", "pretrain", "sft", "grpo", "eval"}
+    assert summary.stage_minutes.keys() == {"tokenizer", "pretrain", "sft", "grpo", "eval"}
     for stage in ("pretrain", "sft", "grpo"):
         assert (tmp_path / "nano" / f"{stage}.png").is_file()
     assert (tmp_path / "nano" / "pretrain" / "expert_load.png").is_file()

@@ -2,8 +2,8 @@
 
 import pytest
 
-from sputnik.rewards import (REWARDS, Reward, RewardConfig, chain_of_thought, combine, format_reward,
-                             language_reward, length_reward, overlong_reward, words_by_script)
+from sputnik.rewards import (REWARDS, Reward, chain_of_thought, combine, format_reward, language_reward,
+                             length_reward, overlong_reward, parse_weights, words_by_script)
 from sputnik.tasks import Problem, get_task
 
 ARITH = get_task("arithmetic")
@@ -115,7 +115,7 @@ def test_weighted_sum():
 
 
 def test_r1_zero_default_and_skip():
-    reward = combine(RewardConfig())  # accuracy + format, equal weights
+    reward = combine({"accuracy": 1.0, "format": 1.0})  # accuracy + format, equal weights
     assert reward(P85, "<think>47 + 38 = 85</think> <answer>85</answer>", ARITH)[0] == 2.0
     assert reward(P85, "<answer>85</answer>", ARITH)[0] == 1.0
     assert reward(P85, "<think>hm</think> <answer>86</answer>", ARITH)[0] == 1.0
@@ -126,14 +126,13 @@ def test_r1_zero_default_and_skip():
 
 
 def test_combine_specs():
-    assert RewardConfig.parse_weights("accuracy=1, format=0.5,language") == {"accuracy": 1.0, "format": 0.5,
-                                                                           "language": 1.0}
+    assert parse_weights("accuracy=1, format=0.5,language") == {"accuracy": 1.0, "format": 0.5, "language": 1.0}
     reward = combine("accuracy=2,length=1", max_length=1000)
     total, parts = reward(P85, "<answer>85</answer>", ARITH, length=100)
     assert parts == {"accuracy": 1.0, "length": pytest.approx(0.4)} and total == pytest.approx(2.4)
-    config = RewardConfig(weights={"format": 1.0}, think_opened=True)
-    assert combine(config)(P85, "r</think> 85", ARITH)[0] == 1.0
-    assert combine(config, think_opened=False)(P85, "r</think> 85", ARITH)[0] == 0.0
+    weights, options = {"format": 1.0}, {"think_opened": True}
+    assert combine(weights, **options)(P85, "r</think> 85", ARITH)[0] == 1.0
+    assert combine(weights, **options)(P85, "r</think> 85", ARITH, think_opened=False)[0] == 0.0
     assert isinstance(combine({"accuracy": 1}), Reward)
     assert set(REWARDS) == {"accuracy", "format", "language", "overlong", "length"}
     with pytest.raises(ValueError, match="unknown rewards"):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sputnik.eval.run import EvalSummary
 
 METRICS = [("greedy_accuracy", "greedy accuracy"), ("pass@1", "pass@1"), ("pass@k", "pass@k"), ("cons@k", "cons@k"),
            ("format_rate", "format rate"), ("mean_length", "mean length (tokens)"),
@@ -24,9 +27,10 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def markdown_table(summaries: dict[str, dict[str, Any]]) -> str:
+def markdown_table(runs: dict[str, EvalSummary]) -> str:
     """One column per run, one row per metric."""
-    names = list(summaries)
+    names = list(runs)
+    summaries = {name: s.to_json() for name, s in runs.items()}
     k = next((s.get("k") for s in summaries.values() if s.get("k")), None)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key, label in METRICS:
@@ -37,23 +41,23 @@ def markdown_table(summaries: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curve(summary: dict[str, Any], path: Path) -> None:
+def plot_curve(summary: EvalSummary, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curve = summary.get("curve")
+    curve = summary.curve
     if not curve:
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(curve["j"], curve["pass"], marker="o", label="pass@k")
     ax.plot(curve["j"], curve["cons"], marker="s", label="cons@k")
-    if summary.get("greedy_accuracy") is not None:
-        ax.axhline(summary["greedy_accuracy"], color="gray", ls="--", label="greedy")
+    if summary.greedy_accuracy is not None:
+        ax.axhline(summary.greedy_accuracy, color="gray", ls="--", label="greedy")
     ax.set_xlabel("k (samples per problem)")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{summary.get('task', '')}: accuracy against k")
+    ax.set_title(f"{summary.task}: accuracy against k")
     ax.set_ylim(0, 1)
     ax.legend()
     fig.tight_layout()
@@ -61,11 +65,11 @@ def plot_curve(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+def write_report(out: Path, records: list[dict[str, Any]], summary: EvalSummary) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "samples.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    (out / "summary.md").write_text(f"# {summary.get('task', 'eval')}\n\n" + markdown_table({"model": summary}))
+    (out / "summary.json").write_text(json.dumps(summary.to_json(), indent=2, ensure_ascii=False) + "\n")
+    (out / "summary.md").write_text(f"# {summary.task or 'eval'}\n\n" + markdown_table({"model": summary}))
     plot_curve(summary, out / "accuracy_vs_k.png")

@@ -6,7 +6,7 @@ import json
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,52 @@ class EvalConfig:
     suffix: str | None = None
     greedy: bool = True
     batch: int = 64  # sequences per engine batch
+
+
+@dataclass
+class EvalSummary:
+    """An evaluation's figures, as summary.json holds them (to_json: "pass@1", "pass@{k}", "cons@{k}" keys).
+
+    Greedy figures are None without a greedy run, sampled ones None without samples (k = 0)."""
+
+    task: str = ""
+    problems: int = 0  # problems scored
+    skipped: int = 0  # problems whose gold answer could not be verified
+    greedy_accuracy: float | None = None
+    greedy_format_rate: float | None = None
+    greedy_mean_length: float | None = None
+    k: int | None = None  # samples per problem
+    pass_at_1: float | None = None  # mean over the k samples
+    pass_at_k: float | None = None
+    cons_at_k: float | None = None  # majority vote of the k samples
+    format_rate: float | None = None
+    mean_length: float | None = None
+    truncated_rate: float | None = None
+    curve: dict[str, list] | None = None  # {"j": [1..k], "pass": pass@j, "cons": cons@j}
+    seconds: float = 0.0
+    config: dict[str, Any] = field(default_factory=dict)  # the EvalConfig
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"task": self.task, "problems": self.problems, "skipped": self.skipped}
+        if self.greedy_accuracy is not None:
+            out.update(greedy_accuracy=self.greedy_accuracy, greedy_format_rate=self.greedy_format_rate,
+                       greedy_mean_length=self.greedy_mean_length)
+        if self.k is not None:
+            out.update({"k": self.k, "pass@1": self.pass_at_1, f"pass@{self.k}": self.pass_at_k,
+                        f"cons@{self.k}": self.cons_at_k, "format_rate": self.format_rate,
+                        "mean_length": self.mean_length, "truncated_rate": self.truncated_rate, "curve": self.curve})
+        out.update(seconds=self.seconds, config=self.config)
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> EvalSummary:
+        k = d.get("k")
+        return cls(task=d.get("task", ""), problems=d.get("problems", 0), skipped=d.get("skipped", 0),
+                   greedy_accuracy=d.get("greedy_accuracy"), greedy_format_rate=d.get("greedy_format_rate"),
+                   greedy_mean_length=d.get("greedy_mean_length"), k=k, pass_at_1=d.get("pass@1"),
+                   pass_at_k=d.get(f"pass@{k}"), cons_at_k=d.get(f"cons@{k}"), format_rate=d.get("format_rate"),
+                   mean_length=d.get("mean_length"), truncated_rate=d.get("truncated_rate"), curve=d.get("curve"),
+                   seconds=d.get("seconds", 0.0), config=d.get("config", {}))
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -74,7 +120,7 @@ def _record(task: Task, problem: Problem, kind: str, index: int, completion, thi
     }
 
 
-def summarize(records: list[dict[str, Any]], k: int) -> dict[str, Any]:
+def summarize(records: list[dict[str, Any]], k: int) -> EvalSummary:
     """Aggregate per-sample records: greedy accuracy, pass@1 (mean over k samples), pass@k, cons@k, format, length.
 
     Problems whose gold answer cannot be verified (score None) are skipped and counted."""
@@ -83,24 +129,24 @@ def summarize(records: list[dict[str, Any]], k: int) -> dict[str, Any]:
         by_problem.setdefault(r["id"], {"greedy": [], "sample": []})[r["kind"]].append(r)
     skipped = [pid for pid, g in by_problem.items() if any(r["score"] is None for r in g["greedy"] + g["sample"])]
     kept = {pid: g for pid, g in by_problem.items() if pid not in skipped}
-    out: dict[str, Any] = {"problems": len(kept), "skipped": len(skipped)}
+    out = EvalSummary(problems=len(kept), skipped=len(skipped))
     greedy = [g["greedy"][0] for g in kept.values() if g["greedy"]]
     if greedy:
-        out["greedy_accuracy"] = sum(r["correct"] for r in greedy) / len(greedy)
-        out["greedy_format_rate"] = sum(r["format"] for r in greedy) / len(greedy)
-        out["greedy_mean_length"] = sum(r["length"] for r in greedy) / len(greedy)
+        out.greedy_accuracy = sum(r["correct"] for r in greedy) / len(greedy)
+        out.greedy_format_rate = sum(r["format"] for r in greedy) / len(greedy)
+        out.greedy_mean_length = sum(r["length"] for r in greedy) / len(greedy)
     samples = [g["sample"] for g in kept.values() if g["sample"]]
     if samples:
         flat = [r for s in samples for r in s]
-        out["k"] = k
-        out["pass@1"] = sum(sum(r["correct"] for r in s) / len(s) for s in samples) / len(samples)
-        out[f"pass@{k}"] = sum(any(r["correct"] for r in s) for s in samples) / len(samples)
-        out[f"cons@{k}"] = sum(_cons_correct(s) for s in samples) / len(samples)
-        out["format_rate"] = sum(r["format"] for r in flat) / len(flat)
-        out["mean_length"] = sum(r["length"] for r in flat) / len(flat)
-        out["truncated_rate"] = sum(r["finish_reason"] == "length" for r in flat) / len(flat)
+        out.k = k
+        out.pass_at_1 = sum(sum(r["correct"] for r in s) / len(s) for s in samples) / len(samples)
+        out.pass_at_k = sum(any(r["correct"] for r in s) for s in samples) / len(samples)
+        out.cons_at_k = sum(_cons_correct(s) for s in samples) / len(samples)
+        out.format_rate = sum(r["format"] for r in flat) / len(flat)
+        out.mean_length = sum(r["length"] for r in flat) / len(flat)
+        out.truncated_rate = sum(r["finish_reason"] == "length" for r in flat) / len(flat)
         # Accuracy against the number of samples j: unbiased pass@j, and cons@j over the first j samples.
-        out["curve"] = {
+        out.curve = {
             "j": list(range(1, k + 1)),
             "pass": [sum(pass_at_k(len(s), sum(r["correct"] for r in s), j) for s in samples) / len(samples)
                      for j in range(1, k + 1)],
@@ -115,7 +161,7 @@ def _cons_correct(samples: list[dict]) -> bool:
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig, out_dir: str | Path | None = None, progress: bool = True,
-             engine: Engine | None = None) -> dict[str, Any]:
+             engine: Engine | None = None) -> EvalSummary:
     """Run the evaluation; with out_dir write samples.jsonl, summary.json, summary.md and accuracy_vs_k.png."""
     task = get_task(cfg.task)
     problems = task.problems(cfg.split, cfg.n, seed=cfg.seed)
@@ -144,8 +190,8 @@ def evaluate(model, tokenizer, cfg: EvalConfig, out_dir: str | Path | None = Non
             if done:
                 bar.set_postfix(acc=f"{sum(r['correct'] for r in done) / len(done):.3f}")
     bar.close()
-    summary = {"task": cfg.task, **summarize(records, cfg.k), "seconds": round(time.perf_counter() - start, 1),
-               "config": asdict(cfg)}
+    summary = replace(summarize(records, cfg.k), task=cfg.task, seconds=round(time.perf_counter() - start, 1),
+                      config=asdict(cfg))
     if out_dir is not None:
         from sputnik.eval.report import write_report
 
@@ -153,10 +199,10 @@ def evaluate(model, tokenizer, cfg: EvalConfig, out_dir: str | Path | None = Non
     return summary
 
 
-def load_summary(path: str | Path) -> dict[str, Any]:
+def load_summary(path: str | Path) -> EvalSummary:
     """A summary.json, given the file or the folder holding it."""
     p = Path(path)
     p = p / "summary.json" if p.is_dir() else p
     if not p.is_file():
         raise FileNotFoundError(f"no summary.json at {path}")
-    return json.loads(p.read_text())
+    return EvalSummary.from_json(json.loads(p.read_text()))

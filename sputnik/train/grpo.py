@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,50 @@ class GRPOConfig:
     lora_alpha: float = 32.0
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class Rollout:
+    """One sampled completion of a prompt, with its reward."""
+
+    prompt: list[int]
+    completion: list[int]
+    reward: float  # a skipped row holds its group's mean, so that it moves neither mean nor std
+    parts: dict[str, float | None]  # each reward function's value
+    truncated: bool  # the completion hit max_completion_length
+    skip: bool = False  # an unverifiable gold answer: no gradient, no effect on the group
+
+
+@dataclass
+class MicroBatch:
+    """Rows of one step's rollouts as tensors, with the step's global counts the loss normalises by."""
+
+    tokens: Tensor  # [B, P + L]: prompts left-padded to P, completions right-padded after them
+    attn: Tensor  # [B, P + L] bool: the real tokens
+    mask: Tensor  # [B, L]: the completion tokens the loss counts
+    adv: Tensor  # [B]
+    P: int  # the padded prompt length: completion token t sits at column P + t
+    old: Tensor | None  # [B, L] log-probs of the policy that sampled (num_iterations > 1)
+    ref: Tensor | None  # [B, L] log-probs of the reference (beta > 0)
+    num_items: float  # active completion tokens in the whole step, over every rank
+    num_seqs: int  # rows in the whole step, over every rank
+
+
+@dataclass
+class GRPOSummary:
+    """What a GRPO run did (out_dir/summary.json): greedy eval figures before and after, and its length."""
+
+    model: str
+    task: str
+    before: dict[str, float]
+    after: dict[str, float]
+    minutes: float
+    steps: int
+    resumed_from: int
+    eval_problems: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class GRPOObjective(RankAware):
@@ -131,71 +175,81 @@ class GRPOObjective(RankAware):
                                 top_k=c.top_k, n=G, seed=seed)
         return engine.generate([self.prompts[i][0] for i in idx], params)
 
-    def _rollout(self, model, step: int, attempt: int) -> list[dict]:
+    def _rollout(self, model, step: int, attempt: int) -> list[list[Rollout]]:
+        """One group of G scored rollouts for each of this rank's next prompts."""
         idx = self._next_prompts(self.cfg.prompts_per_step)
         outs = self._sample(model, idx, step, attempt)
         groups = []
         for i, comps in zip(idx, outs):
             problem, (ids, think_opened) = self.problems[i], self.prompts[i]
-            rows = []
-            for comp in comps:
-                total, parts = self.reward(problem, comp.text, self.task, length=len(comp.token_ids),
-                                           think_opened=think_opened)
-                rows.append({"prompt": ids, "completion": comp.token_ids, "reward": total, "parts": parts,
-                             "truncated": comp.finish_reason == "length"})
-            valid = [r["reward"] for r in rows if r["reward"] is not None]
+            scored = [self.reward(problem, comp.text, self.task, length=len(comp.token_ids), think_opened=think_opened)
+                      for comp in comps]
+            valid = [total for total, _ in scored if total is not None]
             fill = sum(valid) / len(valid) if valid else 0.0
-            for r in rows:
-                r["skip"] = r["reward"] is None  # an unverifiable gold answer: no gradient, no effect on the group
-                r["reward"] = fill if r["skip"] else r["reward"]
-            groups.append(rows)
+            groups.append([Rollout(ids, comp.token_ids, fill if total is None else total, parts,
+                                   truncated=comp.finish_reason == "length", skip=total is None)
+                           for comp, (total, parts) in zip(comps, scored)])
         return groups
 
-    @torch.no_grad()
-    def prepare(self, step: int, model) -> list[dict]:
-        c, G = self.cfg, self.cfg.num_generations
-        if self.ref is not None and c.ref_model_sync_steps and step > 0 and step % c.ref_model_sync_steps == 0:
-            self.ref.load_state_dict(model.state_dict())
+    def _groups(self, model, step: int) -> tuple[list[list[Rollout]], list[Rollout], int]:
+        """The step's groups (with dynamic sampling: those whose rewards differ, refilled up to max_refills times),
+        every row sampled on the way, and the number of refills."""
+        c = self.cfg
         groups = self._rollout(model, step, 0)
         seen = [r for g in groups for r in g]
         refills = 0
         if c.dynamic_sampling:
-            kept = [g for g in groups if len({r["reward"] for r in g}) > 1]
+            kept = [g for g in groups if len({r.reward for r in g}) > 1]
             while len(kept) < c.prompts_per_step and refills < c.max_refills:
                 refills += 1
                 more = self._rollout(model, step, refills)
                 seen += [r for g in more for r in g]
-                kept += [g for g in more if len({r["reward"] for r in g}) > 1]
+                kept += [g for g in more if len({r.reward for r in g}) > 1]
             groups = kept[: c.prompts_per_step] or groups  # nothing informative at all: train on zeros
-        rows = [r for g in groups for r in g]
-        local = torch.tensor([r["reward"] for r in rows], dtype=torch.float32)
-        # Advantages need every rank's rewards (batch scaling; metrics); groups never straddle ranks.
-        gathered = all_gather_object([r["reward"] for r in rows])
-        everything = torch.tensor([x for part in gathered for x in part], dtype=torch.float32)
-        adv_all = group_advantages(everything, G, c.scale_rewards)
-        offset = sum(len(part) for part in gathered[: self.rank])
-        adv = adv_all[offset : offset + len(rows)]
+        return groups, seen, refills
 
-        # Tokens: prompts left-padded to a common length, completions right-padded after them.
+    def _advantages(self, rows: list[Rollout]) -> tuple[Tensor, Tensor]:
+        """Every rank's rewards, and the advantages of this rank's rows. Advantages need every rank's rewards (batch
+        scaling; metrics); groups never straddle ranks."""
+        gathered = all_gather_object([r.reward for r in rows])
+        everything = torch.tensor([x for part in gathered for x in part], dtype=torch.float32)
+        adv_all = group_advantages(everything, self.cfg.num_generations, self.cfg.scale_rewards)
+        offset = sum(len(part) for part in gathered[: self.rank])
+        return everything, adv_all[offset : offset + len(rows)]
+
+    def _pad(self, rows: list[Rollout]) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        """(tokens, attn, mask, truncated, P): prompts left-padded to a common length P, completions right-padded
+        after them; mask holds the generated tokens up to the stop, less the rows the loss leaves out."""
         pad = self.tok.pad_id if self.tok.pad_id is not None else 0
-        P = max(len(r["prompt"]) for r in rows)
-        L = max(max(len(r["completion"]) for r in rows), 1)
+        P = max(len(r.prompt) for r in rows)
+        L = max(max(len(r.completion) for r in rows), 1)
         tokens = torch.full((len(rows), P + L), pad, dtype=torch.long)
         attn = torch.zeros(len(rows), P + L, dtype=torch.bool)
         comp = torch.full((len(rows), L), pad, dtype=torch.long)
         for b, r in enumerate(rows):
-            p, o = r["prompt"], r["completion"]
+            p, o = r.prompt, r.completion
             tokens[b, P - len(p) : P] = torch.tensor(p)
             tokens[b, P : P + len(o)] = torch.tensor(o, dtype=torch.long)
             attn[b, P - len(p) : P + len(o)] = True
             comp[b, : len(o)] = torch.tensor(o, dtype=torch.long)
         mask, truncated = completion_mask(comp, self.tok.stop_ids, pad)
-        lengths = torch.tensor([len(r["completion"]) for r in rows])
+        lengths = torch.tensor([len(r.completion) for r in rows])
         mask = mask * (torch.arange(L)[None] < lengths[:, None])  # only the generated tokens
-        skip = torch.tensor([r["skip"] for r in rows])
-        if c.mask_truncated_completions:
-            skip |= torch.tensor([r["truncated"] for r in rows])
+        skip = torch.tensor([r.skip for r in rows])
+        if self.cfg.mask_truncated_completions:
+            skip |= torch.tensor([r.truncated for r in rows])
         mask[skip] = 0
+        return tokens, attn, mask, truncated, P
+
+    @torch.no_grad()
+    def prepare(self, step: int, model) -> list[MicroBatch]:
+        c = self.cfg
+        if self.ref is not None and c.ref_model_sync_steps and step > 0 and step % c.ref_model_sync_steps == 0:
+            self.ref.load_state_dict(model.state_dict())
+        groups, seen, refills = self._groups(model, step)
+        rows = [r for g in groups for r in g]
+        everything, adv = self._advantages(rows)
+        tokens, attn, mask, truncated, P = self._pad(rows)
 
         num_items = all_reduce_sum(mask.sum()).item()
         num_seqs = int(all_reduce_sum(torch.tensor(float(len(rows)))).item())
@@ -214,51 +268,56 @@ class GRPOObjective(RankAware):
         micro = []
         for s in range(0, len(rows_idx), c.micro_batch_size):
             sl = slice(s, s + c.micro_batch_size)
-            micro.append({
-                "tokens": tokens[sl], "attn": attn[sl], "mask": mask[sl], "adv": adv[sl], "P": P,
-                "old": None if old is None else old[sl], "ref": None if ref is None else ref[sl],
-                "num_items": max(num_items, 1.0), "num_seqs": num_seqs,
-            })
+            micro.append(MicroBatch(tokens[sl], attn[sl], mask[sl], adv[sl], P, None if old is None else old[sl],
+                                    None if ref is None else ref[sl], max(num_items, 1.0), num_seqs))
+        self._step_metrics = self._rollout_metrics(rows, seen, everything, truncated, refills, num_items,
+                                                   len(rows_idx))
+        return micro
 
-        acc = [r["parts"].get("accuracy") for r in seen if r["parts"].get("accuracy") is not None]
-        self._step_metrics = {
+    def _rollout_metrics(self, rows: list[Rollout], seen: list[Rollout], everything: Tensor, truncated: Tensor,
+                         refills: int, num_items: float, trained: int) -> dict[str, float]:
+        """The step's rollout figures: rewards over every rank, accuracy over every row sampled (refills too)."""
+        c = self.cfg
+        acc = [r.parts.get("accuracy") for r in seen if r.parts.get("accuracy") is not None]
+        lengths = torch.tensor([len(r.completion) for r in rows])
+        local = torch.tensor([r.reward for r in rows], dtype=torch.float32)
+        out = {
             "reward": everything.mean().item(),
             "reward_std": everything.std().item() if everything.numel() > 1 else 0.0,
             "accuracy": sum(acc) / len(acc) if acc else 0.0,
             "completion_length": lengths.float().mean().item(),
             "truncated": truncated.float().mean().item(),
-            "zero_std_groups": zero_std_fraction(local, G),
+            "zero_std_groups": zero_std_fraction(local, c.num_generations),
             "refills": float(refills),
             "tokens": float(num_items),  # the global count, across ranks
-            "trained_rows": float(len(rows_idx)) / len(rows),
+            "trained_rows": float(trained) / len(rows),
         }
         for name in c.rewards:
-            vals = [r["parts"].get(name) for r in rows if r["parts"].get(name) is not None]
+            vals = [r.parts.get(name) for r in rows if r.parts.get(name) is not None]
             if vals:
-                self._step_metrics[f"rewards/{name}"] = sum(vals) / len(vals)
-        return micro
+                out[f"rewards/{name}"] = sum(vals) / len(vals)
+        return out
 
     # ------------------------------------------------------------------ loss
-    def loss(self, model, m: dict) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, model, m: MicroBatch) -> tuple[Tensor, dict[str, float]]:
         c = self.cfg
-        logp, ent = token_logprobs(model, m["tokens"], m["attn"], temperature=c.temperature, start=m["P"] - 1,
-                                   entropy=True)
-        logp, ent = logp[:, m["P"] - 1 :], ent[:, m["P"] - 1 :]
+        logp, ent = token_logprobs(model, m.tokens, m.attn, temperature=c.temperature, start=m.P - 1, entropy=True)
+        logp, ent = logp[:, m.P - 1 :], ent[:, m.P - 1 :]
         loss, metrics = policy_loss(
-            logp, m["old"], m["adv"], m["mask"], loss_type=c.loss_type, epsilon_low=c.epsilon,
-            epsilon_high=c.epsilon_high if c.epsilon_high is not None else c.epsilon, ref_logp=m["ref"], beta=c.beta,
+            logp, m.old, m.adv, m.mask, loss_type=c.loss_type, epsilon_low=c.epsilon,
+            epsilon_high=c.epsilon_high if c.epsilon_high is not None else c.epsilon, ref_logp=m.ref, beta=c.beta,
             importance=c.importance_sampling_level, max_completion_length=c.max_completion_length,
-            num_items_in_batch=m["num_items"], num_sequences_in_batch=m["num_seqs"],
+            num_items_in_batch=m.num_items, num_sequences_in_batch=m.num_seqs,
         )
-        n = m["mask"].sum().clamp(min=1)
-        metrics["entropy"] = ((ent * m["mask"]).sum() / n).item()
+        n = m.mask.sum().clamp(min=1)
+        metrics["entropy"] = ((ent * m.mask).sum() / n).item()
         return loss, metrics
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, step: int, model, n: int | None = None) -> dict[str, float]:
-        summary = evaluate(model, self.tok, self._eval_cfg(n or self.cfg.eval_n), progress=False)
-        return {"accuracy": summary.get("greedy_accuracy", 0.0), "format_rate": summary.get("greedy_format_rate", 0.0),
-                "completion_length": summary.get("greedy_mean_length", 0.0)}
+        s = evaluate(model, self.tok, self._eval_cfg(n or self.cfg.eval_n), progress=False)
+        return {"accuracy": s.greedy_accuracy or 0.0, "format_rate": s.greedy_format_rate or 0.0,
+                "completion_length": s.greedy_mean_length or 0.0}
 
 
 def _logged_eval(metrics: "Path", step: int) -> dict[str, float]:
@@ -274,7 +333,7 @@ def _logged_eval(metrics: "Path", step: int) -> dict[str, float]:
     return {}
 
 
-def train_grpo(model_name: str, cfg: GRPOConfig, train: TrainConfig) -> dict[str, Any]:
+def train_grpo(model_name: str, cfg: GRPOConfig, train: TrainConfig) -> GRPOSummary:
     """Load a model, run GRPO with the shared loop (resuming from out_dir's checkpoints if any), and evaluate greedy
     accuracy on held-out problems before and after. Writes out_dir/summary.json and returns it."""
     import json
@@ -309,11 +368,10 @@ def train_grpo(model_name: str, cfg: GRPOConfig, train: TrainConfig) -> dict[str
     if resumed:  # add the steps an earlier, interrupted session ran (their evaluations are not counted)
         rows = [json.loads(line) for line in (Path(train.out_dir) / "metrics.jsonl").read_text().splitlines()]
         minutes += sum(r.get("seconds", 0.0) for r in rows if 0 < r.get("step", 0) <= resumed) / 60
-    summary = {"model": model_name, "task": cfg.task, "before": before, "after": after,
-               "minutes": round(minutes, 2), "steps": train.max_steps, "resumed_from": resumed,
-               "eval_problems": cfg.eval_n}
+    summary = GRPOSummary(model=model_name, task=cfg.task, before=before, after=after, minutes=round(minutes, 2),
+                          steps=train.max_steps, resumed_from=resumed, eval_problems=cfg.eval_n)
     if rank == 0:
         out = Path(train.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
     return summary

@@ -17,8 +17,6 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from sputnik.rewards import overlong_reward
-
 Scale = Literal["group", "batch", "none"]
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -181,39 +179,3 @@ def _metrics(ratio: Tensor, adv: Tensor, mask: Tensor, eps_low: float, eps_high:
             has_tokens = mask.sum(1) > 0
             out["seq_ratio"] = seq_ratio[has_tokens].mean().item() if bool(has_tokens.any()) else 1.0
     return out
-
-
-# ---------------------------------------------------------------- length handling
-
-
-def overlong_penalty(lengths: Tensor, max_len: int, cache_len: int) -> Tensor:
-    """DAPO's soft overlong punishment [N] for completion lengths [N]: sputnik.rewards.overlong_reward, elementwise
-    (one formula in the project; a python loop is fine for a batch of rollouts)."""
-    values = [overlong_reward(None, "", length=int(n), max_length=max_len, overlong_cache=cache_len)
-              for n in lengths.tolist()]
-    return torch.tensor(values, dtype=torch.float32, device=lengths.device)
-
-
-def truncation_policy(
-    mask: Tensor,
-    truncated: Tensor,
-    mode: Literal["keep", "mask", "penalize"] = "keep",
-    rewards: Tensor | None = None,
-    penalty: float = -1.0,
-) -> tuple[Tensor, Tensor | None]:
-    """What to do with completions that hit the length limit; returns (mask, rewards).
-
-    keep: nothing here (use the `overlong` reward for DAPO's soft, length-graded punishment).
-    mask: drop truncated rows from the loss (DAPO's overlong filtering); their rewards still count in the group.
-    penalize: set truncated rows' rewards to `penalty` (-1 = the soft punishment's value at L_max); call it
-    before computing advantages.
-    """
-    if mode == "keep":
-        return mask, rewards
-    if mode == "mask":
-        return mask * (~truncated).to(mask.dtype)[:, None], rewards
-    if mode == "penalize":
-        if rewards is None:
-            raise ValueError("mode 'penalize' needs rewards")
-        return mask, torch.where(truncated.to(rewards.device), torch.full_like(rewards, penalty), rewards)
-    raise ValueError(f"unknown truncation mode {mode!r}: keep, mask or penalize")

@@ -59,12 +59,3 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
             sd[f"{name}.weight"] = module.merged_weight().detach()
     return sd
 
-
-def merge_lora(model: nn.Module) -> None:
-    """Fold the adapters into the weights in place and turn the layers back into plain nn.Linear."""
-    with torch.no_grad():
-        for module in list(model.modules()):
-            if isinstance(module, LoRALinear):
-                module.weight.copy_(module.merged_weight())
-                del module.lora_A, module.lora_B
-                module.__class__ = nn.Linear

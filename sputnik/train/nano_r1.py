@@ -11,16 +11,22 @@ import json
 import random
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from sputnik.tasks import get_task
+from sputnik.tasks import Task, get_task
 from sputnik.tasks.base import Problem
+
+if TYPE_CHECKING:
+    from sputnik.train.grpo import GRPOSummary
 
 
 @dataclass
 class NanoR1Config:
-    """Sizes and steps of each stage; the defaults fit in about 15 minutes on 2 CPU cores."""
+    """Sizes and steps of each stage (the defaults are the run docs/nano-r1.json records, its minutes included)."""
 
     out_dir: str = "runs/nano-r1"
     task: str = "arithmetic"  # 2-digit addition, the R1-Zero demo task
@@ -77,18 +83,119 @@ def corpus(problems: list[Problem], rng: random.Random) -> list[str]:
     return docs
 
 
-def run(cfg: NanoR1Config) -> dict:
-    import torch
+@dataclass
+class NanoR1Summary:
+    """What the pipeline measured (out_dir/summary.json); `figure()` is the part docs/nano-r1.json shows."""
 
-    from sputnik.checkpoint import load_pretrained
-    from sputnik.eval.run import EvalConfig, evaluate
+    sft: dict[str, float]  # held-out figures of the SFT checkpoint (pass@1, pass@k, cons@k, greedy accuracy, ...)
+    grpo: dict[str, float]  # the same for the GRPO checkpoint
+    minutes: float
+    stage_minutes: dict[str, float]
+    task: str
+    params: int
+    active_params: int
+    pretrain_mfu: float
+    grpo_reward: dict[str, float]  # GRPO's own greedy eval after training (empty: GRPO ran without one)
+    config: dict[str, Any]  # the NanoR1Config
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def figure(self) -> dict[str, Any]:
+        return {"sft": self.sft, "grpo": self.grpo, "minutes": self.minutes, "task": self.task,
+                "eval_problems": self.config["eval_n"], "k": self.config["eval_k"]}
+
+
+@contextmanager
+def lap(name: str, minutes: dict[str, float]) -> Iterator[None]:
+    """Time a stage into minutes[name] and print it."""
+    t = time.perf_counter()
+    yield
+    minutes[name] = round((time.perf_counter() - t) / 60, 2)
+    print(f"[nano-r1] {name}: {minutes[name]:.2f} min", flush=True)
+
+
+def tokenizer_stage(cfg: NanoR1Config, task: Task, problems: list[Problem], docs: list[str], out: Path):
+    """A BPE tokenizer trained on the same text the model will read (questions, columns, the suffix, the chat
+    format), saved to out/tokenizer."""
+    from sputnik.train.tokenizer import TokenizerConfig, save_tokenizer, train_tokenizer
+
+    tok_cfg = TokenizerConfig(vocab_size=cfg.vocab_size, fetch_korean_sample=False)
+    tok = train_tokenizer(docs + [p.prompt + task.chat_suffix for p in problems[:200]], tok_cfg)
+    save_tokenizer(tok, out / "tokenizer", tok_cfg)
+    return tok
+
+
+def pretrain_stage(cfg: NanoR1Config, tok, docs: list[str], out: Path) -> dict[str, Any]:
+    """A tiny MLA + MoE + MTP model pretrained on the synthetic text; returns train_pretrain's summary."""
     from sputnik.train.data import write_shards
+    from sputnik.train.loop import TrainConfig
+    from sputnik.train.pretrain import PretrainConfig, nano_config, train_pretrain
+
+    write_shards((tok.encode(d) for d in docs), out / "shards", tok.vocab_size, tok.eos_id)
+    model_cfg = nano_config(tok.vocab_size, "moe", cfg.dim, cfg.n_layers, cfg.n_heads, max_seq_len=512,
+                            bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    return train_pretrain(model_cfg, PretrainConfig(data=str(out / "shards"), seq_len=128, batch_size=16,
+                                                    micro_batch=16),
+                          TrainConfig(out_dir=str(out / "pretrain"), max_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
+                                      schedule="cosine", warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.1,
+                                      seed=cfg.seed, plot_every=50), tokenizer=tok)
+
+
+def sft_stage(cfg: NanoR1Config, task: Task, problems: list[Problem], pretrained: str, out: Path) -> Path:
+    """Cold-start SFT of the pretrained model on programmatic <think> traces; returns the last checkpoint."""
+    from sputnik.checkpoint import load_pretrained
+    from sputnik.train.loop import TrainConfig
+    from sputnik.train.sft import SFTConfig, train_sft
+
+    rows = []
+    for p in problems[: cfg.sft_problems]:
+        reasoning, answer = trace(p)
+        rows.append({"messages": [{"role": "user", "content": p.prompt + task.chat_suffix},
+                                  {"role": "assistant", "content": answer, "reasoning_content": reasoning}]})
+    data = out / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model, tok = load_pretrained(pretrained)
+    train_sft(model, tok, SFTConfig(data=str(data), seq_len=256, batch_size=16, micro_batch=16, seed=cfg.seed),
+              TrainConfig(out_dir=str(out / "sft"), max_steps=cfg.sft_steps, lr=cfg.sft_lr, warmup_steps=5,
+                          seed=cfg.seed, plot_every=20))
+    return out / "sft" / "checkpoints" / f"step_{cfg.sft_steps:06d}"
+
+
+def grpo_stage(cfg: NanoR1Config, sft_ckpt: Path, out: Path) -> tuple[GRPOSummary, Path]:
+    """GRPO from the SFT checkpoint on the task's verifiable reward; returns its summary and last checkpoint."""
     from sputnik.train.grpo import GRPOConfig, train_grpo
     from sputnik.train.loop import TrainConfig
+
+    grpo = train_grpo(str(sft_ckpt), GRPOConfig(task=cfg.task, template="chat", prompts_per_step=8,
+                                                 num_generations=8, max_completion_length=96, temperature=1.0,
+                                                 loss_type="dapo", epsilon_high=0.28,
+                                                 rewards={"accuracy": 1.0, "format": 0.1}, micro_batch_size=32,
+                                                 eval_every=0, eval_n=0),
+                      TrainConfig(out_dir=str(out / "grpo"), max_steps=cfg.grpo_steps, lr=cfg.grpo_lr,
+                                  warmup_steps=3, seed=cfg.seed, plot_every=10))
+    return grpo, out / "grpo" / "checkpoints" / f"step_{cfg.grpo_steps:06d}"
+
+
+def eval_stage(cfg: NanoR1Config, ckpt: Path, out: Path) -> dict[str, float]:
+    """pass@1 (mean over k samples at R1's T 0.6), pass@k, cons@k, greedy accuracy, format and length of a
+    checkpoint on the held-out problems; the full report goes to out."""
+    from sputnik.checkpoint import load_pretrained
+    from sputnik.eval.run import EvalConfig, evaluate
+
+    ev = EvalConfig(task=cfg.task, n=cfg.eval_n, k=cfg.eval_k, max_tokens=128, seed=cfg.seed)
+    model, tok = load_pretrained(ckpt)
+    s = evaluate(model, tok, ev, out_dir=out, progress=False).to_json()
+    return {k: s[k] for k in ("pass@1", f"pass@{cfg.eval_k}", f"cons@{cfg.eval_k}", "greedy_accuracy",
+                              "format_rate", "mean_length") if k in s}
+
+
+def run(cfg: NanoR1Config) -> NanoR1Summary:
+    """Every stage in turn, in cfg.out_dir (emptied first); writes summary.json, nano-r1.json and a plot per
+    training stage there."""
+    import torch
+
     from sputnik.train.plots import plot_metrics
-    from sputnik.train.pretrain import PretrainConfig, nano_config, train_pretrain
-    from sputnik.train.sft import SFTConfig, train_sft
-    from sputnik.train.tokenizer import TokenizerConfig, save_tokenizer, train_tokenizer
 
     start = time.perf_counter()
     out = Path(cfg.out_dir)
@@ -99,80 +206,28 @@ def run(cfg: NanoR1Config) -> dict:
     torch.manual_seed(cfg.seed)
     task = get_task(cfg.task)
     minutes: dict[str, float] = {}
-
-    def lap(name: str, t: float) -> None:
-        minutes[name] = round((time.perf_counter() - t) / 60, 2)
-        print(f"[nano-r1] {name}: {minutes[name]:.2f} min", flush=True)
-
-    # 1. tokenizer, on the same text the model will read (questions, columns, the suffix, the chat format)
-    t = time.perf_counter()
-    train_problems = task.problems("train", cfg.corpus_problems, seed=cfg.seed)
-    docs = corpus(train_problems, rng)
-    tok_cfg = TokenizerConfig(vocab_size=cfg.vocab_size, fetch_korean_sample=False)
-    tok = train_tokenizer(docs + [p.prompt + task.chat_suffix for p in train_problems[:200]], tok_cfg)
-    save_tokenizer(tok, out / "tokenizer", tok_cfg)
-    lap("tokenizer", t)
-
-    # 2. pretrain a tiny MLA + MoE + MTP model on the synthetic text
-    t = time.perf_counter()
-    write_shards((tok.encode(d) for d in docs), out / "shards", tok.vocab_size, tok.eos_id)
-    model_cfg = nano_config(tok.vocab_size, "moe", cfg.dim, cfg.n_layers, cfg.n_heads, max_seq_len=512,
-                            bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    pre = train_pretrain(model_cfg, PretrainConfig(data=str(out / "shards"), seq_len=128, batch_size=16,
-                                                    micro_batch=16),
-                         TrainConfig(out_dir=str(out / "pretrain"), max_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
-                                     schedule="cosine", warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.1,
-                                     seed=cfg.seed, plot_every=50), tokenizer=tok)
-    lap("pretrain", t)
-
-    # 3. cold-start SFT on programmatic <think> traces
-    t = time.perf_counter()
-    sft_rows = []
-    for p in train_problems[: cfg.sft_problems]:
-        reasoning, answer = trace(p)
-        sft_rows.append({"messages": [{"role": "user", "content": p.prompt + task.chat_suffix},
-                                      {"role": "assistant", "content": answer, "reasoning_content": reasoning}]})
-    data = out / "sft.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in sft_rows))
-    model, tok = load_pretrained(pre["checkpoint"])
-    train_sft(model, tok, SFTConfig(data=str(data), seq_len=256, batch_size=16, micro_batch=16, seed=cfg.seed),
-              TrainConfig(out_dir=str(out / "sft"), max_steps=cfg.sft_steps, lr=cfg.sft_lr, warmup_steps=5,
-                          seed=cfg.seed, plot_every=20))
-    sft_ckpt = out / "sft" / "checkpoints" / f"step_{cfg.sft_steps:06d}"
-    lap("sft", t)
-
-    # 4. GRPO on the verifiable reward
-    t = time.perf_counter()
-    grpo = train_grpo(str(sft_ckpt), GRPOConfig(task=cfg.task, template="chat", prompts_per_step=8,
-                                                 num_generations=8, max_completion_length=96, temperature=1.0,
-                                                 loss_type="dapo", epsilon_high=0.28,
-                                                 rewards={"accuracy": 1.0, "format": 0.1}, micro_batch_size=32,
-                                                 eval_every=0, eval_n=0),
-                      TrainConfig(out_dir=str(out / "grpo"), max_steps=cfg.grpo_steps, lr=cfg.grpo_lr,
-                                  warmup_steps=3, seed=cfg.seed, plot_every=10))
-    grpo_ckpt = out / "grpo" / "checkpoints" / f"step_{cfg.grpo_steps:06d}"
-    lap("grpo", t)
-
-    # 5. pass@1 (mean over k samples at R1's T 0.6) of SFT and GRPO on the same held-out problems
-    t = time.perf_counter()
-    ev = EvalConfig(task=cfg.task, n=cfg.eval_n, k=cfg.eval_k, max_tokens=128, seed=cfg.seed)
-    results = {}
-    for name, ckpt in (("sft", sft_ckpt), ("grpo", grpo_ckpt)):
-        m, tk = load_pretrained(ckpt)
-        s = evaluate(m, tk, ev, out_dir=out / f"eval-{name}", progress=False)
-        results[name] = {k: s[k] for k in ("pass@1", f"pass@{cfg.eval_k}", f"cons@{cfg.eval_k}", "greedy_accuracy",
-                                            "format_rate", "mean_length") if k in s}
-    lap("eval", t)
+    with lap("tokenizer", minutes):
+        train_problems = task.problems("train", cfg.corpus_problems, seed=cfg.seed)
+        docs = corpus(train_problems, rng)
+        tok = tokenizer_stage(cfg, task, train_problems, docs, out)
+    with lap("pretrain", minutes):
+        pre = pretrain_stage(cfg, tok, docs, out)
+    with lap("sft", minutes):
+        sft_ckpt = sft_stage(cfg, task, train_problems, pre["checkpoint"], out)
+    with lap("grpo", minutes):
+        grpo, grpo_ckpt = grpo_stage(cfg, sft_ckpt, out)
+    with lap("eval", minutes):  # the same held-out problems for both
+        results = {name: eval_stage(cfg, ckpt, out / f"eval-{name}")
+                   for name, ckpt in (("sft", sft_ckpt), ("grpo", grpo_ckpt))}
     for stage in ("pretrain", "sft", "grpo"):
         if (out / stage / "metrics.jsonl").exists():
             plot_metrics(out / stage / "metrics.jsonl", out / f"{stage}.png")
-    summary = {**results, "minutes": round((time.perf_counter() - start) / 60, 2), "stage_minutes": minutes,
-               "task": cfg.task, "params": pre["params"], "active_params": pre["active_params"],
-               "pretrain_mfu": pre["mfu"], "grpo_reward": grpo.get("after", {}), "config": asdict(cfg)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    figure = {"sft": results["sft"], "grpo": results["grpo"], "minutes": summary["minutes"], "task": cfg.task,
-              "eval_problems": cfg.eval_n, "k": cfg.eval_k}
-    (out / "nano-r1.json").write_text(json.dumps(figure, indent=2) + "\n")
-    print(f"[nano-r1] pass@1 on {cfg.eval_n} held-out problems: SFT {results['sft'].get('pass@1', 0):.3f} -> "
-          f"GRPO {results['grpo'].get('pass@1', 0):.3f} in {summary['minutes']:.1f} min; {out}/summary.json")
+    summary = NanoR1Summary(sft=results["sft"], grpo=results["grpo"],
+                            minutes=round((time.perf_counter() - start) / 60, 2), stage_minutes=minutes,
+                            task=cfg.task, params=pre["params"], active_params=pre["active_params"],
+                            pretrain_mfu=pre["mfu"], grpo_reward=grpo.after, config=asdict(cfg))
+    (out / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+    (out / "nano-r1.json").write_text(json.dumps(summary.figure(), indent=2) + "\n")
+    print(f"[nano-r1] pass@1 on {cfg.eval_n} held-out problems: SFT {summary.sft.get('pass@1', 0):.3f} -> "
+          f"GRPO {summary.grpo.get('pass@1', 0):.3f} in {summary.minutes:.1f} min; {out}/summary.json")
     return summary
