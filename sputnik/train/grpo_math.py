@@ -142,20 +142,25 @@ def policy_loss(
             per_token = per_token + beta * kl
     per_token = torch.where(active, per_token, zero) * mask
 
-    B, L = logp.shape
-    if loss_type == "grpo":
-        seqs = num_sequences_in_batch if num_sequences_in_batch is not None else B
-        loss = (per_token.sum(1) / n_tokens.clamp(min=1)).sum() / max(seqs, 1)
-    elif loss_type == "dr_grpo":
-        seqs = num_sequences_in_batch if num_sequences_in_batch is not None else B
-        length = max_completion_length if max_completion_length is not None else L
-        loss = per_token.sum() / max(seqs * length, 1)
-    else:  # bnpo, dapo: token sum over the step's active tokens
-        items = num_items_in_batch if num_items_in_batch is not None else mask.sum().item()
-        loss = per_token.sum() / max(float(items), 1.0)
-
+    loss = _aggregate(per_token, mask, loss_type, max_completion_length, num_items_in_batch, num_sequences_in_batch)
     metrics = _metrics(ratio, adv, mask, eps_low, eps_high, kl, seq_ratio)
     return loss, metrics
+
+
+def _aggregate(per_token: Tensor, mask: Tensor, loss_type: LossType, max_completion_length: int | None,
+               num_items_in_batch: float | None, num_sequences_in_batch: int | None) -> Tensor:
+    """The loss type's reduction of masked per-token losses [B, L] (see `policy_loss`)."""
+    B, L = per_token.shape
+    if loss_type == "grpo":
+        seqs = num_sequences_in_batch if num_sequences_in_batch is not None else B
+        return (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / max(seqs, 1)
+    if loss_type == "dr_grpo":
+        seqs = num_sequences_in_batch if num_sequences_in_batch is not None else B
+        length = max_completion_length if max_completion_length is not None else L
+        return per_token.sum() / max(seqs * length, 1)
+    # bnpo, dapo: token sum over the step's active tokens
+    items = num_items_in_batch if num_items_in_batch is not None else mask.sum().item()
+    return per_token.sum() / max(float(items), 1.0)
 
 
 def _metrics(ratio: Tensor, adv: Tensor, mask: Tensor, eps_low: float, eps_high: float,
