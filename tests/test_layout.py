@@ -73,14 +73,15 @@ def unit(module: str) -> str | None:
     return top if top in LAYER else None
 
 
-def violations(found: list[tuple[str, str, str]]) -> list[str]:
-    """Unplaced units, imports of a higher layer, and units of one layer importing each other both ways."""
+def violations(found: list[tuple[str, str, str]], modules: list[str] = ()) -> list[str]:
+    """Unplaced units (of the modules given or imported), imports of a higher layer, and cycles among the units of one
+    layer."""
     problems = []
     layer = {**LAYER, "sputnik": -1}
-    unplaced = sorted({".".join(m.split(".")[:2]) for a, b, _ in found for m in (a, b) if unit(m) is None})
-    for name in unplaced:
+    named = list(modules) + [m for a, b, _ in found for m in (a, b)]
+    for name in sorted({".".join(m.split(".")[:2]) for m in named if unit(m) is None}):
         problems.append(f"{name} is in no layer: place it in LAYERS (tests/test_layout.py) and in README's Layout")
-    same_layer: dict[tuple[str, str], str] = {}
+    same_layer: dict[tuple[str, str], str] = {}  # (importer unit, imported unit) -> the first place it happens
     for a, b, where in found:
         ua, ub = unit(a), unit(b)
         if ua is None or ub is None or ua == ub:
@@ -89,17 +90,27 @@ def violations(found: list[tuple[str, str, str]]) -> list[str]:
             problems.append(f"{where}: {a} (layer {layer[ua]}) imports {b} (layer {layer[ub]})")
         elif layer[ub] == layer[ua]:
             same_layer.setdefault((ua, ub), where)
-    for (ua, ub), where in sorted(same_layer.items()):
-        if ua < ub and (ub, ua) in same_layer:
-            problems.append(f"{ua} and {ub} (layer {layer[ua]}) import each other: {where} and "
-                            f"{same_layer[(ub, ua)]}")
+    reach = {u: {b for a, b in same_layer if a == u} for u, _ in same_layer}
+    changed = True
+    while changed:  # transitive closure: a handful of units per layer
+        changed = False
+        for u, targets in reach.items():
+            more = set().union(*(reach.get(t, set()) for t in targets)) - targets
+            if more:
+                targets |= more
+                changed = True
+    cycles = {tuple(sorted({u} | {v for v in reach[u] if u in reach.get(v, set())})) for u in reach if u in reach[u]}
+    for cycle in sorted(cycles):
+        places = ", ".join(f"{a} -> {b} at {w}" for (a, b), w in sorted(same_layer.items())
+                           if a in cycle and b in cycle)
+        problems.append(f"{' and '.join(cycle)} (layer {layer[cycle[0]]}) import each other: {places}")
     return problems
 
 
 def test_imports_follow_the_layers():
     found = edges()
     assert len(found) > 50  # the walk sees the package
-    problems = violations(found)
+    problems = violations(found, [module_name(path, PACKAGE) for path in PACKAGE.rglob("*.py")])
     if problems:
         pytest.fail("layer violations:\n" + "\n".join(problems), pytrace=False)
 
@@ -108,9 +119,15 @@ def test_the_check_catches_upward_imports_cycles_and_unplaced_units():
     assert violations([("sputnik.engine.generate", "sputnik.model", "x:1")]) == []
     up = violations([("sputnik.model", "sputnik.engine.cache", "sputnik/model.py:3")])
     assert up == ["sputnik/model.py:3: sputnik.model (layer 2) imports sputnik.engine.cache (layer 3)"]
-    both = violations([("sputnik.eval.run", "sputnik.train.loop", "a:1"), ("sputnik.train.grpo", "sputnik.eval", "b:2")])
-    assert both == ["sputnik.eval and sputnik.train (layer 4) import each other: a:1 and b:2"]
+    both = violations([("sputnik.eval.run", "sputnik.train.loop", "a:1"),
+                       ("sputnik.train.grpo", "sputnik.eval", "b:2")])
+    assert both == ["sputnik.eval and sputnik.train (layer 4) import each other: sputnik.eval -> sputnik.train at "
+                    "a:1, sputnik.train -> sputnik.eval at b:2"]
+    ring = violations([("sputnik.config", "sputnik.r1", "a:1"), ("sputnik.r1", "sputnik.seeds", "b:2"),
+                       ("sputnik.seeds", "sputnik.config", "c:3"), ("sputnik.config", "sputnik.device", "d:4")])
+    assert len(ring) == 1 and ring[0].startswith("sputnik.config and sputnik.r1 and sputnik.seeds (layer 0)")
     assert "sputnik.extras is in no layer" in violations([("sputnik.cli", "sputnik.extras.x", "c:1")])[0]
+    assert "sputnik.extras is in no layer" in violations([], ["sputnik.extras.tool"])[0]
 
 
 def test_relative_and_function_level_imports_are_seen(tmp_path):
