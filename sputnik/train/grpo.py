@@ -65,7 +65,7 @@ class Rollout:
 
     prompt: list[int]
     completion: list[int]
-    reward: float  # a skipped row holds its group's mean, so that it moves neither mean nor std
+    reward: float  # a skipped row holds the mean of its group's other rewards, leaving the group's mean as it is
     parts: dict[str, float | None]  # each reward function's value
     truncated: bool  # the completion hit max_completion_length
     skip: bool = False  # an unverifiable gold answer: no gradient, no effect on the group
