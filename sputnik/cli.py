@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from sputnik.device import DTYPES, pick_device, pick_dtype
+from sputnik.r1 import TEMPERATURE, TOP_P, ReasoningSplitter, opens_thinking
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SAMPLE_PROMPT = "What is 17 + 25? Think it through, then give the answer."
@@ -98,31 +99,22 @@ class ThinkPrinter:
     """Prints a streamed answer, the <think>…</think> part dimmed."""
 
     def __init__(self, console, thinking: bool):
-        self.console, self.thinking, self.pending = console, thinking, ""
+        self.console, self.splitter, self.broke = console, ReasoningSplitter(thinking), False
 
     def write(self, text: str, final: bool = False) -> None:
-        self.pending += text
-        while self.pending:
-            tag = "</think>" if self.thinking else "<think>"
-            i = self.pending.find(tag)
-            if i < 0:
-                # Hold back a tail that may be the start of the tag.
-                keep = next((n for n in range(min(len(tag) - 1, len(self.pending)), 0, -1)
-                             if self.pending.endswith(tag[:n])), 0) if not final else 0
-                self._out(self.pending[: len(self.pending) - keep])
-                self.pending = self.pending[len(self.pending) - keep :]
-                return
-            self._out(self.pending[:i])
-            self.pending = self.pending[i + len(tag) :]
-            self.thinking = not self.thinking
-            if not self.thinking:
-                self.pending = self.pending.lstrip("\n")
-                self.console.print()
+        thought, answer = self.splitter.push(text)
+        if final:
+            more_thought, more_answer = self.splitter.finish()
+            thought, answer = thought + more_thought, answer + more_answer
+        self._out(thought, dim=True)
+        if self.splitter.had_reasoning and not self.splitter.in_reasoning and not self.broke:
+            self.console.print()  # the thought is over: the answer starts on a line of its own
+            self.broke = True
+        self._out(answer, dim=False)
 
-    def _out(self, s: str) -> None:
+    def _out(self, s: str, dim: bool) -> None:
         if s:
-            self.console.print(s, style="dim" if self.thinking else None, end="", markup=False, highlight=False,
-                               soft_wrap=True)
+            self.console.print(s, style="dim" if dim else None, end="", markup=False, highlight=False, soft_wrap=True)
 
 
 def cmd_chat(args) -> int:
@@ -141,7 +133,7 @@ def cmd_chat(args) -> int:
         messages.append({"role": "user", "content": user})
         text = tok.apply_chat_template(system + messages, add_generation_prompt=True, tokenize=False)
         ids = tok.encode(text, add_special_tokens=False)
-        printer = ThinkPrinter(console, thinking=text.rstrip().endswith("<think>"))
+        printer = ThinkPrinter(console, thinking=opens_thinking(text))
         reply = []
         for d in engine.stream([ids], params):
             printer.write(d.text)
@@ -375,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--system", default=None)
     _add_compile_arg(p)
-    _add_sampling_args(p, temperature=0.6, max_tokens=512)
+    _add_sampling_args(p, temperature=TEMPERATURE, max_tokens=512)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("eval", help="R1-style evaluation: greedy accuracy, pass@1 over k samples, cons@k")
@@ -387,8 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=4, help="samples per problem (0: greedy only)")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--temperature", type=float, default=TEMPERATURE)
+    p.add_argument("--top-p", type=float, default=TOP_P)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--template", default="chat", choices=["chat", "r1-zero", "plain"])
     p.add_argument("--system", default=None)

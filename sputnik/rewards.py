@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from sputnik.r1 import THINK_CLOSE, THINK_OPEN
 from sputnik.tasks.base import Problem, Task
 
 RewardFn = Callable[..., float | None]
@@ -42,12 +43,12 @@ def format_reward(problem: Problem | None, completion: str, task: Task | None = 
     """
     text = completion.strip()
     if not think_opened:
-        if not text.startswith("<think>"):
+        if not text.startswith(THINK_OPEN):
             return 0.0
-        text = text[len("<think>"):]
-    if "<think>" in text or text.count("</think>") != 1:
+        text = text[len(THINK_OPEN):]
+    if THINK_OPEN in text or text.count(THINK_CLOSE) != 1:
         return 0.0
-    reasoning, answer = text.split("</think>")
+    reasoning, answer = text.split(THINK_CLOSE)
     if not reasoning.strip() or not answer.strip():
         return 0.0
     if require_answer_tag or "<answer>" in answer or "</answer>" in answer:
@@ -94,10 +95,10 @@ def words_by_script(text: str) -> dict[str, int]:
 def chain_of_thought(completion: str, think_opened: bool = False) -> str:
     """The reasoning: inside <think>…</think> (to the end when unclosed); the whole text when there is no tag."""
     if think_opened:
-        return completion.split("</think>", 1)[0]
-    if "<think>" not in completion:
+        return completion.split(THINK_CLOSE, 1)[0]
+    if THINK_OPEN not in completion:
         return completion
-    return completion.split("<think>", 1)[1].split("</think>", 1)[0]
+    return completion.split(THINK_OPEN, 1)[1].split(THINK_CLOSE, 1)[0]
 
 
 def language_reward(problem: Problem | None, completion: str, task: Task | None = None, *, language: str = "en",

@@ -15,7 +15,8 @@ from sputnik.config import ModelConfig
 from sputnik.model import Transformer
 from sputnik.serve.app import ServeConfig
 from sputnik.tasks import get_task
-from sputnik.tokenizer import R1_CHAT_TEMPLATE, R1_EOS, R1_SPECIAL_TOKENS, Tokenizer
+from sputnik.r1 import CHAT_TEMPLATE as R1_CHAT_TEMPLATE, EOS as R1_EOS, SPECIAL_TOKENS as R1_SPECIAL_TOKENS
+from sputnik.tokenizer import Tokenizer
 from sputnik.train.distill import (DistillConfig, KLDistillObjective, acceptance, check_shared_vocab, distill,
                                    forward_kl, generate_traces, judge, rejection_sample, split_think)
 from sputnik.train.loop import TrainConfig, Trainer

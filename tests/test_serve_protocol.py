@@ -12,7 +12,7 @@ from sputnik.engine.sampling import SamplingParams
 from sputnik.serve.keys import KeyRecord, KeyStore, RateLimiter
 from sputnik.serve.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, Limits,
                                     parse_request, prompt_messages, sampling_params)
-from sputnik.serve.reasoning import ReasoningSplitter, split_reasoning
+from sputnik.r1 import ReasoningSplitter
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -266,6 +266,16 @@ SAMPLES = [
     ("<think>\nunfinished", False, "unfinished", ""),
     ("<think>r</think>\n\n", False, "r", ""),
 ]
+
+
+def split_reasoning(text: str, in_reasoning: bool = False) -> tuple[str | None, str]:
+    """A whole output split into (reasoning, content) by one push; reasoning is None when it had no section."""
+    splitter = ReasoningSplitter(in_reasoning=in_reasoning)
+    reasoning, content = splitter.push(text)
+    tail_reasoning, tail_content = splitter.finish()
+    if not splitter.had_reasoning:
+        return None, content + tail_content
+    return reasoning + tail_reasoning, content + tail_content
 
 
 @pytest.mark.parametrize("text, in_reasoning, reasoning, content", SAMPLES)

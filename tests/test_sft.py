@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sputnik.model import Transformer
-from sputnik.tokenizer import R1_CHAT_TEMPLATE, R1_EOS, R1_SPECIAL_TOKENS, Tokenizer
+from sputnik.r1 import CHAT_TEMPLATE as R1_CHAT_TEMPLATE, EOS as R1_EOS, SPECIAL_TOKENS as R1_SPECIAL_TOKENS
+from sputnik.tokenizer import Tokenizer
 from sputnik.train.loop import TrainConfig
 from sputnik.train.sft import (SFTConfig, SFTObjective, collate, load_chat_jsonl, pack, tokenize_chat,
                                train_sft)

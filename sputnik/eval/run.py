@@ -13,6 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from sputnik.engine import Engine, SamplingParams
+from sputnik.r1 import TEMPERATURE, TOP_P, opens_thinking
 from sputnik.rewards import format_reward
 from sputnik.tasks import Problem, Task, get_task
 
@@ -26,8 +27,8 @@ class EvalConfig:
     k: int = 4  # samples per problem for pass@1 and cons@k (0: greedy only)
     split: str = "test"
     seed: int = 0
-    temperature: float = 0.6
-    top_p: float = 0.95
+    temperature: float = TEMPERATURE
+    top_p: float = TOP_P
     max_tokens: int = 512
     template: str = "chat"  # chat | r1-zero | plain
     system: str | None = None
@@ -106,7 +107,7 @@ def prompt_ids(task: Task, problem: Problem, tokenizer, cfg: EvalConfig) -> tupl
         text = task.render(problem, cfg.template, None, cfg.system, cfg.suffix)
         text = text if isinstance(text, str) else ""
     ids = tokenizer.encode(text, add_special_tokens=cfg.template != "chat")
-    return ids, text.rstrip().endswith("<think>")
+    return ids, opens_thinking(text)
 
 
 def _record(task: Task, problem: Problem, kind: str, index: int, completion, think_opened: bool) -> dict[str, Any]:

@@ -1,1 +1,1 @@
-"""An OpenAI/DeepSeek-compatible HTTP server: request models, reasoning splitting, API keys and rate limits."""
+"""An OpenAI/DeepSeek-compatible HTTP server: request models, SSE framing, API keys and rate limits."""

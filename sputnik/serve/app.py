@@ -26,7 +26,8 @@ from sputnik.serve.keys import KeyRecord, KeyStore, RateLimiter
 from sputnik.serve.metrics import Metrics
 from sputnik.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, Limits, parse_request,
                                     prompt_messages, sampling_params)
-from sputnik.serve.reasoning import ReasoningSplitter
+from sputnik.r1 import ReasoningSplitter, close_thinking, opens_thinking
+from sputnik.serve import sse
 
 Backend = EngineBackend | UpstreamBackend
 
@@ -135,10 +136,6 @@ class _Retry(APIError):
     def __init__(self, status: int, message: str, retry_after: float, type: str, code: str):
         super().__init__(status, message, type=type, code=code)
         self.retry_after = retry_after
-
-
-def _sse(obj: Any) -> bytes:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
 
 def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], Backend] = load_backend) -> FastAPI:
@@ -299,13 +296,13 @@ def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], B
         job = jobs[0]
         content_so_far = [""] * len(splitters)
         for i in range(len(splitters)):
-            yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}]})
+            yield sse.event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                  "logprobs": None, "finish_reason": None}]})
         reasoning_tokens, tokens = 0, 0
         try:
             async for piece in pieces(b, jobs, request, cfg.keepalive_s, metrics, stream=True):
                 if piece is None:
-                    yield b": keep-alive\n\n"
+                    yield sse.KEEP_ALIVE
                     continue
                 thought, text, thinking = _split(splitters[piece.index], piece)
                 reasoning_tokens += thinking
@@ -319,16 +316,16 @@ def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], B
                 if text:
                     delta["content"] = text
                 if delta or piece.finish_reason or piece.logprobs:
-                    yield _sse({**head, "choices": [{
+                    yield sse.event({**head, "choices": [{
                         "index": piece.index, "delta": delta,
                         "logprobs": {"content": piece.logprobs} if piece.logprobs else None,
                         "finish_reason": piece.finish_reason}]})
             if include_usage:
                 usage = _usage(job.prompt_tokens, max(tokens, job.completion_tokens), reasoning_tokens)
-                yield _sse({**head, "choices": [], "usage": usage})
+                yield sse.event({**head, "choices": [], "usage": usage})
         except APIError as e:  # the 200 is already out: the error travels inside the stream
-            yield _sse(e.body())
-        yield b"data: [DONE]\n\n"
+            yield sse.event(e.body())
+        yield sse.DONE
 
     @app.post("/v1/completions")
     @app.post("/completions", include_in_schema=False)
@@ -359,7 +356,7 @@ def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], B
                 try:
                     async for piece in pieces(b, jobs, request, cfg.keepalive_s, metrics, stream=True):
                         if piece is None:
-                            yield b": keep-alive\n\n"
+                            yield sse.KEEP_ALIVE
                             continue
                         tokens += piece.tokens
                         text = piece.text
@@ -367,16 +364,17 @@ def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], B
                             sent.add(piece.index)
                             text = echo[piece.index // n] + text
                         if text or piece.finish_reason:
-                            yield _sse({**head, "choices": [{"index": piece.index, "text": text,
-                                                             "logprobs": _legacy_logprobs(piece.logprobs, body.logprobs),
-                                                             "finish_reason": piece.finish_reason}]})
+                            yield sse.event({**head, "choices": [{
+                                "index": piece.index, "text": text,
+                                "logprobs": _legacy_logprobs(piece.logprobs, body.logprobs),
+                                "finish_reason": piece.finish_reason}]})
                     if include_usage:
                         prompt_tokens = sum(j.prompt_tokens for j in jobs)
                         done = max(tokens, sum(j.completion_tokens for j in jobs))
-                        yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, done, 0)})
+                        yield sse.event({**head, "choices": [], "usage": _usage(prompt_tokens, done, 0)})
                 except APIError as e:
-                    yield _sse(e.body())
-                yield b"data: [DONE]\n\n"
+                    yield sse.event(e.body())
+                yield sse.DONE
 
             return _stream(events())
         out = [""] * (len(jobs) * n)
@@ -434,9 +432,9 @@ def chat_prompt(b: Backend, messages: list[dict], thinking: bool = True) -> tupl
         text = b.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except Exception as e:  # noqa: BLE001 — a template that refuses these messages is the client's 400
         raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from e
-    in_reasoning = text.rstrip().endswith("<think>")
+    in_reasoning = opens_thinking(text)
     if in_reasoning and not thinking:
-        text, in_reasoning = text + "\n</think>\n\n", False
+        text, in_reasoning = close_thinking(text), False
     ids = b.tokenizer.encode(text, add_special_tokens=False)
     return ids, len(ids), in_reasoning
 

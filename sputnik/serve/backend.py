@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sputnik.engine import Engine, SamplingParams
+from sputnik.r1 import join_deltas
+from sputnik.serve import sse
 from sputnik.serve.protocol import APIError
 
 
@@ -193,9 +195,9 @@ class UpstreamBackend:
                     status = r.status_code if 400 <= r.status_code < 500 else 502
                     raise APIError(status, f"upstream: {message}", type="upstream_error")
                 async for line in r.aiter_lines():
-                    if not line.startswith("data:"):
+                    data = sse.event_data(line)
+                    if data is None:
                         continue
-                    data = line[5:].strip()
                     if data == "[DONE]":
                         break
                     chunk = json.loads(data)
@@ -211,13 +213,7 @@ class UpstreamBackend:
                             thought = delta.get("reasoning_content") or delta.get("reasoning") or ""
                             text = delta.get("content") or ""
                             # Re-wrap a split the upstream made, so one splitter in front handles every backend.
-                            out = ""
-                            if thought and not in_reasoning.get(i):
-                                out, in_reasoning[i] = "<think>", True
-                            out += thought
-                            if text and in_reasoning.get(i):
-                                out, in_reasoning[i] = out + "</think>", False
-                            out += text
+                            out, in_reasoning[i] = join_deltas(thought, text, in_reasoning.get(i, False))
                             logprobs = (c.get("logprobs") or {}).get("content")
                         else:
                             out, logprobs = c.get("text") or "", None

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from sputnik.engine.sampling import SamplingParams
+from sputnik.r1 import strip_reasoning
 
 
 class APIError(Exception):
@@ -255,14 +256,6 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, limits: Limi
         raise APIError(400, str(e)) from e
 
 
-def _without_reasoning(content: str) -> str:
-    # As R1's own chat template does: keep what follows the last </think>. The opening tag may be missing, since R1's
-    # template puts it into the prompt, so the tail after the closing tag is what counts.
-    if "</think>" in content:
-        return content.rsplit("</think>", 1)[1].lstrip()
-    return content
-
-
 def prompt_messages(messages: list[ChatMessage]) -> list[dict]:
     """Plain {"role", "content"} dicts for a chat template. As DeepSeek-R1 does, the reasoning of earlier assistant
     turns stays out of the prompt."""
@@ -272,6 +265,6 @@ def prompt_messages(messages: list[ChatMessage]) -> list[dict]:
         role = "system" if m.role == "developer" else m.role
         content = m.text()
         if m.role == "assistant":
-            content = _without_reasoning(content)
+            content = strip_reasoning(content)
         out.append({"role": role, "content": content})
     return out

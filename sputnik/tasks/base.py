@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from sputnik.r1 import answer_part
+
 # DeepSeek-R1-Zero's training template (R1 paper, table 1), word for word.
 R1_ZERO_PREAMBLE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
@@ -100,8 +102,9 @@ def extract_answer(text: str, order: tuple[str, ...] = EXTRACTORS, after_think: 
     With `after_think`, only the text after the last </think> is searched when there is one: an answer written
     inside the reasoning does not count. An <answer> that holds a \\boxed{} gives the boxed content.
     """
-    if after_think and "</think>" in text:
-        text = text[text.rfind("</think>") + len("</think>"):]
+    answer = answer_part(text) if after_think else None
+    if answer is not None:
+        text = answer
     for name in order:
         found = _EXTRACT_FNS[name](text)
         # An empty \boxed{} mostly echoes the instruction; an empty <answer></answer> still counts as an answer

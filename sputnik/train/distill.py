@@ -31,6 +31,8 @@ from sputnik.device import pick_device
 from sputnik.engine import Engine, SamplingParams
 from sputnik.eval.run import EvalConfig, prompt_ids
 from sputnik.rewards import SCRIPTS, format_reward, language_reward
+from sputnik.r1 import TEMPERATURE, THINK_CLOSE, THINK_OPEN, TOP_P
+from sputnik.seeds import mix
 from sputnik.tasks import TEMPLATES, Problem, Task, get_task
 from sputnik.train.loop import TrainConfig, barrier, init_distributed
 from sputnik.train.sft import IGNORE, SFTConfig, SFTObjective, fold_reasoning, train_sft
@@ -50,8 +52,8 @@ class DistillConfig:
     split: str = "train"
     n_problems: int = 100
     samples_per_problem: int = 4
-    temperature: float = 0.6  # R1's sampling settings
-    top_p: float = 0.95
+    temperature: float = TEMPERATURE  # R1's sampling settings
+    top_p: float = TOP_P
     max_tokens: int = 1024
     template: str = "chat"  # chat | r1-zero | plain
     system: str | None = None
@@ -87,9 +89,9 @@ def split_think(completion: str) -> tuple[str | None, str]:
 
     reasoning is None when the text does not open with <think>; a thought cut off before </think> has no answer."""
     text = completion.strip()
-    if not text.startswith("<think>"):
+    if not text.startswith(THINK_OPEN):
         return None, text
-    reasoning, closed, answer = text[len("<think>"):].partition("</think>")
+    reasoning, closed, answer = text[len(THINK_OPEN):].partition(THINK_CLOSE)
     return reasoning.strip(), answer.strip() if closed else ""
 
 
@@ -137,10 +139,11 @@ def _engine_samples(engine: Engine, task: Task, problems: list[Problem], cfg: Di
         chunk = prompts[s : s + per_batch]
         # A seed per batch: the engine's streams depend on the index within a batch, which repeats across batches.
         params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                n=cfg.samples_per_problem, seed=(cfg.seed * 1_000_003 + s) % 2**31)
+                                n=cfg.samples_per_problem, seed=mix(cfg.seed, s, bits=31))
         for (_, opened), comps in zip(chunk, engine.generate([ids for ids, _ in chunk], params)):
             # The student learns the whole assistant turn, so the <think> the template wrote goes back in front.
-            out.append([("<think>\n" + c.text.lstrip("\n") if opened else c.text, c.finish_reason) for c in comps])
+            out.append([(THINK_OPEN + "\n" + c.text.lstrip("\n") if opened else c.text, c.finish_reason)
+                        for c in comps])
         bar.update(len(chunk))
     bar.close()
     return out
@@ -170,7 +173,7 @@ def _http_samples(messages: list[list[dict]], cfg: DistillConfig, progress: bool
             reply = client.chat.completions.create(
                 model=model, messages=messages[index], n=cfg.samples_per_problem - len(got),
                 temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                seed=(cfg.seed * 1_000_003 + index * 8191 + attempt) % 2**31)
+                seed=mix(cfg.seed, index * 8191, attempt, bits=31))
             if not reply.choices:
                 raise RuntimeError(f"{cfg.teacher_url}: a reply without choices for prompt {index}")
             got += [(_fold_message(c.message), c.finish_reason or "stop") for c in reply.choices]
@@ -231,7 +234,7 @@ def failed_filters(trace: dict, cfg: DistillConfig) -> list[str]:
 def sft_row(trace: dict) -> dict:
     """The trace as a cold-start SFT row: the prompt, then the answer with its reasoning as reasoning_content."""
     reasoning, answer = trace["reasoning"], trace["answer"]
-    if reasoning is not None and "<think>" not in answer and "</think>" not in answer:
+    if reasoning is not None and THINK_OPEN not in answer and THINK_CLOSE not in answer:
         assistant = {"role": "assistant", "content": answer, "reasoning_content": reasoning}
     else:  # no think block, or a malformed one (kept when require_format is off): the text as the teacher wrote it
         assistant = {"role": "assistant", "content": trace["completion"].strip()}

@@ -16,9 +16,11 @@ from torch import Tensor
 from sputnik.engine import Engine, SamplingParams
 from sputnik.eval.run import EvalConfig, evaluate, prompt_ids
 from sputnik.rewards import combine
+from sputnik.seeds import mix
 from sputnik.tasks import Problem, get_task
 from sputnik.train.grpo_math import group_advantages, policy_loss, zero_std_fraction
 from sputnik.train.logprobs import completion_mask, token_logprobs
+from sputnik.train.plots import read_rows
 from sputnik.train.loop import RankAware, TrainConfig, all_gather_object, all_reduce_sum, dist_info
 
 
@@ -170,7 +172,7 @@ class GRPOObjective(RankAware):
         """G completions for each problem index, from the engine."""
         c, G = self.cfg, self.cfg.num_generations
         engine = Engine(model, self.tok, max_batch=len(idx) * G)
-        seed = (self.seed * 1_000_003 + step * 1009 + attempt * 31 + self.rank) % 2**31
+        seed = mix(self.seed, step * 1009, attempt * 31, self.rank, bits=31)
         params = SamplingParams(max_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
                                 top_k=c.top_k, n=G, seed=seed)
         return engine.generate([self.prompts[i][0] for i in idx], params)
@@ -322,12 +324,7 @@ class GRPOObjective(RankAware):
 
 def _logged_eval(metrics: "Path", step: int) -> dict[str, float]:
     """The eval/* figures a run logged at `step` (a resumed run keeps its baseline)."""
-    import json
-
-    if not metrics.exists():
-        return {}
-    for line in metrics.read_text().splitlines():
-        row = json.loads(line)
+    for row in read_rows(metrics):
         if row.get("step") == step and any(k.startswith("eval/") for k in row):
             return {k.removeprefix("eval/"): v for k, v in row.items() if k.startswith("eval/")}
     return {}
@@ -366,7 +363,7 @@ def train_grpo(model_name: str, cfg: GRPOConfig, train: TrainConfig) -> GRPOSumm
     after = run_eval(train.max_steps, trainer.model) if cfg.eval_n else {}
     minutes = (time.perf_counter() - start) / 60
     if resumed:  # add the steps an earlier, interrupted session ran (their evaluations are not counted)
-        rows = [json.loads(line) for line in (Path(train.out_dir) / "metrics.jsonl").read_text().splitlines()]
+        rows = read_rows(Path(train.out_dir) / "metrics.jsonl")
         minutes += sum(r.get("seconds", 0.0) for r in rows if 0 < r.get("step", 0) <= resumed) / 60
     summary = GRPOSummary(model=model_name, task=cfg.task, before=before, after=after, minutes=round(minutes, 2),
                           steps=train.max_steps, resumed_from=resumed, eval_problems=cfg.eval_n)

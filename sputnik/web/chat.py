@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from contextlib import aclosing
 from collections.abc import Awaitable, Callable
@@ -16,9 +15,10 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from sputnik.engine import SamplingParams
+from sputnik.r1 import TEMPERATURE, TOP_P, ReasoningSplitter
+from sputnik.serve import sse
 from sputnik.serve.backend import Job, UpstreamBackend
 from sputnik.serve.protocol import APIError
-from sputnik.serve.reasoning import ReasoningSplitter
 from sputnik.web import store
 from sputnik.web.auth import WebRoute
 from sputnik.web.db import Database
@@ -31,7 +31,7 @@ class MessageIn(BaseModel):
 
     content: str = Field("", max_length=100_000)
     model: str | None = None
-    temperature: float = Field(0.6, ge=0, le=2)
+    temperature: float = Field(TEMPERATURE, ge=0, le=2)
     max_tokens: int = Field(1024, ge=1, le=32768)
     thinking: bool = True
     edit_of: int | None = None
@@ -53,10 +53,6 @@ class Hooks:
 
 def _error(status: int, message: str, code: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "code": code}}, status_code=status)
-
-
-def _sse(obj: dict) -> bytes:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
 
 def chat_router(db: Database, hooks: Hooks, current_user: Callable, require_csrf: Callable) -> APIRouter:
@@ -138,7 +134,7 @@ def chat_router(db: Database, hooks: Hooks, current_user: Callable, require_csrf
             return _error(e.status, e.message, e.code or "bad_request")
         context = getattr(b, "context", 1 << 30)
         params = SamplingParams(max_tokens=max(1, min(body.max_tokens, context - n_prompt)),
-                                temperature=body.temperature, top_p=0.95 if body.temperature > 0 else 1.0)
+                                temperature=body.temperature, top_p=TOP_P if body.temperature > 0 else 1.0)
         job = Job(prompt, params, 1, prompt_tokens=n_prompt)
         if isinstance(b, UpstreamBackend):
             job.upstream_body = {"model": body.model or names[0], "messages": history,
@@ -152,15 +148,15 @@ def chat_router(db: Database, hooks: Hooks, current_user: Callable, require_csrf
             thought_s: float | None = None
             last_save = started
             finish = "stopped"
-            yield _sse({"type": "start", "user_message_id": asked_id, "assistant_message_id": answer_id,
-                        "title": title or history[0]["content"].strip().splitlines()[0][:60]})
+            yield sse.event({"type": "start", "user_message_id": asked_id, "assistant_message_id": answer_id,
+                             "title": title or history[0]["content"].strip().splitlines()[0][:60]})
             try:
                 async with aclosing(hooks.pieces(b, [job], request, hooks.keepalive_s, hooks.metrics, True)) as it:
                     async for piece in it:
                         if stop_event.is_set():
                             break
                         if piece is None:
-                            yield b": keep-alive\n\n"
+                            yield sse.KEEP_ALIVE
                             continue
                         r, c = splitter.push(piece.text)
                         if piece.finish_reason:
@@ -170,9 +166,9 @@ def chat_router(db: Database, hooks: Hooks, current_user: Callable, require_csrf
                             thought_s = round(time.monotonic() - started, 1)
                         reasoning, content = reasoning + r, content + c
                         if r:
-                            yield _sse({"type": "reasoning", "text": r})
+                            yield sse.event({"type": "reasoning", "text": r})
                         if c:
-                            yield _sse({"type": "content", "text": c})
+                            yield sse.event({"type": "content", "text": c})
                         if piece.finish_reason:
                             finish = piece.finish_reason
                         now = time.monotonic()
@@ -182,10 +178,10 @@ def chat_router(db: Database, hooks: Hooks, current_user: Callable, require_csrf
                                       reasoning=reasoning if splitter.had_reasoning else None)
                 if splitter.had_reasoning and thought_s is None:
                     thought_s = round(time.monotonic() - started, 1)
-                yield _sse({"type": "done", "finish_reason": finish, "reasoning_seconds": thought_s})
+                yield sse.event({"type": "done", "finish_reason": finish, "reasoning_seconds": thought_s})
             except APIError as e:
                 finish = "error"
-                yield _sse({"type": "error", "message": e.message})
+                yield sse.event({"type": "error", "message": e.message})
             finally:
                 stops.pop(conversation_id, None)
                 # Shielded: a client that hangs up cancels this generator, and the answer must still be saved.
