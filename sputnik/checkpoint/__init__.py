@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sputnik.checkpoint.hf import CheckpointError, load_hf_folder, save_hf_folder
 from sputnik.checkpoint.registry import resolve
@@ -99,10 +99,22 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     return load_model(p, dtype=dtype, device=device), Tokenizer.load(p)
 
 
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict to save: a layer with adapters (one with a merged_weight(), as train/lora's LoRALinear) is saved
+    as its merged weight without its adapter tensors, so the folder holds a plain model."""
+    sd = model.state_dict()
+    for name, module in model.named_modules():
+        if hasattr(module, "merged_weight"):
+            prefix = f"{name}." if name else ""
+            for own, _ in module.named_parameters(recurse=False):
+                if own not in ("weight", "bias"):
+                    sd.pop(prefix + own)
+            sd[prefix + "weight"] = module.merged_weight().detach()
+    return sd
+
+
 def save_model(model: Transformer, path: str | Path, tokenizer=None, max_shard_bytes: int = 2 << 30) -> Path:
     """Write an HF folder (config.json, safetensors, tokenizer files) that transformers and vLLM load."""
-    from sputnik.train.lora import merged_state_dict  # adapters, if any, are folded into the weights
-
     cfg = model.cfg
     sd: dict[str, Tensor] = {}
     for name, t in merged_state_dict(model).items():

@@ -9,7 +9,6 @@ already rotates halves, as llama.cpp's NEOX mode does), so they are left alone.
 
 from __future__ import annotations
 
-import functools
 
 import math
 import re
@@ -21,6 +20,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueTy
 from gguf.quants import dequantize
 
 from sputnik.checkpoint.hf import CheckpointError
+from sputnik.tokenizer.gguf import open_gguf
 
 # GGUF architecture -> (HF model_type, HF architecture class).
 SUPPORTED_ARCHITECTURES = {
@@ -56,19 +56,6 @@ _CHUNK_BYTES = 1 << 22
 
 # llama.cpp stores Llama-3 rope scaling only as this tensor of per-frequency divisors.
 _ROPE_FREQS = "rope_freqs.weight"
-
-
-def open_gguf(path: str | Path) -> GGUFReader:
-    """A memory-mapped reader, shared by the model and tokenizer loaders: parsing a 49k-token vocabulary's metadata
-    takes GGUFReader seconds, so a file is parsed once per process (until it changes on disk)."""
-    file = Path(path).expanduser().resolve()
-    st = file.stat()
-    return _open_gguf(file, st.st_mtime_ns, st.st_size)
-
-
-@functools.lru_cache(maxsize=2)
-def _open_gguf(file: Path, mtime_ns: int, size: int) -> GGUFReader:
-    return GGUFReader(file, "r")  # tensors are read only when dequantised
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[dict, dict[str, torch.Tensor]]:

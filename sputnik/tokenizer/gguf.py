@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as Backend
 
 from sputnik.tokenizer.backends import bos_eos_processor, byte_level_bpe, sentencepiece_bpe
 from sputnik.tokenizer.pretokenize import ADD_BOS_PRE
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
+
+
+def open_gguf(path: str | Path) -> GGUFReader:
+    """A memory-mapped reader, shared by the model and tokenizer loaders: parsing a 49k-token vocabulary's metadata
+    takes GGUFReader seconds, so a file is parsed once per process (until it changes on disk)."""
+    file = Path(path).expanduser().resolve()
+    st = file.stat()
+    return _open_gguf(file, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_gguf(file: Path, mtime_ns: int, size: int) -> GGUFReader:
+    from gguf import GGUFReader  # imported when a GGUF file is read
+
+    return GGUFReader(file, "r")  # tensors are read only when dequantised
+
 
 # GGUF token types (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -107,8 +127,6 @@ def read_metadata(path: Path) -> dict[str, Any]:
     import numpy as np
 
     try:
-        from sputnik.checkpoint.gguf import open_gguf
-
         reader = open_gguf(path)
     except Exception as error:  # GGUFReader raises ValueError/struct errors on files that are not GGUF
         raise ValueError(f"{path} is not a readable GGUF file: {error}") from error

@@ -1,4 +1,5 @@
-"""LoRA: low-rank adapters on chosen linear layers, trained while the base weights stay frozen; merged on save."""
+"""LoRA: low-rank adapters on chosen linear layers, trained while the base weights stay frozen; checkpoint.save_model
+folds them into the weights (merged_weight)."""
 
 from __future__ import annotations
 
@@ -49,13 +50,3 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, targets: tuple[
     if count == 0:
         raise ValueError(f"LoRA: no nn.Linear layer matches targets {targets}")
     return count
-
-
-def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The model's state dict with every adapter folded into its weight and the lora_* entries dropped."""
-    sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            sd[f"{name}.weight"] = module.merged_weight().detach()
-    return sd
-
