@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sputnik.model import Transformer
+from sputnik.model import Transformer, build_doc_mask
 from sputnik.tokenizer import R1_CHAT_TEMPLATE, R1_EOS, R1_SPECIAL_TOKENS, Tokenizer
 from sputnik.train.loop import TrainConfig
 from sputnik.train.sft import (SFTConfig, SFTObjective, collate, load_chat_jsonl, pack, tokenize_chat,
@@ -132,7 +132,7 @@ def test_packed_documents_equal_documents_alone(family):
 
     def packed_logits(tokens: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return model(tokens, b["positions"], doc_ids=b["doc_ids"])[0]
+            return model(tokens, b["positions"], mask=build_doc_mask(b["doc_ids"]))[0]
 
     logits = packed_logits(b["tokens"])
     doc_of = torch.tensor(row.doc_ids)
@@ -158,7 +158,7 @@ def test_packed_documents_equal_documents_alone(family):
     short = pack([(docs[2], [1] * 5)], seq_len=24)
     both = collate(rows + short, pad_id=0)
     with torch.no_grad():
-        batched = model(both["tokens"], both["positions"], doc_ids=both["doc_ids"])
+        batched = model(both["tokens"], both["positions"], mask=build_doc_mask(both["doc_ids"]))
     torch.testing.assert_close(batched[0], logits, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(batched[1, :5], logits[doc_of == 2], atol=2e-5, rtol=1e-5)
 
