@@ -10,7 +10,8 @@ from sputnik.model import build_mask
 
 
 class KVCache:
-    """Static cache for a batch (a sputnik.model.Cache). Row b's token at slot s is real iff valid[b, s]; padding slots are never attended.
+    """Static cache for a batch (a sputnik.model.Cache). Row b's token at slot s is real iff valid[b, s]; padding
+    slots are never attended.
 
     All rows write at the same slots (start = length), so ragged prompts are left-padded and decoding writes one
     column per step. MLA layers store only RMSNorm(c_kv) and k_pe: kv_lora_rank + qk_rope_head_dim per token.

@@ -17,7 +17,7 @@ from torch import Tensor
 from sputnik.engine.cache import KVCache, SlotCache, SlotView
 from sputnik.engine.prefix import PrefixCache
 from sputnik.engine.sampling import Sampler, SamplingParams
-from sputnik.model import Transformer
+from sputnik.model import Cache, Transformer
 
 if TYPE_CHECKING:
     from sputnik.tokenizer import StreamDecoder, Tokenizer
@@ -98,7 +98,7 @@ class _Request:
     prefix: list[Tensor] | None = None  # cached KV of ids[:len], when the prefix cache holds part of the prompt
 
 
-def next_logits(model: Transformer, tokens: Tensor, positions: Tensor, cache: KVCache | SlotView) -> Tensor:
+def next_logits(model: Transformer, tokens: Tensor, positions: Tensor, cache: Cache) -> Tensor:
     """Logits [B, vocab] of the token after each row's last one: the head runs on that position only."""
     return model.logits(model.hidden(tokens, positions, cache)[:, -1])
 
@@ -118,8 +118,8 @@ def compiled_decode(model: Transformer) -> Callable[[Tensor, Tensor, list[Tensor
     around the matrix-vector products, and eager dispatch of those costs as much as a third of the step on a CPU.
 
     Shapes stay put between steps (every slot attended under a mask), so it compiles once for one row and once for
-    several, and again only if the cache outgrows what was marked dynamic. The first steps pay the compile (1-3
-    minutes on 2 CPU cores the first time, ~20 s from inductor's disk cache); eager is the default for that reason."""
+    several, and again only if the cache outgrows what was marked dynamic. The first steps pay the compile (much less
+    from inductor's disk cache the second time); eager is the default for that reason."""
 
     def step(tokens: Tensor, positions: Tensor, buffers: list[Tensor]) -> Tensor:
         return next_logits(model, tokens, positions, SlotView(buffers, positions[:, 0], buffers[0].shape[-2]))
