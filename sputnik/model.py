@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sputnik.config import ModelConfig
-
-if TYPE_CHECKING:
-    from sputnik.engine.cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -36,36 +33,29 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def sharded(module: nn.Module) -> bool:
-    """Is this module part of a model the Trainer sharded with FSDP (which marks every submodule)?"""
-    return module.__dict__.get("_fsdp_sharded", False)
+Fused = tuple[Tensor, Tensor | None]  # one weight (and bias) for several linears that read the same input
 
 
-def fused_linear(owner: nn.Module, x: Tensor, *layers: nn.Linear) -> Tensor | None:
-    """x through several linears as one matmul, when not training; None when they cannot be fused (autograd on,
-    adapters, sharded or mixed weights), and the caller runs them one by one.
+def fuse_linears(fused: Fused | None, *layers: nn.Module) -> Fused | None:
+    """Several linears' weights (and biases) as one matrix, for inference; None when they cannot be fused (adapters,
+    sharded or mixed weights). Returns `fused` as it is while the layers still share its memory.
 
     The fused weight does not copy the layers: their weights are re-pointed to row slices of it, so the state dict,
-    optimizers and in-place updates see the same memory. Moving or casting the model breaks the sharing; the next
-    call notices and fuses again.
+    optimizers and in-place updates see the same memory. Moving or casting the model breaks the sharing; fusing
+    again notices and builds a new one.
     """
-    if torch.is_grad_enabled() or any(type(m) is not nn.Linear for m in layers) or sharded(owner):
-        return None  # (FSDP owns a sharded model's gathered weights: never re-point them)
-    if torch.compiler.is_compiling():  # a compiled decode step: the eager prefill before it fused (or re-fused) them
-        fused = owner.__dict__.get("_fused")
-        return None if fused is None else F.linear(x, *fused)
+    if any(type(m) is not nn.Linear for m in layers):
+        return None
     ws = [m.weight for m in layers]
-    fused = owner.__dict__.get("_fused")
-    if fused is None or not _shares(fused[0], ws):
-        if any(type(w.data) is not torch.Tensor for w in ws) or len({(w.dtype, w.device) for w in ws}) > 1:
-            return None
-        with torch.inference_mode(False):  # params must stay normal tensors, usable for training later
-            fused = (_fuse([w for w in ws]),
-                     _fuse([m.bias for m in layers]) if all(m.bias is not None for m in layers) else None)
-        if fused[1] is None and any(m.bias is not None for m in layers):
-            return None
-        owner.__dict__["_fused"] = fused
-    return F.linear(x, *fused)
+    if fused is not None and _shares(fused[0], ws):
+        return fused
+    if any(type(w.data) is not torch.Tensor for w in ws) or len({(w.dtype, w.device) for w in ws}) > 1:
+        return None  # (a DTensor: FSDP owns a sharded model's gathered weights, never re-point them)
+    biased = [m.bias is not None for m in layers]
+    if any(biased) and not all(biased):
+        return None
+    with torch.inference_mode(False), torch.no_grad():  # params must stay normal tensors, usable for training later
+        return _fuse(ws), _fuse([m.bias for m in layers]) if all(biased) else None
 
 
 def _fuse(params: list[Tensor]) -> Tensor:
@@ -172,16 +162,82 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool = False) ->
 # ---------------------------------------------------------------- attention
 
 
+class Cache(Protocol):
+    """What a cached forward needs from a KV cache: the engine's KVCache (a batch written at shared slots) and
+    SlotView (one decode step, each row at its own length) implement it."""
+
+    def positions(self, T: int) -> Tensor:
+        """Positions [B, T] of the next T tokens, for a caller that gives none."""
+        ...
+
+    def mask(self, T: int) -> Tensor | None:
+        """The next T tokens' attention mask [B, 1, T, S] over every cached slot (True = attend); None: causal."""
+        ...
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, Hkv, T, D] at the next slots; return every cached key and value [B, Hkv, S, D]."""
+        ...
+
+    def update_latent(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor]:
+        """MLA: write c_kv [B, T, R] and k_pe [B, T, rope]; return every cached [B, S, R], [B, S, rope]."""
+        ...
+
+    def advance(self, T: int) -> None:
+        """The next T slots are written (called once per forward, after every layer)."""
+        ...
+
+
+def build_mask(B: int, T: int, start: int, key_valid: Tensor | None, device: torch.device | str) -> Tensor | None:
+    """Boolean attention mask [B, 1, T, S] (True = attend) for queries at slots start..start+T-1, or None when plain
+    causal attention will do (T == S, or one query that may see every key).
+
+    key_valid [B, >= S] marks real keys (False = padding, never attended). Each query may always see itself, so rows
+    of padding stay finite.
+    """
+    if key_valid is None:
+        if T == 1 or start == 0:
+            return None
+        key_valid = torch.ones(B, start + T, dtype=torch.bool, device=device)
+    S = start + T
+    q_slot = torch.arange(start, S, device=device)[:, None]
+    k_slot = torch.arange(S, device=device)[None, :]
+    mask = (k_slot <= q_slot)[None] & key_valid[:, None, :S]
+    mask |= (k_slot == q_slot)[None]
+    return mask[:, None]
+
+
+def build_doc_mask(doc_ids: Tensor, key_valid: Tensor | None = None) -> Tensor:
+    """Block-diagonal causal mask [B, 1, T, T] (True = attend) for packed rows: a query sees the earlier keys of its
+    own document only. key_valid [B, T] (False = padding) also hides pad keys; each query still sees itself."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    mask = causal[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    if key_valid is not None:
+        mask = (mask & key_valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=doc_ids.device)[None]
+    return mask[:, None]
+
+
 @dataclass
 class Unpadded:
     """Padded rows [B, T] run as one row of their real tokens: `index` [N] places each in the flattened [B * T]
-    layout, where attention runs (under `mask` / `causal`); every other layer sees only the N real tokens."""
+    layout, where attention runs (under `mask`, None: causal); every other layer sees only the N real tokens."""
 
     index: Tensor
     rows: int
     cols: int
     mask: Tensor | None
-    causal: bool
+
+    @classmethod
+    def of(cls, real: Tensor) -> Unpadded:
+        """The layout of causal rows whose real tokens are marked by real [B, T] (False = padding)."""
+        real = real.bool()
+        B, T = real.shape
+        mask = build_mask(B, T, 0, None if bool(real.all()) else real, real.device)
+        return cls(real.flatten().nonzero().squeeze(1), B, T, mask)
+
+    def select(self, x: Tensor) -> Tensor:
+        """[B, T] -> [1, N]: the real tokens' entries, row after row (as x[real] orders them)."""
+        return x.flatten()[self.index][None]
 
     def pad(self, x: Tensor) -> Tensor:
         """[1, H, N, D] -> [B, H, T, D], zeros at the pads."""
@@ -195,12 +251,13 @@ class Unpadded:
         return x.transpose(1, 2).reshape(-1, H, D).index_select(0, self.index).transpose(0, 1)[None]
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Unpadded | None, causal: bool, scale: float) -> Tensor:
-    """SDPA over [B, H, T, D] queries and [B, Hkv, S, D] keys; grouped queries share kv heads without copies."""
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Unpadded | None, scale: float) -> Tensor:
+    """SDPA over [B, H, T, D] queries and [B, Hkv, S, D] keys; grouped queries share kv heads without copies.
+    mask None is causal attention: T == S, or one query that sees every key."""
     if isinstance(mask, Unpadded):  # rows are padded back for attention only (a few copies, no matmul on pads)
-        return mask.unpad(attend(mask.pad(q), mask.pad(k), mask.pad(v), mask.mask, mask.causal, scale))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
-                                          enable_gqa=k.shape[1] != q.shape[1])
+        return mask.unpad(attend(mask.pad(q), mask.pad(k), mask.pad(v), mask.mask, scale))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                          scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
 class Attention(nn.Module):
@@ -218,12 +275,16 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
         self.scale = cfg.head_dim**-0.5
+        self.qkv: Fused | None = None  # q, k and v as one matmul, once fused (see fuse)
 
-    def forward(self, x, cos, sin, mask, causal, cache: KVCache | None, layer: int) -> Tensor:
+    def fuse(self) -> None:
+        self.qkv = fuse_linears(self.qkv, self.q_proj, self.k_proj, self.v_proj)
+
+    def forward(self, x, cos, sin, mask, cache: Cache | None, layer: int, fused: bool = False) -> Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = fused_linear(self, x, self.q_proj, self.k_proj, self.v_proj)
-        if qkv is not None and not self.qk_norm:  # inference: one matmul, one rotation for q and k together
+        qkv = F.linear(x, *self.qkv) if fused and self.qkv is not None else None
+        if qkv is not None and not self.qk_norm:  # one matmul, one rotation for q and k together
             qkv = qkv.view(B, T, H + 2 * Hkv, D)
             q, k = apply_rope(qkv[:, :, : H + Hkv], cos, sin).split([H, Hkv], 2)
             v = qkv[:, :, H + Hkv :]
@@ -240,7 +301,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        out = attend(q, k, v, mask, causal, self.scale)
+        out = attend(q, k, v, mask, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -269,7 +330,7 @@ class MLA(nn.Module):
         if s.get("rope_type", s.get("type")) == "yarn" and s.get("mscale_all_dim"):
             self.scale *= yarn_mscale(s["factor"], s["mscale_all_dim"]) ** 2
 
-    def forward(self, x, cos, sin, mask, causal, cache: KVCache | None, layer: int) -> Tensor:
+    def forward(self, x, cos, sin, mask, cache: Cache | None, layer: int, fused: bool = False) -> Tensor:
         B, T, _ = x.shape
         H = self.n_heads
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
@@ -282,14 +343,14 @@ class MLA(nn.Module):
             k_nope, v = self.kv_b_proj(c_kv).view(B, T, H, -1).split([self.nope, self.v_dim], -1)
             q = torch.cat([q_nope, q_pe], -1).transpose(1, 2)
             k = torch.cat([k_nope, k_pe[:, :, None].expand(B, T, H, self.rope)], -1).transpose(1, 2)
-            out = attend(q, k, v.transpose(1, 2), mask, causal, self.scale).transpose(1, 2)
+            out = attend(q, k, v.transpose(1, 2), mask, self.scale).transpose(1, 2)
         else:
             c_all, pe_all = cache.update_latent(layer, c_kv, k_pe)  # [B, S, R], [B, S, rope]
             w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
             q_lat = torch.einsum("bthd,hdr->bhtr", q_nope, w[:, : self.nope])
             q = torch.cat([q_lat, q_pe.transpose(1, 2)], -1)
             k = torch.cat([c_all, pe_all], -1)[:, None]
-            out = attend(q, k, c_all[:, None], mask, causal, self.scale)  # [B, H, T, R]
+            out = attend(q, k, c_all[:, None], mask, self.scale)  # [B, H, T, R]
             out = torch.einsum("bhtr,hvr->bthv", out, w[:, self.nope :])
         return self.o_proj(out.reshape(B, T, H * self.v_dim))
 
@@ -305,13 +366,26 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, inter_dim, bias=bias)
         self.up_proj = nn.Linear(dim, inter_dim, bias=bias)
         self.down_proj = nn.Linear(inter_dim, dim, bias=bias)
+        self.gate_up: Fused | None = None  # gate and up as one matmul, once fused (see fuse)
 
-    def forward(self, x: Tensor) -> Tensor:
-        gate_up = fused_linear(self, x, self.gate_proj, self.up_proj)
-        if gate_up is None:
+    def fuse(self) -> None:
+        self.gate_up = fuse_linears(self.gate_up, self.gate_proj, self.up_proj)
+
+    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
+        if not fused or self.gate_up is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = gate_up.chunk(2, -1)
+        gate, up = F.linear(x, *self.gate_up).chunk(2, -1)
         return self.down_proj(F.silu(gate) * up)
+
+
+@dataclass
+class Routing:
+    """A router's choice for N tokens: expert ids [N, k] and their weights [N, k] (fp32), taken from every expert's
+    sigmoid scores [N, E] (which DeepSeek-V3's balance loss reads)."""
+
+    experts: Tensor
+    weights: Tensor
+    scores: Tensor
 
 
 class Gate(nn.Module):
@@ -325,11 +399,9 @@ class Gate(nn.Module):
         # Updated by the aux-loss-free balancing rule, never by gradients.
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [N, dim] -> (expert ids [N, k], weights [N, k] in fp32)."""
+    def forward(self, x: Tensor) -> Routing:
+        """x [N, dim] -> the experts of each token."""
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        # Training keeps the scores (with their graph) and the choices for the sequence-wise balance loss.
-        self.scores = scores if self.training else None
         choice = scores + self.e_score_correction_bias.float()
         if self.n_group > 1:
             grouped = choice.view(x.shape[0], self.n_group, -1)
@@ -339,11 +411,10 @@ class Gate(nn.Module):
             # -inf, not 0: a negative bias must never let a dropped group win.
             choice = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
         idx = choice.topk(self.top_k, -1).indices
-        self.chosen = idx if self.training else None
         weights = scores.gather(1, idx)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return idx, weights * self.scaling
+        return Routing(idx, weights * self.scaling, scores)
 
 
 class MoE(nn.Module):
@@ -354,14 +425,13 @@ class MoE(nn.Module):
         self.gate = Gate(cfg)
         self.experts = nn.ModuleList(MLP(cfg.dim, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts))
         self.shared_experts = MLP(cfg.dim, cfg.moe_inter_dim * cfg.n_shared_experts) if cfg.n_shared_experts else None
-        self.load: Tensor | None = None  # tokens per expert in the last forward, for balancing and plots
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        idx, weights = self.gate(x)
+        route = self.gate(x)
+        idx, weights = route.experts, route.weights
         counts = torch.bincount(idx.flatten(), minlength=len(self.experts))
-        self.load = counts.detach()
         out = torch.zeros_like(x)
         order = idx.flatten().argsort(stable=True)
         token_of = order // idx.shape[1]
@@ -371,11 +441,11 @@ class MoE(nn.Module):
             if n == 0:
                 continue
             tok = token_of[start : start + n]
-            y = self.experts[e](x[tok]) * w_of[start : start + n, None].to(x.dtype)
+            y = self.experts[e](x[tok], fused) * w_of[start : start + n, None].to(x.dtype)
             out.index_add_(0, tok, y)
             start += n
         if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+            out = out + self.shared_experts(x, fused)
         return out.view(shape)
 
 
@@ -393,9 +463,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.dim, cfg.inter_dim, cfg.mlp_bias)
 
-    def forward(self, x, cos, sin, mask, causal, cache: KVCache | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, cache, self.layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, cache: Cache | None = None) -> Tensor:
+        # Cached inference (the engine, which fuses at its start) uses fused weights; autograd never does.
+        fused = cache is not None and not torch.is_grad_enabled()
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, fused)
+        return x + self.mlp(self.post_attention_layernorm(x), fused)
 
 
 class SharedHead(nn.Module):
@@ -416,11 +488,11 @@ class MTPLayer(Block):
         self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h: Tensor, emb: Tensor, cos, sin, mask, causal) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(self, h: Tensor, emb: Tensor, cos, sin, mask) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         """(the next depth's states, their shared_head norm for the output head): both inside this module's call, so
         a sharded (FSDP) module gathers its weights once."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], -1))
-        h = super().forward(x, cos, sin, mask, causal)
+        h = super().forward(x, cos, sin, mask)
         return h, self.shared_head.norm(h)
 
 
@@ -434,37 +506,6 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
 
-def build_mask(
-    B: int, T: int, start: int, key_valid: Tensor | None, device: torch.device
-) -> tuple[Tensor | None, bool]:
-    """Boolean attention mask [B, 1, T, S] (True = attend) for queries at slots start..start+T-1.
-
-    Returns (None, True) for plain causal attention and (None, False) for one query that may see every key.
-    Each query may always see itself, so rows of padding stay finite.
-    """
-    if key_valid is None:
-        if T == 1 or start == 0:
-            return None, T > 1
-        key_valid = torch.ones(B, start + T, dtype=torch.bool, device=device)
-    S = start + T
-    q_slot = torch.arange(start, S, device=device)[:, None]
-    k_slot = torch.arange(S, device=device)[None, :]
-    mask = (k_slot <= q_slot)[None] & key_valid[:, None, :S]
-    mask |= (k_slot == q_slot)[None]
-    return mask[:, None], False
-
-
-def build_doc_mask(doc_ids: Tensor, key_valid: Tensor | None = None) -> Tensor:
-    """Block-diagonal causal mask [B, 1, T, T] (True = attend) for packed rows: a query sees the earlier keys of its
-    own document only. key_valid [B, T] (False = padding) also hides pad keys; each query still sees itself."""
-    T = doc_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    mask = causal[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])
-    if key_valid is not None:
-        mask = (mask & key_valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=doc_ids.device)[None]
-    return mask[:, None]
-
-
 class Transformer(nn.Module):
     """Decoder-only LM for every family: forward(tokens, positions, cache) -> logits."""
 
@@ -475,6 +516,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # DeepSeek-V3's MTP modules: trained by pretraining (sputnik.train.pretrain), unused in inference.
         self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.n_layers + k) for k in range(cfg.n_mtp_layers))
         rope_dim = cfg.qk_rope_head_dim if cfg.is_mla else cfg.head_dim
         self.rotary = Rotary(rope_dim, cfg.rope_theta, cfg.rope_scaling, interleave=cfg.is_mla and cfg.rope_interleave)
@@ -487,100 +529,45 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def hidden(
-        self,
-        tokens: Tensor,
-        positions: Tensor | None = None,
-        cache: KVCache | None = None,
-        attn_mask: Tensor | None = None,
-        doc_ids: Tensor | None = None,
-        unpad: bool = False,
-    ) -> Tensor:
-        """Last block's output [B, T, dim], before the final norm.
+    def hidden(self, tokens: Tensor, positions: Tensor | None = None, cache: Cache | None = None,
+               mask: Tensor | Unpadded | None = None) -> Tensor:
+        """The last block's output [B, T, dim], before the final norm, for tokens [B, T] at positions [B, T].
 
-        attn_mask [B, T] marks real tokens (False = padding, never attended to). With a KVCache the tokens are written
-        at slots cache.length.. and may attend to everything cached before them; a SlotView (one token per row, each
-        row at its own length) needs explicit positions. doc_ids [B, T] (packed rows, no cache) keeps attention
-        causal within each document id; pass positions that restart at 0 per document with it. unpad (training rows
-        with attn_mask, no cache) runs every layer but attention on the real tokens only and returns [1, N, dim]: the
-        real tokens row after row, as tokens[attn_mask] orders them.
+        mask: None for causal rows; a boolean [B, 1, T, T] mask (True = attend: build_mask for padded rows,
+        build_doc_mask for packed documents); or an Unpadded layout, which runs every layer but attention on the real
+        tokens only and returns [1, N, dim]. With a cache the tokens are written at its next slots and attend to what
+        it holds: it gives the mask (the engine marks padding there) and the default positions.
         """
         B, T = tokens.shape
-        if positions is None:
-            start = 0 if cache is None else cache.length
-            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        if unpad:
-            if attn_mask is None or cache is not None or doc_ids is not None:
-                raise ValueError("unpad is for padded rows (attn_mask) without a cache or doc_ids")
-            real = attn_mask.bool()
-            mask, causal = build_mask(B, T, 0, None if bool(real.all()) else real, tokens.device)
-            index = real.flatten().nonzero().squeeze(1)
-            mask, causal = Unpadded(index, B, T, mask, causal), False
-            tokens, positions = tokens.flatten()[index][None], positions.flatten()[index][None]
-        elif doc_ids is not None:
-            if cache is not None:
-                raise ValueError("doc_ids is for packed training rows, not for decoding with a cache")
-            key_valid = None if attn_mask is None else attn_mask.bool()
-            mask, causal = build_doc_mask(doc_ids.to(tokens.device), key_valid), False
-        elif cache is not None:
-            mask, causal = cache.prepare(T, attn_mask)
-        else:
-            key_valid = attn_mask if attn_mask is not None and not bool(attn_mask.all()) else None
-            mask, causal = build_mask(B, T, 0, key_valid, tokens.device)
+        if cache is not None:
+            if mask is not None:
+                raise ValueError("a cached forward takes its mask from the cache")
+            positions = cache.positions(T) if positions is None else positions
+            mask = cache.mask(T)
+        elif positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        if isinstance(mask, Unpadded):
+            tokens, positions = mask.select(tokens), mask.select(positions)
         cos, sin = self.rotary(positions)
         h = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
-            h = layer(h, cos, sin, mask, causal, cache)
+            h = layer(h, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(T)
         return h
 
-    def forward(
-        self,
-        tokens: Tensor,
-        positions: Tensor | None = None,
-        cache: KVCache | None = None,
-        attn_mask: Tensor | None = None,
-        last_only: bool = False,
-        doc_ids: Tensor | None = None,
-        mtp: bool = False,
-        head: Callable[[Tensor], Any] | None = None,
-        unpad: bool = False,
-    ) -> Tensor | tuple[Tensor, list[Tensor]] | Any:
-        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only: prefill needs only the next token's).
+    def logits(self, h: Tensor) -> Tensor:
+        """The output head over hidden() states: final norm, then lm_head."""
+        return self.lm_head(self.model.norm(h))
 
-        With mtp (training), also each MTP depth's logits (see mtp_logits), computed inside this call so that a
-        sharded (FSDP) model gathers its embedding and head once for both. With head, returns head(h) for the last
-        block's output h [B, T, dim] instead: a loss that uses the model's own norm and head weights (log-probs,
-        cross-entropy) runs inside this call, where a sharded model has them gathered; with unpad (see hidden) h is
-        [1, N, dim], the real tokens only."""
-        if unpad and (mtp or head is None):
-            raise ValueError("unpad needs a head over the real tokens' states (and no MTP)")
-        h = self.hidden(tokens, positions, cache, attn_mask, doc_ids=doc_ids, unpad=unpad)
-        if head is not None:
-            return head(h)
-        if last_only:
-            h = h[:, -1:]
-        logits = self.lm_head(self.model.norm(h))
-        return (logits, self.mtp_logits(h, tokens, positions, doc_ids)) if mtp else logits
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, cache: Cache | None = None,
+                mask: Tensor | Unpadded | None = None) -> Tensor:
+        """Logits [B, T, vocab] (see hidden for the arguments)."""
+        return self.logits(self.hidden(tokens, positions, cache, mask))
 
-    def mtp_logits(self, h: Tensor, tokens: Tensor, positions: Tensor | None = None,
-                   doc_ids: Tensor | None = None) -> list[Tensor]:
-        """Logits of each MTP depth k (training only, no cache): row i of depth k predicts token i + k + 1.
-
-        h is hidden() of `tokens`; depth k combines depth k-1's states with the embedding of token i + k,
-        so depth k returns [B, T - k, vocab].
-        """
-        B, T = tokens.shape
-        out = []
-        for k, layer in enumerate(self.mtp, start=1):
-            n = T - k
-            if n <= 0:
-                break
-            pos = positions[:, :n] if positions is not None else torch.arange(n, device=tokens.device).expand(B, n)
-            cos, sin = self.rotary(pos)
-            # Row i belongs to the document of h_i: packed rows keep their block-diagonal mask here too.
-            mask = build_doc_mask(doc_ids[:, :n]) if doc_ids is not None else None
-            h, normed = layer(h[:, :n], self.model.embed_tokens(tokens[:, k : k + n]), cos, sin, mask, mask is None)
-            out.append(self.lm_head(normed))
-        return out
+    def fuse(self) -> None:
+        """Fuse each layer's q/k/v and gate/up weights for cached inference (the engine calls this once, at its
+        start). Calling again re-fuses only what moved; layers wrapped by adapters (LoRA) or sharded stay unfused."""
+        for m in self.modules():
+            if isinstance(m, (Attention, MLP)):
+                m.fuse()

@@ -12,7 +12,7 @@ import torch
 from live import REPLY, Live
 
 from sputnik.config import ModelConfig
-from sputnik.model import Transformer
+from sputnik.model import Transformer, build_doc_mask
 from sputnik.serve.app import ServeConfig
 from sputnik.tasks import get_task
 from sputnik.r1 import CHAT_TEMPLATE as R1_CHAT_TEMPLATE, EOS as R1_EOS, SPECIAL_TOKENS as R1_SPECIAL_TOKENS
@@ -201,7 +201,7 @@ def test_kl_objective_zero_for_same_weights_and_equal_to_reference(tmp_path):
     total, count = 0.0, 0
     with torch.no_grad():
         for m in objective.prepare(0, student):
-            args = dict(positions=m["positions"], doc_ids=m["doc_ids"])
+            args = dict(positions=m["positions"], mask=build_doc_mask(m["doc_ids"]))
             sel = m["targets"] != IGNORE
             p = torch.distributions.Categorical(logits=teacher(m["tokens"], **args)[sel] / tau)
             q = torch.distributions.Categorical(logits=student(m["tokens"], **args)[sel] / tau)

@@ -8,7 +8,8 @@ from sputnik.checkpoint import load_model, save_model
 from sputnik.config import ModelConfig
 from sputnik.engine import Engine, SamplingParams
 from sputnik.engine.cache import KVCache
-from sputnik.model import Gate, Transformer
+from sputnik.model import Gate, Transformer, Unpadded, build_mask
+from sputnik.train.pretrain import mtp_logits
 
 TINY = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
             max_position_embeddings=256)
@@ -96,7 +97,7 @@ def test_left_padding_and_cache_equal_plain_forward(pair):
         padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), tokens], 1)
         mask = torch.arange(25)[None] >= 5
         positions = (torch.arange(25)[None] - 5).clamp(min=0)
-        left = ours(padded, positions, attn_mask=mask)[:, 5:]
+        left = ours(padded, positions, mask=build_mask(1, 25, 0, mask, "cpu"))[:, 5:]
         cache = KVCache(ours.cfg, 1, 32, torch.float32, "cpu")
         chunks = [ours(tokens[:, :7], cache=cache), ours(tokens[:, 7:8], cache=cache), ours(tokens[:, 8:], cache=cache)]
     assert (left - plain).abs().max().item() < 1e-4
@@ -113,11 +114,11 @@ def test_unpadded_rows_equal_padded_forward(pair):
     real[0, 3:12], real[1, :16], real[2, 6:9] = True, True, True  # left+right pads, none, a short middle run
     positions = (real.long().cumsum(1) - 1).clamp(min=0)
     ours.zero_grad()
-    padded = ours(tokens, positions, attn_mask=real, head=lambda h: h)[real]
+    padded = ours.hidden(tokens, positions, mask=build_mask(3, 16, 0, real, "cpu"))[real]
     padded.pow(2).sum().backward()
     want = {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}
     ours.zero_grad()
-    unpadded = ours(tokens, positions, attn_mask=real, head=lambda h: h, unpad=True)
+    unpadded = ours.hidden(tokens, positions, mask=Unpadded.of(real))
     assert unpadded.shape == (1, int(real.sum()), ours.cfg.dim)
     torch.testing.assert_close(unpadded[0], padded.detach(), atol=1e-4, rtol=1e-4)
     unpadded.pow(2).sum().backward()
@@ -126,8 +127,8 @@ def test_unpadded_rows_equal_padded_forward(pair):
             scale = want[n].abs().max().item()  # (large: the weights are randomized to ~0.3)
             assert (p.grad - want[n]).abs().max().item() <= 1e-5 * max(scale, 1.0), n
     ours.zero_grad()
-    with pytest.raises(ValueError, match="unpad"):
-        ours(tokens, positions, unpad=True, head=lambda h: h)
+    with pytest.raises(ValueError, match="mask"):  # a cached forward takes its mask from the cache
+        ours.hidden(tokens, positions, KVCache(ours.cfg, 3, 16, torch.float32, "cpu"), mask=Unpadded.of(real))
 
 
 def test_mla_latent_cache_equals_naive_path():
@@ -155,7 +156,8 @@ def test_dropped_groups_masked_with_minus_inf():
         # Group 0 (experts 0, 1) wins on its top-2 sum; group 1 is dropped. Expert 1's bias is so negative that a
         # 0-filled mask would let dropped experts 2/3 (0) beat it (0.5 - 5 < 0): with -inf it must still be chosen.
         gate.e_score_correction_bias.copy_(torch.tensor([3.0, -5.0, -1.2, -1.2]))
-    idx, weights = gate(torch.randn(5, 8))
+    route = gate(torch.randn(5, 8))
+    idx, weights = route.experts, route.weights
     assert sorted(idx[0].tolist()) == [0, 1]
     # Weights come from the scores without the bias, renormalised over the chosen k.
     assert torch.allclose(weights, torch.full_like(weights, 0.5))
@@ -171,9 +173,9 @@ def test_trains_with_autograd_in_fp32_and_bf16():
         model.to(dtype)
         tokens = torch.randint(0, 99, (2, 16))
         h = model.hidden(tokens)
-        logits = model.lm_head(model.model.norm(h))
+        logits = model.logits(h)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
-        (mtp,) = model.mtp_logits(h, tokens)
+        (mtp,) = mtp_logits(model, h, tokens)
         assert mtp.shape == (2, 15, 99)
         loss = loss + 0.3 * torch.nn.functional.cross_entropy(mtp[:, :-1].flatten(0, 1).float(), tokens[:, 2:].flatten())
         loss.backward()

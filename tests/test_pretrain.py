@@ -13,10 +13,11 @@ import torch.nn.functional as F
 
 from sputnik.checkpoint import load_state
 from torchrun import assert_two_equal_one, torchrun
-from sputnik.model import MoE, Transformer
+from sputnik.model import MoE, Transformer, build_doc_mask
 from sputnik.train.data import TokenShards, document_ids, document_positions, write_shards
 from sputnik.train.loop import TrainConfig, Trainer
-from sputnik.train.pretrain import PretrainConfig, PretrainObjective, init_weights, nano_config, train_pretrain
+from sputnik.train.pretrain import (PretrainConfig, PretrainObjective, init_weights, mtp_logits, nano_config,
+                                    train_pretrain)
 
 VOCAB, EOS = 64, 1
 
@@ -69,7 +70,7 @@ def test_packed_documents_do_not_see_each_other(arch):
     doc = torch.from_numpy(document_ids(packed.numpy(), EOS))
     pos = torch.from_numpy(document_positions(doc.numpy()))
     with torch.no_grad():
-        together = model(packed, pos, doc_ids=doc)
+        together = model(packed, pos, mask=build_doc_mask(doc))
         alone = model(torch.tensor([b]))
     torch.testing.assert_close(together[0, 4:], alone[0], rtol=1e-4, atol=1e-5)
 
@@ -85,7 +86,7 @@ def test_mtp_loss_uses_the_right_shifted_targets(tmp_path):
     x = micro[:, :-1]
     h = model.hidden(x)  # no document mask: as the objective was configured
     main = F.cross_entropy(model.lm_head(model.model.norm(h)).flatten(0, 1), micro[:, 1:].flatten(), reduction="sum")
-    (depth1,) = model.mtp_logits(h, x)
+    (depth1,) = mtp_logits(model, h, x)
     mtp = F.cross_entropy(depth1.flatten(0, 1), micro[:, 2:].flatten(), reduction="sum")
     torch.testing.assert_close(loss, (main + mtp) / (2 * 16), rtol=1e-5, atol=1e-6)
 
@@ -110,13 +111,15 @@ def test_bias_update_moves_a_skewed_router_toward_balance(tmp_path):
 
 
 def test_balance_loss_is_the_v3_formula():
-    from sputnik.train.pretrain import sequence_balance
+    from sputnik.train.pretrain import Routers, sequence_balance
 
     model = tiny("moe").train()
     x = torch.randint(2, VOCAB, (3, 10))
-    model(x)
     moe = next(m for m in model.modules() if isinstance(m, MoE))
-    s, chosen = moe.gate.scores.view(3, 10, -1), moe.gate.chosen.view(3, 10, -1)
+    routers = Routers([moe])
+    model(x)
+    (route,) = routers.take()
+    s, chosen = route.scores.view(3, 10, -1), route.experts.view(3, 10, -1)
     E, K = s.shape[-1], chosen.shape[-1]
     want = 0.0
     for b in range(3):
@@ -124,7 +127,7 @@ def test_balance_loss_is_the_v3_formula():
             f = E / (K * 10) * (chosen[b] == i).sum()
             p = (s[b, :, i] / s[b].sum(-1)).mean()
             want += f * p
-    torch.testing.assert_close(sequence_balance(moe, 3), torch.as_tensor(want, dtype=torch.float32))
+    torch.testing.assert_close(sequence_balance(route, 3), torch.as_tensor(want, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("arch", ["dense", "moe"])

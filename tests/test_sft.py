@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sputnik.model import Transformer
+from sputnik.model import Transformer, build_doc_mask
 from sputnik.r1 import CHAT_TEMPLATE as R1_CHAT_TEMPLATE, EOS as R1_EOS, SPECIAL_TOKENS as R1_SPECIAL_TOKENS
 from sputnik.tokenizer import Tokenizer
 from sputnik.train.loop import TrainConfig
@@ -133,7 +133,7 @@ def test_packed_documents_equal_documents_alone(family):
 
     def packed_logits(tokens: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return model(tokens, b["positions"], doc_ids=b["doc_ids"])[0]
+            return model(tokens, b["positions"], mask=build_doc_mask(b["doc_ids"]))[0]
 
     logits = packed_logits(b["tokens"])
     doc_of = torch.tensor(row.doc_ids)
@@ -159,7 +159,7 @@ def test_packed_documents_equal_documents_alone(family):
     short = pack([(docs[2], [1] * 5)], seq_len=24)
     both = collate(rows + short, pad_id=0)
     with torch.no_grad():
-        batched = model(both["tokens"], both["positions"], doc_ids=both["doc_ids"])
+        batched = model(both["tokens"], both["positions"], mask=build_doc_mask(both["doc_ids"]))
     torch.testing.assert_close(batched[0], logits, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(batched[1, :5], logits[doc_of == 2], atol=2e-5, rtol=1e-5)
 

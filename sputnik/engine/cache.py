@@ -6,10 +6,12 @@ import torch
 from torch import Tensor
 
 from sputnik.config import ModelConfig
+from sputnik.model import build_mask
 
 
 class KVCache:
-    """Static cache for a batch. Row b's token at slot s is real iff valid[b, s]; padding slots are never attended.
+    """Static cache for a batch (a sputnik.model.Cache). Row b's token at slot s is real iff valid[b, s]; padding
+    slots are never attended.
 
     All rows write at the same slots (start = length), so ragged prompts are left-padded and decoding writes one
     column per step. MLA layers store only RMSNorm(c_kv) and k_pe: kv_lora_rank + qk_rope_head_dim per token.
@@ -35,20 +37,20 @@ class KVCache:
     def batch(self) -> int:
         return self.valid.shape[0]
 
-    def mark(self, attn_mask: Tensor | None) -> Tensor | None:
-        """Record which of the next T tokens are real; return the key-validity mask, or None if nothing is padding."""
+    def mark(self, attn_mask: Tensor | None) -> None:
+        """Record which of the next T tokens are real (attn_mask [B, T], False = padding), before their forward."""
         if attn_mask is not None and not bool(attn_mask.all()):
             T = attn_mask.shape[1]
             self._check(T)
             self.valid[:, self.length : self.length + T] = attn_mask
             self.has_pad = True
-        return self.valid if self.has_pad else None
 
-    def prepare(self, T: int, attn_mask: Tensor | None) -> tuple[Tensor | None, bool]:
-        """The attention mask (and whether plain causal attention will do) for the next T tokens."""
-        from sputnik.model import build_mask
+    def positions(self, T: int) -> Tensor:
+        return torch.arange(self.length, self.length + T, device=self.valid.device).expand(self.batch, T)
 
-        return build_mask(self.batch, T, self.length, self.mark(attn_mask), self.valid.device)
+    def mask(self, T: int) -> Tensor | None:
+        """The next T tokens' attention mask over the slots so far: causal, padding never attended."""
+        return build_mask(self.batch, T, self.length, self.valid if self.has_pad else None, self.valid.device)
 
     def advance(self, T: int) -> None:
         self.length += T
@@ -184,7 +186,7 @@ class SlotCache:
         return [t for name in self.names for t in getattr(self, name)]
 
     def view(self, full: bool = False) -> SlotView:
-        """This step's view for Transformer.hidden: row b writes its new token at slot host_lens[b].
+        """This step's view (a sputnik.model.Cache): row b writes its new token at slot host_lens[b].
 
         Eager steps attend to the slots any row has filled (no mask for a lone row: SDPA's fastest path); a compiled
         step (full) attends to every slot under a mask, so its shapes change only when the buffers grow."""
@@ -208,13 +210,16 @@ class SlotView:
         self.lens, self.S, self.masked = lens, S, masked
         self.rows = torch.arange(lens.shape[0], device=lens.device)
 
-    def prepare(self, T: int, attn_mask: Tensor | None) -> tuple[Tensor | None, bool]:
-        if T != 1 or attn_mask is not None:
+    def positions(self, T: int) -> Tensor:
+        return self.lens[:, None]
+
+    def mask(self, T: int) -> Tensor | None:
+        if T != 1:
             raise ValueError("a SlotCache decodes one token per row; prefill into a KVCache first")
         if not self.masked:
-            return None, False
+            return None
         mask = torch.arange(self.S, device=self.lens.device)[None] <= self.lens[:, None]
-        return mask[:, None, None], False
+        return mask[:, None, None]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         kc, vc, n = self.first[layer], self.second[layer], self.lens.shape[0]

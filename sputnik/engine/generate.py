@@ -17,7 +17,7 @@ from torch import Tensor
 from sputnik.engine.cache import KVCache, SlotCache, SlotView
 from sputnik.engine.prefix import PrefixCache
 from sputnik.engine.sampling import Sampler, SamplingParams
-from sputnik.model import Transformer, sharded
+from sputnik.model import Cache, Transformer
 from sputnik.r1 import held_back
 from sputnik.seeds import mix
 
@@ -89,16 +89,31 @@ class _Request:
     prefix: list[Tensor] | None = None  # cached KV of ids[:len], when the prefix cache holds part of the prompt
 
 
+def next_logits(model: Transformer, tokens: Tensor, positions: Tensor, cache: Cache) -> Tensor:
+    """Logits [B, vocab] of the token after each row's last one: the head runs on that position only."""
+    return model.logits(model.hidden(tokens, positions, cache)[:, -1])
+
+
+def is_sharded(model: Transformer) -> bool:
+    """Are the model's parameters DTensors (FSDP2)? FSDP gathers them into buffers it reuses in training, which must
+    not become inference tensors nor be re-pointed into fused weights."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def compiled_decode(model: Transformer) -> Callable[[Tensor, Tensor, list[Tensor]], Tensor]:
     """The decode step as one compiled graph (inductor, C++ wrapper): at batch 1 a step is a few hundred tiny ops
     around the matrix-vector products, and eager dispatch of those costs as much as a third of the step on a CPU.
 
     Shapes stay put between steps (every slot attended under a mask), so it compiles once for one row and once for
-    several, and again only if the cache outgrows what was marked dynamic. The first steps pay the compile (1-3
-    minutes on 2 CPU cores the first time, ~20 s from inductor's disk cache); eager is the default for that reason."""
+    several, and again only if the cache outgrows what was marked dynamic. The first steps pay the compile (much less
+    from inductor's disk cache the second time); eager is the default for that reason."""
 
     def step(tokens: Tensor, positions: Tensor, buffers: list[Tensor]) -> Tensor:
-        return model(tokens, positions, SlotView(buffers, positions[:, 0], buffers[0].shape[-2]))
+        return next_logits(model, tokens, positions, SlotView(buffers, positions[:, 0], buffers[0].shape[-2]))
 
     return torch.compile(step, options={"cpp_wrapper": model.device.type == "cpu"})
 
@@ -127,6 +142,9 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_batch: int = 64,
                  prefill_chunk: int = 512, prefix_cache_mb: float = 0, compile: bool = False):
         self.model = model.eval()
+        self.sharded = is_sharded(model)
+        if not self.sharded:
+            model.fuse()  # q/k/v and gate/up as one matmul each, in every forward this engine runs
         self._compiled = compiled_decode(model) if compile else None
         self._marked: Tensor | None = None  # the cache buffer last marked dynamic for the compiler
         self.tokenizer = tokenizer
@@ -227,9 +245,7 @@ class Engine:
 
         The prefill goes first and its first tokens are ready before the decode runs: given `emit`, each phase's
         deltas go there as soon as they exist (a new stream's first token does not wait for the batch's step)."""
-        # A model sharded by FSDP gathers its weights into buffers it reuses in training, which must not become
-        # inference tensors: plain no_grad there.
-        with torch.no_grad() if sharded(self.model) else torch.inference_mode():
+        with torch.no_grad() if self.sharded else torch.inference_mode():  # (see is_sharded)
             return self._step(emit)
 
     def _step(self, emit: Callable[[list[Delta]], None] | None) -> list[Delta]:
@@ -349,8 +365,8 @@ class Engine:
             return None
         L = pf.tokens.shape[1]
         s, e = pf.done, min(L, pf.done + self.prefill_chunk)
-        mask = pf.attn_mask[:, s:e] if pf.attn_mask is not None else None
-        logits = self.model(pf.tokens[:, s:e], pf.positions[:, s:e], pf.cache, mask, last_only=True)[:, -1]
+        pf.cache.mark(pf.attn_mask[:, s:e] if pf.attn_mask is not None else None)
+        logits = next_logits(self.model, pf.tokens[:, s:e], pf.positions[:, s:e], pf.cache)
         pf.done = e
         if e < L:
             return None
@@ -374,7 +390,7 @@ class Engine:
         cache, tokens = self._cache, self._next[:, None]
         if self._compiled is None:
             view = cache.view()
-            logits = self.model(tokens, view.lens[:, None], view)
+            logits = next_logits(self.model, tokens, view.lens[:, None], view)
         else:
             view = cache.view(full=True)
             if view.buffers[0] is not self._marked:  # new buffers (the cache grew): their sizes may vary
@@ -385,7 +401,7 @@ class Engine:
             torch._dynamo.maybe_mark_dynamic(tokens, 0)
             logits = self._compiled(tokens, view.lens[:, None], view.buffers)
         cache.advance(1)
-        return logits[:, -1]
+        return logits
 
     def _release(self, rows: list[int], store: bool = True) -> None:
         """Free finished rows: keep a finished sequence's KV in the prefix cache (a chat's next turn starts with

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from sputnik.device import pick_device
 from sputnik.engine import Engine, SamplingParams
 from sputnik.eval.run import EvalConfig, prompt_ids
+from sputnik.model import build_doc_mask
 from sputnik.rewards import SCRIPTS, format_reward, language_reward
 from sputnik.r1 import TEMPERATURE, THINK_CLOSE, THINK_OPEN, TOP_P
 from sputnik.seeds import mix
@@ -362,11 +363,12 @@ class KLDistillObjective(SFTObjective):
             self.teacher.to(device)
         tokens, positions, doc_ids, targets = (micro[k].to(device) for k in ("tokens", "positions", "doc_ids",
                                                                               "targets"))
+        mask = build_doc_mask(doc_ids)
         with torch.no_grad():
-            ht = self.teacher.hidden(tokens, positions, doc_ids=doc_ids)
-        # Inside the student's call: under FSDP its norm and head are gathered only there.
-        kl = model(tokens, positions, doc_ids=doc_ids,
-                   head=lambda hs: masked_kl_sum(model, self.teacher, hs, ht, targets, self.temperature))
+            ht = self.teacher.hidden(tokens, positions, mask=mask)
+        # (FSDP: the root keeps the final norm and head gathered after hidden(), for the loss; see loop._shard)
+        hs = model.hidden(tokens, positions, mask=mask)
+        kl = masked_kl_sum(model, self.teacher, hs, ht, targets, self.temperature)
         return kl / micro["num_items"], {}
 
     def state_dict(self) -> dict:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sputnik.model import Transformer
+from sputnik.model import Transformer, Unpadded
 
 
 def positions_from_mask(attn_mask: Tensor) -> Tensor:
@@ -148,10 +148,9 @@ def token_logprobs(
     at = (real.flatten().cumsum(0) - 1).view(B, T)[:, :-1][scored]  # each scored column's row in h, flattened
     picked = targets[scored]
 
-    def score(h: Tensor) -> tuple[Tensor, Tensor]:  # inside the model's call (FSDP: the head is gathered there)
-        return head_logprobs(model, h.reshape(-1, h.shape[-1])[at], picked, temperature, chunk)
-
-    lp, en = model(tokens, positions, attn_mask=attn_mask, head=score, unpad=unpad)
+    # (FSDP: the root keeps the final norm and head gathered after hidden(), for head_logprobs; see loop._shard)
+    h = model.hidden(tokens, positions, mask=Unpadded.of(real) if unpad else None)
+    lp, en = head_logprobs(model, h.reshape(-1, h.shape[-1])[at], picked, temperature, chunk)
     zeros = torch.zeros(B, n, dtype=torch.float32, device=tokens.device)
     logp, ent = zeros.masked_scatter(scored, lp), zeros.masked_scatter(scored, en)
     return (logp, ent) if entropy else logp

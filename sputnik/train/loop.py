@@ -278,15 +278,18 @@ class Trainer:
     # ------------------------------------------------------------ FSDP
 
     def _shard(self, model: nn.Module) -> None:
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
         # One FSDP unit per block, so only one block's full weights exist at a time; the root holds the rest.
         blocks = list(getattr(getattr(model, "model", None), "layers", [])) + list(getattr(model, "mtp", []))
         for block in blocks:
             fully_shard(block)
-        fully_shard(model)
+        # The losses run the model's hidden() and then its final norm and head (head log-probs, cross-entropy, KL,
+        # MTP): the root gathers its weights in hidden(), a forward of its own, and keeps them until the backward.
+        fully_shard(model, reshard_after_forward=False)
+        if hasattr(model, "hidden"):
+            register_fsdp_forward_method(model, "hidden")
         for m in model.modules():
-            m.__dict__["_fsdp_sharded"] = True  # model.sharded(): no fused inference weights, no inference tensors
             if isinstance(m, FSDPModule):
                 # Objectives normalise globally, so the reduce is a plain sum; forcing SUM (instead of a premultiplied
                 # sum by 1/1) also keeps it on gloo, which has no PREMUL_SUM.

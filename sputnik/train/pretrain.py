@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sputnik.config import ModelConfig
-from sputnik.model import MoE, Transformer
+from sputnik.model import MoE, Routing, Transformer, build_doc_mask
 from sputnik.train.data import TokenShards, document_ids, document_positions
 from sputnik.train.loop import RankAware, TrainConfig, all_reduce_sum
 
@@ -138,6 +138,7 @@ class PretrainObjective(RankAware):
         self.cfg, self.seed = cfg, seed
         self.shards = TokenShards(cfg.data)
         self.moes = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE)]
+        self.routers = Routers(self.moes)
         self.loads = [torch.zeros(len(m.experts)) for m in self.moes]
         self.load_log: list[list[list[float]]] = []  # per step: per layer, each expert's share of the tokens
         self.flops_per_token = flops_per_token(model, cfg.seq_len)
@@ -157,29 +158,33 @@ class PretrainObjective(RankAware):
 
     def loss(self, model: nn.Module, micro: Tensor) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
-        x, y = micro[:, :-1], micro[:, 1:]
-        doc = positions = None
+        device = next(model.parameters()).device
+        x, y = micro[:, :-1], micro[:, 1:].to(device)
+        doc = positions = mask = None
         if cfg.mask_documents:
             d = document_ids(x.numpy(), self.shards.eos_id)
-            doc, positions = torch.from_numpy(d), torch.from_numpy(document_positions(d))
-        use_mtp = bool(cfg.mtp_lambda and model.cfg.n_mtp_layers)
-        out = model(x, positions, doc_ids=doc, mtp=use_mtp)  # one call: FSDP gathers the root's weights once
-        logits, depths = out if use_mtp else (out, [])
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+            doc, positions = torch.from_numpy(d).to(device), torch.from_numpy(document_positions(d)).to(device)
+            mask = build_doc_mask(doc)
+        x = x.to(device)
+        # (FSDP: the root keeps its embedding and head gathered after hidden() for the head and MTP, see loop._shard)
+        h = model.hidden(x, positions, mask=mask)
+        ce = F.cross_entropy(model.logits(h).flatten(0, 1).float(), y.flatten(), reduction="sum")
         loss = ce / self.global_tokens
         metrics = {"ce": ce.item() / y.numel()}
+        depths = mtp_logits(model, h, x, positions, doc) if cfg.mtp_lambda and model.cfg.n_mtp_layers else []
         if depths:
             mtp = sum(F.cross_entropy(lk.flatten(0, 1).float(), y[:, k:].flatten(), reduction="sum")
                       for k, lk in enumerate(depths, start=1)) / len(depths)
             loss = loss + cfg.mtp_lambda * mtp / self.global_tokens
             metrics["mtp_ce"] = mtp.item() / y.numel()
         if self.moes:
-            balance = sum(sequence_balance(m, x.shape[0]) for m in self.moes)
+            routes = self.routers.take()
+            balance = sum(sequence_balance(r, x.shape[0]) for r in routes)
             if cfg.balance_alpha:
                 loss = loss + cfg.balance_alpha * balance / self.global_seqs
             metrics["balance"] = balance.item() / x.shape[0]
-            for acc, m in zip(self.loads, self.moes):
-                acc += m.load.float().cpu()
+            for acc, r in zip(self.loads, routes):
+                acc += torch.bincount(r.experts.flatten(), minlength=len(acc)).float().cpu()
         return loss, metrics
 
     def after_update(self, model: nn.Module) -> None:
@@ -213,10 +218,56 @@ class PretrainObjective(RankAware):
         self.load_log = state.get("load_log", [])
 
 
-def sequence_balance(moe: MoE, batch: int) -> Tensor:
-    """Σ over sequences of Σ_i f_i·P_i for one MoE layer's last forward (DeepSeek-V3's sequence-wise balance loss):
-    f_i = E/(K·T) × tokens of the sequence routed to expert i, P_i = mean over its tokens of the normalised score."""
-    scores, chosen = moe.gate.scores, moe.gate.chosen
+def mtp_logits(model: Transformer, h: Tensor, tokens: Tensor, positions: Tensor | None = None,
+               doc_ids: Tensor | None = None) -> list[Tensor]:
+    """Logits of each MTP depth k: row i of depth k predicts token i + k + 1 (DeepSeek-V3 §2.2).
+
+    h is model.hidden() of `tokens`; depth k combines depth k-1's states with the embedding of token i + k, so depth
+    k returns [B, T - k, vocab]. Row i belongs to the document of h_i: packed rows (doc_ids) keep their block-diagonal
+    mask here too.
+    """
+    B, T = tokens.shape
+    out = []
+    for k, layer in enumerate(model.mtp, start=1):
+        n = T - k
+        if n <= 0:
+            break
+        pos = positions[:, :n] if positions is not None else torch.arange(n, device=tokens.device).expand(B, n)
+        cos, sin = model.rotary(pos)
+        mask = build_doc_mask(doc_ids[:, :n]) if doc_ids is not None else None
+        h, normed = layer(h[:, :n], model.model.embed_tokens(tokens[:, k : k + n]), cos, sin, mask)
+        out.append(model.lm_head(normed))
+    return out
+
+
+class Routers:
+    """Forward hooks on MoE layers' gates that keep each training forward's routing (scores with their graph), for
+    the sequence-wise balance loss and the expert loads of the bias update; `take` hands them over."""
+
+    def __init__(self, moes: list[MoE]):
+        self.last: list[Routing | None] = [None] * len(moes)
+        for i, moe in enumerate(moes):
+            moe.gate.register_forward_hook(self._keeper(i))
+
+    def _keeper(self, i: int):
+        def keep(gate: nn.Module, args: Any, route: Routing) -> None:
+            if gate.training:
+                self.last[i] = route
+        return keep
+
+    def take(self) -> list[Routing]:
+        """Every gate's routing in the last training forward (each gate must have run since the last take)."""
+        routes, self.last = self.last, [None] * len(self.last)
+        if any(r is None for r in routes):
+            raise RuntimeError("a MoE gate did not run in training mode since the last take()")
+        return routes  # type: ignore[return-value]
+
+
+def sequence_balance(route: Routing, batch: int) -> Tensor:
+    """Σ over sequences of Σ_i f_i·P_i for one MoE layer's routing of `batch` rows (DeepSeek-V3's sequence-wise
+    balance loss): f_i = E/(K·T) × tokens of the sequence routed to expert i, P_i = mean over its tokens of the
+    normalised score."""
+    scores, chosen = route.scores, route.experts
     E, K = scores.shape[-1], chosen.shape[-1]
     scores = scores.view(batch, -1, E)
     T = scores.shape[1]

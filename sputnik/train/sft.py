@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from sputnik.model import build_doc_mask
 from sputnik.r1 import THINK_OPEN, THINK_TEMPLATE
 from sputnik.seeds import mix
 from sputnik.train.logprobs import head_logprobs
@@ -307,8 +308,8 @@ class SFTObjective(RankAware):
         device = next(model.parameters()).device
         tokens, positions, doc_ids, targets = (micro[k].to(device) for k in ("tokens", "positions", "doc_ids",
                                                                               "targets"))
-        # The loss runs inside the model's call: under FSDP its norm and head are gathered only there.
-        total = model(tokens, positions, doc_ids=doc_ids, head=lambda h: masked_ce_sum(model, h, targets))
+        # (FSDP: the root keeps the final norm and head gathered after hidden(), for the loss; see loop._shard)
+        total = masked_ce_sum(model, model.hidden(tokens, positions, mask=build_doc_mask(doc_ids)), targets)
         return total / micro["num_items"], {}
 
     def metrics(self, step: int) -> dict[str, float]:
