@@ -326,3 +326,20 @@ def test_serve_command_starts_and_answers(think_model, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_serve_does_not_import_web():
+    import ast
+    from pathlib import Path
+
+    import sputnik.serve
+
+    for path in Path(sputnik.serve.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            assert not any(f"{n}.".startswith("sputnik.web.") for n in names), path.name  # the web builds on serve
