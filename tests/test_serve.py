@@ -343,3 +343,17 @@ def test_serve_does_not_import_web():
             else:
                 continue
             assert not any(f"{n}.".startswith("sputnik.web.") for n in names), path.name  # the web builds on serve
+
+
+def test_no_web_serves_the_api_alone(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from sputnik.serve.app import create_app
+    from sputnik.web.app import build_app
+
+    web = TestClient(build_app(ServeConfig(auth=False, database_url=f"sqlite:///{tmp_path}/w.db")))
+    assert web.get("/").status_code == 200 and web.get("/api/me").status_code == 200
+    for app in (build_app(ServeConfig(auth=False, web=False)), create_app(ServeConfig(auth=False))):
+        api = TestClient(app)  # not started: the backend never loads
+        assert api.get("/").status_code == 404 and api.get("/api/me").status_code == 404
+        assert api.get("/health").status_code == 503 and api.get("/metrics").status_code == 200
