@@ -297,8 +297,9 @@ def cmd_nano_r1(args) -> int:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from sputnik.serve.app import ServeConfig, create_app
+    from sputnik.serve.app import ServeConfig
     from sputnik.serve.protocol import Limits
+    from sputnik.web.app import build_app
 
     cfg = ServeConfig(model=args.model, upstream=args.upstream, upstream_key=args.upstream_key,
                       served_name=args.served_name, host=args.host, port=args.port, auth=not args.no_auth,
@@ -315,7 +316,7 @@ def cmd_serve(args) -> int:
         if not any(k.active for k in KeyStore(cfg.keys_path or _default_keys_path()).list()):
             print("note: no API key exists yet: create one with `sputnik keys create NAME` "
                   "(or serve on loopback with --no-auth)", file=sys.stderr)
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(build_app(cfg), host=cfg.host, port=cfg.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
 
 

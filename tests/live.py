@@ -14,7 +14,8 @@ import uvicorn
 
 from sputnik.config import ModelConfig
 from sputnik.model import Transformer
-from sputnik.serve.app import ServeConfig, create_app
+from sputnik.serve.app import ServeConfig
+from sputnik.web.app import build_app
 
 THOUGHT, ANSWER = "Two plus two makes four.\n", "The answer is 4."
 REPLY = f"<think>\n{THOUGHT}</think>\n\n{ANSWER}"
@@ -64,12 +65,13 @@ def free_port() -> int:
 
 
 class Live:
-    """A real uvicorn server on a free loopback port, in a thread of this process."""
+    """A real uvicorn server (the whole app, as `sputnik serve` builds it) on a free loopback port, in a thread of this
+    process."""
 
     def __init__(self, cfg: ServeConfig, loader=None):
         cfg.port = free_port()
         self.cfg = cfg
-        self.app = create_app(cfg) if loader is None else create_app(cfg, loader=loader)
+        self.app = build_app(cfg) if loader is None else build_app(cfg, loader=loader)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host=cfg.host, port=cfg.port, log_level="warning"))
         self.url = f"http://{cfg.host}:{cfg.port}"
 

@@ -326,3 +326,34 @@ def test_serve_command_starts_and_answers(think_model, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_serve_does_not_import_web():
+    import ast
+    from pathlib import Path
+
+    import sputnik.serve
+
+    for path in Path(sputnik.serve.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            assert not any(f"{n}.".startswith("sputnik.web.") for n in names), path.name  # the web builds on serve
+
+
+def test_no_web_serves_the_api_alone(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from sputnik.serve.app import create_app
+    from sputnik.web.app import build_app
+
+    web = TestClient(build_app(ServeConfig(auth=False, database_url=f"sqlite:///{tmp_path}/w.db")))
+    assert web.get("/").status_code == 200 and web.get("/api/me").status_code == 200
+    for app in (build_app(ServeConfig(auth=False, web=False)), create_app(ServeConfig(auth=False))):
+        api = TestClient(app)  # not started: the backend never loads
+        assert api.get("/").status_code == 404 and api.get("/api/me").status_code == 404
+        assert api.get("/health").status_code == 503 and api.get("/metrics").status_code == 200

@@ -214,6 +214,19 @@ def parse_request(model_cls: type[BaseModel], data: Any) -> Any:
     raise APIError(400, f"{param}: {message}", param=param)
 
 
+def completion_budget(req: ChatCompletionRequest | CompletionRequest, limits: Limits) -> int:
+    """The completion tokens a request asks for (max_completion_tokens, else max_tokens, else the server's default);
+    more than the server allows is a 400."""
+    max_completion_tokens = getattr(req, "max_completion_tokens", None)
+    requested = max_completion_tokens or req.max_tokens
+    if requested is not None and requested > limits.max_tokens:
+        param = "max_completion_tokens" if max_completion_tokens else "max_tokens"
+        raise APIError(400, f"{param} is {requested}; this server allows at most {limits.max_tokens}", param=param)
+    if requested is None:
+        requested = min(limits.default_max_tokens, limits.max_tokens)
+    return requested
+
+
 def sampling_params(req: ChatCompletionRequest | CompletionRequest, limits: Limits, prompt_tokens: int,
                     context: int) -> SamplingParams:
     """The engine's parameters for a validated request, after the server's limits and the model's context."""
@@ -227,15 +240,8 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, limits: Limi
         raise APIError(400, f"prompt has {prompt_tokens} tokens; this server accepts at most "
                        f"{limits.max_prompt_tokens}", param=prompt_param, code="context_length_exceeded")
 
-    max_completion_tokens = getattr(req, "max_completion_tokens", None)
-    requested = max_completion_tokens or req.max_tokens
-    if requested is not None and requested > limits.max_tokens:
-        param = "max_completion_tokens" if max_completion_tokens else "max_tokens"
-        raise APIError(400, f"{param} is {requested}; this server allows at most {limits.max_tokens}", param=param)
-    if requested is None:
-        requested = min(limits.default_max_tokens, limits.max_tokens)
     # A long prompt leaves less room: generate up to the end of the context rather than refuse.
-    max_tokens = min(requested, context - prompt_tokens)
+    max_tokens = min(completion_budget(req, limits), context - prompt_tokens)
 
     try:
         return SamplingParams(

@@ -131,19 +131,19 @@ def read_metadata(path: Path) -> dict[str, Any]:
     except Exception as error:  # GGUFReader raises ValueError/struct errors on files that are not GGUF
         raise ValueError(f"{path} is not a readable GGUF file: {error}") from error
     values: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if not (key.startswith("tokenizer.") or key.startswith("general.")) or not field.types:
+    for key, entry in reader.fields.items():
+        if not (key.startswith("tokenizer.") or key.startswith("general.")) or not entry.types:
             continue
-        kind = field.types[0]
+        kind = entry.types[0]
         if kind == gguf.GGUFValueType.ARRAY:
-            if field.types[-1] == gguf.GGUFValueType.STRING:
-                values[key] = [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-            elif field.data:
-                values[key] = np.concatenate([np.asarray(field.parts[i]).reshape(-1) for i in field.data]).tolist()
+            if entry.types[-1] == gguf.GGUFValueType.STRING:
+                values[key] = [bytes(entry.parts[i]).decode("utf-8", errors="replace") for i in entry.data]
+            elif entry.data:
+                values[key] = np.concatenate([np.asarray(entry.parts[i]).reshape(-1) for i in entry.data]).tolist()
             else:
                 values[key] = []
         elif kind == gguf.GGUFValueType.STRING:
-            values[key] = bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+            values[key] = bytes(entry.parts[entry.data[0]]).decode("utf-8", errors="replace")
         else:
-            values[key] = np.asarray(field.parts[field.data[0]]).reshape(-1)[0].item()
+            values[key] = np.asarray(entry.parts[entry.data[0]]).reshape(-1)[0].item()
     return values

@@ -68,19 +68,20 @@ def web_router(db: Database, providers: list[OIDCProvider] | None = None, *, aut
     """
     auth = auth or Auth(db)
     providers = list(providers or [])
-
-    async def secret() -> str:
-        def read() -> str:
-            with db.session() as s:
-                return store.secret_key(s)
-        return await run_in_threadpool(read)
-
-    oidc = OIDC(providers, secret)
     # CSRF is checked before anything else on every state-changing route here (GET, HEAD pass through).
     api = APIRouter(route_class=WebRoute, dependencies=[Depends(auth.require_csrf)])
+    api.include_router(accounts_router(db, auth, providers))
+    api.include_router(admin_router(db, auth))
+    api.include_router(conversations_router(db, auth))
     router = APIRouter(route_class=WebRoute)
+    router.include_router(oidc_router(db, auth, providers, public_url))
+    router.include_router(api)
+    return router
 
-    # ---- accounts
+
+def accounts_router(db: Database, auth: Auth, providers: list[OIDCProvider]) -> APIRouter:
+    """/api/me and password sign-up, sign-in and sign-out."""
+    api = APIRouter(route_class=WebRoute)
 
     @api.get("/api/me")
     def me(request: Request, response: Response):
@@ -126,6 +127,26 @@ def web_router(db: Database, providers: list[OIDCProvider] | None = None, *, aut
             auth.end_session(s, request, response)
         return {"ok": True}
 
+    return api
+
+
+def oidc_router(db: Database, auth: Auth, providers: list[OIDCProvider], public_url: str | None) -> APIRouter:
+    """"Sign in with …": the redirect to the provider and the callback that signs the user in (or up)."""
+    router = APIRouter(route_class=WebRoute)
+
+    async def secret() -> str:
+        def read() -> str:
+            with db.session() as s:
+                return store.secret_key(s)
+        return await run_in_threadpool(read)
+
+    oidc = OIDC(providers, secret)
+
+    def callback_url(request: Request, provider: str) -> str:
+        if public_url:
+            return f"{public_url.rstrip('/')}/auth/oidc/{provider}/callback"
+        return str(request.url_for("oidc_callback", provider=provider))
+
     @router.get("/auth/oidc/{provider}/login")
     async def oidc_login(provider: str, request: Request):
         return await oidc.login(provider, request, callback_url(request, provider))
@@ -150,12 +171,12 @@ def web_router(db: Database, providers: list[OIDCProvider] | None = None, *, aut
         oidc.clear_state(request, response)
         return response
 
-    def callback_url(request: Request, provider: str) -> str:
-        if public_url:
-            return f"{public_url.rstrip('/')}/auth/oidc/{provider}/callback"
-        return str(request.url_for("oidc_callback", provider=provider))
+    return router
 
-    # ---- admin
+
+def admin_router(db: Database, auth: Auth) -> APIRouter:
+    """The admin's users and the server's sign-up switch."""
+    api = APIRouter(route_class=WebRoute)
 
     @api.get("/api/admin/users")
     def admin_users(_: User = Depends(auth.require_admin)):
@@ -179,7 +200,12 @@ def web_router(db: Database, providers: list[OIDCProvider] | None = None, *, aut
             store.set_signup_open(s, body.signup_open)
             return {"signup_open": store.signup_open(s)}
 
-    # ---- conversations
+    return api
+
+
+def conversations_router(db: Database, auth: Auth) -> APIRouter:
+    """The signed-in user's own conversations: list, create, read, rename, delete, export."""
+    api = APIRouter(route_class=WebRoute)
 
     @api.get("/api/conversations")
     def conversations(q: str | None = Query(None, max_length=500), user: User = Depends(auth.current_user)):
@@ -233,5 +259,4 @@ def web_router(db: Database, providers: list[OIDCProvider] | None = None, *, aut
         disposition = f'attachment; filename="{_filename(conv.title, format)}"'
         return Response(text, media_type=media, headers={"Content-Disposition": disposition})
 
-    router.include_router(api)
-    return router
+    return api

@@ -47,10 +47,6 @@ def normalize_email(email: str) -> str:
     return email.strip().lower()
 
 
-def get_user(s: DBSession, user_id: int) -> User | None:
-    return s.get(User, user_id)
-
-
 def get_by_email(s: DBSession, email: str) -> User | None:
     return s.scalar(select(User).where(User.email == normalize_email(email)))
 

@@ -1,0 +1,175 @@
+"""/v1/chat/completions, and the one path from a chat request to a backend job that the web chat shares."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from sputnik.serve.backend import EngineBackend, Job, Piece, UpstreamBackend
+from sputnik.serve.keys import KeyRecord
+from sputnik.serve.protocol import APIError, ChatCompletionRequest, Limits, prompt_messages, sampling_params
+from sputnik.r1 import ReasoningSplitter, close_thinking, opens_thinking
+from sputnik.serve import sse
+from sputnik.serve.server import Backend, Server, event_stream, upstream_body, usage
+
+
+def chat_prompt(b: Backend, messages: list[dict], thinking: bool = True) -> tuple[Any, int, bool]:
+    """(what the backend takes, its prompt tokens, whether the output starts inside a thought) for chat messages.
+
+    The engine renders the model's template; R1's opens `<think>` in the prompt, and thinking=False closes it at
+    once so the model answers directly. An upstream server renders its own template."""
+    if not isinstance(b, EngineBackend):
+        return messages, 0, False
+    try:
+        text = b.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 — a template that refuses these messages is the client's 400
+        raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from e
+    in_reasoning = opens_thinking(text)
+    if in_reasoning and not thinking:
+        text, in_reasoning = close_thinking(text), False
+    ids = b.tokenizer.encode(text, add_special_tokens=False)
+    return ids, len(ids), in_reasoning
+
+
+def chat_job(b: Backend, req: ChatCompletionRequest, limits: Limits, model: str,
+             thinking: bool = True) -> tuple[Job, bool]:
+    """(the backend's job, whether its output starts inside a thought) for a validated chat request, after the
+    server's limits: the API and the web chat both go through here to SamplingParams."""
+    messages = prompt_messages(req.messages)
+    prompt, n_prompt, in_reasoning = chat_prompt(b, messages, thinking)
+    params = sampling_params(req, limits, n_prompt, b.context)
+    params.logprobs = req.top_logprobs or 0
+    job = Job(prompt, params, params.n, logprobs=req.logprobs, prompt_tokens=n_prompt)
+    if isinstance(b, UpstreamBackend):
+        job.upstream_body = upstream_body(req, model, messages=messages)
+    return job, in_reasoning
+
+
+@dataclass
+class ChatReply:
+    """The fixed parts of one chat response: its id and model, and a reasoning splitter per choice."""
+
+    id: str
+    created: int
+    model: str
+    splitters: list[ReasoningSplitter]
+    json_mode: bool
+
+    def head(self, object: str) -> dict:
+        return {"id": self.id, "object": object, "created": self.created, "model": self.model,
+                "system_fingerprint": "sputnik"}
+
+
+def chat_router(server: Server) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/v1/chat/completions")
+    @router.post("/chat/completions", include_in_schema=False)
+    async def chat(body: ChatCompletionRequest, request: Request, _: KeyRecord | None = Depends(server.authorize)):
+        b = server.backend()
+        name = await server.check_model(b, body.model)
+        job, in_reasoning = chat_job(b, body, server.limits, name)
+        json_mode = body.response_format is not None and body.response_format.type == "json_object"
+        reply = ChatReply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), name,
+                          [ReasoningSplitter(in_reasoning) for _ in range(job.params.n)], json_mode)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return event_stream(_chat_stream(server, b, job, request, reply, include_usage))
+        return await _chat_whole(server, b, job, request, reply)
+
+    return router
+
+
+async def _chat_whole(server: Server, b: Backend, job: Job, request: Request, reply: ChatReply) -> dict:
+    n = len(reply.splitters)
+    logprobs: list[list[dict]] = [[] for _ in range(n)]
+    finish: list[str | None] = [None] * n
+    thoughts, contents = [""] * n, [""] * n
+    reasoning_tokens, tokens = 0, 0
+    async for piece in server.pieces(b, [job], request, stream=False):
+        if piece is None:
+            continue
+        thought, text, thinking = split_piece(reply.splitters[piece.index], piece)
+        reasoning_tokens += thinking
+        tokens += piece.tokens
+        thoughts[piece.index] += thought
+        contents[piece.index] += text
+        logprobs[piece.index] += piece.logprobs or []
+        if piece.finish_reason:
+            finish[piece.index] = piece.finish_reason
+    choices = []
+    for i, sp in enumerate(reply.splitters):
+        if reply.json_mode:
+            _require_json(contents[i])
+        message = {"role": "assistant", "content": contents[i]}
+        if sp.had_reasoning:
+            message["reasoning_content"] = thoughts[i]
+        choices.append({"index": i, "message": message, "logprobs": {"content": logprobs[i]} if job.logprobs
+                        else None, "finish_reason": finish[i]})
+    head = reply.head("chat.completion")
+    return {**head, "choices": choices, "usage": usage(job.prompt_tokens, max(tokens, job.completion_tokens),
+                                                         reasoning_tokens)}
+
+
+async def _chat_stream(server: Server, b: Backend, job: Job, request: Request, reply: ChatReply,
+                       include_usage: bool) -> AsyncIterator[bytes]:
+    head = reply.head("chat.completion.chunk")
+    content_so_far = [""] * len(reply.splitters)
+    for i in range(len(reply.splitters)):
+        yield sse.event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]})
+    reasoning_tokens, tokens = 0, 0
+    try:
+        async for piece in server.pieces(b, [job], request, stream=True):
+            if piece is None:
+                yield sse.KEEP_ALIVE
+                continue
+            thought, text, thinking = split_piece(reply.splitters[piece.index], piece)
+            reasoning_tokens += thinking
+            tokens += piece.tokens
+            content_so_far[piece.index] += text
+            if piece.finish_reason and reply.json_mode:
+                _require_json(content_so_far[piece.index])
+            delta: dict[str, Any] = {}
+            if thought:
+                delta["reasoning_content"] = thought
+            if text:
+                delta["content"] = text
+            if delta or piece.finish_reason or piece.logprobs:
+                yield sse.event({**head, "choices": [{
+                    "index": piece.index, "delta": delta,
+                    "logprobs": {"content": piece.logprobs} if piece.logprobs else None,
+                    "finish_reason": piece.finish_reason}]})
+        if include_usage:
+            done = usage(job.prompt_tokens, max(tokens, job.completion_tokens), reasoning_tokens)
+            yield sse.event({**head, "choices": [], "usage": done})
+    except APIError as e:  # the 200 is already out: the error travels inside the stream
+        yield sse.event(e.body())
+    yield sse.DONE
+
+
+def split_piece(sp: ReasoningSplitter, piece: Piece) -> tuple[str, str, int]:
+    """(reasoning, content, reasoning tokens) of one piece: its tokens count as thinking when the splitter was in the
+    thought before or after it (the tags themselves included)."""
+    before = sp.in_reasoning
+    thought, text = sp.push(piece.text)
+    thinking = piece.tokens if before or sp.in_reasoning else 0
+    if piece.finish_reason:
+        t2, c2 = sp.finish()
+        thought, text = thought + t2, text + c2
+    return thought, text, thinking
+
+
+def _require_json(content: str) -> None:
+    try:
+        json.loads(content)
+    except ValueError as e:
+        raise APIError(422, f"response_format json_object: the model's output is not valid JSON ({e}); "
+                            "ask for JSON in the prompt, or retry", type="invalid_response_error",
+                       param="response_format", code="invalid_json_output") from e
