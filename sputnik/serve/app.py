@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import math
 import threading
@@ -11,7 +10,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,56 +20,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from sputnik.device import pick_device, pick_dtype
 from sputnik.serve.backend import EngineBackend, Job, Piece, UpstreamBackend
+from sputnik.serve.config import ServeConfig
 from sputnik.serve.keys import KeyRecord, KeyStore, RateLimiter
 from sputnik.serve.metrics import Metrics
-from sputnik.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, Limits, parse_request,
+from sputnik.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, parse_request,
                                     prompt_messages, sampling_params)
 from sputnik.serve.reasoning import ReasoningSplitter
 
 Backend = EngineBackend | UpstreamBackend
-
-
-@dataclass
-class ServeConfig:
-    """Everything `sputnik serve` takes; the defaults serve the default model on loopback."""
-
-    model: str = "smollm2-135m-instruct"
-    upstream: str | None = None  # an OpenAI-compatible base URL (a vLLM cluster …) to serve instead of the engine
-    upstream_key: str | None = None
-    served_name: str | None = None  # the model id clients see (default: the model's name)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    auth: bool = True
-    keys_path: Path | None = None  # default: SPUTNIK_HOME/keys.db
-    rate_per_minute: float = 120  # per API key (per client address without auth); 0 = unlimited
-    cors_origins: list[str] = field(default_factory=list)
-    max_body_bytes: int = 1 << 20
-    max_queue: int = 64
-    max_batch: int = 32
-    prefix_cache_mb: float = 256
-    dtype: str = "auto"  # bf16 where the device multiplies it natively (AMX CPUs, GPUs), else float32
-    device: str = "auto"
-    compile: bool = False  # decode with a compiled graph (compiled at start-up: 1-3 minutes on 2 cores, then cached)
-    keepalive_s: float = 10.0  # SSE comment this often while a stream waits in the queue
-    limits: Limits = field(default_factory=Limits)
-    web: bool = True  # the chat page at / with its accounts and saved conversations
-    database_url: str | None = None  # default: $DATABASE_URL, else SQLite under $SPUTNIK_DATA_DIR
-    oidc: list | None = None  # OIDCProviders for "Sign in with …"; default: from SPUTNIK_OIDC_* variables
-    public_url: str | None = None  # the address users reach (fixes OIDC redirects behind a proxy)
-
-    def __post_init__(self) -> None:
-        if not self.auth and not is_loopback(self.host):
-            raise ValueError(f"--no-auth is allowed only on a loopback address, not {self.host!r}: "
-                             "create a key with `sputnik keys create NAME` instead")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def load_backend(cfg: ServeConfig) -> Backend:
@@ -146,7 +102,7 @@ def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], B
     cfg = cfg or ServeConfig()
     state: dict[str, Any] = {"backend": None, "error": None}
     metrics = Metrics()
-    keys = KeyStore(cfg.keys_path or _default_keys_path()) if cfg.auth else None
+    keys = KeyStore(cfg.keys_path) if cfg.auth else None
     limiter = RateLimiter(cfg.rate_per_minute)
 
     def load() -> None:
@@ -439,12 +395,6 @@ def chat_prompt(b: Backend, messages: list[dict], thinking: bool = True) -> tupl
         text, in_reasoning = text + "\n</think>\n\n", False
     ids = b.tokenizer.encode(text, add_special_tokens=False)
     return ids, len(ids), in_reasoning
-
-
-def _default_keys_path() -> Path:
-    from sputnik.checkpoint.registry import sputnik_home
-
-    return sputnik_home() / "keys.db"
 
 
 def _stream(events: AsyncIterator[bytes]) -> StreamingResponse:

@@ -1,0 +1,2 @@
+TEMPERATURE = 0.6
+TOP_P = 0.95
