@@ -8,12 +8,23 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from sputnik.checkpoint.registry import DEFAULT_MODEL
 from sputnik.device import DTYPES, pick_device, pick_dtype
 from sputnik.r1 import TEMPERATURE
 from sputnik.settings import add_flags, fill, option
+
+if TYPE_CHECKING:
+    from sputnik.eval.run import EvalConfig
+    from sputnik.serve.config import ServeConfig
+    from sputnik.train.distill import DistillConfig
+    from sputnik.train.grpo import GRPOConfig
+    from sputnik.train.loop import TrainConfig
+    from sputnik.train.nano_r1 import NanoR1Config
+    from sputnik.train.pretrain import ModelShape, PretrainConfig
+    from sputnik.train.sft import SFTConfig
+    from sputnik.train.tokenizer import TokenizerConfig
 
 SAMPLE_PROMPT = "What is 17 + 25? Think it through, then give the answer."
 
@@ -266,7 +277,7 @@ def cmd_convert(args: ConvertArgs) -> int:
     return 0
 
 
-def cmd_eval(model_args: ModelArgs, cfg, output: EvalOutput) -> int:
+def cmd_eval(model_args: ModelArgs, cfg: EvalConfig, output: EvalOutput) -> int:
     from sputnik.eval.report import markdown_table
     from sputnik.eval.run import evaluate, load_summary
 
@@ -282,7 +293,7 @@ def cmd_eval(model_args: ModelArgs, cfg, output: EvalOutput) -> int:
     return 0
 
 
-def cmd_train_grpo(policy: PolicyArgs, grpo, train) -> int:
+def cmd_train_grpo(policy: PolicyArgs, grpo: GRPOConfig, train: TrainConfig) -> int:
     from sputnik.train.grpo import train_grpo
 
     summary = train_grpo(policy.model, grpo, train)
@@ -294,7 +305,7 @@ def cmd_train_grpo(policy: PolicyArgs, grpo, train) -> int:
     return 0
 
 
-def cmd_train_tokenizer(cfg, files: TokenizerFiles) -> int:
+def cmd_train_tokenizer(cfg: TokenizerConfig, files: TokenizerFiles) -> int:
     from sputnik.train.tokenizer import print_report, run
 
     result = run([Path(f) for f in files.files], Path(files.out), cfg)
@@ -303,7 +314,7 @@ def cmd_train_tokenizer(cfg, files: TokenizerFiles) -> int:
     return 0
 
 
-def cmd_train_pretrain(shape, pre, train, text: PretrainText) -> int:
+def cmd_train_pretrain(shape: ModelShape, pre: PretrainConfig, train: TrainConfig, text: PretrainText) -> int:
     from sputnik.checkpoint.registry import resolve
     from sputnik.tokenizer import Tokenizer
     from sputnik.train.pretrain import nano_config, shards_from_text, train_pretrain
@@ -323,7 +334,7 @@ def cmd_train_pretrain(shape, pre, train, text: PretrainText) -> int:
     return 0
 
 
-def cmd_train_sft(policy: PolicyArgs, sft, train) -> int:
+def cmd_train_sft(policy: PolicyArgs, sft: SFTConfig, train: TrainConfig) -> int:
     from sputnik.checkpoint import load_pretrained
     from sputnik.train.sft import train_sft
 
@@ -334,7 +345,7 @@ def cmd_train_sft(policy: PolicyArgs, sft, train) -> int:
     return 0
 
 
-def cmd_distill(cfg, sft, train) -> int:
+def cmd_distill(cfg: DistillConfig, sft: SFTConfig, train: TrainConfig) -> int:
     from sputnik.train.distill import distill
 
     s = distill(cfg, cfg.student, sft, train, mode=cfg.mode)
@@ -344,14 +355,14 @@ def cmd_distill(cfg, sft, train) -> int:
     return 0
 
 
-def cmd_nano_r1(cfg) -> int:
+def cmd_nano_r1(cfg: NanoR1Config) -> int:
     from sputnik.train.nano_r1 import run
 
     run(cfg)
     return 0
 
 
-def cmd_serve(cfg) -> int:
+def cmd_serve(cfg: ServeConfig) -> int:
     import uvicorn
 
     from sputnik.serve.app import create_app

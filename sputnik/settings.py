@@ -92,6 +92,25 @@ def _default(f: dataclasses.Field, template: Any) -> Any:
     return dataclasses.MISSING
 
 
+def _split(config: Any) -> tuple[type, Any]:
+    """(the dataclass, the instance holding this verb's defaults or None) of a config given to add_flags."""
+    return (config, None) if isinstance(config, type) else (type(config), config)
+
+
+def _list_of(hint: Any) -> Any:
+    """The element type of `list[X]` or `list[X] | None`; None for any other type."""
+    for h in (hint, *typing.get_args(hint)):
+        if h is list or typing.get_origin(h) is list:
+            return (typing.get_args(h) or [str])[0]
+    return None
+
+
+def _metavar(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    plain = _list_of(hint) or (args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint)
+    return plain.__name__.upper() if plain in (str, int, float, Path) else "V"
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -109,21 +128,16 @@ def _add_field(group, f: dataclasses.Field, hint: Any, default: Any) -> None:
         text += f" (default: {default.name if isinstance(default, Path) else default})"
     names = [_flag(f.name), *f.metadata.get("aliases", ())]
     kind = dict(dest=f.name, default=None, help=text.strip(), choices=f.metadata.get("choices"))
-    inner = [a for a in typing.get_args(hint) if a is not type(None)]
-    many = hint is list or typing.get_origin(hint) is list or any(typing.get_origin(a) is list for a in inner)
-    base = hint if not inner or typing.get_origin(hint) in (dict, tuple) else inner[0]
-    metavar = (typing.get_args(base) or [base])[0] if many else base
-    metavar = getattr(metavar, "__name__", "V").upper() if metavar in (str, int, float, Path) else "V"
     if hint is bool:
         # `--flag` alone means true; `--flag false` still reads (and `--no-flag` for settings that default to true).
         group.add_argument(*names, nargs="?", const="true", metavar="true|false", **kind)
         if default is True:
             group.add_argument(_flag("no_" + f.name), dest=f.name, action="store_const", const="false",
                                help=f"same as {_flag(f.name)} false")
-    elif many:
-        group.add_argument(*names, nargs="+", action="extend", metavar=metavar, **kind)  # repeatable
+    elif _list_of(hint) is not None:
+        group.add_argument(*names, nargs="+", action="extend", metavar=_metavar(hint), **kind)  # repeatable
     else:
-        group.add_argument(*names, metavar=metavar if kind["choices"] is None else None, **kind)
+        group.add_argument(*names, metavar=_metavar(hint) if kind["choices"] is None else None, **kind)
 
 
 def add_flags(parser: argparse.ArgumentParser, *configs: Any, positional: tuple[str, ...] = ()) -> None:
@@ -135,8 +149,7 @@ def add_flags(parser: argparse.ArgumentParser, *configs: Any, positional: tuple[
                         help="a flat YAML mapping of the settings below; flags given here override it")
     seen: set[str] = set()
     for config in configs:
-        cls = config if isinstance(config, type) else type(config)
-        template = None if isinstance(config, type) else config
+        cls, template = _split(config)
         hints = typing.get_type_hints(cls)
         group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip())
         for f in dataclasses.fields(cls):
@@ -144,7 +157,7 @@ def add_flags(parser: argparse.ArgumentParser, *configs: Any, positional: tuple[
                 continue
             seen.add(f.name)
             if f.name in positional:
-                many = typing.get_origin(hints[f.name]) is list
+                many = _list_of(hints[f.name]) is not None
                 parser.add_argument(f.name + ":pos", nargs="*" if many else "?", default=None, metavar=f.name.upper(),
                                     help=f"same as {_flag(f.name)}")
             _add_field(group, f, hints[f.name], _default(f, template))
@@ -156,8 +169,7 @@ def fill(args: argparse.Namespace) -> list[Any]:
     configs = args.verb_configs
     fields = {}
     for config in configs:
-        cls = config if isinstance(config, type) else type(config)
-        for f in dataclasses.fields(cls):
+        for f in dataclasses.fields(_split(config)[0]):
             if f.metadata.get("cli") is False:
                 continue
             for name in _names(f):
@@ -181,8 +193,7 @@ def fill(args: argparse.Namespace) -> list[Any]:
 
 
 def _build(config: Any, given: dict[str, tuple[Any, str]]) -> Any:
-    cls = config if isinstance(config, type) else type(config)
-    template = None if isinstance(config, type) else config
+    cls, template = _split(config)
     hints = typing.get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):

@@ -31,7 +31,7 @@ class ServeConfig:
     """Everything `sputnik serve` takes; the defaults serve the default model on loopback."""
 
     model: str = option(DEFAULT_MODEL, "a registry name, an HF folder, a .gguf file or an HF repo id", aliases=["-m"])
-    upstream: str | None = option(None, "serve an OpenAI-compatible base URL (a vLLM cluster …) instead of the engine")
+    upstream: str | None = option(None, "serve an OpenAI-compatible base URL (e.g. vLLM) instead of the engine")
     upstream_key: str | None = option(None, "API key for --upstream")
     served_name: str | None = option(None, "the model id clients see (default: the model's name)")
     host: str = option("127.0.0.1", "address to listen on")
