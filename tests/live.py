@@ -14,7 +14,7 @@ import uvicorn
 
 from sputnik.config import ModelConfig
 from sputnik.model import Transformer
-from sputnik.serve.app import ServeConfig
+from sputnik.serve.config import ServeConfig
 from sputnik.web.app import build_app
 
 THOUGHT, ANSWER = "Two plus two makes four.\n", "The answer is 4."

@@ -88,8 +88,9 @@ def test_shape_mismatch_names_file_tensor_and_both_shapes(tmp_path):
 def test_dtype_auto_is_bf16_only_where_the_device_multiplies_it_natively():
     import torch
 
-    from sputnik.cli import build_parser
+    from sputnik.cli import ChatArgs, ModelArgs, parse
     from sputnik.device import pick_dtype
+    from sputnik.serve.config import ServeConfig
 
     amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
     assert pick_dtype("auto", "cpu") == (torch.bfloat16 if amx else torch.float32)
@@ -97,9 +98,9 @@ def test_dtype_auto_is_bf16_only_where_the_device_multiplies_it_natively():
     with pytest.raises(ValueError, match="unknown dtype 'int4'"):
         pick_dtype("int4", "cpu")
     # The server defaults to auto (throughput); the other commands to float32 (parity, reproducibility).
-    ap = build_parser()
-    assert ap.parse_args(["serve"]).dtype == "auto"
-    assert ap.parse_args(["generate", "--prompt", "x"]).dtype == "float32"
+    assert parse(["serve"]).config(ServeConfig).dtype == "auto"
+    assert parse(["generate", "--prompt", "x"]).config(ModelArgs).dtype == "float32"
     # The compiled decode step is opt-in (it costs minutes of compiling the first time).
-    assert not ap.parse_args(["serve"]).compile and ap.parse_args(["serve", "--compile"]).compile
-    assert ap.parse_args(["chat", "--compile"]).compile and not ap.parse_args(["generate", "-p", "x"]).compile
+    assert not parse(["serve"]).config(ServeConfig).compile and parse(["serve", "--compile"]).config(ServeConfig).compile
+    assert parse(["chat", "--compile"]).config(ChatArgs).compile and not parse(["generate", "-p", "x"]).config(
+        ChatArgs).compile

@@ -13,7 +13,7 @@ from live import REPLY, Live
 
 from sputnik.config import ModelConfig
 from sputnik.model import Transformer, build_doc_mask
-from sputnik.serve.app import ServeConfig
+from sputnik.serve.config import ServeConfig
 from sputnik.tasks import get_task
 from sputnik.r1 import CHAT_TEMPLATE as R1_CHAT_TEMPLATE, EOS as R1_EOS, SPECIAL_TOKENS as R1_SPECIAL_TOKENS
 from sputnik.tokenizer import Tokenizer
@@ -146,7 +146,7 @@ def test_generate_traces_from_an_engine_teacher(tmp_path, think_model):
 
 def test_generate_traces_from_an_http_teacher(tmp_path, think_model):
     task = f"jsonl:{problems_file(tmp_path)}"
-    with Live(ServeConfig(model=str(think_model), dtype="float32", served_name="think", auth=False, web=False)) as live:
+    with Live(ServeConfig(model=str(think_model), dtype="float32", served_name="think", no_auth=True, no_web=True)) as live:
         live.wait_ready()
         cfg = DistillConfig(teacher_url=f"{live.url}/v1", task=task, n_problems=2, samples_per_problem=2,
                             temperature=0.0, max_tokens=40, suffix="", concurrency=2,

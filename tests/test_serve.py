@@ -14,21 +14,21 @@ import openai
 import pytest
 
 from live import ANSWER, REPLY, THOUGHT, Live, free_port
-from sputnik.serve.app import ServeConfig
+from sputnik.serve.config import ServeConfig
 from sputnik.serve.keys import KeyStore
 
 
 
 @pytest.fixture(scope="module")
 def think_server(think_model):
-    with Live(ServeConfig(model=str(think_model), dtype="float32", served_name="think", auth=False, keepalive_s=0.2)) as live:
+    with Live(ServeConfig(model=str(think_model), dtype="float32", served_name="think", no_auth=True, keepalive_s=0.2)) as live:
         yield live.wait_ready()
 
 
 @pytest.fixture(scope="module")
 def smol_server(default_gguf):
-    with Live(ServeConfig(model=str(default_gguf), dtype="float32", auth=False, max_batch=32, keepalive_s=0.2,
-                          rate_per_minute=0)) as live:
+    with Live(ServeConfig(model=str(default_gguf), dtype="float32", no_auth=True, max_batch=32, keepalive_s=0.2,
+                          rate_limit=0)) as live:
         yield live.wait_ready()
 
 
@@ -160,7 +160,7 @@ def test_health_is_503_while_loading(think_model):
         release.wait(30)
         return load_backend(cfg)
 
-    with Live(ServeConfig(model=str(think_model), dtype="float32", served_name="think", auth=False), loader=slow) as live:
+    with Live(ServeConfig(model=str(think_model), dtype="float32", served_name="think", no_auth=True), loader=slow) as live:
         assert httpx.get(f"{live.url}/health").status_code == 503
         r = httpx.post(f"{live.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 503 and "Retry-After" in r.headers
@@ -171,8 +171,8 @@ def test_health_is_503_while_loading(think_model):
 
 def test_no_auth_only_on_loopback():
     with pytest.raises(ValueError, match="loopback"):
-        ServeConfig(host="0.0.0.0", auth=False)
-    assert ServeConfig(host="::1", auth=False).auth is False
+        ServeConfig(host="0.0.0.0", no_auth=True)
+    assert ServeConfig(host="::1", no_auth=True).no_auth is True
 
 
 # ---------------------------------------------------------------- keys, rate limits, CORS
@@ -185,8 +185,8 @@ def test_keys_cli_and_auth(think_model, tmp_path):
     key = run("create", "alice").strip().splitlines()[-1]
     assert key.startswith("sk-") and key.encode() not in keys.read_bytes()
     other = KeyStore(keys).create("bob")[1]
-    with Live(ServeConfig(model=str(think_model), dtype="float32", served_name="think", keys_path=keys, rate_per_minute=3,
-                          cors_origins=["http://chat.example"])) as live:
+    with Live(ServeConfig(model=str(think_model), dtype="float32", served_name="think", keys=keys, rate_limit=3,
+                          cors_origin=["http://chat.example"])) as live:
         live.wait_ready()
         with pytest.raises(openai.AuthenticationError):
             ask(live.client("sk-wrong"), max_tokens=1)
@@ -254,7 +254,7 @@ def test_32_streams_with_disconnects_finish_free_their_slots_and_match_alone(smo
 
 
 def test_keepalive_comments_while_queued(think_model):
-    cfg = ServeConfig(model=str(think_model), dtype="float32", served_name="think", auth=False, max_batch=1, keepalive_s=0.05)
+    cfg = ServeConfig(model=str(think_model), dtype="float32", served_name="think", no_auth=True, max_batch=1, keepalive_s=0.05)
     with Live(cfg) as live:
         live.wait_ready()
         long = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 400, "ignore_eos": True,
@@ -269,7 +269,7 @@ def test_keepalive_comments_while_queued(think_model):
 
 
 def test_upstream_backend_serves_the_same_api(think_server):
-    cfg = ServeConfig(upstream=f"{think_server.url}/v1", auth=False)
+    cfg = ServeConfig(upstream=f"{think_server.url}/v1", no_auth=True)
     with Live(cfg) as front:
         front.wait_ready()
         client = front.client()
@@ -351,9 +351,9 @@ def test_no_web_serves_the_api_alone(tmp_path):
     from sputnik.serve.app import create_app
     from sputnik.web.app import build_app
 
-    web = TestClient(build_app(ServeConfig(auth=False, database_url=f"sqlite:///{tmp_path}/w.db")))
+    web = TestClient(build_app(ServeConfig(no_auth=True, database_url=f"sqlite:///{tmp_path}/w.db")))
     assert web.get("/").status_code == 200 and web.get("/api/me").status_code == 200
-    for app in (build_app(ServeConfig(auth=False, web=False)), create_app(ServeConfig(auth=False))):
+    for app in (build_app(ServeConfig(no_auth=True, no_web=True)), create_app(ServeConfig(no_auth=True))):
         api = TestClient(app)  # not started: the backend never loads
         assert api.get("/").status_code == 404 and api.get("/api/me").status_code == 404
         assert api.get("/health").status_code == 503 and api.get("/metrics").status_code == 200

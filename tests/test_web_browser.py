@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from sputnik.serve.app import ServeConfig
+from sputnik.serve.config import ServeConfig
 from live import ANSWER, THOUGHT, Live, free_port
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -41,7 +41,7 @@ def browser():
 @pytest.fixture(scope="module")
 def chat_server(think_model, tmp_path_factory):
     db = tmp_path_factory.mktemp("web") / "web.db"
-    cfg = ServeConfig(model=str(think_model), dtype="float32", served_name="think", auth=False, database_url=f"sqlite:///{db}")
+    cfg = ServeConfig(model=str(think_model), dtype="float32", served_name="think", no_auth=True, database_url=f"sqlite:///{db}")
     with Live(cfg) as live:
         yield live.wait_ready()
 
@@ -199,7 +199,7 @@ def test_one_user_cannot_reach_another_users_conversation(browser, chat_server):
 
 
 def test_stop_cancels_the_answer_on_the_server(browser, default_gguf, tmp_path):
-    cfg = ServeConfig(model=str(default_gguf), served_name="smol", auth=False, database_url=f"sqlite:///{tmp_path}/w.db")
+    cfg = ServeConfig(model=str(default_gguf), served_name="smol", no_auth=True, database_url=f"sqlite:///{tmp_path}/w.db")
     with Live(cfg) as live:
         live.wait_ready()
         page = new_page(browser, live)

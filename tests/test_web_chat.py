@@ -7,7 +7,7 @@ import json
 import httpx
 
 from live import ANSWER, Live
-from sputnik.serve.app import ServeConfig
+from sputnik.serve.config import ServeConfig
 from sputnik.serve.protocol import ChatCompletionRequest, Limits, parse_request, sampling_params
 from sputnik.web.chat import MessageIn, api_request
 
@@ -21,8 +21,8 @@ def signed_in(live: Live) -> tuple[httpx.Client, dict]:
 
 
 def test_web_chat_max_tokens_is_capped_by_the_api_limit(think_model, tmp_path):
-    cfg = ServeConfig(model=str(think_model), dtype="float32", served_name="think", auth=False,
-                      database_url=f"sqlite:///{tmp_path}/w.db", limits=Limits(max_tokens=64))
+    cfg = ServeConfig(model=str(think_model), dtype="float32", served_name="think", no_auth=True,
+                      database_url=f"sqlite:///{tmp_path}/w.db", max_tokens_limit=64)
     with Live(cfg) as live:
         live.wait_ready()
         client, csrf = signed_in(live)

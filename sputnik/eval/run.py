@@ -15,26 +15,28 @@ from tqdm import tqdm
 from sputnik.engine import Engine, SamplingParams
 from sputnik.r1 import TEMPERATURE, TOP_P, opens_thinking
 from sputnik.rewards import format_reward
-from sputnik.tasks import Problem, Task, get_task
+from sputnik.settings import option
+from sputnik.tasks import TEMPLATES, Problem, Task, get_task
 
 
 @dataclass
 class EvalConfig:
     """What to evaluate and how to sample (R1's defaults: T 0.6, top-p 0.95)."""
 
-    task: str = "arithmetic"
-    n: int = 200  # problems from the split
-    k: int = 4  # samples per problem for pass@1 and cons@k (0: greedy only)
-    split: str = "test"
-    seed: int = 0
-    temperature: float = TEMPERATURE
-    top_p: float = TOP_P
-    max_tokens: int = 512
-    template: str = "chat"  # chat | r1-zero | plain
-    system: str | None = None
-    suffix: str | None = None
-    greedy: bool = True
-    batch: int = 64  # sequences per engine batch
+    task: str = option("arithmetic", "arithmetic, countdown, math[:FILE], gym:NAME, jsonl:FILE, korean-arithmetic "
+                                     "(options after ':', e.g. arithmetic:digits=3)")
+    n: int = option(200, "problems from the split")
+    k: int = option(4, "samples per problem for pass@1 and cons@k (0: greedy only)")
+    split: str = option("test", "the task's split", choices=["train", "test"])
+    seed: int = option(0, "sampling seed")
+    temperature: float = option(TEMPERATURE, "sampling temperature of the k samples")
+    top_p: float = option(TOP_P, "nucleus sampling of the k samples")
+    max_tokens: int = option(512, "tokens per completion")
+    template: str = option("chat", "how a problem becomes a prompt", choices=list(TEMPLATES))
+    system: str | None = option(None, "system message of the chat template")
+    suffix: str | None = option(None, "text after the problem (default: the task's format instruction)")
+    greedy: bool = option(True, "run the greedy pass too")
+    batch: int = option(64, "sequences per engine batch")
 
 
 @dataclass

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -18,53 +16,11 @@ from sputnik.device import pick_device, pick_dtype
 from sputnik.serve.backend import EngineBackend, UpstreamBackend
 from sputnik.serve.chat import chat_router
 from sputnik.serve.completions import completions_router
+from sputnik.serve.config import ServeConfig
 from sputnik.serve.keys import KeyStore, RateLimiter
-from sputnik.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, Limits, parse_request
+from sputnik.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from sputnik.serve.server import Backend, Server, error_response
 from sputnik.serve.status import status_router
-
-
-@dataclass
-class ServeConfig:
-    """Everything `sputnik serve` takes; the defaults serve the default model on loopback."""
-
-    model: str = "smollm2-135m-instruct"
-    upstream: str | None = None  # an OpenAI-compatible base URL (a vLLM cluster …) to serve instead of the engine
-    upstream_key: str | None = None
-    served_name: str | None = None  # the model id clients see (default: the model's name)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    auth: bool = True
-    keys_path: Path | None = None  # default: SPUTNIK_HOME/keys.db
-    rate_per_minute: float = 120  # per API key (per client address without auth); 0 = unlimited
-    cors_origins: list[str] = field(default_factory=list)
-    max_body_bytes: int = 1 << 20
-    max_queue: int = 64
-    max_batch: int = 32
-    prefix_cache_mb: float = 256
-    dtype: str = "auto"  # bf16 where the device multiplies it natively (AMX CPUs, GPUs), else float32
-    device: str = "auto"
-    compile: bool = False  # decode with a compiled graph (compiled at start-up: 1-3 minutes on 2 cores, then cached)
-    keepalive_s: float = 10.0  # SSE comment this often while a stream waits in the queue
-    limits: Limits = field(default_factory=Limits)
-    web: bool = True  # the chat page at / with its accounts and saved conversations
-    database_url: str | None = None  # default: $DATABASE_URL, else SQLite under $SPUTNIK_DATA_DIR
-    oidc: list | None = None  # OIDCProviders for "Sign in with …"; default: from SPUTNIK_OIDC_* variables
-    public_url: str | None = None  # the address users reach (fixes OIDC redirects behind a proxy)
-
-    def __post_init__(self) -> None:
-        if not self.auth and not is_loopback(self.host):
-            raise ValueError(f"--no-auth is allowed only on a loopback address, not {self.host!r}: "
-                             "create a key with `sputnik keys create NAME` instead")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def load_backend(cfg: ServeConfig) -> Backend:
@@ -123,8 +79,8 @@ def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], B
     """The API alone (sputnik.web.app.build_app adds the chat page); the backend loads on a thread at startup, and
     /health answers 503 until it is ready."""
     cfg = cfg or ServeConfig()
-    keys = KeyStore(cfg.keys_path or _default_keys_path()) if cfg.auth else None
-    server = Server(cfg.limits, RateLimiter(cfg.rate_per_minute), keys, cfg.keepalive_s)
+    keys = None if cfg.no_auth else KeyStore(cfg.keys_path)
+    server = Server(cfg.limits, RateLimiter(cfg.rate_limit), keys, cfg.keepalive_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -138,8 +94,8 @@ def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], B
     app = FastAPI(title="sputnik", version="0.1.0", lifespan=lifespan,
                   description="DeepSeek/OpenAI-compatible chat and completions")
     app.state.server = server
-    if cfg.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
+    if cfg.cors_origin:
+        app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origin, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type"], allow_credentials=False)
     app.add_middleware(_BodyLimit, max_bytes=cfg.max_body_bytes)
     app.add_exception_handler(APIError, _api_error)
@@ -163,9 +119,3 @@ async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         return error_response(err)
     raw = (await request.body()).decode(errors="replace")[:200]
     return error_response(APIError(400, f"request body is not valid JSON: {raw!r}"))
-
-
-def _default_keys_path() -> Path:
-    from sputnik.checkpoint.registry import sputnik_home
-
-    return sputnik_home() / "keys.db"

@@ -27,13 +27,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from sputnik.checkpoint.registry import DEFAULT_MODEL
 from sputnik.device import pick_device
 from sputnik.engine import Engine, SamplingParams
 from sputnik.eval.run import EvalConfig, prompt_ids
 from sputnik.model import build_doc_mask
-from sputnik.rewards import SCRIPTS, format_reward, language_reward
 from sputnik.r1 import TEMPERATURE, THINK_CLOSE, THINK_OPEN, TOP_P
+from sputnik.rewards import SCRIPTS, format_reward, language_reward
 from sputnik.seeds import mix
+from sputnik.settings import option
 from sputnik.tasks import TEMPLATES, Problem, Task, get_task
 from sputnik.train.loop import TrainConfig, barrier, init_distributed
 from sputnik.train.sft import IGNORE, SFTConfig, SFTObjective, fold_reasoning, train_sft
@@ -45,31 +47,34 @@ MODES = ("sft", "kl")
 class DistillConfig:
     """Where traces come from, how they are sampled, and which of them the student learns from."""
 
-    teacher: str | None = None  # a sputnik model: registry name, HF folder or .gguf (None when teacher_url is set)
-    teacher_url: str | None = None  # an OpenAI-compatible base URL, e.g. http://host:8000/v1
-    teacher_key: str | None = None  # its API key (default: $OPENAI_API_KEY)
-    teacher_model: str | None = None  # the model id at teacher_url (default: the first it lists)
-    task: str = "arithmetic"  # a task spec, as get_task reads it
-    split: str = "train"
-    n_problems: int = 100
-    samples_per_problem: int = 4
-    temperature: float = TEMPERATURE  # R1's sampling settings
-    top_p: float = TOP_P
-    max_tokens: int = 1024
-    template: str = "chat"  # chat | r1-zero | plain
-    system: str | None = None
-    suffix: str | None = None  # text after the problem (None: the task's format instruction)
-    require_correct: bool = True  # the task's verifier must call the answer right
-    require_format: bool = True  # a non-empty <think>…</think> block, then an answer
-    language: str | None = None  # "en" | "ko": the chain of thought must be written in it
-    min_language_score: float = 0.95  # least share of the chain of thought's words in `language`
-    max_per_problem: int = 0  # keep at most this many accepted traces per problem (0: all)
-    out_jsonl: str | None = None  # the SFT rows (distill() defaults it to out_dir/distill.jsonl)
-    kl_temperature: float = 1.0  # tau of mode "kl": both distributions softened by it, the loss times tau^2
-    seed: int = 0
-    batch: int = 64  # sequences per engine batch
-    concurrency: int = 8  # requests in flight to teacher_url
-    device: str = "auto"  # where a local teacher (and the student) run: cpu, cuda, ... (auto: cuda when there)
+    student: str = option(DEFAULT_MODEL, "the model to train", aliases=["--model", "-s"])
+    mode: str = option("sft", "sft: learn the accepted traces' text; kl: match the teacher's logits (same tokenizer)",
+                       choices=list(MODES))
+    teacher: str | None = option(None, "a sputnik model: registry name, HF folder or .gguf (or give teacher_url)")
+    teacher_url: str | None = option(None, "an OpenAI-compatible base URL, e.g. http://host:8000/v1")
+    teacher_key: str | None = option(None, "its API key (default: $OPENAI_API_KEY)")
+    teacher_model: str | None = option(None, "the model id at teacher_url (default: the first it lists)")
+    task: str = option("arithmetic", "a task spec, as get_task reads it")
+    split: str = option("train", "the task's split the problems come from", choices=["train", "test"])
+    n_problems: int = option(100, "problems to sample traces for")
+    samples_per_problem: int = option(4, "traces sampled per problem")
+    temperature: float = option(TEMPERATURE, "sampling temperature of the teacher (R1's)")
+    top_p: float = option(TOP_P, "nucleus sampling of the teacher (R1's)")
+    max_tokens: int = option(1024, "tokens per trace")
+    template: str = option("chat", "how a problem becomes a prompt", choices=list(TEMPLATES))
+    system: str | None = option(None, "system message of the chat template")
+    suffix: str | None = option(None, "text after the problem (default: the task's format instruction)")
+    require_correct: bool = option(True, "the task's verifier must call the answer right")
+    require_format: bool = option(True, "a non-empty <think>…</think> block, then an answer")
+    language: str | None = option(None, "en or ko: the chain of thought must be written in it")
+    min_language_score: float = option(0.95, "least share of the chain of thought's words in `language`")
+    max_per_problem: int = option(0, "keep at most this many accepted traces per problem (0: all)")
+    out_jsonl: str | None = option(None, "where the SFT rows go (default: out_dir/distill.jsonl)")
+    kl_temperature: float = option(1.0, 'tau of mode "kl": both distributions softened by it, the loss times tau^2')
+    seed: int = option(0, "random seed of the sampling")
+    batch: int = option(64, "sequences per engine batch")
+    concurrency: int = option(8, "requests in flight to teacher_url")
+    device: str = option("auto", "where a local teacher (and the student) run: cpu, cuda, … (auto: cuda when there)")
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,11 @@ from sputnik.engine import Engine, SamplingParams
 from sputnik.eval.run import EvalConfig, evaluate, prompt_ids
 from sputnik.rewards import combine
 from sputnik.seeds import mix
-from sputnik.tasks import Problem, get_task
-from sputnik.train.grpo_math import group_advantages, policy_loss, zero_std_fraction
+from sputnik.settings import option
+from sputnik.tasks import TEMPLATES, Problem, get_task
+from sputnik.train.grpo_math import LOSS_TYPES, group_advantages, policy_loss, zero_std_fraction
 from sputnik.train.logprobs import completion_mask, token_logprobs
+from sputnik.train.lora import DEFAULT_TARGETS
 from sputnik.train.plots import read_rows
 from sputnik.train.loop import RankAware, TrainConfig, all_gather_object, all_reduce_sum, dist_info
 
@@ -28,37 +30,40 @@ from sputnik.train.loop import RankAware, TrainConfig, all_gather_object, all_re
 class GRPOConfig:
     """GRPO settings; names follow TRL's GRPOConfig where one exists."""
 
-    task: str = "arithmetic"
-    template: str = "chat"  # chat | r1-zero | plain
-    system: str | None = None
-    suffix: str | None = None
-    prompts_per_step: int = 4  # per rank
-    num_generations: int = 8  # G
-    max_completion_length: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo
-    scale_rewards: str = "group"  # group | batch | none
-    epsilon: float = 0.2
-    epsilon_high: float | None = None  # DAPO: 0.28
-    importance_sampling_level: str = "token"  # token | sequence (GSPO)
-    beta: float = 0.0  # KL weight; 0 loads no reference model
-    ref_model_sync_steps: int = 0  # reset the reference to the policy every N steps (0: never)
-    num_iterations: int = 1  # mu: updates per batch of rollouts
-    dynamic_sampling: bool = False  # DAPO: drop groups with equal rewards, refill
-    max_refills: int = 4
-    mask_truncated_completions: bool = False
-    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.0})
-    reward_options: dict[str, Any] = field(default_factory=dict)
-    micro_batch_size: int = 8  # sequences per forward/backward
-    train_pool: int = 2000  # training problems drawn from the task's train split, cycled
-    eval_every: int = 0
-    eval_n: int = 200
-    lora_r: int = 0
-    lora_alpha: float = 32.0
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    task: str = option("arithmetic", "arithmetic, countdown, math[:FILE], gym:NAME, jsonl:FILE, korean-arithmetic "
+                                     "(options after ':', e.g. arithmetic:digits=3)")
+    template: str = option("chat", "how a problem becomes a prompt", choices=list(TEMPLATES))
+    system: str | None = option(None, "system message of the chat template")
+    suffix: str | None = option(None, "text after the problem (default: the task's format instruction)")
+    prompts_per_step: int = option(4, "prompts per step, per rank")
+    num_generations: int = option(8, "completions per prompt (the group size G)")
+    max_completion_length: int = option(128, "tokens per completion")
+    temperature: float = option(1.0, "sampling temperature of the rollouts")
+    top_p: float = option(1.0, "nucleus sampling of the rollouts")
+    top_k: int = option(0, "top-k sampling of the rollouts (0: off)")
+    loss_type: str = option("dapo", "how token losses are aggregated", choices=list(LOSS_TYPES))
+    scale_rewards: str = option("group", "divide advantages by the reward std of the group, the batch, or not",
+                                choices=["group", "batch", "none"])
+    epsilon: float = option(0.2, "lower clip range of the importance ratio")
+    epsilon_high: float | None = option(None, "upper clip range (DAPO's clip-higher: 0.28; default: epsilon)")
+    importance_sampling_level: str = option("token", "token ratios, or one per sequence (GSPO)",
+                                            choices=["token", "sequence"])
+    beta: float = option(0.0, "KL weight; 0 loads no reference model")
+    ref_model_sync_steps: int = option(0, "reset the reference to the policy every N steps (0: never)")
+    num_iterations: int = option(1, "updates per batch of rollouts (mu)")
+    dynamic_sampling: bool = option(False, "DAPO: drop groups whose rewards are all equal and refill them")
+    max_refills: int = option(4, "rounds of refilling per step under dynamic_sampling")
+    mask_truncated_completions: bool = option(False, "no loss on completions cut off at max_completion_length")
+    rewards: dict[str, float] = option({"accuracy": 1.0, "format": 0.0},
+                                       "reward name -> weight, e.g. '{accuracy: 1, format: 0.5}'")
+    reward_options: dict[str, Any] = option({}, "keyword options of the rewards, e.g. '{language: ko}'")
+    micro_batch_size: int = option(8, "sequences per forward/backward")
+    train_pool: int = option(2000, "training problems drawn from the task's train split, cycled")
+    eval_every: int = option(0, "greedy accuracy on held-out problems every N steps (0: before and after only)")
+    eval_n: int = option(200, "held-out problems per evaluation")
+    lora_r: int = option(0, "LoRA rank (0: train every weight)")
+    lora_alpha: float = option(32.0, "LoRA alpha")
+    lora_target_modules: list[str] = option(list(DEFAULT_TARGETS), "modules LoRA adapts")
 
 
 @dataclass

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sputnik.checkpoint import load_state, load_weights, save_model
+from sputnik.settings import option
 
 CKPT_RE = re.compile(r"step_(\d{6,})")
 
@@ -47,24 +48,26 @@ CKPT_RE = re.compile(r"step_(\d{6,})")
 class TrainConfig:
     """Optimizer, schedule, precision, checkpointing and logging of a training run."""
 
-    out_dir: str = "runs/run"
-    max_steps: int = 100
-    lr: float = 1e-5
-    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
-    schedule: str = "constant"  # "constant" | "cosine" (both after linear warmup)
-    warmup_steps: int = 0  # counted in optimizer updates, like the schedule
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 = off
-    dtype: str = "float32"  # "float32" | "bfloat16" (autocast on CUDA; on CPU bf16 weights/activations)
-    save_every: int = 0  # 0: only at the end
-    keep_last: int = 2  # checkpoints kept (0: all)
-    log_every: int = 1  # metrics.jsonl line every log_every steps
-    plot_every: int = 10  # redraw metrics.png every plot_every steps (0: only at the end)
-    seed: int = 0
-    progress: bool = True
-    fsdp: bool = False  # shard with FSDP2 when launched on several processes
+    out_dir: str = option("runs/run", "folder for checkpoints, metrics.jsonl, metrics.png and summary.json")
+    max_steps: int = option(100, "optimizer steps")
+    lr: float = option(1e-5, "peak learning rate (AdamW)")
+    min_lr_ratio: float = option(0.0, "cosine floor as a fraction of lr")
+    schedule: str = option("constant", "learning-rate schedule after the linear warmup",
+                           choices=["constant", "cosine"])
+    warmup_steps: int = option(0, "linear warmup, counted in optimizer updates like the schedule")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas, e.g. '[0.9, 0.95]'")
+    eps: float = option(1e-8, "AdamW epsilon")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)")
+    dtype: str = option("float32", "float32, or bfloat16 (autocast on CUDA; on CPU bf16 weights and activations)",
+                        choices=["float32", "bfloat16"])
+    save_every: int = option(0, "checkpoint every N steps (0: only at the end)")
+    keep_last: int = option(2, "checkpoints kept (0: all)")
+    log_every: int = option(1, "a metrics.jsonl line every N steps")
+    plot_every: int = option(10, "redraw metrics.png every N steps (0: only at the end)")
+    seed: int = option(0, "random seed")
+    progress: bool = option(True, "show a progress bar")
+    fsdp: bool = option(False, "shard with FSDP2 when launched on several processes")
 
 
 class Objective(Protocol):

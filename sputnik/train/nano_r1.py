@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sputnik.settings import option
 from sputnik.tasks import Task, get_task
 from sputnik.tasks.base import Problem
 
@@ -28,23 +29,23 @@ if TYPE_CHECKING:
 class NanoR1Config:
     """Sizes and steps of each stage (the defaults are the run docs/nano-r1.json records, its minutes included)."""
 
-    out_dir: str = "runs/nano-r1"
-    task: str = "arithmetic"  # 2-digit addition, the R1-Zero demo task
-    seed: int = 0
-    corpus_problems: int = 3000  # train-split problems written as pretraining text (three documents each)
-    vocab_size: int = 512
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    pretrain_steps: int = 1000
-    pretrain_lr: float = 3e-3
-    sft_problems: int = 400
-    sft_steps: int = 30
-    sft_lr: float = 1e-3
-    grpo_steps: int = 100
-    grpo_lr: float = 2e-4
-    eval_n: int = 200
-    eval_k: int = 4
+    out_dir: str = option("runs/nano-r1", "folder for every stage's output and summary.json")
+    task: str = option("arithmetic", "the task (2-digit addition: the R1-Zero demo task)")
+    seed: int = option(0, "random seed")
+    corpus_problems: int = option(3000, "train-split problems written as pretraining text (three documents each)")
+    vocab_size: int = option(512, "tokenizer vocabulary")
+    dim: int = option(128, "model width")
+    n_layers: int = option(4, "transformer blocks")
+    n_heads: int = option(4, "attention heads")
+    pretrain_steps: int = option(1000, "pretraining steps")
+    pretrain_lr: float = option(3e-3, "pretraining learning rate")
+    sft_problems: int = option(400, "worked problems for SFT")
+    sft_steps: int = option(30, "SFT steps")
+    sft_lr: float = option(1e-3, "SFT learning rate")
+    grpo_steps: int = option(100, "GRPO steps")
+    grpo_lr: float = option(2e-4, "GRPO learning rate")
+    eval_n: int = option(200, "held-out problems per evaluation")
+    eval_k: int = option(4, "samples per problem for pass@1 and cons@k")
 
 
 PLACES = ("ones", "tens", "hundreds", "thousands", "ten-thousands")

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from sputnik.config import ModelConfig
 from sputnik.model import MoE, Routing, Transformer, build_doc_mask
+from sputnik.settings import option
 from sputnik.train.data import TokenShards, document_ids, document_positions
 from sputnik.train.loop import RankAware, TrainConfig, all_reduce_sum
 
@@ -24,27 +25,27 @@ from sputnik.train.loop import RankAware, TrainConfig, all_reduce_sum
 class PretrainConfig:
     """Data, batch and the V3 training terms; model shapes come from a ModelConfig (see nano_config)."""
 
-    data: str = ""  # a token shard folder (sputnik.train.data.write_shards)
-    seq_len: int = 256
-    batch_size: int = 16  # sequences per step, per rank
-    micro_batch: int = 8
-    mask_documents: bool = True  # packed documents never attend across their EOS
-    mtp_lambda: float = 0.3  # weight of the multi-token-prediction loss (mean over depths)
-    balance_alpha: float = 1e-4  # sequence-wise balance loss weight (summed over MoE layers)
-    bias_update_gamma: float = 0.001  # aux-loss-free balancing: b += gamma * sign(mean load - load)
-    init_std: float = 0.02
+    data: str = option("", "a token shard folder (sputnik.train.data.write_shards); or give --text")
+    seq_len: int = option(256, "tokens per training sequence")
+    batch_size: int = option(16, "sequences per step, per rank")
+    micro_batch: int = option(8, "sequences per forward/backward")
+    mask_documents: bool = option(True, "packed documents never attend across their EOS")
+    mtp_lambda: float = option(0.3, "weight of the multi-token-prediction loss (mean over depths)")
+    balance_alpha: float = option(1e-4, "sequence-wise balance loss weight (summed over MoE layers)")
+    bias_update_gamma: float = option(0.001, "aux-loss-free balancing: b += gamma * sign(mean load - load)")
+    init_std: float = option(0.02, "std of the initial weights")
 
 
 @dataclass
 class ModelShape:
     """The model a pretraining run builds (see nano_config) and the tokenizer it reads text with."""
 
-    tokenizer: str = ""  # a tokenizer folder (sputnik train tokenizer) or any loadable model's tokenizer
-    arch: str = "moe"  # moe: MLA + MoE + MTP (DeepSeek-V3 style) | dense: Llama
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    max_seq_len: int = 512
+    tokenizer: str = option("", "a tokenizer folder (sputnik train tokenizer) or any loadable model's tokenizer")
+    arch: str = option("moe", "moe: MLA + MoE + MTP (DeepSeek-V3 style); dense: Llama", choices=["moe", "dense"])
+    dim: int = option(128, "model width")
+    n_layers: int = option(4, "transformer blocks")
+    n_heads: int = option(4, "attention heads")
+    max_seq_len: int = option(512, "longest sequence the model is built for")
 
 
 def shards_from_text(files: list[str], tokenizer, out: Path) -> str:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from sputnik.model import build_doc_mask
 from sputnik.r1 import THINK_OPEN, THINK_TEMPLATE
 from sputnik.seeds import mix
+from sputnik.settings import option
 from sputnik.train.logprobs import head_logprobs
 from sputnik.train.loop import RankAware, TrainConfig, Trainer, init_distributed
 from sputnik.train.plots import read_rows
@@ -36,14 +37,14 @@ IGNORE = -100  # target of a position that is not trained
 class SFTConfig:
     """SFT data, packing and batching; the optimizer and schedule live in TrainConfig."""
 
-    data: str = ""  # chat JSONL: one {"messages": [...]} per line
-    seq_len: int = 512  # tokens per packed row; longer conversations are truncated
-    batch_size: int = 8  # packed rows per step, over all ranks
-    micro_batch: int = 4  # rows per forward/backward
-    seed: int = 0  # data order (a fresh shuffle of the rows every epoch)
-    epochs: float = 0.0  # > 0: max_steps = ceil(epochs * rows / batch_size), overriding TrainConfig.max_steps
-    chat_template: str | None = None  # a template name or source; None: the tokenizer's own
-    think_template: str = THINK_TEMPLATE  # how a reasoning field is folded into the assistant's content
+    data: str = option("", 'chat JSONL: one {"messages": [...]} per line')
+    seq_len: int = option(512, "tokens per packed row; longer conversations are truncated")
+    batch_size: int = option(8, "packed rows per step, over all ranks")
+    micro_batch: int = option(4, "rows per forward/backward")
+    seed: int = option(0, "data order (a fresh shuffle of the rows every epoch)")
+    epochs: float = option(0.0, "> 0: max_steps = ceil(epochs * rows / batch_size), overriding max_steps")
+    chat_template: str | None = option(None, "a chat template name or source (default: the tokenizer's own)")
+    think_template: str = option(THINK_TEMPLATE, "how a reasoning field is folded into the assistant's content")
 
 
 # ---------------------------------------------------------------- data

@@ -27,6 +27,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as Backend
 
 from sputnik import r1
+from sputnik.settings import option
 from sputnik.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -36,20 +37,20 @@ log = logging.getLogger(__name__)
 class TokenizerConfig:
     """Settings for training a tokenizer: vocabulary size, special tokens, and how input files are read."""
 
-    vocab_size: int = 8192  # total, special tokens and the 256 byte tokens included
-    min_frequency: int = 2  # a pair must occur this often to be merged
-    bos_token: str = "<|bos|>"
-    eos_token: str = "<|eos|>"  # ends an assistant turn and a document; the stop token
-    pad_token: str = "<|pad|>"
-    system_token: str = "<|system|>"
-    user_token: str = "<|user|>"
-    assistant_token: str = "<|assistant|>"
-    think_open: str = r1.THINK_OPEN
-    think_close: str = r1.THINK_CLOSE
-    add_bos: bool = True  # encode(..., add_special_tokens=True) starts with BOS, as DeepSeek's tokenizers do
-    text_key: str = "text"  # the field of a JSONL row holding its text (rows with "messages" also work)
-    max_chars: int = 100_000_000  # stop reading input after this many characters
-    fetch_korean_sample: bool = True  # let run() download konlpy's wheel once for the Korean report sample
+    vocab_size: int = option(8192, "vocabulary size, special tokens and the 256 byte tokens included")
+    min_frequency: int = option(2, "a pair must occur this often to be merged")
+    bos_token: str = option("<|bos|>", "beginning-of-text token")
+    eos_token: str = option("<|eos|>", "ends an assistant turn and a document; the stop token")
+    pad_token: str = option("<|pad|>", "padding token")
+    system_token: str = option("<|system|>", "opens a system turn")
+    user_token: str = option("<|user|>", "opens a user turn")
+    assistant_token: str = option("<|assistant|>", "opens an assistant turn")
+    think_open: str = option(r1.THINK_OPEN, "opens the reasoning")
+    think_close: str = option(r1.THINK_CLOSE, "closes the reasoning")
+    add_bos: bool = option(True, "encode(..., add_special_tokens=True) starts with BOS, as DeepSeek's tokenizers do")
+    text_key: str = option("text", 'the field of a JSONL row holding its text (rows with "messages" also work)')
+    max_chars: int = option(100_000_000, "stop reading input after this many characters")
+    fetch_korean_sample: bool = option(True, "download konlpy's wheel once for the Korean sample of the report")
 
     def __post_init__(self) -> None:
         tokens = self.special_tokens

@@ -19,10 +19,10 @@ from sputnik.web.routes import web_router
 
 
 def build_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], Backend] = load_backend) -> FastAPI:
-    """The API app, and when cfg.web the chat's routes and static files on the same origin (app.state.db)."""
+    """The API app, and unless cfg.no_web the chat's routes and static files on the same origin (app.state.db)."""
     cfg = cfg or ServeConfig()
     app = create_app(cfg, loader=loader)
-    if cfg.web:
+    if not cfg.no_web:
         add_web(app, cfg, app.state.server)
     return app
 
