@@ -298,3 +298,23 @@ def test_compiled_decode_equals_eager():
     assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
     assert _drive(compiled, arrivals) == _drive(eager, arrivals)
     assert compiled.num_cache_rows == 0
+
+
+def greedy_by_forward(model: Transformer, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens from plain uncached forwards (no fused weights, no cache): the reference for the engine."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_the_engine_follows_weights_replaced_after_it_fused_them():
+    model = tiny()
+    eng = Engine(model)  # fuses q/k/v and gate/up into shared storage
+    params = SamplingParams(max_tokens=8, temperature=0)
+    assert eng.generate(PROMPTS[:1], params)[0][0].token_ids == greedy_by_forward(model, PROMPTS[0], 8)
+    with torch.no_grad():  # as a trainer that casts or reloads might: new storage, new values
+        for p in model.parameters():
+            p.data = p.data.flip(0).clone()
+    assert eng.generate(PROMPTS[:1], params)[0][0].token_ids == greedy_by_forward(model, PROMPTS[0], 8)

@@ -318,6 +318,8 @@ class Engine:
         """Start prefilling the next waiting prompts that fit (FIFO), as one left-padded group."""
         if self._prefill is not None or not self._waiting:
             return
+        if not self.sharded:  # weights moved or cast since the last prompts (a trainer may own them): fuse them again
+            self.model.fuse()
         free = self.max_batch - len(self._running)
         group: list[_Request] = []
         while self._waiting and free >= self._waiting[0].params.n:
