@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+import machine
 from sputnik.checkpoint import load_model
 from sputnik.checkpoint.registry import resolve
 from sputnik.engine import Engine, SamplingParams
@@ -152,8 +152,9 @@ def main() -> None:
     ceiling_b1 = bw * 1e9 / weight_bytes
     ceiling_b32 = gflops * 1e9 / (2 * params_count)
 
-    print(f"\nSmolLM2-135M fp32, {N} new tokens, median of {args.repeats}; {platform.processor() or platform.machine()}, "
+    print(f"\nSmolLM2-135M fp32, {N} new tokens, median of {args.repeats}; "
           f"{torch.get_num_threads()} threads")
+    print(machine.line())
     print(f"ceilings: B=1 {ceiling_b1:.1f} tok/s ({bw:.1f} GB/s / {weight_bytes / 1e6:.0f} MB),"
           f" B={B} {ceiling_b32:.1f} tok/s ({gflops:.1f} GFLOP/s / {2 * params_count / 1e9:.2f} GFLOP)")
     if compile_s is not None:
@@ -164,6 +165,7 @@ def main() -> None:
         b32s = f"{b32:>13.1f}{b32 / ceiling_b32:>12.0%}" if b32 else f"{'-':>13}{'-':>12}"
         print(f"{name:<20}{r['b1']:>12.1f}{r['b1'] / ceiling_b1:>12.0%}{b32s}")
     figures = {
+        "machine": machine.describe(),
         "sputnik_b1_tok_s": round(results["sputnik"]["b1"], 2),
         "sputnik_b32_tok_s": round(results["sputnik"]["b32"], 2),
         "b1_of_ceiling": round(results["sputnik"]["b1"] / ceiling_b1, 3),

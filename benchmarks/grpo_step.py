@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import matmul_gflops, median_time  # noqa: E402
 
+import machine  # noqa: E402
 from sputnik.checkpoint import load_pretrained, save_model  # noqa: E402
 from sputnik.engine import Engine, SamplingParams  # noqa: E402
 from sputnik.train.grpo import GRPOConfig, GRPOObjective  # noqa: E402
@@ -233,7 +233,8 @@ def main() -> None:
     n_timed = len(timed(sp))
     print(f"\nGRPO step, SmolLM2-135M fp32, 2-digit addition, {args.prompts} prompts x G={args.generations}, "
           f"<= {args.max_new_tokens} new tokens, dapo, full fine-tune; median of {n_timed} step(s) after warm-up; "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads")
+    print(machine.line())
     print(f"floor rates (median of those measured after each step): decode {decode:.1f} tok/s (sputnik, "
           f"B={args.prompts * args.generations} sampled), matmul {gflops:.1f} GFLOP/s (512 rows), "
           f"{params_count / 1e6:.1f}M params")
@@ -256,6 +257,7 @@ def main() -> None:
         return [round(r[key], nd) if r.get(key) is not None else None for r in rows]
 
     figures = {
+        "machine": machine.describe(),
         "vs_trl": round(s_med / col(trl, "seconds"), 3) if trl else None,
         "vs_floor": round(col(sp, "vs_floor"), 3),
         "vs_floor_of_medians": round(s_med / col(sp, "floor_seconds"), 3),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import socket
 import statistics
 import subprocess
@@ -23,6 +22,7 @@ import time
 
 import httpx
 
+import machine
 from sputnik.checkpoint.registry import resolve
 from sputnik.device import pick_device, pick_dtype
 
@@ -155,7 +155,8 @@ def main() -> None:
         for n, r in rows.items():
             print(f"{name:<10} {n:>7} {r['agg_tok_s']:8.1f} {r['ttft_p50_s']:9.3f} {r['ttft_p95_s']:9.3f} "
                   f"{r['itl_ms']:7.1f}")
-    figures = {"machine": platform.processor() or platform.machine(), "new_tokens": args.new_tokens,
+    print(machine.line())
+    figures = {"machine": machine.describe(), "new_tokens": args.new_tokens,
                "spread_s": args.spread, "dtype": args.dtype}
     for name, rows in results.items():
         tag = "" if name == "sputnik" else "llamacpp_"

@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -45,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import machine
 from sputnik.checkpoint import save_model
 from sputnik.model import Transformer
 from sputnik.train.data import document_ids, document_positions, write_shards
@@ -53,18 +53,6 @@ from sputnik.train.pretrain import (PretrainConfig, PretrainObjective, active_pa
                                     matmul_flops_per_s, nano_config)
 
 EOS = 0
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cpus, {torch.get_num_threads()} torch threads"
 
 
 def synthetic_shards(out: Path, vocab: int, seq_len: int, tokens: int, seed: int = 0) -> str:
@@ -253,7 +241,8 @@ def main() -> None:
 
     tokens = args.batch * args.seq_len
     print(f"\nTraining step, fp32, AdamW (fused), seq_len {args.seq_len} x batch {args.batch} = {tokens} tokens/step, "
-          f"median of {args.steps} steps after {args.warmup} warm-up; {machine()}")
+          f"median of {args.steps} steps after {args.warmup} warm-up")
+    print(machine.line())
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s ({args.peak_n}x{args.peak_n} fp32, best of "
           f"{', '.join(f'{p / 1e9:.1f}' for p in peaks)}); load average {load_before:.2f} before, "
           f"{os.getloadavg()[0]:.2f} after")
@@ -316,7 +305,7 @@ def main() -> None:
             figures.setdefault(key, None)
     figures.update({
         "matmul_gflop_s": round(peak / 1e9, 2), "matmul_gflop_s_samples": [round(p / 1e9, 2) for p in peaks],
-        "matmul_n": args.peak_n, "machine": machine(), "threads": torch.get_num_threads(),
+        "matmul_n": args.peak_n, "machine": machine.describe(),
         "torch": torch.__version__, "transformers": tf_version,
         "steps": args.steps, "warmup": args.warmup, "batch": args.batch,
         "micro_batch": args.micro_batch or args.batch, "seq_len": args.seq_len, "tokens_per_step": tokens,
