@@ -87,6 +87,25 @@ def answer_part(text: str) -> str | None:
     return None if at < 0 else text[at + len(THINK_CLOSE):]
 
 
+GRADINGS = ("strict", "lenient")
+
+
+def graded_part(completion: str, think_opened: bool = False, grading: str = "strict") -> str | None:
+    """The part of a completion that R1 grades: the answer, never the thinking.
+
+    strict (R1's rule): a completion that thinks (its prompt opened `<think>`, or it opens one itself) is graded on
+    what follows its `</think>`, and has no answer (None) while the thought never closed; one that does not think is
+    its own answer. lenient (for models that don't follow the format): the text after `</think>` when there is
+    one, else the whole completion, numbers inside an unclosed thought included."""
+    if grading not in GRADINGS:
+        raise ValueError(f"grading must be one of {GRADINGS}, got {grading!r}")
+    answer = answer_part(completion)
+    if answer is not None or grading == "lenient":
+        return completion if answer is None else answer
+    thinks = think_opened or completion.lstrip().startswith(THINK_OPEN)
+    return None if thinks else completion
+
+
 def strip_reasoning(content: str) -> str:
     """An earlier assistant turn as the next prompt shows it, as R1's own chat template does: what follows the last
     `</think>`, leading whitespace dropped. The opening tag may be missing (R1's template puts it into the prompt),

@@ -1,6 +1,7 @@
 """Rewards for GRPO: every function is fn(problem, completion, task, **cfg) -> float | None (None = skip).
 
-    accuracy  the task's verifier, in [0, 1]; None when the gold answer cannot be parsed
+    accuracy  the task's verifier on the answer part only (R1's rule: what follows </think>; a thought that never
+              closes earns 0), in [0, 1]; None when the gold answer cannot be parsed
     format    1.0 for <think> reasoning </think> followed by an answer, else 0.0
     language  share of the chain-of-thought's words in the target language (R1's language consistency)
     overlong  DAPO's soft overlong penalty, 0 down to -1, from the completion's length in tokens
@@ -8,8 +9,8 @@
 
 `combine({"accuracy": 1, "format": 1})` gives the weighted sum (R1-Zero's reward: accuracy + format, equal
 weights) together with each component. Functions take **cfg and ignore what they do not use, so one set of
-options (think_opened, require_answer_tag, language, max_length, overlong_cache) serves them all; each option's
-default is the one its function's signature gives.
+options (think_opened, grading, require_answer_tag, language, max_length, overlong_cache) serves them all; each
+option's default is the one its function's signature gives.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from sputnik.tasks.base import Problem, Task
 RewardFn = Callable[..., float | None]
 
 
-def accuracy_reward(problem: Problem, completion: str, task: Task, **cfg: Any) -> float | None:
-    """The task's verifier; None (skip the problem) when its gold answer cannot be parsed."""
-    return task.verify(problem, completion)
+def accuracy_reward(problem: Problem, completion: str, task: Task, *, think_opened: bool = False,
+                    grading: str = "strict", **cfg: Any) -> float | None:
+    """The task's verifier on the completion's answer (r1.graded_part: strict grading never reads a number inside
+    the thinking); None (skip the problem) when its gold answer cannot be parsed."""
+    return task.verify(problem, completion, think_opened, grading)
 
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
@@ -137,13 +140,14 @@ def overlong_reward(problem: Problem | None, completion: str, task: Task | None 
 
 
 def length_reward(problem: Problem, completion: str, task: Task, *, length: int | None = None,
-                  max_length: int = 4096, accuracy: float | None = None, **cfg: Any) -> float | None:
+                  max_length: int = 4096, accuracy: float | None = None, think_opened: bool = False,
+                  grading: str = "strict", **cfg: Any) -> float | None:
     """A per-sample form of Kimi k1.5's length reward: lam = 0.5 - length / max_length (0.5 for an empty answer,
     0 at half the budget, -0.5 at all of it); right answers get lam, wrong ones min(0, lam), so being short is
     never rewarded by itself. Uses `accuracy` when given (combine passes it), else runs the verifier."""
     length = _need_length(length, "length")
     if accuracy is None:
-        accuracy = task.verify(problem, completion)
+        accuracy = task.verify(problem, completion, think_opened, grading)
         if accuracy is None:
             return None
     lam = min(0.5, max(-0.5, 0.5 - length / max_length))

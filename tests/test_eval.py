@@ -76,3 +76,27 @@ def test_sputnik_eval_end_to_end(tmp_path, capsys, default_gguf):
     assert main(["eval", "--compare", str(out), str(out / "summary.json")]) == 0
     compare = capsys.readouterr().out
     assert compare.count("| greedy accuracy |") == 1 and str(out) in compare
+
+
+def test_records_grade_strictly_and_report_lenient_and_format_gated_beside():
+    from types import SimpleNamespace
+
+    from sputnik.eval.run import _record
+    from sputnik.tasks import Problem, get_task
+
+    task = get_task("arithmetic")
+    problem = Problem(id="x", prompt="What is 47 + 38?", answer="85", meta={"a": 47, "b": 38, "op": "+"})
+    texts = ["7 + 8 = 15, so 85.\n</think>\n\n\\boxed{85}",  # right, in format
+             "7 + 8 = 15, so 85. The answer is",  # the thought never closed
+             "\\boxed{85}"]  # right, but no thinking block although the prompt opened one
+    records = [_record(task, problem, "greedy", 0, SimpleNamespace(text=t, token_ids=[1] * 5, finish_reason="stop"),
+                       think_opened=True) for t in texts]
+    assert [r["correct"] for r in records] == [True, False, False]
+    assert [r["correct_lenient"] for r in records] == [True, True, True]
+    assert [r["correct_format_gated"] for r in records] == [True, False, False]
+    for r, pid in zip(records, "abc"):
+        r["id"] = pid
+    s = summarize(records, k=0)
+    assert s.greedy_accuracy == pytest.approx(1 / 3) and s.greedy_accuracy_lenient == 1.0
+    assert s.greedy_accuracy_format_gated == pytest.approx(1 / 3)
+    assert s.to_json()["greedy_accuracy_lenient"] == 1.0

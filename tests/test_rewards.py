@@ -137,3 +137,54 @@ def test_combine_specs():
     assert set(REWARDS) == {"accuracy", "format", "language", "overlong", "length"}
     with pytest.raises(ValueError, match="unknown rewards"):
         combine({"accuracy": 1, "style": 1})
+
+
+# ----- R1's grading rule: the answer part only -----
+
+@pytest.mark.parametrize("completion, think_opened, strict, lenient", [
+    # A number inside the thinking is never the answer.
+    ("<think>47 + 38 = 85</think> The answer is 84.", False, 0.0, 0.0),
+    ("<think>maybe \\boxed{84}</think> <answer>85</answer>", False, 1.0, 1.0),
+    ("<think>so 47 + 38 = 84?</think>\n\n\\boxed{85}", False, 1.0, 1.0),
+    # A thought that never closes gives no answer: 0, however right the number inside it.
+    ("<think>47 + 38: 7 + 8 = 15, carry 1, so 85. The answer is", False, 0.0, 1.0),
+    ("47 + 38: 7 + 8 = 15, carry 1, so 85. The answer is", True, 0.0, 1.0),
+    # Closed but nothing after it.
+    ("<think>47 + 38 = 85</think>", False, 0.0, 0.0),
+    ("47 + 38 = 85\n</think>\n\n", True, 0.0, 0.0),
+    # A completion that does not think (its prompt did not open <think>) is its own answer.
+    ("The answer is \\boxed{85}.", False, 1.0, 1.0),
+    ("47 + 38 = 85", False, 1.0, 1.0),
+])
+def test_accuracy_grades_the_answer_after_the_thinking(completion, think_opened, strict, lenient):
+    assert combine({"accuracy": 1})(P85, completion, ARITH, think_opened=think_opened)[0] == strict
+    assert combine({"accuracy": 1}, grading="lenient")(P85, completion, ARITH, think_opened=think_opened)[0] == lenient
+    assert ARITH.correct(P85, completion, think_opened) is (strict == 1.0)
+
+
+def test_an_unknown_grading_is_refused():
+    with pytest.raises(ValueError, match="grading must be one of"):
+        ARITH.verify(P85, "85", grading="loose")
+
+
+def test_strict_grading_gives_the_cut_off_answer_a_negative_advantage():
+    """The nano-r1 failure: a GRPO group where one rollout closes its thinking and answers, another stops inside
+    its thinking after the right number. Lenient grading rewards both alike (no signal to keep the format); strict
+    grading pushes the cut-off one down and the formatted one up."""
+    import torch
+
+    from sputnik.train.grpo_math import group_advantages
+
+    group = ["47 + 38: 7 + 8 = 15, carry 1; 4 + 3 + 1 = 8. So 85.\n</think>\n\n\\boxed{85}",
+             "47 + 38: 7 + 8 = 15, carry 1; 4 + 3 + 1 = 8. So 85.\nThe answer is",
+             "47 + 38 = 75\n</think>\n\n\\boxed{75}",
+             "47 + 38: 7 + 8 = 15, carry 1. So 85.\nThe answer is"]
+    for grading, want in (("strict", [1.0, 0.0, 0.0, 0.0]), ("lenient", [1.0, 1.0, 0.0, 1.0])):
+        reward = combine({"accuracy": 1}, grading=grading)
+        rewards = torch.tensor([reward(P85, c, ARITH, think_opened=True)[0] for c in group])
+        assert rewards.tolist() == want
+        adv = group_advantages(rewards, G=4)
+        if grading == "strict":
+            assert adv[0] > 0 and adv[1] < 0 and adv[3] < 0  # the cut-off answers are pushed down
+        else:
+            assert adv[1] > 0 and adv[3] > 0  # the cut-off answers are pushed up as much as the formatted one

@@ -263,7 +263,7 @@ def test_jsonl_verifiers(tmp_path):
 def test_file_splits_disjoint_and_seeded(tmp_path):
     rows = [{"prompt": f"q{i}", "answer": str(i)} for i in range(200)]
     rows += [{"prompt": "q0", "answer": "0", "split": "test"}]  # also in train: dropped from test
-    task = get_task(f"jsonl:{write_jsonl(tmp_path / 'many.jsonl', rows)}")
+    task = get_task(f"jsonl:{write_jsonl(tmp_path / 'many.jsonl', rows)},test_frac=0.2")  # a held-out fifth
     train, test = task.problems("train"), task.problems("test")
     assert {p.prompt for p in train}.isdisjoint(p.prompt for p in test)
     assert 10 < len(test) < 80 and len(train) + len(test) >= 199
@@ -272,6 +272,16 @@ def test_file_splits_disjoint_and_seeded(tmp_path):
     explicit = get_task(f"math:train={write_jsonl(tmp_path / 'a.jsonl', rows[:5])},"
                         f"test={write_jsonl(tmp_path / 'b.jsonl', rows[3:8])}")
     assert len(explicit.problems("train")) == 5 and len(explicit.problems("test")) == 3
+
+
+
+def test_a_jsonl_file_is_evaluated_whole_by_default(tmp_path):
+    rows = [{"prompt": f"q{i}", "answer": str(i)} for i in range(100)]
+    rows += [{"prompt": "only-train", "answer": "1", "split": "train"}]  # a row's own split still holds
+    task = get_task(f"jsonl:{write_jsonl(tmp_path / 'eval.jsonl', rows)}")
+    test = task.problems("test")
+    assert len(test) == 100 and {p.prompt for p in test} == {f"q{i}" for i in range(100)}
+    assert len(task.problems("train")) == 101
 
 
 # ----- reasoning-gym -----

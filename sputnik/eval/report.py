@@ -9,7 +9,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sputnik.eval.run import EvalSummary
 
-METRICS = [("greedy_accuracy", "greedy accuracy"), ("pass@1", "pass@1"), ("pass@k", "pass@k"), ("cons@k", "cons@k"),
+METRICS = [("greedy_accuracy", "greedy accuracy"), ("greedy_accuracy_format_gated", "greedy, format-gated"),
+           ("greedy_accuracy_lenient", "greedy, lenient"), ("pass@1", "pass@1"),
+           ("pass@1_format_gated", "pass@1, format-gated"), ("pass@1_lenient", "pass@1, lenient"),
+           ("pass@k", "pass@k"), ("cons@k", "cons@k"),
            ("format_rate", "format rate"), ("mean_length", "mean length (tokens)"),
            ("truncated_rate", "truncated"), ("problems", "problems"), ("skipped", "skipped")]
 

@@ -13,7 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from sputnik.engine import Engine, SamplingParams
-from sputnik.r1 import TEMPERATURE, TOP_P, opens_thinking
+from sputnik.r1 import GRADINGS, TEMPERATURE, TOP_P, opens_thinking
 from sputnik.rewards import format_reward
 from sputnik.settings import option
 from sputnik.tasks import TEMPLATES, Problem, Task, get_task
@@ -37,6 +37,9 @@ class EvalConfig:
     suffix: str | None = option(None, "text after the problem (default: the task's format instruction)")
     greedy: bool = option(True, "run the greedy pass too")
     batch: int = option(64, "sequences per engine batch")
+    grading: str = option("strict", "strict: R1's rule, only the answer after </think> counts and an unclosed thought "
+                                    "scores 0; lenient: the last answer anywhere (models that do not think)",
+                          choices=list(GRADINGS))
 
 
 @dataclass
@@ -48,11 +51,15 @@ class EvalSummary:
     task: str = ""
     problems: int = 0  # problems scored
     skipped: int = 0  # problems whose gold answer could not be verified
-    greedy_accuracy: float | None = None
+    greedy_accuracy: float | None = None  # graded as the config says (strict by default)
+    greedy_accuracy_lenient: float | None = None  # the last answer anywhere, thinking included
+    greedy_accuracy_format_gated: float | None = None  # correct and in R1's format
     greedy_format_rate: float | None = None
     greedy_mean_length: float | None = None
     k: int | None = None  # samples per problem
     pass_at_1: float | None = None  # mean over the k samples
+    pass_at_1_lenient: float | None = None
+    pass_at_1_format_gated: float | None = None
     pass_at_k: float | None = None
     cons_at_k: float | None = None  # majority vote of the k samples
     format_rate: float | None = None
@@ -65,10 +72,12 @@ class EvalSummary:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"task": self.task, "problems": self.problems, "skipped": self.skipped}
         if self.greedy_accuracy is not None:
-            out.update(greedy_accuracy=self.greedy_accuracy, greedy_format_rate=self.greedy_format_rate,
-                       greedy_mean_length=self.greedy_mean_length)
+            out.update(greedy_accuracy=self.greedy_accuracy, greedy_accuracy_lenient=self.greedy_accuracy_lenient,
+                       greedy_accuracy_format_gated=self.greedy_accuracy_format_gated,
+                       greedy_format_rate=self.greedy_format_rate, greedy_mean_length=self.greedy_mean_length)
         if self.k is not None:
-            out.update({"k": self.k, "pass@1": self.pass_at_1, f"pass@{self.k}": self.pass_at_k,
+            out.update({"k": self.k, "pass@1": self.pass_at_1, "pass@1_lenient": self.pass_at_1_lenient,
+                        "pass@1_format_gated": self.pass_at_1_format_gated, f"pass@{self.k}": self.pass_at_k,
                         f"cons@{self.k}": self.cons_at_k, "format_rate": self.format_rate,
                         "mean_length": self.mean_length, "truncated_rate": self.truncated_rate, "curve": self.curve})
         out.update(seconds=self.seconds, config=self.config)
@@ -78,8 +87,11 @@ class EvalSummary:
     def from_json(cls, d: dict[str, Any]) -> EvalSummary:
         k = d.get("k")
         return cls(task=d.get("task", ""), problems=d.get("problems", 0), skipped=d.get("skipped", 0),
-                   greedy_accuracy=d.get("greedy_accuracy"), greedy_format_rate=d.get("greedy_format_rate"),
+                   greedy_accuracy=d.get("greedy_accuracy"), greedy_accuracy_lenient=d.get("greedy_accuracy_lenient"),
+                   greedy_accuracy_format_gated=d.get("greedy_accuracy_format_gated"),
+                   greedy_format_rate=d.get("greedy_format_rate"),
                    greedy_mean_length=d.get("greedy_mean_length"), k=k, pass_at_1=d.get("pass@1"),
+                   pass_at_1_lenient=d.get("pass@1_lenient"), pass_at_1_format_gated=d.get("pass@1_format_gated"),
                    pass_at_k=d.get(f"pass@{k}"), cons_at_k=d.get(f"cons@{k}"), format_rate=d.get("format_rate"),
                    mean_length=d.get("mean_length"), truncated_rate=d.get("truncated_rate"), curve=d.get("curve"),
                    seconds=d.get("seconds", 0.0), config=d.get("config", {}))
@@ -112,13 +124,18 @@ def prompt_ids(task: Task, problem: Problem, tokenizer, cfg: EvalConfig) -> tupl
     return ids, opens_thinking(text)
 
 
-def _record(task: Task, problem: Problem, kind: str, index: int, completion, think_opened: bool) -> dict[str, Any]:
-    answer = task.extract(completion.text)
+def _record(task: Task, problem: Problem, kind: str, index: int, completion, think_opened: bool,
+            grading: str = "strict") -> dict[str, Any]:
+    answer = task.extract(completion.text, think_opened, grading)
     score = task.score(problem, answer)
+    lenient = task.score(problem, task.extract(completion.text, think_opened, "lenient"))
+    form = format_reward(problem, completion.text, task, think_opened=think_opened)
+    correct = None if score is None else score >= 1.0
     return {
         "id": problem.id, "kind": kind, "sample": index, "completion": completion.text, "extracted": answer,
-        "gold": problem.answer, "score": score, "correct": None if score is None else score >= 1.0,
-        "format": format_reward(problem, completion.text, task, think_opened=think_opened),
+        "gold": problem.answer, "score": score, "correct": correct,
+        "correct_lenient": None if lenient is None else lenient >= 1.0,
+        "correct_format_gated": None if correct is None else correct and form == 1.0, "format": form,
         "length": len(completion.token_ids), "finish_reason": completion.finish_reason,
     }
 
@@ -136,6 +153,8 @@ def summarize(records: list[dict[str, Any]], k: int) -> EvalSummary:
     greedy = [g["greedy"][0] for g in kept.values() if g["greedy"]]
     if greedy:
         out.greedy_accuracy = sum(r["correct"] for r in greedy) / len(greedy)
+        out.greedy_accuracy_lenient = _share(greedy, "correct_lenient")
+        out.greedy_accuracy_format_gated = _share(greedy, "correct_format_gated")
         out.greedy_format_rate = sum(r["format"] for r in greedy) / len(greedy)
         out.greedy_mean_length = sum(r["length"] for r in greedy) / len(greedy)
     samples = [g["sample"] for g in kept.values() if g["sample"]]
@@ -143,6 +162,8 @@ def summarize(records: list[dict[str, Any]], k: int) -> EvalSummary:
         flat = [r for s in samples for r in s]
         out.k = k
         out.pass_at_1 = sum(sum(r["correct"] for r in s) / len(s) for s in samples) / len(samples)
+        out.pass_at_1_lenient = sum(_share(s, "correct_lenient") for s in samples) / len(samples)
+        out.pass_at_1_format_gated = sum(_share(s, "correct_format_gated") for s in samples) / len(samples)
         out.pass_at_k = sum(any(r["correct"] for r in s) for s in samples) / len(samples)
         out.cons_at_k = sum(_cons_correct(s) for s in samples) / len(samples)
         out.format_rate = sum(r["format"] for r in flat) / len(flat)
@@ -156,6 +177,11 @@ def summarize(records: list[dict[str, Any]], k: int) -> EvalSummary:
             "cons": [sum(_cons_correct(s[:j]) for s in samples) / len(samples) for j in range(1, k + 1)],
         }
     return out
+
+
+def _share(records: list[dict], key: str) -> float:
+    """The share of records whose `key` is true (records written before that key existed count as false)."""
+    return sum(bool(r.get(key)) for r in records) / len(records)
 
 
 def _cons_correct(samples: list[dict]) -> bool:
@@ -187,7 +213,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, out_dir: str | Path | None = Non
             outs = engine.generate([prompts[s + i][0] for i in range(len(chunk))], params)
             for i, (problem, comps) in enumerate(zip(chunk, outs)):
                 for j, c in enumerate(comps):
-                    records.append(_record(task, problem, kind, j, c, prompts[s + i][1]))
+                    records.append(_record(task, problem, kind, j, c, prompts[s + i][1], cfg.grading))
             bar.update(len(chunk) * params.n)
             done = [r for r in records if r["kind"] == kind and r["correct"] is not None]
             if done:

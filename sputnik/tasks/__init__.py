@@ -6,7 +6,8 @@
     get_task("math") / get_task("math:f.jsonl") math-verify on our sample or your file (GSM8K or MATH rows)
     get_task("math:train=a.jsonl,test=b.jsonl") separate files per split
     get_task("gym:leg_counting,min_animals=2") any reasoning-gym dataset, options passed to its config
-    get_task("jsonl:mine.jsonl,verifier=number") your own {"prompt", "answer", "verifier"?} rows
+    get_task("jsonl:mine.jsonl,verifier=number") your own {"prompt", "answer", "verifier"?} rows, the whole file
+                                               (test_frac=0.2: a hash-chosen fifth held out as test)
     get_task("korean-arithmetic")              arithmetic word problems in Korean
 
 A bare value after ':' (no '=') is the file of math/jsonl or the dataset of gym. Paths may not contain commas.

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from sputnik.r1 import answer_part
+from sputnik.r1 import answer_part, graded_part
 
 # DeepSeek-R1-Zero's training template (R1 paper, table 1), word for word.
 R1_ZERO_PREAMBLE = (
@@ -173,22 +173,27 @@ class Task:
             return f"{system}\n\n{text}" if system else text
         raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
 
-    def extract(self, completion: str) -> str | None:
-        """The answer part of a completion (see `extract_answer`), None when there is none."""
-        return extract_answer(completion, self.extract_order)
+    def extract(self, completion: str, think_opened: bool = False, grading: str = "strict") -> str | None:
+        """The answer a completion gives, from its graded part (r1.graded_part: strict grading never reads the
+        thinking), None when there is none."""
+        part = graded_part(completion, think_opened, grading)
+        return None if part is None else extract_answer(part, self.extract_order, after_think=False)
 
     def score(self, problem: Problem, answer: str | None) -> float | None:
         """Score an already extracted answer in [0, 1]; None when the gold answer cannot be used."""
         raise NotImplementedError
 
-    def verify(self, problem: Problem, completion: str) -> float | None:
-        """Score a whole completion in [0, 1]; None (skip, never 1.0) when the gold cannot be parsed."""
-        return self.score(problem, self.extract(completion))
+    def verify(self, problem: Problem, completion: str, think_opened: bool = False,
+               grading: str = "strict") -> float | None:
+        """Score a whole completion in [0, 1] on its answer (see extract); None (skip, never 1.0) when the gold
+        cannot be parsed. A thought that never closes gives no answer: the score of no answer."""
+        return self.score(problem, self.extract(completion, think_opened, grading))
 
-    def correct(self, problem: Problem, completion: str) -> bool | None:
+    def correct(self, problem: Problem, completion: str, think_opened: bool = False,
+                grading: str = "strict") -> bool | None:
         """Solved or not, for accuracy and pass@k: scores below 1 (countdown's 0.1 for a wrong answer, partial
         reasoning-gym credit) are not solved."""
-        score = self.verify(problem, completion)
+        score = self.verify(problem, completion, think_opened, grading)
         return None if score is None else score >= 1.0
 
     def __repr__(self) -> str:

@@ -48,13 +48,15 @@ def field_of(row: dict[str, Any], names: tuple[str, ...], where: str) -> str:
 class FileTask(Task):
     """Problems from `path` (split by a hash of the prompt, `test_frac` of them to test, or by a row's "split"
     field) or from separate `train` and `test` files. Test problems whose prompt is also in train are dropped.
-    Subclasses turn a row into a Problem with `make_problem`.
+    With test_frac None, rows of `path` that name no split belong to both splits: the whole file is the eval set
+    (and the training set), as a user who brings one file expects. Subclasses turn a row into a Problem with
+    `make_problem`.
     """
 
     path: str | None = None
     train: str | None = None
     test: str | None = None
-    test_frac: float = 0.2
+    test_frac: float | None = 0.2
 
     def __post_init__(self) -> None:
         if self.path is None and self.train is None and self.test is None:
@@ -68,6 +70,7 @@ class FileTask(Task):
         if self._splits is not None:
             return self._splits
         splits: dict[str, list[Problem]] = {"train": [], "test": []}
+        both: list[Problem] = []  # rows in every split (test_frac None)
         sources = [(self.path, None), (self.train, "train"), (self.test, "test")]
         for path, fixed in sources:
             if path is None:
@@ -75,12 +78,18 @@ class FileTask(Task):
             for lineno, row in read_jsonl(path):
                 where = f"{path}:{lineno}"
                 problem = self.make_problem(row, where)
-                split = fixed or row.get("split") or split_of(problem.prompt, self.test_frac)
+                split = fixed or row.get("split")
+                if split is None and self.test_frac is None:
+                    both.append(problem)
+                    continue
+                split = split or split_of(problem.prompt, self.test_frac)
                 if split not in SPLITS:
                     raise TaskDataError(f"{where}: split must be one of {SPLITS}, got {split!r}")
                 splits[split].append(problem)
         train_prompts = {p.prompt for p in splits["train"]}
         splits["test"] = [p for p in splits["test"] if p.prompt not in train_prompts]
+        for name in SPLITS:
+            splits[name] += both
         self._splits = splits
         return splits
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+from sputnik.r1 import graded_part
 from sputnik.tasks.base import ANSWER_TAG_SUFFIX, Problem, extract_answer, short_hash
 from sputnik.tasks.files import FileTask, TaskDataError, field_of
 from sputnik.tasks.maths import math_equal
@@ -52,6 +53,7 @@ class JsonlTask(FileTask):
     """Rows name their verifier ("exact", "number" or "math"); rows without one use the task's `verifier`."""
 
     verifier: str = "exact"
+    test_frac: float | None = None  # the whole file by default; test_frac=0.2 holds out a hash-chosen fifth
     name = "jsonl"
     chat_suffix = ANSWER_TAG_SUFFIX
 
@@ -73,8 +75,15 @@ class JsonlTask(FileTask):
         # Falling back to the last number only makes sense when a number is what we expect.
         return ("answer", "boxed") if problem.meta["verifier"] == "exact" else ("answer", "boxed", "number")
 
-    def verify(self, problem: Problem, completion: str) -> float | None:
-        return self.score(problem, extract_answer(completion, self._order(problem)))
+    def extract(self, completion: str, think_opened: bool = False, grading: str = "strict",
+                problem: Problem | None = None) -> str | None:
+        part = graded_part(completion, think_opened, grading)
+        order = self.extract_order if problem is None else self._order(problem)
+        return None if part is None else extract_answer(part, order, after_think=False)
+
+    def verify(self, problem: Problem, completion: str, think_opened: bool = False,
+               grading: str = "strict") -> float | None:
+        return self.score(problem, self.extract(completion, think_opened, grading, problem))
 
     def score(self, problem: Problem, answer: str | None) -> float | None:
         return SCORERS[problem.meta["verifier"]](problem.answer, answer)

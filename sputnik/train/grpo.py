@@ -15,6 +15,7 @@ from torch import Tensor
 
 from sputnik.engine import Engine, SamplingParams
 from sputnik.eval.run import EvalConfig, evaluate, prompt_ids
+from sputnik.r1 import GRADINGS
 from sputnik.rewards import combine
 from sputnik.seeds import mix
 from sputnik.settings import option
@@ -57,6 +58,9 @@ class GRPOConfig:
     rewards: dict[str, float] = option({"accuracy": 1.0, "format": 0.0},
                                        "reward name -> weight, e.g. '{accuracy: 1, format: 0.5}'")
     reward_options: dict[str, Any] = option({}, "keyword options of the rewards, e.g. '{language: ko}'")
+    grading: str = option("strict", "accuracy on the answer after </think> only, an unclosed thought 0 (strict, R1's "
+                                    "rule), or the last answer anywhere (lenient, for models that do not think)",
+                          choices=list(GRADINGS))
     micro_batch_size: int = option(8, "sequences per forward/backward")
     train_pool: int = option(2000, "training problems drawn from the task's train split, cycled")
     eval_every: int = option(0, "greedy accuracy on held-out problems every N steps (0: before and after only)")
@@ -117,7 +121,7 @@ class GRPOObjective(RankAware):
         self.cfg, self.tok, self.seed = cfg, tokenizer, seed
         self.task = get_task(cfg.task)
         self.iterations = cfg.num_iterations
-        self.reward = combine(cfg.rewards, **cfg.reward_options)
+        self.reward = combine(cfg.rewards, **{"grading": cfg.grading, **cfg.reward_options})
         pool = self._pool()
         self.problems = pool
         self.prompts = [prompt_ids(self.task, p, tokenizer, self._eval_cfg()) for p in pool]
@@ -145,7 +149,7 @@ class GRPOObjective(RankAware):
     def _eval_cfg(self, n: int = 0) -> EvalConfig:
         c = self.cfg
         return EvalConfig(task=c.task, n=n, k=0, template=c.template, system=c.system, suffix=c.suffix,
-                          max_tokens=c.max_completion_length, seed=self.seed)
+                          max_tokens=c.max_completion_length, seed=self.seed, grading=c.grading)
 
     # ------------------------------------------------------------------ state for exact resume
     def state_dict(self) -> dict:
