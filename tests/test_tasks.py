@@ -382,3 +382,17 @@ def test_specs():
             get_task(bad)
     with pytest.raises(ValueError, match="split"):
         get_task("arithmetic").problems("validation", 3)
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "korean-arithmetic"])
+def test_held_out_problems_can_be_harder_than_training(name):
+    task = get_task(f"{name}:digits=3,test_digits=5,ops=+-*")
+    train, test = task.problems("train", 60, seed=0), task.problems("test", 60, seed=0)
+    assert all(len(str(p.meta[k])) == 3 for p in train for k in "ab")
+    assert all(len(str(p.meta[k])) == 5 for p in test for k in "ab")
+    assert {p.meta["key"] for p in train}.isdisjoint(p.meta["key"] for p in test)
+    for p in test:  # the verifier is the same: the gold answer, boxed, is right
+        assert task.correct(p, f"\\boxed{{{p.answer}}}") and not task.correct(p, f"\\boxed{{{int(p.answer) + 1}}}")
+    assert [p.id for p in test] == [p.id for p in task.problems("test", 60, seed=0)]
+    with pytest.raises(ValueError, match="test_digits"):
+        get_task(f"{name}:test_digits=0")

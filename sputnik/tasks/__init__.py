@@ -2,6 +2,7 @@
 
     get_task("arithmetic")                     2-digit addition, the R1-Zero demo task
     get_task("arithmetic:digits=3,ops=+-*")    options after ':' as key=value, comma separated
+    get_task("arithmetic:digits=4,test_digits=6") train on 4-digit problems, hold out 6-digit ones
     get_task("countdown")                      TinyZero's countdown
     get_task("math") / get_task("math:f.jsonl") math-verify on our sample or your file (GSM8K or MATH rows)
     get_task("math:train=a.jsonl,test=b.jsonl") separate files per split

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from sputnik.tasks.base import BOXED_SUFFIX, GeneratedTask, Problem
+from sputnik.tasks.base import BOXED_SUFFIX, GeneratedTask, Problem, check_split
 
 OPS = "+-*"
 MAX_ANSWER_CHARS = 200  # longer "answers" are rambling, not a number; also keeps int() far from huge inputs
@@ -51,10 +51,14 @@ def _operand_key(a: int, op: str, b: int) -> str:
 
 @dataclass(repr=False)
 class ArithmeticTask(GeneratedTask):
-    """What is a op b? with `digits`-digit operands and ops drawn from `ops` (a subset of "+-*")."""
+    """What is a op b? with `digits`-digit operands and ops drawn from `ops` (a subset of "+-*").
+
+    With `test_digits`, the test split asks `test_digits`-digit problems and train keeps `digits`: held-out problems
+    harder than training (length generalisation), disjoint by construction."""
 
     digits: int = 2
     ops: str = "+"
+    test_digits: int | None = None
     name = "arithmetic"
     chat_suffix = BOXED_SUFFIX
 
@@ -63,6 +67,17 @@ class ArithmeticTask(GeneratedTask):
             raise ValueError(f"{self.name}: digits must be in 1..18, got {self.digits}")
         if not self.ops or any(op not in OPS for op in self.ops):
             raise ValueError(f"{self.name}: ops must be characters of {OPS!r}, got {self.ops!r}")
+        if self.test_digits is not None and not 1 <= self.test_digits <= 18:
+            raise ValueError(f"{self.name}: test_digits must be in 1..18, got {self.test_digits}")
+
+    def problems(self, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
+        if self.test_digits is None or self.test_digits == self.digits:
+            return super().problems(split, n, seed)
+        check_split(split)
+        # Each split has digit counts of its own, so each takes every problem of its size (no hash partition).
+        own = replace(self, digits=self.test_digits if split == "test" else self.digits, test_digits=None)
+        own.test_frac = 1.0 if split == "test" else 0.0
+        return own.problems(split, n, seed)
 
     def question(self, rng: random.Random, a: int, op: str, b: int) -> str:
         return f"What is {a} {op} {b}?"
