@@ -4,7 +4,6 @@ right above the `def` (or its decorators), on the `def` line, or in the first li
 import ast
 from pathlib import Path
 
-import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sputnik"
 MAX_LINES = 80
@@ -38,9 +37,8 @@ def long_functions(source: str, name: str) -> list[str]:
 def test_no_function_over_80_lines_without_a_reason():
     offenders = [hit for path in sorted(PACKAGE.rglob("*.py"))
                  for hit in long_functions(path.read_text(), str(path.relative_to(PACKAGE.parent)))]
-    if offenders:
-        pytest.fail(f"functions over {MAX_LINES} lines (split them, or say why with a '# {MARKER} ...' comment "
-                    "above the def):\n" + "\n".join(offenders), pytrace=False)
+    assert not offenders, (f"functions over {MAX_LINES} lines (split them, or say why with a '# {MARKER} ...' "
+                           "comment above the def):\n" + "\n".join(offenders))
 
 
 def test_the_check_counts_lines_and_reads_the_reason():
