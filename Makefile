@@ -7,7 +7,7 @@ PIP := $(PY) -m pip -q --disable-pip-version-check
 TORCH_CPU ?= torch==2.13.0
 MODEL ?= smollm2-135m-instruct
 
-.PHONY: setup model demo test test-deps bench r1-zero nano-r1 clean
+.PHONY: setup model demo test test-deps bench r1-zero r1 nano-r1 clean
 
 # The web chat's front-end libraries (marked, DOMPurify, highlight.js, KaTeX) come from the npm registry at
 # install time, pinned by web/package-lock.json, and are served from the package: never from a CDN.
@@ -60,20 +60,25 @@ bench: model
 	$(PY) benchmarks/serve_load.py
 	$(PY) benchmarks/train_mfu.py
 
-# R1-Zero on a CPU: GRPO on 2-digit addition, greedy accuracy on 200 held-out problems before and after.
+# The reasoning recipes, each reported as the R1 paper does into docs/reasoning.json (docs/reasoning.md): GRPO with
+# thinking, the same model with its thinking closed, and the direct-answer control of the same budget.
+# R1-Zero: SmolLM2-135M-Instruct straight to GRPO on format + accuracy (strict grading).
 r1-zero: model
-	$(VENV)/bin/sputnik train grpo --config recipes/r1-zero-smollm2-addition.yaml
-	mkdir -p docs
-	cp runs/r1-zero-smollm2-addition/summary.json docs/r1-zero.json
-	cp runs/r1-zero-smollm2-addition/metrics.png docs/r1-zero.png
+	$(VENV)/bin/sputnik recipe --config recipes/r1-zero.yaml --report docs/reasoning.json
+	cp runs/r1-zero/think/metrics.png docs/r1-zero.png
 
-# The whole R1 recipe from nothing on a CPU: tokenizer -> pretrain (MLA + MoE + MTP) -> cold-start SFT -> GRPO ->
-# pass@1 of SFT and GRPO on held-out problems; docs/nano-r1.json and the stages' plots.
+# R1: cold-start SFT on programmatic traces (English and Korean), then GRPO with language consistency.
+r1: model
+	$(VENV)/bin/sputnik recipe --config recipes/r1.yaml --report docs/reasoning.json
+	cp runs/r1/think/metrics.png docs/r1.png
+
+# The whole R1 recipe from nothing on a CPU: tokenizer -> pretrain (MLA + MoE + MTP) -> cold-start SFT -> GRPO, and
+# the direct-answer control from the same pretrained model; held-out figures in docs/nano-r1.json, docs/reasoning.json.
 nano-r1: setup
-	$(VENV)/bin/sputnik nano-r1 --out-dir runs/nano-r1
+	$(VENV)/bin/sputnik nano-r1 --out-dir runs/nano-r1 --report docs/reasoning.json
 	mkdir -p docs
 	cp runs/nano-r1/nano-r1.json docs/nano-r1.json
-	for s in pretrain sft grpo; do cp runs/nano-r1/$$s.png docs/nano-r1-$$s.png; done
+	for s in pretrain sft grpo grpo-direct; do cp runs/nano-r1/$$s.png docs/nano-r1-$$s.png; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache web/node_modules sputnik/web/static/vendor

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from sputnik.train.loop import TrainConfig
     from sputnik.train.nano_r1 import NanoR1Config
     from sputnik.train.pretrain import ModelShape, PretrainConfig
+    from sputnik.train.reasoning import RecipeConfig
     from sputnik.train.sft import SFTConfig
     from sputnik.train.tokenizer import TokenizerConfig
 
@@ -346,6 +347,13 @@ def cmd_distill(cfg: DistillConfig, sft: SFTConfig, train: TrainConfig) -> int:
     return 0
 
 
+def cmd_recipe(policy: PolicyArgs, recipe: RecipeConfig, grpo: GRPOConfig, train: TrainConfig) -> int:
+    from sputnik.train.reasoning import run_recipe
+
+    run_recipe(policy.model, recipe, grpo, train)
+    return 0
+
+
 def cmd_nano_r1(cfg: NanoR1Config) -> int:
     from sputnik.train.nano_r1 import run
 
@@ -423,6 +431,7 @@ def add_train_verbs(sub) -> None:
     from sputnik.train.loop import TrainConfig
     from sputnik.train.nano_r1 import NanoR1Config
     from sputnik.train.pretrain import ModelShape, PretrainConfig
+    from sputnik.train.reasoning import RecipeConfig
     from sputnik.train.sft import SFTConfig
     from sputnik.train.tokenizer import TokenizerConfig
 
@@ -438,6 +447,9 @@ def add_train_verbs(sub) -> None:
              PolicyArgs, SFTConfig, TrainConfig)
     add_verb(sub, "distill", cmd_distill, "R1 distillation: teacher traces, rejection sampling, then SFT or logit KL",
              DistillConfig, SFTConfig, TrainConfig)
+    add_verb(sub, "recipe", cmd_recipe, "a reasoning recipe reported as R1 does: GRPO with thinking, the same model "
+             "with thinking closed, the direct-answer control (recipes/r1-zero.yaml, recipes/r1.yaml)", PolicyArgs,
+             RecipeConfig, GRPOConfig, TrainConfig)
     add_verb(sub, "nano-r1", cmd_nano_r1, "the whole R1 recipe from nothing on a CPU: tokenizer, pretrain, SFT, GRPO",
              NanoR1Config)
 

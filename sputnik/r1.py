@@ -81,6 +81,30 @@ def close_thinking(prompt: str) -> str:
     return prompt + "\n" + THINK_CLOSE + "\n\n"
 
 
+def open_thinking(prompt: str) -> str:
+    """A prompt that ends inside an open `<think>`, as R1's generation prompt does: unchanged when it already does;
+    otherwise the tag is put after the template's own generation prompt (instruct models), or after R1-Zero's
+    "Assistant:" (base models), so any model starts its output in the reasoning."""
+    if opens_thinking(prompt):
+        return prompt
+    return prompt + (" " if prompt.endswith(":") else "") + THINK_OPEN + "\n"
+
+
+# How a prompt treats the reasoning: as its template renders it; opened (the output starts inside <think>);
+# closed (an empty thought, so the model answers directly: R1's "thinking disabled" and the direct-answer control).
+THINK_MODES = ("auto", "open", "closed")
+
+
+def think_prompt(prompt: str, think: str = "auto") -> str:
+    """The prompt with its reasoning opened or closed as `think` asks (THINK_MODES)."""
+    if think not in THINK_MODES:
+        raise ValueError(f"think must be one of {THINK_MODES}, got {think!r}")
+    if think == "auto":
+        return prompt
+    opened = open_thinking(prompt)
+    return opened if think == "open" else close_thinking(opened)
+
+
 def answer_part(text: str) -> str | None:
     """What follows the last `</think>`, as written; None when the thought never closed (or never began)."""
     at = text.rfind(THINK_CLOSE)

@@ -8,6 +8,7 @@ from sputnik.cli import (ChatArgs, ConvertArgs, EvalOutput, KeysArgs, ModelArgs,
                          SamplingArgs, TokenizerFiles, main, parse)
 from sputnik.eval.run import EvalConfig
 from sputnik.serve.config import ServeConfig, default_keys_path
+from sputnik.tasks import get_task
 from sputnik.train.distill import DistillConfig
 from sputnik.train.grpo import GRPOConfig
 from sputnik.train.loop import TrainConfig
@@ -117,11 +118,16 @@ def test_defaults_per_verb_and_repeatable_lists():
 
 
 def test_recipe_and_distill_fields(tmp_path):
-    c = parse(["train", "grpo", "--config", str(ROOT / "recipes" / "r1-zero-smollm2-addition.yaml"),
-               "--max-steps", "2"])
-    grpo, train = c.config(GRPOConfig), c.config(TrainConfig)
-    assert c.config(PolicyArgs).model == "smollm2-135m-instruct" and grpo.suffix == "" and grpo.epsilon_high == 0.28
-    assert grpo.rewards == {"accuracy": 1.0} and train.max_steps == 2 and train.lr == 1e-5
+    from sputnik.train.reasoning import RecipeConfig
+
+    for name in ("r1-zero", "r1"):
+        c = parse(["recipe", "--config", str(ROOT / "recipes" / f"{name}.yaml"), "--max-steps", "2"])
+        grpo, train, recipe = c.config(GRPOConfig), c.config(TrainConfig), c.config(RecipeConfig)
+        assert c.config(PolicyArgs).model == "smollm2-135m-instruct" and grpo.epsilon_high == 0.28
+        assert grpo.think == "open" and grpo.grading == "strict" and {"accuracy", "format"} <= set(grpo.rewards)
+        assert train.max_steps == 2 and train.lr == 1e-5 and recipe.recipe == name
+        assert (recipe.cold_start > 0) == (name == "r1") and recipe.korean_task.startswith("korean-arithmetic")
+        get_task(grpo.task).problems("test", 4)  # the task specs parse
     # distill's student and mode are settings like any other (the recipe key `model` still names the student).
     cfg = yaml_file(tmp_path, "model: student.gguf\nmode: kl\nteacher: t.gguf\nseed: 3\n")
     d = parse(["distill", "-c", cfg])

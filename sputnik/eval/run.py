@@ -13,8 +13,8 @@ from typing import Any
 from tqdm import tqdm
 
 from sputnik.engine import Engine, SamplingParams
-from sputnik.r1 import GRADINGS, TEMPERATURE, TOP_P, opens_thinking
-from sputnik.rewards import format_reward
+from sputnik.r1 import GRADINGS, TEMPERATURE, THINK_MODES, THINK_OPEN, TOP_P, opens_thinking, think_prompt
+from sputnik.rewards import chain_of_thought, format_reward, language_reward
 from sputnik.settings import option
 from sputnik.tasks import TEMPLATES, Problem, Task, get_task
 
@@ -37,6 +37,9 @@ class EvalConfig:
     suffix: str | None = option(None, "text after the problem (default: the task's format instruction)")
     greedy: bool = option(True, "run the greedy pass too")
     batch: int = option(64, "sequences per engine batch")
+    think: str = option("auto", "the prompt's reasoning: auto (as the template renders it), open (the output starts "
+                                "inside <think>: any model thinks first), closed (an empty thought: the model answers "
+                                "directly, the direct-answer control)", choices=list(THINK_MODES))
     grading: str = option("strict", "strict: R1's rule, only the answer after </think> counts and an unclosed thought "
                                     "scores 0; lenient: the last answer anywhere (models that do not think)",
                           choices=list(GRADINGS))
@@ -56,6 +59,8 @@ class EvalSummary:
     greedy_accuracy_format_gated: float | None = None  # correct and in R1's format
     greedy_format_rate: float | None = None
     greedy_mean_length: float | None = None
+    greedy_think_tokens: float | None = None  # mean tokens of reasoning (0 for a completion that does not think)
+    greedy_language: float | None = None  # R1's language consistency of the reasoning, in the task's language
     k: int | None = None  # samples per problem
     pass_at_1: float | None = None  # mean over the k samples
     pass_at_1_lenient: float | None = None
@@ -65,6 +70,8 @@ class EvalSummary:
     format_rate: float | None = None
     mean_length: float | None = None
     truncated_rate: float | None = None
+    think_tokens: float | None = None
+    language: float | None = None
     curve: dict[str, list] | None = None  # {"j": [1..k], "pass": pass@j, "cons": cons@j}
     seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)  # the EvalConfig
@@ -74,12 +81,14 @@ class EvalSummary:
         if self.greedy_accuracy is not None:
             out.update(greedy_accuracy=self.greedy_accuracy, greedy_accuracy_lenient=self.greedy_accuracy_lenient,
                        greedy_accuracy_format_gated=self.greedy_accuracy_format_gated,
-                       greedy_format_rate=self.greedy_format_rate, greedy_mean_length=self.greedy_mean_length)
+                       greedy_format_rate=self.greedy_format_rate, greedy_mean_length=self.greedy_mean_length,
+                       greedy_think_tokens=self.greedy_think_tokens, greedy_language=self.greedy_language)
         if self.k is not None:
             out.update({"k": self.k, "pass@1": self.pass_at_1, "pass@1_lenient": self.pass_at_1_lenient,
                         "pass@1_format_gated": self.pass_at_1_format_gated, f"pass@{self.k}": self.pass_at_k,
                         f"cons@{self.k}": self.cons_at_k, "format_rate": self.format_rate,
-                        "mean_length": self.mean_length, "truncated_rate": self.truncated_rate, "curve": self.curve})
+                        "mean_length": self.mean_length, "truncated_rate": self.truncated_rate,
+                        "think_tokens": self.think_tokens, "language": self.language, "curve": self.curve})
         out.update(seconds=self.seconds, config=self.config)
         return out
 
@@ -90,7 +99,9 @@ class EvalSummary:
                    greedy_accuracy=d.get("greedy_accuracy"), greedy_accuracy_lenient=d.get("greedy_accuracy_lenient"),
                    greedy_accuracy_format_gated=d.get("greedy_accuracy_format_gated"),
                    greedy_format_rate=d.get("greedy_format_rate"),
-                   greedy_mean_length=d.get("greedy_mean_length"), k=k, pass_at_1=d.get("pass@1"),
+                   greedy_mean_length=d.get("greedy_mean_length"), greedy_think_tokens=d.get("greedy_think_tokens"),
+                   greedy_language=d.get("greedy_language"), think_tokens=d.get("think_tokens"),
+                   language=d.get("language"), k=k, pass_at_1=d.get("pass@1"),
                    pass_at_1_lenient=d.get("pass@1_lenient"), pass_at_1_format_gated=d.get("pass@1_format_gated"),
                    pass_at_k=d.get(f"pass@{k}"), cons_at_k=d.get(f"cons@{k}"), format_rate=d.get("format_rate"),
                    mean_length=d.get("mean_length"), truncated_rate=d.get("truncated_rate"), curve=d.get("curve"),
@@ -120,15 +131,26 @@ def prompt_ids(task: Task, problem: Problem, tokenizer, cfg: EvalConfig) -> tupl
     else:
         text = task.render(problem, cfg.template, None, cfg.system, cfg.suffix)
         text = text if isinstance(text, str) else ""
+    text = think_prompt(text, cfg.think)
     ids = tokenizer.encode(text, add_special_tokens=cfg.template != "chat")
     return ids, opens_thinking(text)
 
 
+def thinking(text: str, think_opened: bool) -> str:
+    """The reasoning a completion wrote ("" when it did not think): inside <think>…</think>, to the end when the
+    thought never closed."""
+    if not (think_opened or text.lstrip().startswith(THINK_OPEN)):
+        return ""
+    return chain_of_thought(text, think_opened)
+
+
 def _record(task: Task, problem: Problem, kind: str, index: int, completion, think_opened: bool,
-            grading: str = "strict") -> dict[str, Any]:
-    answer = task.extract(completion.text, think_opened, grading)
+            grading: str = "strict", tokenizer=None) -> dict[str, Any]:
+    reasoning = thinking(completion.text, think_opened)
+    think_tokens = len(tokenizer.encode(reasoning, add_special_tokens=False)) if tokenizer and reasoning else 0
+    answer = task.extract_for(problem, completion.text, think_opened, grading)
     score = task.score(problem, answer)
-    lenient = task.score(problem, task.extract(completion.text, think_opened, "lenient"))
+    lenient = task.score(problem, task.extract_for(problem, completion.text, think_opened, "lenient"))
     form = format_reward(problem, completion.text, task, think_opened=think_opened)
     correct = None if score is None else score >= 1.0
     return {
@@ -136,7 +158,10 @@ def _record(task: Task, problem: Problem, kind: str, index: int, completion, thi
         "gold": problem.answer, "score": score, "correct": correct,
         "correct_lenient": None if lenient is None else lenient >= 1.0,
         "correct_format_gated": None if correct is None else correct and form == 1.0, "format": form,
-        "length": len(completion.token_ids), "finish_reason": completion.finish_reason,
+        "length": len(completion.token_ids), "finish_reason": completion.finish_reason, "think_tokens": think_tokens,
+        # R1's language consistency: the share of the reasoning's words in the prompt's language.
+        "language": language_reward(problem, completion.text, task, language=task.language_of(problem),
+                                    think_opened=think_opened),
     }
 
 
@@ -157,6 +182,8 @@ def summarize(records: list[dict[str, Any]], k: int) -> EvalSummary:
         out.greedy_accuracy_format_gated = _share(greedy, "correct_format_gated")
         out.greedy_format_rate = sum(r["format"] for r in greedy) / len(greedy)
         out.greedy_mean_length = sum(r["length"] for r in greedy) / len(greedy)
+        out.greedy_think_tokens = _mean(greedy, "think_tokens")
+        out.greedy_language = _mean(greedy, "language")
     samples = [g["sample"] for g in kept.values() if g["sample"]]
     if samples:
         flat = [r for s in samples for r in s]
@@ -169,6 +196,8 @@ def summarize(records: list[dict[str, Any]], k: int) -> EvalSummary:
         out.format_rate = sum(r["format"] for r in flat) / len(flat)
         out.mean_length = sum(r["length"] for r in flat) / len(flat)
         out.truncated_rate = sum(r["finish_reason"] == "length" for r in flat) / len(flat)
+        out.think_tokens = _mean(flat, "think_tokens")
+        out.language = _mean(flat, "language")
         # Accuracy against the number of samples j: unbiased pass@j, and cons@j over the first j samples.
         out.curve = {
             "j": list(range(1, k + 1)),
@@ -182,6 +211,12 @@ def summarize(records: list[dict[str, Any]], k: int) -> EvalSummary:
 def _share(records: list[dict], key: str) -> float:
     """The share of records whose `key` is true (records written before that key existed count as false)."""
     return sum(bool(r.get(key)) for r in records) / len(records)
+
+
+def _mean(records: list[dict], key: str) -> float | None:
+    """The mean of `key` over the records that have it (older records lack the newer keys)."""
+    values = [r[key] for r in records if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _cons_correct(samples: list[dict]) -> bool:
@@ -213,7 +248,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, out_dir: str | Path | None = Non
             outs = engine.generate([prompts[s + i][0] for i in range(len(chunk))], params)
             for i, (problem, comps) in enumerate(zip(chunk, outs)):
                 for j, c in enumerate(comps):
-                    records.append(_record(task, problem, kind, j, c, prompts[s + i][1], cfg.grading))
+                    records.append(_record(task, problem, kind, j, c, prompts[s + i][1], cfg.grading, tokenizer))
             bar.update(len(chunk) * params.n)
             done = [r for r in records if r["kind"] == kind and r["correct"] is not None]
             if done:

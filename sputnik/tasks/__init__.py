@@ -3,6 +3,7 @@
     get_task("arithmetic")                     2-digit addition, the R1-Zero demo task
     get_task("arithmetic:digits=3,ops=+-*")    options after ':' as key=value, comma separated
     get_task("arithmetic:digits=4,test_digits=6") train on 4-digit problems, hold out 6-digit ones
+    get_task("arithmetic:digits=1-4,test_digits=5-6,ops=+-") digit ranges: each operand's size drawn from it
     get_task("countdown")                      TinyZero's countdown
     get_task("math") / get_task("math:f.jsonl") math-verify on our sample or your file (GSM8K or MATH rows)
     get_task("math:train=a.jsonl,test=b.jsonl") separate files per split
@@ -10,6 +11,7 @@
     get_task("jsonl:mine.jsonl,verifier=number") your own {"prompt", "answer", "verifier"?} rows, the whole file
                                                (test_frac=0.2: a hash-chosen fifth held out as test)
     get_task("korean-arithmetic")              arithmetic word problems in Korean
+    get_task("arithmetic + korean-arithmetic") a mix: each task's problems in turn, each graded by its own task
 
 A bare value after ':' (no '=') is the file of math/jsonl or the dataset of gym. Paths may not contain commas.
 """
@@ -27,6 +29,7 @@ from sputnik.tasks.files import FileTask, TaskDataError
 from sputnik.tasks.gym import GymTask
 from sputnik.tasks.jsonl import JsonlTask
 from sputnik.tasks.maths import MathTask, math_equal
+from sputnik.tasks.mix import MixTask
 
 # name -> (class, what a bare value after ':' sets)
 _REGISTRY: dict[str, tuple[type[Task], str | None]] = {
@@ -62,7 +65,8 @@ def _coerce(text: str, kind: str) -> Any:
             raise ValueError(f"expected true/false, got {text!r}")
         return text.lower() in ("1", "true", "yes")
     if kind.startswith("int"):
-        return int(text)
+        # "int | str" (a count or a range like 1-4): the task parses the text itself.
+        return int(text) if "str" not in kind or text.strip().lstrip("-").isdigit() else text
     if kind.startswith("float"):
         return float(text)
     return text
@@ -79,7 +83,10 @@ def _literal(text: str) -> Any:
 
 
 def get_task(spec: str) -> Task:
-    """The task a spec names (see the module docstring)."""
+    """The task a spec names (see the module docstring); specs joined by " + " make a mix of those tasks."""
+    if " + " in spec:
+        specs = [part.strip() for part in spec.split(" + ")]
+        return MixTask([get_task(part) for part in specs], specs)
     name, value, options = parse_spec(spec)
     if name not in _REGISTRY:
         raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
@@ -111,7 +118,7 @@ def get_task(spec: str) -> Task:
 
 __all__ = [
     "TASKS", "TEMPLATES", "R1_ZERO_TEMPLATE", "Problem", "Task", "GeneratedTask", "FileTask", "TaskDataError",
-    "ArithmeticTask", "KoreanArithmeticTask", "CountdownTask", "MathTask", "GymTask", "JsonlTask",
+    "ArithmeticTask", "KoreanArithmeticTask", "MixTask", "CountdownTask", "MathTask", "GymTask", "JsonlTask",
     "get_task", "parse_spec", "extract_answer", "last_answer_tag", "last_boxed", "last_number", "parse_integer",
     "math_equal", "split_of",
 ]

@@ -1,4 +1,5 @@
-"""Integer arithmetic: the R1-Zero demo task (2-digit addition by default) and Korean word problems."""
+"""Integer arithmetic: the R1-Zero demo task (2-digit addition by default), digit counts and ranges as the
+difficulty knob, and Korean word problems."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 from dataclasses import dataclass, replace
 
 from sputnik.tasks.base import BOXED_SUFFIX, GeneratedTask, Problem, check_split
+from sputnik.tasks.traces import arithmetic_trace
 
 OPS = "+-*"
 MAX_ANSWER_CHARS = 200  # longer "answers" are rambling, not a number; also keeps int() far from huge inputs
@@ -34,9 +36,26 @@ def _apply(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
-def _operands(rng: random.Random, digits: int, op: str) -> tuple[int, int]:
-    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
-    a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+def parse_digits(value: int | str, name: str = "digits") -> tuple[int, int]:
+    """A digit count or range: 3 -> (3, 3), "1-4" -> (1, 4); each in 1..18."""
+    text = str(value).strip()
+    lo, sep, hi = text.partition("-")
+    try:
+        bounds = (int(lo), int(hi) if sep else int(lo))
+    except ValueError:
+        raise ValueError(f"{name} must be a count like 3 or a range like 1-4, got {value!r}") from None
+    if not 1 <= bounds[0] <= bounds[1] <= 18:
+        raise ValueError(f"{name} must lie in 1..18 with low <= high, got {value!r}")
+    return bounds
+
+
+def _operands(rng: random.Random, digits: tuple[int, int], op: str) -> tuple[int, int]:
+    """Two operands, each with a digit count drawn from the range on its own."""
+    def draw() -> int:
+        d = rng.randint(*digits)
+        return rng.randint(10 ** (d - 1) if d > 1 else 0, 10 ** d - 1)
+
+    a, b = draw(), draw()
     if op == "-" and a < b:
         a, b = b, a  # keep differences non-negative
     return a, b
@@ -51,40 +70,44 @@ def _operand_key(a: int, op: str, b: int) -> str:
 
 @dataclass(repr=False)
 class ArithmeticTask(GeneratedTask):
-    """What is a op b? with `digits`-digit operands and ops drawn from `ops` (a subset of "+-*").
+    """What is a op b? with operands of `digits` digits (a count, 3, or a range, "1-4") and ops drawn from `ops`
+    (a subset of "+-*").
 
-    With `test_digits`, the test split asks `test_digits`-digit problems and train keeps `digits`: held-out problems
-    harder than training (length generalisation), disjoint by construction."""
+    With `test_digits`, the test split asks problems of that size while train keeps `digits`: held-out problems
+    harder than training (length generalisation). Splits stay disjoint: sizes that do not overlap cannot share a
+    problem, and where they overlap the hash partition keeps them apart."""
 
-    digits: int = 2
+    digits: int | str = 2
     ops: str = "+"
-    test_digits: int | None = None
+    test_digits: int | str | None = None
     name = "arithmetic"
     chat_suffix = BOXED_SUFFIX
 
     def __post_init__(self) -> None:
-        if self.digits < 1 or self.digits > 18:
-            raise ValueError(f"{self.name}: digits must be in 1..18, got {self.digits}")
+        self._train = parse_digits(self.digits, f"{self.name}: digits")
+        self._test = self._train if self.test_digits is None else parse_digits(self.test_digits,
+                                                                              f"{self.name}: test_digits")
         if not self.ops or any(op not in OPS for op in self.ops):
             raise ValueError(f"{self.name}: ops must be characters of {OPS!r}, got {self.ops!r}")
-        if self.test_digits is not None and not 1 <= self.test_digits <= 18:
-            raise ValueError(f"{self.name}: test_digits must be in 1..18, got {self.test_digits}")
+        self._range = self._train
 
     def problems(self, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
-        if self.test_digits is None or self.test_digits == self.digits:
-            return super().problems(split, n, seed)
         check_split(split)
-        # Each split has digit counts of its own, so each takes every problem of its size (no hash partition).
-        own = replace(self, digits=self.test_digits if split == "test" else self.digits, test_digits=None)
-        own.test_frac = 1.0 if split == "test" else 0.0
-        return own.problems(split, n, seed)
+        if self._test == self._train:
+            return super().problems(split, n, seed)
+        own = replace(self)
+        own._range = self._test if split == "test" else self._train
+        if self._test[0] > self._train[1] or self._test[1] < self._train[0]:
+            # Sizes apart: every problem of a split's size is its own (no hash partition).
+            own.test_frac = 1.0 if split == "test" else 0.0
+        return GeneratedTask.problems(own, split, n, seed)
 
     def question(self, rng: random.Random, a: int, op: str, b: int) -> str:
         return f"What is {a} {op} {b}?"
 
     def sample(self, rng: random.Random) -> Problem:
         op = rng.choice(self.ops)
-        a, b = _operands(rng, self.digits, op)
+        a, b = _operands(rng, self._range, op)
         key = _operand_key(a, op, b)
         return Problem(id=f"{self.name}/{key}", prompt=self.question(rng, a, op, b), answer=str(_apply(a, op, b)),
                        meta={"a": a, "b": b, "op": op, "key": key})
@@ -95,6 +118,11 @@ class ArithmeticTask(GeneratedTask):
     def score(self, problem: Problem, answer: str | None) -> float | None:
         value = parse_integer(answer)
         return float(value is not None and value == int(problem.answer))
+
+    def trace(self, problem: Problem) -> tuple[str, str]:
+        """(reasoning, answer): the worked solution in the prompts' language (tasks.traces)."""
+        m = problem.meta
+        return arithmetic_trace(m["a"], m["op"], m["b"], self.language)
 
 
 # Word problems by operator: {a} and {b} are the operands; counters (개, 명, 권…) fix the particles after numbers.
@@ -124,6 +152,7 @@ class KoreanArithmeticTask(ArithmeticTask):
 
     name = "korean-arithmetic"
     chat_suffix = KOREAN_BOXED_SUFFIX
+    language = "ko"
 
     def question(self, rng: random.Random, a: int, op: str, b: int) -> str:
         return rng.choice(KOREAN_TEMPLATES[op]).format(a=a, b=b)

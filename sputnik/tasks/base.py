@@ -143,6 +143,7 @@ class Task:
     name: str = "task"
     extract_order: tuple[str, ...] = EXTRACTORS
     chat_suffix: str = BOXED_SUFFIX  # appended to the prompt in the chat template unless `suffix` is given
+    language: str = "en"  # the prompts' language, which the reasoning should keep (rewards.SCRIPTS)
 
     def problems(self, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
         """`n` problems of `split`, the same for the same seed; train and test never share a problem."""
@@ -179,6 +180,15 @@ class Task:
         part = graded_part(completion, think_opened, grading)
         return None if part is None else extract_answer(part, self.extract_order, after_think=False)
 
+    def extract_for(self, problem: Problem, completion: str, think_opened: bool = False,
+                    grading: str = "strict") -> str | None:
+        """extract, by the rules of the task `problem` came from (a mix holds several)."""
+        return self.extract(completion, think_opened, grading)
+
+    def language_of(self, problem: Problem) -> str:
+        """The language of `problem`'s prompt (a mix holds several)."""
+        return self.language
+
     def score(self, problem: Problem, answer: str | None) -> float | None:
         """Score an already extracted answer in [0, 1]; None when the gold answer cannot be used."""
         raise NotImplementedError
@@ -195,6 +205,10 @@ class Task:
         reasoning-gym credit) are not solved."""
         score = self.verify(problem, completion, think_opened, grading)
         return None if score is None else score >= 1.0
+
+    def trace(self, problem: Problem) -> tuple[str, str]:
+        """A worked solution, (reasoning, answer), for cold-start SFT; tasks without a programmatic one raise."""
+        raise NotImplementedError(f"{self.name} has no programmatic traces; use teacher traces (sputnik distill)")
 
     def __repr__(self) -> str:
         options = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)] \

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from sputnik.engine import Engine, SamplingParams
-from sputnik.eval.run import EvalConfig, evaluate, prompt_ids
-from sputnik.r1 import GRADINGS
+from sputnik.eval.run import EvalConfig, evaluate, prompt_ids, thinking
+from sputnik.r1 import GRADINGS, THINK_MODES, answer_part
 from sputnik.rewards import combine
 from sputnik.seeds import mix
 from sputnik.settings import option
@@ -36,6 +36,9 @@ class GRPOConfig:
     template: str = option("chat", "how a problem becomes a prompt", choices=list(TEMPLATES))
     system: str | None = option(None, "system message of the chat template")
     suffix: str | None = option(None, "text after the problem (default: the task's format instruction)")
+    think: str = option("auto", "the prompt's reasoning: auto (as the template renders it), open (rollouts start inside "
+                                "<think>), closed (an empty thought: train to answer directly, the control run)",
+                        choices=list(THINK_MODES))
     prompts_per_step: int = option(4, "prompts per step, per rank")
     num_generations: int = option(8, "completions per prompt (the group size G)")
     max_completion_length: int = option(128, "tokens per completion")
@@ -79,6 +82,8 @@ class Rollout:
     reward: float  # a skipped row holds the mean of its group's other rewards, leaving the group's mean as it is
     parts: dict[str, float | None]  # each reward function's value
     truncated: bool  # the completion hit max_completion_length
+    think_tokens: int = 0  # tokens of reasoning (0: the completion did not think)
+    closed: bool = False  # the completion closed a thought (wrote </think>): an answer can follow
     skip: bool = False  # an unverifiable gold answer: no gradient, no effect on the group
 
 
@@ -149,7 +154,7 @@ class GRPOObjective(RankAware):
     def _eval_cfg(self, n: int = 0) -> EvalConfig:
         c = self.cfg
         return EvalConfig(task=c.task, n=n, k=0, template=c.template, system=c.system, suffix=c.suffix,
-                          max_tokens=c.max_completion_length, seed=self.seed, grading=c.grading)
+                          max_tokens=c.max_completion_length, seed=self.seed, grading=c.grading, think=c.think)
 
     # ------------------------------------------------------------------ state for exact resume
     def state_dict(self) -> dict:
@@ -193,14 +198,22 @@ class GRPOObjective(RankAware):
         groups = []
         for i, comps in zip(idx, outs):
             problem, (ids, think_opened) = self.problems[i], self.prompts[i]
-            scored = [self.reward(problem, comp.text, self.task, length=len(comp.token_ids), think_opened=think_opened)
-                      for comp in comps]
+            # Language consistency is judged in the prompt's own language unless the options name one.
+            language = self.cfg.reward_options.get("language") or self.task.language_of(problem)
+            scored = [self.reward(problem, comp.text, self.task, length=len(comp.token_ids), think_opened=think_opened,
+                                  language=language) for comp in comps]
             valid = [total for total, _ in scored if total is not None]
             fill = sum(valid) / len(valid) if valid else 0.0
             groups.append([Rollout(ids, comp.token_ids, fill if total is None else total, parts,
-                                   truncated=comp.finish_reason == "length", skip=total is None)
+                                   truncated=comp.finish_reason == "length", skip=total is None,
+                                   think_tokens=self._think_tokens(comp.text, think_opened),
+                                   closed=answer_part(comp.text) is not None)
                            for comp, (total, parts) in zip(comps, scored)])
         return groups
+
+    def _think_tokens(self, text: str, think_opened: bool) -> int:
+        reasoning = thinking(text, think_opened)
+        return len(self.tok.encode(reasoning, add_special_tokens=False)) if reasoning else 0
 
     def _groups(self, model, step: int) -> tuple[list[list[Rollout]], list[Rollout], int]:
         """The step's groups (with dynamic sampling: those whose rewards differ, refilled up to max_refills times),
@@ -297,6 +310,8 @@ class GRPOObjective(RankAware):
             "reward_std": everything.std().item() if everything.numel() > 1 else 0.0,
             "accuracy": sum(acc) / len(acc) if acc else 0.0,
             "completion_length": lengths.float().mean().item(),
+            "think_tokens": sum(r.think_tokens for r in rows) / len(rows),
+            "closed_thoughts": sum(r.closed for r in rows) / len(rows),
             "truncated": truncated.float().mean().item(),
             "zero_std_groups": zero_std_fraction(local, c.num_generations),
             "refills": float(refills),
@@ -328,7 +343,8 @@ class GRPOObjective(RankAware):
     def evaluate(self, step: int, model, n: int | None = None) -> dict[str, float]:
         s = evaluate(model, self.tok, self._eval_cfg(n or self.cfg.eval_n), progress=False)
         return {"accuracy": s.greedy_accuracy or 0.0, "format_rate": s.greedy_format_rate or 0.0,
-                "completion_length": s.greedy_mean_length or 0.0}
+                "completion_length": s.greedy_mean_length or 0.0, "think_tokens": s.greedy_think_tokens or 0.0,
+                "accuracy_lenient": s.greedy_accuracy_lenient or 0.0, "language": s.greedy_language or 0.0}
 
 
 def _logged_eval(metrics: "Path", step: int) -> dict[str, float]:

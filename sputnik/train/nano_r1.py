@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sputnik.r1 import THINK_OPEN, close_thinking
 from sputnik.settings import option
 from sputnik.tasks import Task, get_task
 from sputnik.tasks.base import Problem
@@ -30,7 +31,8 @@ class NanoR1Config:
     """Sizes and steps of each stage (the defaults are the run docs/nano-r1.json records, its minutes included)."""
 
     out_dir: str = option("runs/nano-r1", "folder for every stage's output and summary.json")
-    task: str = option("arithmetic", "the task (2-digit addition: the R1-Zero demo task)")
+    task: str = option("arithmetic:digits=1-4,test_digits=4", "the task: operands of 1-4 digits to train on, held-out "
+                       "problems of 4-digit operands, the hardest size (any arithmetic spec works)")
     seed: int = option(0, "random seed")
     corpus_problems: int = option(3000, "train-split problems written as pretraining text (three documents each)")
     vocab_size: int = option(512, "tokenizer vocabulary")
@@ -44,42 +46,22 @@ class NanoR1Config:
     sft_lr: float = option(1e-3, "SFT learning rate")
     grpo_steps: int = option(100, "GRPO steps")
     grpo_lr: float = option(2e-4, "GRPO learning rate")
+    max_completion_length: int = option(160, "tokens per GRPO rollout and per evaluated completion")
     eval_n: int = option(200, "held-out problems per evaluation")
     eval_k: int = option(4, "samples per problem for pass@1 and cons@k")
+    report: str | None = option(None, "a JSON file whose nano-r1 entry gets the figures, e.g. docs/reasoning.json")
+    direct: bool = option(True, "also run the direct-answer control from the same pretrained model: SFT on bare "
+                                "answers, GRPO with the thinking closed in the prompt, the same steps")
 
 
-PLACES = ("ones", "tens", "hundreds", "thousands", "ten-thousands")
-
-
-def trace(p: Problem) -> tuple[str, str]:
-    """(reasoning, answer) for a + b: restate the sum, then add column by column from the ones, carries said out
-    loud. Restating first puts every digit the columns need right above them."""
-    a, b = p.meta["a"], p.meta["b"]
-    da, db = str(a)[::-1], str(b)[::-1]
-    steps, carry, digits = [f"{a} + {b}."], 0, []
-    for i in range(max(len(da), len(db))):
-        x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
-        s = x + y + carry
-        steps.append(f"{PLACES[i].capitalize()}: {x} + {y}" + (f" + {carry}" if carry else "") + f" = {s}, write "
-                     f"{s % 10}" + (", carry 1." if s >= 10 else "."))
-        digits.append(str(s % 10))
-        carry = s // 10
-    if carry:
-        steps.append("Write the carry 1.")
-        digits.append("1")
-    total = "".join(reversed(digits))
-    return "\n".join(steps) + f"\nSo {a} + {b} = {total}.", f"\\boxed{{{total}}}"
-
-
-def corpus(problems: list[Problem], rng: random.Random) -> list[str]:
-    """Pretraining documents: each train-split problem as a question with its sum, its worked columns, and a bare
-    equation (held-out problems never appear)."""
+def corpus(task: Task, problems: list[Problem], rng: random.Random) -> list[str]:
+    """Pretraining documents: each train-split problem as a question with its result, its worked solution
+    (tasks.traces), and a bare equation (held-out problems never appear)."""
     docs = []
     for p in problems:
-        reasoning, answer = trace(p)
-        docs += [f"{p.prompt} {p.meta['a']} + {p.meta['b']} = {p.answer}.",
-                 f"{p.prompt}\n{reasoning}\nThe answer is {answer}.",
-                 f"{p.meta['a']} + {p.meta['b']} = {p.answer}"]
+        reasoning, answer = task.trace(p)
+        equation = f"{p.meta['a']} {p.meta['op']} {p.meta['b']} = {p.answer}"
+        docs += [f"{p.prompt} {equation}.", f"{p.prompt}\n{reasoning}\nThe answer is {answer}.", equation]
     rng.shuffle(docs)
     return docs
 
@@ -90,6 +72,8 @@ class NanoR1Summary:
 
     sft: dict[str, float]  # held-out figures of the SFT checkpoint (pass@1, pass@k, cons@k, greedy accuracy, ...)
     grpo: dict[str, float]  # the same for the GRPO checkpoint
+    closed: dict[str, float]  # the GRPO checkpoint with its thinking closed in the prompt (empty: not run)
+    direct: dict[str, float]  # the direct-answer control after its GRPO (empty: not run)
     minutes: float
     stage_minutes: dict[str, float]
     task: str
@@ -103,7 +87,8 @@ class NanoR1Summary:
         return asdict(self)
 
     def figure(self) -> dict[str, Any]:
-        return {"sft": self.sft, "grpo": self.grpo, "minutes": self.minutes, "task": self.task,
+        return {"sft": self.sft, "grpo": self.grpo, "closed": self.closed, "direct": self.direct,
+                "minutes": self.minutes, "task": self.task,
                 "eval_problems": self.config["eval_n"], "k": self.config["eval_k"]}
 
 
@@ -143,52 +128,65 @@ def pretrain_stage(cfg: NanoR1Config, tok, docs: list[str], out: Path) -> dict[s
                                       seed=cfg.seed, plot_every=50), tokenizer=tok)
 
 
-def sft_stage(cfg: NanoR1Config, task: Task, problems: list[Problem], pretrained: str, out: Path) -> Path:
-    """Cold-start SFT of the pretrained model on programmatic <think> traces; returns the last checkpoint."""
+def sft_stage(cfg: NanoR1Config, task: Task, problems: list[Problem], pretrained: str, out: Path,
+              direct: bool = False) -> Path:
+    """Cold-start SFT of the pretrained model on programmatic <think> traces (direct: on bare answers after an
+    empty thought, as a closed-thinking prompt asks for them); returns the last checkpoint."""
     from sputnik.checkpoint import load_pretrained
     from sputnik.train.loop import TrainConfig
     from sputnik.train.sft import SFTConfig, train_sft
 
     rows = []
     for p in problems[: cfg.sft_problems]:
-        reasoning, answer = trace(p)
+        reasoning, answer = task.trace(p)
+        reply = ({"content": close_thinking(THINK_OPEN) + answer} if direct else
+                 {"content": answer, "reasoning_content": reasoning})
         rows.append({"messages": [{"role": "user", "content": p.prompt + task.chat_suffix},
-                                  {"role": "assistant", "content": answer, "reasoning_content": reasoning}]})
-    data = out / "sft.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                                  {"role": "assistant", **reply}]})
+    name = "sft-direct" if direct else "sft"
+    data = out / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     model, tok = load_pretrained(pretrained)
     train_sft(model, tok, SFTConfig(data=str(data), seq_len=256, batch_size=16, micro_batch=16, seed=cfg.seed),
-              TrainConfig(out_dir=str(out / "sft"), max_steps=cfg.sft_steps, lr=cfg.sft_lr, warmup_steps=5,
+              TrainConfig(out_dir=str(out / name), max_steps=cfg.sft_steps, lr=cfg.sft_lr, warmup_steps=5,
                           seed=cfg.seed, plot_every=20))
-    return out / "sft" / "checkpoints" / f"step_{cfg.sft_steps:06d}"
+    return out / name / "checkpoints" / f"step_{cfg.sft_steps:06d}"
 
 
-def grpo_stage(cfg: NanoR1Config, sft_ckpt: Path, out: Path) -> tuple[GRPOSummary, Path]:
-    """GRPO from the SFT checkpoint on the task's verifiable reward; returns its summary and last checkpoint."""
+def grpo_stage(cfg: NanoR1Config, sft_ckpt: Path, out: Path, think: str = "auto") -> tuple[GRPOSummary, Path]:
+    """GRPO from the SFT checkpoint on format + accuracy (strict grading), or, with think="closed", on accuracy
+    alone with the thinking closed in every prompt (the direct-answer control); returns its summary and last
+    checkpoint."""
     from sputnik.train.grpo import GRPOConfig, train_grpo
     from sputnik.train.loop import TrainConfig
 
-    grpo = train_grpo(str(sft_ckpt), GRPOConfig(task=cfg.task, template="chat", prompts_per_step=8,
-                                                 num_generations=8, max_completion_length=96, temperature=1.0,
-                                                 loss_type="dapo", epsilon_high=0.28,
-                                                 rewards={"accuracy": 1.0, "format": 0.1}, micro_batch_size=32,
-                                                 eval_every=0, eval_n=0),
-                      TrainConfig(out_dir=str(out / "grpo"), max_steps=cfg.grpo_steps, lr=cfg.grpo_lr,
+    name = "grpo-direct" if think == "closed" else "grpo"
+    rewards = {"accuracy": 1.0} if think == "closed" else {"accuracy": 1.0, "format": 0.1}
+    grpo = train_grpo(str(sft_ckpt), GRPOConfig(task=cfg.task, template="chat", think=think, prompts_per_step=8,
+                                                 num_generations=8, max_completion_length=cfg.max_completion_length,
+                                                 temperature=1.0, loss_type="dapo", epsilon_high=0.28,
+                                                 rewards=rewards, micro_batch_size=32, eval_every=0, eval_n=0),
+                      TrainConfig(out_dir=str(out / name), max_steps=cfg.grpo_steps, lr=cfg.grpo_lr,
                                   warmup_steps=3, seed=cfg.seed, plot_every=10))
-    return grpo, out / "grpo" / "checkpoints" / f"step_{cfg.grpo_steps:06d}"
+    return grpo, out / name / "checkpoints" / f"step_{cfg.grpo_steps:06d}"
 
 
-def eval_stage(cfg: NanoR1Config, ckpt: Path, out: Path) -> dict[str, float]:
-    """pass@1 (mean over k samples at R1's T 0.6), pass@k, cons@k, greedy accuracy, format and length of a
-    checkpoint on the held-out problems; the full report goes to out."""
+FIGURES = ("pass@1", "greedy_accuracy", "greedy_accuracy_lenient", "greedy_format_rate", "format_rate", "mean_length",
+           "think_tokens", "greedy_think_tokens")
+
+
+def eval_stage(cfg: NanoR1Config, ckpt: Path, out: Path, think: str = "auto") -> dict[str, float]:
+    """pass@1 (mean over k samples at R1's T 0.6), pass@k, cons@k, greedy accuracy (strict grading), format, length
+    and thinking tokens of a checkpoint on the held-out problems; the full report goes to out."""
     from sputnik.checkpoint import load_pretrained
     from sputnik.eval.run import EvalConfig, evaluate
 
-    ev = EvalConfig(task=cfg.task, n=cfg.eval_n, k=cfg.eval_k, max_tokens=128, seed=cfg.seed)
+    ev = EvalConfig(task=cfg.task, n=cfg.eval_n, k=cfg.eval_k, max_tokens=cfg.max_completion_length, seed=cfg.seed,
+                    think=think)
     model, tok = load_pretrained(ckpt)
     s = evaluate(model, tok, ev, out_dir=out, progress=False).to_json()
-    return {k: s[k] for k in ("pass@1", f"pass@{cfg.eval_k}", f"cons@{cfg.eval_k}", "greedy_accuracy",
-                              "format_rate", "mean_length") if k in s}
+    keys = (*FIGURES, f"pass@{cfg.eval_k}", f"cons@{cfg.eval_k}")
+    return {k: s[k] for k in keys if s.get(k) is not None}
 
 
 def run(cfg: NanoR1Config) -> NanoR1Summary:
@@ -209,7 +207,7 @@ def run(cfg: NanoR1Config) -> NanoR1Summary:
     minutes: dict[str, float] = {}
     with lap("tokenizer", minutes):
         train_problems = task.problems("train", cfg.corpus_problems, seed=cfg.seed)
-        docs = corpus(train_problems, rng)
+        docs = corpus(task, train_problems, rng)
         tok = tokenizer_stage(cfg, task, train_problems, docs, out)
     with lap("pretrain", minutes):
         pre = pretrain_stage(cfg, tok, docs, out)
@@ -217,18 +215,30 @@ def run(cfg: NanoR1Config) -> NanoR1Summary:
         sft_ckpt = sft_stage(cfg, task, train_problems, pre["checkpoint"], out)
     with lap("grpo", minutes):
         grpo, grpo_ckpt = grpo_stage(cfg, sft_ckpt, out)
-    with lap("eval", minutes):  # the same held-out problems for both
-        results = {name: eval_stage(cfg, ckpt, out / f"eval-{name}")
-                   for name, ckpt in (("sft", sft_ckpt), ("grpo", grpo_ckpt))}
-    for stage in ("pretrain", "sft", "grpo"):
+    runs = [("sft", sft_ckpt, "auto"), ("grpo", grpo_ckpt, "auto"), ("closed", grpo_ckpt, "closed")]
+    if cfg.direct:
+        with lap("direct", minutes):  # the control: the same pretrained model and budget, answering directly
+            direct_sft = sft_stage(cfg, task, train_problems, pre["checkpoint"], out, direct=True)
+            _, direct_ckpt = grpo_stage(cfg, direct_sft, out, think="closed")
+        runs.append(("direct", direct_ckpt, "closed"))
+    with lap("eval", minutes):  # the same held-out problems for every checkpoint
+        results = {name: eval_stage(cfg, ckpt, out / f"eval-{name}", think) for name, ckpt, think in runs}
+    for stage in ("pretrain", "sft", "grpo", "sft-direct", "grpo-direct"):
         if (out / stage / "metrics.jsonl").exists():
             plot_metrics(out / stage / "metrics.jsonl", out / f"{stage}.png")
-    summary = NanoR1Summary(sft=results["sft"], grpo=results["grpo"],
+    summary = NanoR1Summary(sft=results["sft"], grpo=results["grpo"], closed=results["closed"],
+                            direct=results.get("direct", {}),
                             minutes=round((time.perf_counter() - start) / 60, 2), stage_minutes=minutes,
                             task=cfg.task, params=pre["params"], active_params=pre["active_params"],
                             pretrain_mfu=pre["mfu"], grpo_reward=grpo.after, config=asdict(cfg))
     (out / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
     (out / "nano-r1.json").write_text(json.dumps(summary.figure(), indent=2) + "\n")
+    if cfg.report:
+        from sputnik.train.reasoning import merge_report, nano_entry
+
+        merge_report(Path(cfg.report), "nano-r1", nano_entry(summary))
     print(f"[nano-r1] pass@1 on {cfg.eval_n} held-out problems: SFT {summary.sft.get('pass@1', 0):.3f} -> "
-          f"GRPO {summary.grpo.get('pass@1', 0):.3f} in {summary.minutes:.1f} min; {out}/summary.json")
+          f"GRPO {summary.grpo.get('pass@1', 0):.3f} (thinking closed {summary.closed.get('pass@1', 0):.3f}, "
+          f"direct-answer GRPO {summary.direct.get('pass@1', 0):.3f}) in {summary.minutes:.1f} min; "
+          f"{out}/summary.json")
     return summary

@@ -1,0 +1,96 @@
+"""Worked solutions for arithmetic, in English and Korean: the programmatic reasoning of R1's cold start.
+
+A trace restates the problem, then works column by column from the ones (carries and borrows said out loud) or
+digit by digit of the multiplier, and ends on the result; the answer is the result in \\boxed{}. Each step only
+needs digits written just above it, which is what makes thinking pay for a small model: the direct answer needs
+every digit at once.
+"""
+
+from __future__ import annotations
+
+PLACES = {
+    "en": ("Ones", "Tens", "Hundreds", "Thousands", "Ten-thousands", "Hundred-thousands", "Millions",
+           "Ten-millions", "Hundred-millions"),
+    "ko": ("일의 자리", "십의 자리", "백의 자리", "천의 자리", "만의 자리", "십만의 자리", "백만의 자리",
+           "천만의 자리", "억의 자리"),
+}
+# The phrases of a trace, per language.
+WORDS = {
+    "en": {"write": "write {d}", "carry": "carry 1", "last_carry": "Write the carry 1.", "borrow": "borrow 1",
+           "so": "So {a} {op} {b} = {r}.", "times": "{a} × {d} = {p}", "shift": "× {t} = {p}",
+           "sum": "Add the partial products: {terms} = {r}."},
+    "ko": {"write": "{d} 적기", "carry": "1 올림", "last_carry": "올린 1 적기.", "borrow": "1 빌림",
+           "so": "따라서 {a} {op} {b} = {r}.", "times": "{a} × {d} = {p}", "shift": "× {t} = {p}",
+           "sum": "부분 곱을 더하면 {terms} = {r}."},
+}
+
+
+def _place(i: int, language: str) -> str:
+    names = PLACES[language]
+    return names[i] if i < len(names) else f"10^{i}"
+
+
+def _digits(n: int, width: int) -> list[int]:
+    """The digits of n from the ones, padded with zeros to `width`."""
+    return [int(c) for c in str(n)[::-1].ljust(width, "0")]
+
+
+def add_steps(a: int, b: int, language: str = "en") -> list[str]:
+    w = WORDS[language]
+    width = max(len(str(a)), len(str(b)))
+    steps, carry = [], 0
+    for i, (x, y) in enumerate(zip(_digits(a, width), _digits(b, width))):
+        s = x + y + carry
+        step = f"{_place(i, language)}: {x} + {y}" + (f" + {carry}" if carry else "") + f" = {s}, "
+        step += w["write"].format(d=s % 10) + (", " + w["carry"] if s >= 10 else "") + "."
+        steps.append(step)
+        carry = s // 10
+    if carry:
+        steps.append(w["last_carry"])
+    return steps
+
+
+def sub_steps(a: int, b: int, language: str = "en") -> list[str]:
+    """Column subtraction of b from a (a >= b), borrowing from the next column."""
+    w = WORDS[language]
+    width = len(str(a))
+    steps, borrow = [], 0
+    for i, (x, y) in enumerate(zip(_digits(a, width), _digits(b, width))):
+        s = x - y - borrow
+        step = f"{_place(i, language)}: {x} - {y}" + (f" - {borrow}" if borrow else "") + f" = {s}"
+        if s < 0:
+            s += 10
+            step += f", {w['borrow']}: {s}"
+        steps.append(step + ", " + w["write"].format(d=s) + ".")
+        borrow = int(x - y - borrow < 0)
+    return steps
+
+
+def mul_steps(a: int, b: int, language: str = "en") -> list[str]:
+    """Long multiplication: a times each digit of b from the ones, each partial product shifted, then their sum."""
+    w = WORDS[language]
+    steps, partials = [], []
+    for i, d in enumerate(_digits(b, len(str(b)))):
+        p = a * d
+        step = w["times"].format(a=a, d=d, p=p)
+        if i:
+            step += ", " + w["shift"].format(t=10**i, p=p * 10**i)
+        steps.append(step + ".")
+        partials.append(p * 10**i)
+    if len(partials) > 1:
+        steps.append(w["sum"].format(terms=" + ".join(map(str, partials)), r=sum(partials)))
+    return steps
+
+
+STEPS = {"+": add_steps, "-": sub_steps, "*": mul_steps}
+
+
+def arithmetic_trace(a: int, op: str, b: int, language: str = "en") -> tuple[str, str]:
+    """(reasoning, answer) for a op b: the problem restated, its steps, the result; the answer in \\boxed{}."""
+    if language not in PLACES:
+        raise ValueError(f"traces are written in {tuple(PLACES)}, not {language!r}")
+    result = a + b if op == "+" else a - b if op == "-" else a * b
+    shown = "×" if op == "*" else op
+    so = WORDS[language]["so"].format(a=a, op=shown, b=b, r=result)
+    lines = [f"{a} {shown} {b}.", *STEPS[op](a, b, language), so]
+    return "\n".join(lines), f"\\boxed{{{result}}}"

@@ -1,0 +1,200 @@
+"""Tasks where thinking pays: digit ranges, held-out harder problems, worked traces, opened and closed thinking."""
+
+import pytest
+
+from sputnik.eval.run import EvalConfig, prompt_ids, thinking
+from sputnik.r1 import THINK_CLOSE, THINK_OPEN, graded_part, open_thinking, think_prompt
+from sputnik.tasks import get_task
+from sputnik.tasks.arithmetic import parse_digits
+from sputnik.tasks.traces import arithmetic_trace
+
+
+def test_digit_ranges_parse_and_bound():
+    assert parse_digits(3) == (3, 3) and parse_digits("1-4") == (1, 4) and parse_digits(" 5-6 ") == (5, 6)
+    for bad in ("0", "4-2", "1-19", "x", "1-"):
+        with pytest.raises(ValueError, match="digits"):
+            parse_digits(bad)
+    with pytest.raises(ValueError, match="test_digits"):
+        get_task("arithmetic:digits=1-4,test_digits=9-3")
+
+
+def test_ranges_give_every_size_and_harder_disjoint_test_problems():
+    task = get_task("arithmetic:digits=1-4,test_digits=5-6,ops=+-*")
+    train, test = task.problems("train", 400), task.problems("test", 100)
+    train_sizes = {len(str(p.meta[k])) for p in train for k in "ab"}
+    test_sizes = {len(str(p.meta[k])) for p in test for k in "ab"}
+    assert train_sizes == {1, 2, 3, 4} and test_sizes == {5, 6}
+    assert {p.meta["op"] for p in train} == set("+-*")
+    assert all(int(p.answer) >= 0 for p in train + test)
+
+
+def test_overlapping_ranges_stay_disjoint():
+    task = get_task("arithmetic:digits=1-4,test_digits=4")
+    train, test = task.problems("train", 2000), task.problems("test", 200)
+    assert {len(str(p.meta[k])) for p in test for k in "ab"} == {4}
+    assert not {p.meta["key"] for p in train} & {p.meta["key"] for p in test}
+    assert any(len(str(p.meta["a"])) == 4 for p in train)  # the hardest size is trained on too
+
+
+@pytest.mark.parametrize("op", ["+", "-", "*"])
+@pytest.mark.parametrize("language", ["en", "ko"])
+def test_traces_reach_the_answer(op, language):
+    task = get_task(("korean-arithmetic" if language == "ko" else "arithmetic") + f":digits=1-5,ops={op}")
+    for p in task.problems("train", 60):
+        reasoning, answer = task.trace(p)
+        assert answer == f"\\boxed{{{p.answer}}}"
+        assert reasoning.endswith(f"= {p.answer}.")
+        # The trace's own result is graded right, and so is the answer after it.
+        assert task.correct(p, f"{reasoning}\n{THINK_CLOSE}\n\n{answer}", think_opened=True)
+        if language == "ko":
+            assert "자리" in reasoning or op == "*"
+
+
+def test_column_steps_say_carries_and_borrows():
+    reasoning, _ = arithmetic_trace(58, "+", 67)
+    assert "Ones: 8 + 7 = 15, write 5, carry 1." in reasoning and "Tens: 5 + 6 + 1 = 12" in reasoning
+    assert "Write the carry 1." in reasoning
+    reasoning, _ = arithmetic_trace(503, "-", 78, "ko")
+    assert "일의 자리: 3 - 8 = -5, 1 빌림: 5, 5 적기." in reasoning
+    reasoning, _ = arithmetic_trace(123, "*", 45)
+    assert "123 × 4 = 492, × 10 = 4920." in reasoning and "615 + 4920 = 5535" in reasoning
+    with pytest.raises(ValueError, match="traces"):
+        arithmetic_trace(1, "+", 2, "fr")
+
+
+def test_tasks_without_traces_say_so():
+    task = get_task("countdown")
+    with pytest.raises(NotImplementedError, match="distill"):
+        task.trace(task.problems("train", 1)[0])
+
+
+def test_think_prompts_open_and_close():
+    chatml = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    assert open_thinking(chatml) == chatml + THINK_OPEN + "\n"
+    assert open_thinking("... User: What is 2 + 3. Assistant:").endswith("Assistant: <think>\n")
+    r1 = "<｜Assistant｜><think>\n"
+    assert think_prompt(r1, "open") == r1 and think_prompt(r1, "auto") == r1
+    closed = think_prompt(chatml, "closed")
+    assert closed.endswith(f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n")
+    assert think_prompt(chatml, "auto") == chatml
+    with pytest.raises(ValueError, match="think"):
+        think_prompt(chatml, "sometimes")
+
+
+def test_eval_prompts_follow_the_think_mode(default_tokenizer):
+    task = get_task("arithmetic")
+    p = task.problems("test", 1)[0]
+    opened_ids, opened = prompt_ids(task, p, default_tokenizer, EvalConfig(think="open", template="plain"))
+    closed_ids, closed = prompt_ids(task, p, default_tokenizer, EvalConfig(think="closed", template="plain"))
+    assert opened and not closed
+    assert default_tokenizer.decode(opened_ids).endswith(THINK_OPEN + "\n")
+    assert THINK_CLOSE in default_tokenizer.decode(closed_ids)
+    # Opened: the answer must follow a closed thought (strict); closed: the completion is the answer.
+    assert graded_part("So 5.", think_opened=opened) is None
+    assert graded_part("\\boxed{5}", think_opened=closed) == "\\boxed{5}"
+
+
+def test_thinking_is_the_reasoning_only():
+    assert thinking("a b c</think>\n\n\\boxed{1}", think_opened=True) == "a b c"
+    assert thinking("<think>x y</think> 1", think_opened=False) == "x y"
+    assert thinking("\\boxed{1}", think_opened=False) == ""
+    assert thinking("still thinking", think_opened=True) == "still thinking"
+
+
+def test_a_mix_keeps_each_problems_task():
+    mix = get_task("arithmetic:digits=1-3 + korean-arithmetic:digits=1-3")
+    problems = mix.problems("test", 10)
+    assert len(problems) == 10 and [mix.language_of(p) for p in problems[:4]] == ["en", "ko", "en", "ko"]
+    en, ko = problems[0], problems[1]
+    assert "boxed" in mix.render(en)[-1]["content"] and "최종 답" in mix.render(ko)[-1]["content"]
+    for p in problems:
+        reasoning, answer = mix.trace(p)
+        assert mix.correct(p, f"{reasoning}</think>{answer}", think_opened=True)
+        assert not mix.correct(p, f"{reasoning}", think_opened=True)  # never closed: no answer
+    assert ("자리" in mix.trace(ko)[0]) and ("자리" not in mix.trace(en)[0])
+    train_ids = {p.id for p in mix.problems("train", 400)}
+    assert not train_ids & {p.id for p in mix.problems("test", 100)}
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("arithmetic + nope")
+
+
+def test_korean_reasoning_is_scored_for_language(default_tokenizer):
+    from types import SimpleNamespace
+
+    from sputnik.eval.run import _record
+
+    mix = get_task("arithmetic + korean-arithmetic")
+    en, ko = mix.problems("test", 2)
+    reasoning, answer = mix.trace(ko)
+    done = SimpleNamespace(text=f"{reasoning}</think>{answer}", token_ids=[1] * 30, finish_reason="stop")
+    r = _record(mix, ko, "greedy", 0, done, True, "strict", default_tokenizer)
+    assert r["correct"] and r["language"] > 0.9 and r["think_tokens"] > 10
+    english = SimpleNamespace(text=f"{mix.trace(en)[0]}</think>{answer}", token_ids=[1] * 30, finish_reason="stop")
+    assert _record(mix, ko, "greedy", 0, english, True, "strict", default_tokenizer)["language"] < 0.1
+
+
+def think_tokenizer():
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    from sputnik.tokenizer import Tokenizer
+
+    pieces = ["<eos>", "<unk>", THINK_OPEN, THINK_CLOSE, *"0123456789abcdefghijx ?\n"]
+    backend = Backend(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("</think>|<think>|."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return Tokenizer(backend, eos_token="<eos>", pad_token="<eos>")
+
+
+def test_a_recipe_reports_thinking_closed_and_direct(tmp_path):
+    import json
+
+    import torch
+
+    from sputnik.checkpoint import save_model
+    from sputnik.cli import main
+    from sputnik.config import ModelConfig
+    from sputnik.model import Transformer
+    from sputnik.train.reasoning import FIELDS
+
+    tok = think_tokenizer()
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(family="llama", vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4,
+                                    n_kv_heads=2, inter_dim=64, max_seq_len=64))
+    save_model(model, tmp_path / "tiny", tok)
+    data = tmp_path / "threes.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}{b}?", "answer": "3"}) + "\n" for a in "abcde" for b in "abcde"))
+    report = tmp_path / "reasoning.json"
+    report.write_text(json.dumps({"nano-r1": {"kept": True}}))
+    out = tmp_path / "run"
+    assert main(["recipe", "--model", str(tmp_path / "tiny"), "--recipe", "toy", "--task", f"jsonl:{data}",
+                 "--template", "plain", "--think", "open", "--rewards", "{accuracy: 1, format: 1}",
+                 "--korean-task", "korean-arithmetic", "--prompts-per-step", "2", "--num-generations", "4",
+                 "--max-completion-length", "4", "--eval-n", "4", "--max-steps", "2", "--out-dir", str(out),
+                 "--report", str(report), "--no-progress"]) == 0
+    entry = json.loads((out / "reasoning.json").read_text())["toy"]
+    assert set(entry) == set(FIELDS)
+    for key in ("format_rate", "accuracy_think", "accuracy_direct", "accuracy_closed", "accuracy_start",
+                "accuracy_ko", "language_consistency_ko"):
+        assert 0 <= entry[key] <= 1, key
+    assert entry["eval_problems"] == 4 and entry["machine"] and entry["command"].startswith("sputnik ")
+    merged = json.loads(report.read_text())
+    assert merged["toy"] == entry and merged["nano-r1"] == {"kept": True}  # other recipes' entries stay
+    # The control was trained with its thinking closed, on accuracy alone; the thinking run logged its thinking.
+    direct_rows = [json.loads(x) for x in (out / "direct" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r.get("think_tokens", 0) == 0 for r in direct_rows if "reward" in r)
+    assert "rewards/format" not in direct_rows[-1]
+    assert (out / "think" / "checkpoints").is_dir() and (out / "eval-closed" / "summary.json").is_file()
+
+
+def test_traces_make_chat_rows(tmp_path):
+    import json
+
+    from sputnik.train.reasoning import write_traces
+
+    path = write_traces("arithmetic:digits=2 + korean-arithmetic:digits=2", 6, tmp_path / "t.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 6
+    user, reply = rows[1]["messages"]
+    assert "최종 답" in user["content"] and "자리" in reply["reasoning_content"]
+    assert reply["content"].startswith("\\boxed{")
