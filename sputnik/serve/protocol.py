@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from sputnik.engine.sampling import SamplingParams
@@ -36,6 +37,36 @@ class APIError(Exception):
 _CONFIG = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value: Any, path: str = "") -> str | None:
+    """Where a decoded JSON value holds a lone UTF-16 surrogate (JSON's "\\ud800" escape decodes to one), as
+    `messages[0].content`; None when there is none. Such a string is not text: no encoder, tokenizer or database
+    takes it, so it is refused up front for every field, including ones added later."""
+    if isinstance(value, str):
+        return (path or "body") if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = lone_surrogate(key, path) or lone_surrogate(item, f"{path}.{key}" if path else str(key))
+            if where is not None:
+                return where
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            where = lone_surrogate(item, f"{path}[{i}]")
+            if where is not None:
+                return where
+    return None
+
+
+def refuse_lone_surrogates(data: Any) -> Any:
+    """A `model_validator(mode="before")` body: the raw input unchanged, or a validation error naming the field."""
+    where = lone_surrogate(data)
+    if where is not None:
+        raise PydanticCustomError("lone_surrogate", "{where}: holds a lone UTF-16 surrogate, which is not text",
+                                  {"where": where})
+    return data
 
 
 class TextPart(BaseModel):
@@ -104,6 +135,11 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_text(cls, data: Any) -> Any:
+        return refuse_lone_surrogates(data)
 
     @field_validator("stop", mode="before")
     @classmethod
