@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from sputnik.device import pick_device, pick_dtype
 from sputnik.serve.backend import EngineBackend, UpstreamBackend
@@ -100,6 +101,7 @@ def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], B
     app.add_middleware(_BodyLimit, max_bytes=cfg.max_body_bytes)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http_error)
     app.include_router(status_router(server))
     app.include_router(chat_router(server))
     app.include_router(completions_router(server))
@@ -108,6 +110,13 @@ def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], B
 
 async def _api_error(request: Request, e: APIError) -> JSONResponse:
     return error_response(e)
+
+
+async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+    # Starlette's own refusals (a body that is not UTF-8 JSON, an unknown route) in the same OpenAI shape.
+    response = error_response(APIError(e.status_code, str(e.detail), type="invalid_request_error"))
+    response.headers.update(e.headers or {})
+    return response
 
 
 async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:

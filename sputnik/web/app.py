@@ -36,4 +36,4 @@ def add_web(app: FastAPI, cfg: ServeConfig, server: Server) -> None:
     app.include_router(chat_router(db, server, auth))
     app.include_router(page_router())
     app.mount("/static", Static(directory=STATIC), name="static")
-    app.state.db = db
+    app.state.db, app.state.auth = db, auth

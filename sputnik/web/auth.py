@@ -18,7 +18,7 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from fastapi import Request, Response
+from fastapi import HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -99,6 +99,8 @@ class WebRoute(APIRoute):
                 return e.response()
             except RequestValidationError as e:
                 return WebError(400, _validation_message(e), "invalid_request").response()
+            except HTTPException as e:  # a body that is not JSON in UTF-8 never reaches validation
+                return WebError(e.status_code, str(e.detail), "invalid_request").response()
 
         return guarded
 
