@@ -293,6 +293,8 @@ class WebChat:
                 async for event in self.answer(b, turn, request):
                     if event != sse.KEEP_ALIVE:
                         running.add(event)
+            except store.NotFound:  # the chat was deleted while it answered: nothing left to save it in
+                pass
             finally:
                 running.finish()
                 self.running.pop(turn.conversation_id, None)
@@ -306,7 +308,8 @@ class WebChat:
         """The answer's events as it is written; it is saved every SAVE_EVERY_S and once more at the end."""
         splitter = ReasoningSplitter(turn.in_reasoning)
         reasoning, content, tokens = "", "", 0
-        started = last_save = time.monotonic()
+        started = time.monotonic()
+        last_save: float | None = None  # the first words are saved at once, then every SAVE_EVERY_S
         thought_s: float | None = None
         finish = "stopped"
         yield sse.event({"type": "start", "user_message_id": turn.asked_id, "assistant_message_id": turn.answer_id,
@@ -330,7 +333,7 @@ class WebChat:
                     if piece.finish_reason:
                         finish = piece.finish_reason
                     now = time.monotonic()
-                    if now - last_save >= SAVE_EVERY_S:
+                    if (r or c) and (last_save is None or now - last_save >= SAVE_EVERY_S):
                         last_save = now
                         await self.run(store.update_message, turn.user_id, turn.answer_id, content=content,
                                        reasoning=reasoning if splitter.had_reasoning else None)
