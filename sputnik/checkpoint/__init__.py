@@ -103,10 +103,11 @@ def load_model(
         sd = {k: v.dequantize() if isinstance(v, QTensor) else v for k, v in sd.items()}
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to_empty(device=device)  # no random init: every tensor is about to be overwritten
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
     sd = use_blocks(model, _to_module_names(cfg, sd), dtype)
+    # No random init, every tensor is about to be overwritten; and only the meta ones: the blocks are already real.
+    model = model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+    if cfg.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear):
+        model.lm_head.weight = model.model.embed_tokens.weight
     load_weights(model, sd, p)
     return model.to(dtype).eval()
 
@@ -145,7 +146,7 @@ def use_blocks(model: Transformer, sd: dict[str, Tensor | QTensor], dtype: torch
             if model.cfg.tie_embeddings and path == "model.embed_tokens":
                 model.lm_head = QuantLinear(q)
         else:
-            new = QuantLinear(q, None if old.bias is None else torch.empty_like(old.bias))
+            new = QuantLinear(q, None if old.bias is None else torch.empty_like(old.bias, device="meta"))
         setattr(model.get_submodule(parent) if parent else model, attr, new)
     return dense
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -111,10 +112,13 @@ def _keeps_blocks(tensor) -> bool:
 
 
 def _blocks(tensor) -> QTensor:
-    """A GGUF matrix as rows of its raw blocks, copied out of the file's mmap."""
+    """A GGUF matrix as rows of its raw blocks: a view of the file's read-only mmap, as llama.cpp reads it, so the
+    weights take memory once (the page cache's) and load without a copy. Nothing writes to a QTensor."""
     cols, rows = (int(d) for d in tensor.shape.tolist())  # GGUF lists dims fastest-first
-    data = np.array(tensor.data, copy=True).view(np.uint8).reshape(rows, row_bytes(tensor.tensor_type, cols))
-    return QTensor(torch.from_numpy(data), int(tensor.tensor_type), (rows, cols))
+    data = np.asarray(tensor.data).view(np.uint8).reshape(rows, row_bytes(tensor.tensor_type, cols))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the given NumPy array is not writable"
+        return QTensor(torch.from_numpy(data), int(tensor.tensor_type), (rows, cols))
 
 
 def permute_rope_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:

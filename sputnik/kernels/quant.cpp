@@ -213,7 +213,9 @@ void rows_decoded_scalar(int64_t t, const uint8_t* w, int64_t row_bytes, int64_t
 #ifdef SPUTNIK_X86
 // ---------------------------------------------------------------- AVX2 paths
 
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+AVX2 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -221,56 +223,92 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
 }
 
 // 16 bytes of nibbles -> 32 bytes 0..15: the low nibbles are elements 0..15, the high ones 16..31.
-__attribute__((target("avx2,fma"))) inline __m256i nibbles(const uint8_t* qs) {
+AVX2 inline __m256i nibbles(const uint8_t* qs) {
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
   const __m256i both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
   return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
 }
 
 // Sum of u8 x s8 products in 8 int32 lanes, as floats (pair sums stay within int16: |u| <= 128, |s| <= 127).
-__attribute__((target("avx2,fma"))) inline __m256 dot_u8s8(__m256i u, __m256i s) {
+AVX2 inline __m256 dot_u8s8(__m256i u, __m256i s) {
   const __m256i pairs = _mm256_maddubs_epi16(u, s);
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-// Q4_0 / Q4_1 / Q8_0 rows against q8 activations, up to 4 tokens per pass so each weight block is unpacked once.
-template <int64_t T>
-__attribute__((target("avx2,fma"))) void rows_int_avx2(const uint8_t* w, int64_t row_bytes, const Act& a, int64_t M,
-                                                       float* out, int64_t r0, int64_t r1) {
+
+AVX2 inline float half_f16c(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return _cvtsh_ss(bits);
+}
+
+// RT rows x NT tokens of Q4_0 / Q4_1 / Q8_0 against q8 activations: each weight block is unpacked once for NT
+// tokens and each activation block loaded once for RT rows; RT * NT independent accumulators hide the FMA latency.
+template <int64_t T, int RT, int NT>
+AVX2 inline void tile_int_avx2(const uint8_t* w, int64_t row_bytes, const Act& a, int64_t M, float* out, int64_t r,
+                               int64_t n0) {
   constexpr int64_t bytes = T == Q4_0 ? 18 : T == Q4_1 ? 20 : 34;
   constexpr int64_t qoff = T == Q4_1 ? 4 : 2;
   const int64_t nb = a.K / 32;
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = w + r * row_bytes;
-    for (int64_t n0 = 0; n0 < a.N; n0 += 4) {
-      const int64_t nt = std::min<int64_t>(4, a.N - n0);
-      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      float off[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* blk = row + b * bytes;
-        const float d = half_at(blk);
-        const float m = T == Q4_1 ? half_at(blk + 2) : T == Q4_0 ? -8.f * d : 0.f;
-        __m256i wq, wabs;
+  __m256 acc[RT][NT];
+  float off[RT][NT];
+  for (int i = 0; i < RT; ++i)
+    for (int j = 0; j < NT; ++j) acc[i][j] = _mm256_setzero_ps(), off[i][j] = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i xq[NT];
+    float dx[NT], sx[NT];
+    for (int j = 0; j < NT; ++j) {
+      const int64_t ab = (n0 + j) * nb + b;
+      xq[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + ab * 32));
+      dx[j] = a.d[ab];
+      sx[j] = a.s[ab];
+    }
+    for (int i = 0; i < RT; ++i) {
+      const uint8_t* blk = w + (r + i) * row_bytes + b * bytes;
+      const float d = half_f16c(blk);
+      const float m = T == Q4_1 ? half_f16c(blk + 2) : T == Q4_0 ? -8.f * d : 0.f;
+      for (int j = 0; j < NT; ++j) {
+        __m256 p;
         if constexpr (T == Q8_0) {
-          wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + qoff));
-          wabs = _mm256_sign_epi8(wq, wq);
+          const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + qoff));
+          p = dot_u8s8(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq[j], wq));
         } else {
-          wq = nibbles(blk + qoff);
+          p = dot_u8s8(nibbles(blk + qoff), xq[j]);
         }
-        for (int64_t i = 0; i < nt; ++i) {
-          const int64_t ab = (n0 + i) * nb + b;
-          const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + ab * 32));
-          const __m256 p = T == Q8_0 ? dot_u8s8(wabs, _mm256_sign_epi8(xq, wq)) : dot_u8s8(wq, xq);
-          acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d[ab]), p, acc[i]);
-          if constexpr (T != Q8_0) off[i] += m * a.s[ab];
-        }
+        acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[j]), p, acc[i][j]);
+        if constexpr (T != Q8_0) off[i][j] += m * sx[j];
       }
-      for (int64_t i = 0; i < nt; ++i) out[(n0 + i) * M + r] = hsum(acc[i]) + off[i];
+    }
+  }
+  for (int i = 0; i < RT; ++i)
+    for (int j = 0; j < NT; ++j) out[(n0 + j) * M + r + i] = hsum(acc[i][j]) + off[i][j];
+}
+
+// Rows r0..r1 of the output for every token: 4-row tiles for one token (decoding), 2 x 4 tiles for several.
+template <int64_t T>
+AVX2 void rows_int_avx2(const uint8_t* w, int64_t row_bytes, const Act& a, int64_t M, float* out, int64_t r0,
+                        int64_t r1) {
+  int64_t r = r0;
+  if (a.N == 1) {
+    for (; r + 4 <= r1; r += 4) tile_int_avx2<T, 4, 1>(w, row_bytes, a, M, out, r, 0);
+    for (; r < r1; ++r) tile_int_avx2<T, 1, 1>(w, row_bytes, a, M, out, r, 0);
+    return;
+  }
+  for (; r < r1; r += 2) {
+    const bool pair = r + 2 <= r1;
+    int64_t n = 0;
+    for (; n + 4 <= a.N; n += 4) {
+      if (pair) tile_int_avx2<T, 2, 4>(w, row_bytes, a, M, out, r, n);
+      else tile_int_avx2<T, 1, 4>(w, row_bytes, a, M, out, r, n);
+    }
+    for (; n < a.N; ++n) {
+      if (pair) tile_int_avx2<T, 2, 1>(w, row_bytes, a, M, out, r, n);
+      else tile_int_avx2<T, 1, 1>(w, row_bytes, a, M, out, r, n);
     }
   }
 }
 
-__attribute__((target("avx2,fma"))) void rows_decoded_avx2(int64_t t, const uint8_t* w, int64_t row_bytes, int64_t K,
+AVX2 void rows_decoded_avx2(int64_t t, const uint8_t* w, int64_t row_bytes, int64_t K,
                                                            const float* x, int64_t N, int64_t M, float* out,
                                                            int64_t r0, int64_t r1) {
   std::vector<float> buf(K);
@@ -291,7 +329,9 @@ __attribute__((target("avx2,fma"))) void rows_decoded_avx2(int64_t t, const uint
   }
 }
 
-bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+bool cpu_has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
 #else
 bool cpu_has_avx2() { return false; }
 #endif
