@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 from sputnik.device import pick_device, pick_dtype
 from sputnik.serve.backend import EngineBackend, UpstreamBackend
+from sputnik.serve.beta import beta_router
 from sputnik.serve.chat import chat_router
 from sputnik.serve.completions import completions_router
 from sputnik.serve.config import ServeConfig
@@ -21,6 +22,7 @@ from sputnik.serve.keys import KeyStore, RateLimiter
 from sputnik.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from sputnik.serve.server import Backend, Server, error_response
 from sputnik.serve.status import status_router
+from sputnik.serve.tokens import DetokenizeRequest, TokenizeRequest, tokens_router
 
 
 def load_backend(cfg: ServeConfig) -> Backend:
@@ -103,6 +105,8 @@ def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], B
     app.include_router(status_router(server))
     app.include_router(chat_router(server))
     app.include_router(completions_router(server))
+    app.include_router(beta_router(server))
+    app.include_router(tokens_router(server))
     return app
 
 
@@ -112,7 +116,9 @@ async def _api_error(request: Request, e: APIError) -> JSONResponse:
 
 async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
     # One validation path: re-run ours on the raw body for an OpenAI-style message naming the parameter.
-    model = ChatCompletionRequest if request.url.path.endswith("chat/completions") else CompletionRequest
+    path = request.url.path
+    model = (ChatCompletionRequest if path.endswith("chat/completions") else TokenizeRequest
+             if path.endswith("/tokenize") else DetokenizeRequest if path.endswith("/detokenize") else CompletionRequest)
     try:
         parse_request(model, e.body)
     except APIError as err:
