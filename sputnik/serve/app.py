@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from sputnik.device import pick_device, pick_dtype
+from sputnik.serve.anthropic import anthropic_error, anthropic_router
 from sputnik.serve.backend import EngineBackend, UpstreamBackend
 from sputnik.serve.beta import beta_router
 from sputnik.serve.chat import chat_router
@@ -98,7 +99,7 @@ def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], B
     app.state.server = server
     if cfg.cors_origin:
         app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origin, allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type"], allow_credentials=False)
+                           allow_headers=["Authorization", "Content-Type", "x-api-key", "anthropic-version"], allow_credentials=False)
     app.add_middleware(_BodyLimit, max_bytes=cfg.max_body_bytes)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
@@ -107,10 +108,13 @@ def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], B
     app.include_router(completions_router(server))
     app.include_router(beta_router(server))
     app.include_router(tokens_router(server))
+    app.include_router(anthropic_router(server))
     return app
 
 
 async def _api_error(request: Request, e: APIError) -> JSONResponse:
+    if request.url.path.startswith("/anthropic/"):
+        return anthropic_error(e)
     return error_response(e)
 
 

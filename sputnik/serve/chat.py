@@ -122,8 +122,9 @@ def chat_router(server: Server) -> APIRouter:
     return router
 
 
-async def chat_response(server: Server, body: ChatCompletionRequest, request: Request, beta: bool):
-    """One chat request answered, whole or streamed (/v1 and /beta share it)."""
+async def prepare_chat(server: Server, body: ChatCompletionRequest, beta: bool) -> tuple[Backend, Job, ChatReply]:
+    """(backend, job, reply) for a validated chat request: what answering it whole or streamed needs (the
+    Anthropic endpoint answers through the same two)."""
     check_prefix(body, beta)
     b = server.backend()
     name = await server.check_model(b, body.model)
@@ -133,13 +134,19 @@ async def chat_response(server: Server, body: ChatCompletionRequest, request: Re
                       [ReasoningSplitter(in_reasoning, continued=body.messages[-1].prefix)
                        for _ in range(job.params.n)], json_mode,
                       thinking=job.params.thinking_token_budget != 0)
+    return b, job, reply
+
+
+async def chat_response(server: Server, body: ChatCompletionRequest, request: Request, beta: bool):
+    """One chat request answered, whole or streamed (/v1 and /beta share it)."""
+    b, job, reply = await prepare_chat(server, body, beta)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return event_stream(_chat_stream(server, b, job, request, reply, include_usage))
-    return await _chat_whole(server, b, job, request, reply)
+        return event_stream(chat_stream(server, b, job, request, reply, include_usage))
+    return await chat_whole(server, b, job, request, reply)
 
 
-async def _chat_whole(server: Server, b: Backend, job: Job, request: Request, reply: ChatReply) -> dict:
+async def chat_whole(server: Server, b: Backend, job: Job, request: Request, reply: ChatReply) -> dict:
     n = len(reply.splitters)
     logprobs: list[list[dict]] = [[] for _ in range(n)]
     finish: list[str | None] = [None] * n
@@ -170,7 +177,7 @@ async def _chat_whole(server: Server, b: Backend, job: Job, request: Request, re
                                                          reasoning_tokens, job.cached_tokens)}
 
 
-async def _chat_stream(server: Server, b: Backend, job: Job, request: Request, reply: ChatReply,
+async def chat_stream(server: Server, b: Backend, job: Job, request: Request, reply: ChatReply,
                        include_usage: bool) -> AsyncIterator[bytes]:
     head = reply.head("chat.completion.chunk")
     content_so_far = [""] * len(reply.splitters)

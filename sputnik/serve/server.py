@@ -74,6 +74,7 @@ class Server:
         if self.keys is not None:
             header = request.headers.get("authorization", "")
             token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+            token = token or request.headers.get("x-api-key", "").strip()  # Anthropic's header, the same keys
             record = self.keys.verify(token) if token else None
             if record is None:
                 raise APIError(401, "invalid or missing API key: send `Authorization: Bearer sk-…`",
