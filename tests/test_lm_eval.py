@@ -5,12 +5,11 @@ figures against `sputnik eval` and a plain forward on the same rows."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
-
 from live import Live
+
 from sputnik.serve.config import ServeConfig
 
 ADDITIONS = [(a, b) for a, b in ((2, 3), (1, 1), (4, 4), (10, 5), (7, 2), (3, 6), (12, 1), (5, 5))]

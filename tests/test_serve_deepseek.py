@@ -9,14 +9,19 @@ import httpx
 import openai
 import pytest
 import torch
-
 from live import ANSWER, THOUGHT, Live
+
 from sputnik.config import ModelConfig
 from sputnik.engine import Engine, SamplingParams
 from sputnik.model import Transformer
 from sputnik.serve.config import ServeConfig
-from sputnik.serve.protocol import (APIError, ChatCompletionRequest, effort_level, parse_request,
-                                    thinking_choice)
+from sputnik.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    effort_level,
+    parse_request,
+    thinking_choice,
+)
 
 QUESTION = [{"role": "user", "content": "What is 2 + 2?"}]
 

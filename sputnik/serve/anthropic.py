@@ -24,7 +24,13 @@ from sputnik.serve import sse
 from sputnik.serve.backend import EngineBackend
 from sputnik.serve.chat import chat_stream, chat_whole, prepare_chat
 from sputnik.serve.keys import KeyRecord
-from sputnik.serve.protocol import _CONFIG, APIError, ChatCompletionRequest, ChatMessage, parse_request
+from sputnik.serve.protocol import (
+    _CONFIG,
+    APIError,
+    ChatCompletionRequest,
+    ChatMessage,
+    parse_request,
+)
 from sputnik.serve.server import Server, event_stream
 
 # Anthropic's error types by HTTP status.
