@@ -105,7 +105,9 @@ def test_legacy_completions_with_n_echo_and_logprobs(think_server):
                                   logprobs=2, echo=True)
     assert len(r.choices) == 4 and sorted(c.index for c in r.choices) == [0, 1, 2, 3]
     assert r.choices[0].text.startswith("Hello") and r.choices[3].text.startswith("World")
-    assert all(len(c.logprobs.tokens) == 4 and len(c.logprobs.top_logprobs[0]) == 2 for c in r.choices)
+    # With echo the log-probs cover the prompt too (its first token has none), then the 4 generated tokens.
+    assert all(len(c.logprobs.tokens) > 4 and c.logprobs.token_logprobs[0] is None for c in r.choices)
+    assert all(len(top) == 2 for c in r.choices for top in c.logprobs.top_logprobs[-4:])
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="think", prompt="Hello", max_tokens=4, temperature=0, stream=True) if c.choices)
     assert streamed == client.completions.create(model="think", prompt="Hello", max_tokens=4, temperature=0
