@@ -11,25 +11,14 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from sputnik.r1 import ReasoningSplitter, close_thinking, opens_thinking
-from sputnik.serve import sse
 from sputnik.serve.backend import EngineBackend, Job, Piece, UpstreamBackend
 from sputnik.serve.keys import KeyRecord
-from sputnik.serve.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    Limits,
-    prompt_messages,
-    sampling_params,
-)
+from sputnik.serve.protocol import APIError, ChatCompletionRequest, Limits, prompt_messages, sampling_params
+from sputnik.r1 import ReasoningSplitter, close_thinking, opens_thinking
+from sputnik.serve import sse
 from sputnik.serve.server import Backend, Server, event_stream, upstream_body, usage
 from sputnik.serve.tool_parser import ToolParser
-from sputnik.serve.tools import (
-    ToolPlan,
-    output_constraint,
-    template_messages,
-    tool_plan,
-)
+from sputnik.serve.tools import ToolPlan, output_constraint, template_messages, tool_plan
 
 
 def chat_prompt(b: Backend, messages: list[dict], thinking: bool = True, tools: list[dict] | None = None
