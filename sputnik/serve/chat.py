@@ -32,7 +32,7 @@ def chat_prompt(b: Backend, messages: list[dict], thinking: bool = True, tools: 
     try:
         text = b.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **({"tools": tools} if tools
                                                                                       else {}))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 — a template that refuses these messages is the client's 400
         raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from e
     in_reasoning = opens_thinking(text)
     if in_reasoning and not thinking:

@@ -213,14 +213,29 @@ class HermesParser(ToolParser):
                     break
                 self._obj = CallObject()
                 self._open()
-            else:
-                body, found = self._until(HERMES_CLOSE, final)
-                self._obj.feed(body)
-                self._update(self._obj.name, self._obj.args, deltas)
-                if not found:
-                    break
-                self._obj = None
+            elif not self._body(final, deltas):
+                break
         return content, deltas
+
+    def _body(self, final: bool, deltas: list[dict]) -> bool:
+        """Feed the open call's JSON up to its closing marker, which can only start outside a JSON string (one
+        inside the arguments is text); True when the call ended."""
+        obj, held = self._obj, self._held
+        for i, ch in enumerate(held):
+            if ch == "<" and not obj.in_string:
+                rest = held[i:]
+                if rest.startswith(HERMES_CLOSE):
+                    self._held, self._obj = rest[len(HERMES_CLOSE):], None
+                    self._update(obj.name, obj.args, deltas)
+                    return True
+                if HERMES_CLOSE.startswith(rest) and not final:
+                    self._held = rest
+                    self._update(obj.name, obj.args, deltas)
+                    return False
+            obj.feed(ch)  # after the object closes, what is left before the marker is ignored
+        self._held = ""
+        self._update(obj.name, obj.args, deltas)
+        return False
 
 
 class Llama3Parser(ToolParser):
@@ -352,3 +367,28 @@ PARSERS = {"hermes": HermesParser, "llama3": Llama3Parser, "deepseek": DeepSeekP
 
 def make_parser(family: str, parallel: bool = True) -> ToolParser:
     return PARSERS[family](parallel)
+
+
+class HermesWriter:
+    """An upstream's `delta.tool_calls` written back as Hermes text, so the one parser in front reads every
+    backend's calls (as join_deltas does for reasoning)."""
+
+    def __init__(self) -> None:
+        self.open: int | None = None
+
+    def push(self, deltas: list[dict]) -> str:
+        out = ""
+        for d in deltas:
+            fn = d.get("function") or {}
+            if d.get("index", 0) != self.open:
+                out += self.close()
+                self.open = d.get("index", 0)
+                out += f'{HERMES_OPEN}\n{{"name": {json.dumps(fn.get("name") or "")}, "arguments": '
+            out += fn.get("arguments") or ""
+        return out
+
+    def close(self) -> str:
+        if self.open is None:
+            return ""
+        self.open = None
+        return f"}}\n{HERMES_CLOSE}"
