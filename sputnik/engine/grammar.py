@@ -87,7 +87,7 @@ class Grammars:
         """Why the constraint does not compile (a message for the client), or None when it does."""
         try:
             matcher = self._compiled(c)
-        except ValueError as e:
+        except Exception as e:  # noqa: BLE001 — whatever the library refuses is the request's problem
             return str(e)
         return matcher.get_error() or None if matcher.is_error() else None
 
@@ -148,6 +148,6 @@ def schema_error(schema: dict) -> str | None:
 
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(with_options(schema))
-    except ValueError as e:
+    except Exception as e:  # noqa: BLE001 — whatever the library refuses is the request's problem
         return str(e)
     return llguidance.LLMatcher.validate_grammar(grammar) or None
