@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sputnik.engine.grammar import Constraint, json_rule, literal, schema_error
-from sputnik.r1 import THINK_CLOSE
+from sputnik.r1 import THINK_CLOSE, THINK_OPEN
 from sputnik.serve import tool_parser as tp
 from sputnik.serve.protocol import APIError, ChatCompletionRequest
 
@@ -226,13 +226,16 @@ def _calls_rule(plan: ToolPlan, tokenizer: Tokenizer) -> str:
 
 
 def _start(body: str, tokenizer: Tokenizer, in_reasoning: bool) -> str:
-    """The grammar's start: the body, after a free thought when the prompt opened one."""
-    if not in_reasoning:
-        return f"start: {body}\n"
+    """The grammar's start: the body after a free thought, which the prompt opened (in_reasoning) or the model may
+    open itself with `<think>` (as Qwen3's and the R1 distills' do)."""
     close = literal(tokenizer, THINK_CLOSE)
-    if close.startswith("<["):
-        return f"start: THOUGHT {close} SPACE? {body}\nTHOUGHT: /(.|\\n)*/\nSPACE: /[ \\n]+/\n"
-    return f"start: thought SPACE? {body}\nthought[lazy]: /(.|\\n)*<\\/think>/\nSPACE: /[ \\n]+/\n"
+    if close.startswith("<["):  # a special token: the free text before it cannot swallow it
+        thought = f"thought: THOUGHT {close}\nTHOUGHT: /(.|\\n)*/\n"
+    else:  # lazy: the thought ends at the first `</think>`
+        thought = "thought[lazy]: /(.|\\n)*<\\/think>/\n"
+    head = "thought SPACE?" if in_reasoning else f"({literal(tokenizer, THINK_OPEN)} thought SPACE?)?"
+    # At most two newlines after the thought, as R1 writes them: a free run of whitespace lets a model pad forever.
+    return f"start: {head} {body}\n{thought}SPACE: /[ \\n]{{1,2}}/\n"
 
 
 def output_constraint(req: ChatCompletionRequest, plan: ToolPlan, tokenizer: Tokenizer,
@@ -245,9 +248,7 @@ def output_constraint(req: ChatCompletionRequest, plan: ToolPlan, tokenizer: Tok
     if rf is None or rf.type == "text":
         return None
     schema = rf.json_schema.schema_ if rf.type == "json_schema" else {"type": "object"}
-    if not in_reasoning:
-        return Constraint.json_schema(schema)
-    return Constraint.lark(_start("body", tokenizer, True) + f"body: {json_rule(schema)}\n")
+    return Constraint.lark(_start("body", tokenizer, in_reasoning) + f"body: {json_rule(schema)}\n")
 
 
 def tool_plan(req: ChatCompletionRequest, tokenizer: Tokenizer | None) -> ToolPlan:
