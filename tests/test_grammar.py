@@ -76,3 +76,43 @@ def test_bad_schemas_and_grammars_are_named(engine):
     with pytest.raises(ValueError, match="does not compile"):
         engine.add("bad", [1, 2], SamplingParams(constraint=Constraint.lark("start: nope")))
     assert engine.grammars.error(Constraint.json_schema(PERSON)) is None
+
+
+def test_thought_then_json_answer(default_tokenizer):
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as Backend
+
+    from sputnik.engine.grammar import Grammars, json_answer
+    from sputnik.tokenizer import Tokenizer
+
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    backend = Backend.from_str(default_tokenizer.backend.to_str())
+    backend.add_special_tokens([AddedToken("<think>", special=True), AddedToken("</think>", special=True)])
+    thinker = Tokenizer(backend, eos_token=default_tokenizer.eos_token)  # a vocabulary with think tokens
+    cases = [(default_tokenizer, True, 'hmm, 2 and 2\n</think>\n\n{"answer": 4}', True),
+             (default_tokenizer, True, '{"answer": 4}', False),  # a prompt that opened a thought: JSON is thought
+             (default_tokenizer, False, '{"answer": 4}', True),
+             (default_tokenizer, False, '<think>sure</think>{"answer": 4}', None),  # no think token: no thought
+             (thinker, False, '<think>sure, 4</think>\n\n{"answer": 4}', True),
+             (thinker, False, '{"answer": 4}', True),
+             (thinker, True, 'so 4</think>{"answer": 4}', True)]
+    for tok, think_opened, text, accepts in cases:
+        m = Grammars(tok, tok.stop_ids).matcher(json_answer(schema, tok, think_opened))
+        ok = m.consume_tokens(tok.encode(text))
+        assert (ok and m.is_accepting()) if accepts else (not ok if accepts is None else ok and not m.is_accepting())
+
+
+def test_a_task_with_an_output_schema_is_evaluated_under_it(engine, tmp_path, monkeypatch):
+    from sputnik.eval.run import EvalConfig, evaluate
+    from sputnik.tasks import get_task
+
+    schema = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 999}},
+              "required": ["answer"], "additionalProperties": False}
+    monkeypatch.setattr(type(get_task("arithmetic")), "output_schema", schema)
+    cfg = EvalConfig(task="arithmetic", n=2, k=2, max_tokens=30, batch=8)
+    evaluate(engine.model, engine.tokenizer, cfg, out_dir=tmp_path, progress=False, engine=engine)
+    records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * (1 + 2)
+    for r in records:
+        assert r["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(r["completion"]), schema)

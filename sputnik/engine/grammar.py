@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from sputnik.r1 import THINK_CLOSE, THINK_OPEN
+
 if TYPE_CHECKING:
     from sputnik.tokenizer import Tokenizer
 
@@ -60,6 +62,30 @@ def literal(tokenizer: Tokenizer, text: str) -> str:
     if token_id is not None and token_id in tokenizer.special_ids:
         return f"<[{token_id}]>"
     return json.dumps(text)
+
+
+def after_thought(body: str, tokenizer: Tokenizer, in_reasoning: bool) -> str:
+    """A Lark start rule: the body after a free thought, which the prompt opened (in_reasoning) or a thinking model
+    (one whose vocabulary has a `<think>` token: Qwen3, the R1 distills) may open itself. Other models get no such
+    door: a weak one would wander through it and never answer."""
+    close = literal(tokenizer, THINK_CLOSE)
+    if close.startswith("<["):  # a special token: the free text before it cannot swallow it
+        thought = f"thought: THOUGHT {close}\nTHOUGHT: /(.|\\n)*/\n"
+    else:  # lazy: the thought ends at the first `</think>`
+        thought = "thought[lazy]: /(.|\\n)*<\\/think>/\n"
+    if in_reasoning:
+        head = "thought SPACE?"
+    elif tokenizer.token_to_id(THINK_OPEN) is not None:
+        head = f"({literal(tokenizer, THINK_OPEN)} thought SPACE?)?"
+    else:
+        return f"start: {body}\n"
+    # At most two newlines after the thought, as R1 writes them: a free run of whitespace lets a model pad forever.
+    return f"start: {head} {body}\n{thought}SPACE: /[ \\n]{{1,2}}/\n"
+
+
+def json_answer(schema: dict, tokenizer: Tokenizer, think_opened: bool) -> Constraint:
+    """JSON valid under `schema`, after the free thought of a thinking model (see after_thought)."""
+    return Constraint.lark(after_thought("body", tokenizer, think_opened) + f"body: {json_rule(schema)}\n")
 
 
 class Grammars:

@@ -13,8 +13,14 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sputnik.engine.grammar import Constraint, json_rule, literal, schema_error
-from sputnik.r1 import THINK_CLOSE, THINK_OPEN
+from sputnik.engine.grammar import (
+    Constraint,
+    after_thought,
+    json_answer,
+    json_rule,
+    literal,
+    schema_error,
+)
 from sputnik.serve import tool_parser as tp
 from sputnik.serve.protocol import APIError, ChatCompletionRequest
 
@@ -225,30 +231,17 @@ def _calls_rule(plan: ToolPlan, tokenizer: Tokenizer) -> str:
             f'call: {lit(tp.HERMES_OPEN)} "\\n" body "\\n" {lit(tp.HERMES_CLOSE)}\nbody: {body}\n')
 
 
-def _start(body: str, tokenizer: Tokenizer, in_reasoning: bool) -> str:
-    """The grammar's start: the body after a free thought, which the prompt opened (in_reasoning) or the model may
-    open itself with `<think>` (as Qwen3's and the R1 distills' do)."""
-    close = literal(tokenizer, THINK_CLOSE)
-    if close.startswith("<["):  # a special token: the free text before it cannot swallow it
-        thought = f"thought: THOUGHT {close}\nTHOUGHT: /(.|\\n)*/\n"
-    else:  # lazy: the thought ends at the first `</think>`
-        thought = "thought[lazy]: /(.|\\n)*<\\/think>/\n"
-    head = "thought SPACE?" if in_reasoning else f"({literal(tokenizer, THINK_OPEN)} thought SPACE?)?"
-    # At most two newlines after the thought, as R1 writes them: a free run of whitespace lets a model pad forever.
-    return f"start: {head} {body}\n{thought}SPACE: /[ \\n]{{1,2}}/\n"
-
-
 def output_constraint(req: ChatCompletionRequest, plan: ToolPlan, tokenizer: Tokenizer,
                       in_reasoning: bool) -> Constraint | None:
     """The grammar the engine holds this request's output to: a forced call (tool_choice required or named), else
     response_format json_schema / json_object, else none."""
     if plan.tools and plan.choice in ("required", "named"):
-        return Constraint.lark(_start("calls", tokenizer, in_reasoning) + _calls_rule(plan, tokenizer))
+        return Constraint.lark(after_thought("calls", tokenizer, in_reasoning) + _calls_rule(plan, tokenizer))
     rf = req.response_format
     if rf is None or rf.type == "text":
         return None
     schema = rf.json_schema.schema_ if rf.type == "json_schema" else {"type": "object"}
-    return Constraint.lark(_start("body", tokenizer, in_reasoning) + f"body: {json_rule(schema)}\n")
+    return json_answer(schema, tokenizer, in_reasoning)
 
 
 def tool_plan(req: ChatCompletionRequest, tokenizer: Tokenizer | None) -> ToolPlan:
