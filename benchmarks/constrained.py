@@ -16,9 +16,9 @@ import json
 import statistics
 import time
 
+import machine
 import torch
 
-import machine
 from sputnik.checkpoint import load_model
 from sputnik.checkpoint.registry import resolve
 from sputnik.engine import Engine, SamplingParams

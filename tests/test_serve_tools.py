@@ -14,8 +14,8 @@ import jsonschema
 import openai
 import pytest
 import torch
-
 from live import Live
+
 from sputnik.serve.config import ServeConfig
 from sputnik.serve.protocol import ChatCompletionRequest, parse_request, prompt_messages
 from sputnik.serve.tools import template_messages, tool_plan
@@ -134,8 +134,8 @@ def schema_of(name: str) -> dict:
     ("required", None), ({"type": "function", "function": {"name": "search"}}, "search")])
 def test_forced_call_is_schema_valid_stream_and_not(smol, choice, name):
     client = smol.client()
-    kw = dict(model="smol", messages=ASK, tools=TOOLS, tool_choice=choice, parallel_tool_calls=False,
-              temperature=0, max_tokens=120)
+    kw = {"model": "smol", "messages": ASK, "tools": TOOLS, "tool_choice": choice, "parallel_tool_calls": False,
+          "temperature": 0, "max_tokens": 120}
     r = client.chat.completions.create(**kw)
     (call,) = r.choices[0].message.tool_calls
     assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
@@ -174,11 +174,11 @@ def test_tool_result_turn_reaches_the_prompt(smol):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_json_schema_strict_nested(smol, stream):
-    kw = dict(model="smol", messages=[{"role": "user", "content": "Describe a person as JSON."}], temperature=0,
-              max_tokens=200, response_format={"type": "json_schema", "json_schema": {
-                  "name": "person", "schema": PERSON, "strict": True}})
+    kw = {"model": "smol", "messages": [{"role": "user", "content": "Describe a person as JSON."}], "temperature": 0,
+          "max_tokens": 200, "response_format": {"type": "json_schema", "json_schema": {
+              "name": "person", "schema": PERSON, "strict": True}}}
     if stream:
-        content, calls, finish, _ = streamed(smol.client().chat.completions.create(**kw, stream=True))
+        content, _, finish, _ = streamed(smol.client().chat.completions.create(**kw, stream=True))
     else:
         r = smol.client().chat.completions.create(**kw)
         content, finish = r.choices[0].message.content, r.choices[0].finish_reason
@@ -283,7 +283,14 @@ def test_openai_client_raises_bad_request(smol):
 
 
 def test_openai_agents_sdk_runs_a_tool_loop(smol):
-    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool, set_tracing_disabled
+    from agents import (
+        Agent,
+        ModelSettings,
+        OpenAIChatCompletionsModel,
+        Runner,
+        function_tool,
+        set_tracing_disabled,
+    )
 
     set_tracing_disabled(True)
     seen = []

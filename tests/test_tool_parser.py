@@ -19,8 +19,8 @@ def hermes(name, args, spacing="\n"):
 CASES = {
     "hermes": (f"Let me check.{hermes('get_weather', WEATHER)}\n{hermes('search', SEARCH, '')}",
                "Let me check.\n"),
-    "llama3": (f"<|python_tag|>{json.dumps({'name': 'get_weather', 'parameters': WEATHER})}; "
-               f"{json.dumps({'name': 'search', 'parameters': SEARCH})}", ""),
+    "llama3": ((f"<|python_tag|>{json.dumps({'name': 'get_weather', 'parameters': WEATHER})}; "
+                f"{json.dumps({'name': 'search', 'parameters': SEARCH})}"), ""),
     "deepseek": ("Checking." + tp.DS_CALLS_BEGIN
                  + tp.DS_CALL_BEGIN + "function" + tp.DS_SEP + "get_weather\n```json\n" + json.dumps(WEATHER)
                  + "\n```" + tp.DS_CALL_END
@@ -61,7 +61,7 @@ def test_whole_output(family):
 
 @pytest.mark.parametrize("family", tp.FAMILIES)
 def test_split_at_every_position_gives_the_same_calls(family):
-    text, content = CASES[family]
+    text, _ = CASES[family]
     whole = assemble(make_parser(family), [text])
     for cut in range(1, len(text)):
         assert assemble(make_parser(family), [text[:cut], text[cut:]]) == whole, cut
