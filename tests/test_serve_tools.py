@@ -223,6 +223,21 @@ def test_auto_without_tools_and_none_leave_text_alone(tool_server):
     assert r.choices[0].message.content == CALL and r.choices[0].message.tool_calls is None
 
 
+def test_upstream_forwards_tools_and_returns_its_calls(tool_server):
+    with Live(ServeConfig(upstream=f"{tool_server.url}/v1", no_auth=True)) as front:
+        client = front.wait_ready().client()
+        r = client.chat.completions.create(model="tool", messages=ASK, tools=TOOLS, temperature=0)
+        (call,) = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls"
+        assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather",
+                                                                             {"city": "Paris", "unit": "celsius"})
+        content, calls, finish, _ = streamed(client.chat.completions.create(model="tool", messages=ASK, tools=TOOLS,
+                                                                            temperature=0, stream=True))
+        assert (content, finish, calls[0]["arguments"]) == ("", "tool_calls", call.function.arguments)
+        final = client.chat.completions.create(model="tool", messages=RESULT_TURN, tools=TOOLS, temperature=0)
+        assert final.choices[0].message.content == FINAL
+
+
 # ---------------------------------------------------------------- malformed requests
 
 
