@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from sputnik.engine.cache import KVCache, SlotCache, SlotView
+from sputnik.engine.grammar import Grammars, apply_masks
 from sputnik.engine.prefix import PrefixCache
 from sputnik.engine.sampling import Sampler, SamplingParams
 from sputnik.model import Cache, Transformer
@@ -73,6 +74,7 @@ class _Seq:
     emitted: int = 0  # characters of text already streamed
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    matcher: Any = None  # the grammar's state, for a constrained sample
 
     def completion(self) -> Completion:
         return Completion(self.text, self.token_ids, self.logprobs, self.finish_reason or "length",
@@ -164,6 +166,16 @@ class Engine:
         self.stats = {"prefix_hit_tokens": 0, "prompt_tokens": 0}
         # What a thinking budget writes when it runs out: R1's layout around the closing tag.
         self._think_end = tokenizer.encode("\n" + THINK_CLOSE + "\n\n", add_special_tokens=False) if tokenizer else []
+        self._grammars: Grammars | None = None
+
+    @property
+    def grammars(self) -> Grammars:
+        """The grammar compiler for this engine's tokenizer (built at the first constrained request)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("constrained decoding needs a tokenizer")
+            self._grammars = Grammars(self.tokenizer, self.tokenizer.stop_ids)
+        return self._grammars
 
     # ---- the request interface (thread-safe: add and abort only queue work for the stepping thread)
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
@@ -192,6 +204,9 @@ class Engine:
             stop_ids |= set(self.tokenizer.stop_ids)
         seqs = [_Seq(key, j, ids, params, StreamDecoder(self.tokenizer) if self.tokenizer else None, stop_ids,
                      seed=_row_seed(params.seed, seed_index, j)) for j in range(params.n)]
+        if params.constraint is not None:
+            for seq in seqs:
+                seq.matcher = self.grammars.matcher(params.constraint)
         self._inbox.append(("add", _Request(key, ids, params, seqs)))
         return seqs
 
@@ -270,7 +285,8 @@ class Engine:
             deltas, done, tok = self._sample(sampler, seqs, logits)
             send(deltas)
         if self._running:
-            deltas, done_running, self._next = self._sample(self._sampler, self._running, self._decode())
+            masks = self._masks(self._running)  # computed while the model runs
+            deltas, done_running, self._next = self._sample(self._sampler, self._running, self._decode(), masks)
             if done_running:
                 self._release(done_running)
             send(deltas)
@@ -287,8 +303,16 @@ class Engine:
                 self._next = tok if self._next is None or not len(self._next) else torch.cat([self._next, tok])
         return out
 
-    def _sample(self, sampler: Sampler, seqs: list[_Seq], logits: Tensor) -> tuple[list[Delta], list[int], Tensor]:
-        """Choose each row's next token; return the deltas, the rows that finished, and the tokens."""
+    def _masks(self, seqs: list[_Seq]):
+        return self._grammars.masks([s.matcher for s in seqs]) if self._grammars is not None else None
+
+    def _sample(self, sampler: Sampler, seqs: list[_Seq], logits: Tensor, masks=None
+                ) -> tuple[list[Delta], list[int], Tensor]:
+        """Choose each row's next token (within its grammar, for a constrained row; the forced one, for a row whose
+        thinking budget ran out); return the deltas, the rows that finished, and the tokens."""
+        masks = masks or self._masks(seqs)
+        if masks is not None:
+            logits = apply_masks(logits, masks.result())
         force = None
         if any(s.forced for s in seqs):
             force = torch.tensor([s.forced[0] if s.forced else -1 for s in seqs], device=logits.device)
@@ -444,6 +468,8 @@ class Engine:
             seq.forced.pop(0)
         if top is not None:
             seq.top_logprobs.append(top)
+        if seq.matcher is not None and token not in seq.stop_ids and not seq.matcher.consume_token(token):
+            raise RuntimeError(f"token {token} broke its row's grammar: {seq.matcher.get_error()}")
         if token in seq.stop_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif seq.decoder is not None:
@@ -457,6 +483,8 @@ class Engine:
                     pos, s = min(hits)
                     seq.text = seq.text[: base + pos]
                     seq.finish_reason, seq.stop_reason = "stop", s
+        if seq.finish_reason is None and seq.matcher is not None and seq.matcher.is_stopped():
+            seq.finish_reason = "stop"  # the grammar is complete: only its end could follow
         if seq.finish_reason is None and last:
             seq.finish_reason = "length"
         if seq.params.thinking_token_budget is not None and seq.finish_reason is None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from sputnik.engine.grammar import Constraint
 
 # Top-p first looks among this many most likely tokens and sorts the whole vocabulary only when they hold too
 # little mass: a full sort of 32 x 49k logits costs more than the rest of a small model's decoding step.
@@ -35,6 +39,7 @@ class SamplingParams:
     # answer follows (None: no budget). in_thinking: the prompt already opened <think> (R1's chat template).
     thinking_token_budget: int | None = None
     in_thinking: bool = False
+    constraint: Constraint | None = None  # a grammar every sample's output must match (sputnik.engine.grammar)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

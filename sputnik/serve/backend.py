@@ -18,6 +18,7 @@ from sputnik.engine import Engine, SamplingParams
 from sputnik.r1 import join_deltas
 from sputnik.serve import sse
 from sputnik.serve.protocol import APIError
+from sputnik.serve.tool_parser import HermesWriter
 
 
 @dataclass
@@ -204,6 +205,7 @@ class UpstreamBackend:
         body = dict(job.upstream_body, stream=True, stream_options={"include_usage": True})
         chat = "messages" in body
         in_reasoning: dict[int, bool] = {}
+        calls: dict[int, HermesWriter] = {}
         self._inflight += 1
         try:
             async with self.client.stream("POST", f"{self.url}/{'chat/completions' if chat else 'completions'}",
@@ -238,6 +240,10 @@ class UpstreamBackend:
                             text = delta.get("content") or ""
                             # Re-wrap a split the upstream made, so one splitter in front handles every backend.
                             out, in_reasoning[i] = join_deltas(thought, text, in_reasoning.get(i, False))
+                            writer = calls.setdefault(i, HermesWriter())
+                            out += writer.push(delta.get("tool_calls") or [])
+                            if c.get("finish_reason"):
+                                out += writer.close()
                             logprobs = (c.get("logprobs") or {}).get("content")
                         else:
                             out, logprobs = c.get("text") or "", None

@@ -12,6 +12,7 @@ from pydantic_core import PydanticCustomError
 
 from sputnik.engine.sampling import SamplingParams
 from sputnik.r1 import strip_reasoning
+from sputnik.serve.tool_types import JSONSchemaFormat, Tool, ToolCall, ToolChoice
 
 
 class APIError(Exception):
@@ -89,6 +90,8 @@ class ChatMessage(BaseModel):
     reasoning: str | None = None  # OpenRouter's and vLLM's name
     name: str | None = None
     prefix: bool = False  # DeepSeek's /beta chat prefix completion: the answer continues this assistant message
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # the call a tool message answers
 
     def text(self) -> str:
         if self.content is None:
@@ -111,7 +114,15 @@ class ResponseFormat(BaseModel):
 
     model_config = _CONFIG
 
-    type: Literal["text", "json_object"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _json_schema_with_its_type(cls, value: JSONSchemaFormat | None, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("type") != "json_schema":
+            raise PydanticCustomError("json_schema", "only allowed when type is json_schema")
+        return value
 
 
 class Thinking(BaseModel):
@@ -191,6 +202,9 @@ class ChatCompletionRequest(_SamplingFields):
     reasoning_effort: Literal[EFFORTS] | None = None  # type: ignore[valid-type]
     thinking_token_budget: int | None = Field(None, ge=0)  # vLLM's name
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: enable_thinking / thinking (bool) are read
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -343,6 +357,10 @@ def prompt_messages(messages: list[ChatMessage]) -> list[dict]:
         if m.role == "assistant":
             content = strip_reasoning(content)
         out.append({"role": role, "content": content})
+        if m.tool_calls:
+            out[-1]["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            out[-1]["tool_call_id"] = m.tool_call_id
     return out
 
 

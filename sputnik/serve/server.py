@@ -180,6 +180,6 @@ def usage(prompt: int, completion: int, reasoning: int, cached: int = 0) -> dict
 
 def upstream_body(body: ChatCompletionRequest | CompletionRequest, model: str, **fields: Any) -> dict:
     """The body to forward upstream: the request's fields that have a value, for the model the upstream serves."""
-    sent = body.model_dump(exclude_none=True, exclude={"messages", "prompt", "stream", "stream_options", "model",
+    sent = body.model_dump(exclude_none=True, by_alias=True, exclude={"messages", "prompt", "stream", "stream_options", "model",
                                                         "user"})
     return {"model": model, **sent, **fields}

@@ -256,7 +256,22 @@
     ALLOW_DATA_ATTR: false,
   };
 
+  // A tool call the model wrote (Hermes/Qwen `<tool_call>{"name", "arguments"}</tool_call>`) as a labelled JSON
+  // block: the page shows calls, it never runs them. An unfinished call (still streaming) shows as written so far.
+  function showToolCalls(text) {
+    return text.replace(/<tool_call>\s*([\s\S]*?)\s*(?:<\/tool_call>|$)/g, (all, body) => {
+      let name = '', args = body;
+      try {
+        const call = JSON.parse(body);
+        name = String(call.name || '');
+        args = JSON.stringify(call.arguments ?? call.parameters ?? {}, null, 2);
+      } catch (e) { /* not (yet) JSON: show the text as it is */ }
+      return `\n\n**${t('tool_call')}** \`${name.replace(/`/g, '')}\`\n\n\`\`\`json\n${args}\n\`\`\`\n\n`;
+    });
+  }
+
   function renderMarkdown(el, text, final = true) {
+    text = showToolCalls(text);
     if (!haveMarkdown) { el.textContent = text; return; } // never show unsanitized HTML
     el.innerHTML = DOMPurify.sanitize(marked.parse(text), PURIFY);
     decorateCode(el, final);
