@@ -1,10 +1,15 @@
-"""Decode speed of the default model (SmolLM2-135M, fp32): sputnik against transformers and llama.cpp, in one run.
+"""Decode speed of the default model (SmolLM2-135M, fp32 and its GGUF's own Q4_1/Q8_0 blocks): sputnik against
+transformers and llama.cpp, in one run.
 
 B=1 greedy and B=32 sampled, 128 new tokens each, for sputnik's engine eager (the default) and with its compiled decode
 step (`--compile`; the compile itself is timed apart). Ceilings measured in the same run: at B=1 decoding reads every
 weight once per token (memory bandwidth / weight bytes); at B=32 it is arithmetic (matmul rate / 2·params per token).
 
     python benchmarks/decode.py [--model smollm2-135m-instruct] [--repeats 3] [--new-tokens 128] [--no-compile]
+
+"sputnik Q4_1" runs the file's blocks as they are (sputnik.kernels); its memory (q_rss_mb: resident MB after loading
+the model and tokenizer and decoding 8 tokens, less the process's RSS after importing torch) is measured in a child
+process, so the fp32 copies here do not count.
 """
 
 from __future__ import annotations
@@ -55,6 +60,22 @@ def matmul_gflops(model_dim: int, inter: int, batch: int = 32, repeats: int = 20
     return 2 * batch * model_dim * inter * n / t / 1e9
 
 
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def quantized_rss(path: str, prompt: list[int]) -> dict[str, float]:
+    """RSS (MB) of a fresh process that loads the model quantized and decodes 8 tokens, and of torch alone."""
+    base = rss_mb()
+    model = load_model(path, quantize="auto")
+    Engine(model, Tokenizer.load(path)).generate([prompt], SamplingParams(max_tokens=8, temperature=0))
+    total = rss_mb()
+    return {"rss_mb": total, "torch_mb": base, "q_rss_mb": total - base}
+
+
 def llamacpp_b1(path: str, prompt: list[int], N: int, repeats: int) -> float:
     try:
         from llama_cpp import Llama
@@ -81,7 +102,11 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled engine (saves its compile)")
     ap.add_argument("--llamacpp-only", action="store_true", help=argparse.SUPPRESS)  # the child process
     ap.add_argument("--prompt-ids", default="[]", help=argparse.SUPPRESS)
+    ap.add_argument("--rss-only", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args()
+    if args.rss_only:
+        print(json.dumps(quantized_rss(args.model, json.loads(args.prompt_ids))))
+        return
     if args.llamacpp_only:
         print(json.dumps({"b1": llamacpp_b1(args.model, json.loads(args.prompt_ids), args.new_tokens, args.repeats)}))
         return
@@ -100,8 +125,11 @@ def main() -> None:
     sampled = SamplingParams(max_tokens=N, temperature=0.7, top_p=0.95, ignore_eos=True, seed=0)
     results: dict[str, dict[str, float]] = {}
     compile_s = None
-    for name in ["sputnik"] + ([] if args.no_compile else ["sputnik --compile"]):
-        engine = Engine(model, tok, max_batch=B, compile=name.endswith("compile"))
+    qmodel = load_model(path, quantize="auto") if path.suffix == ".gguf" else None
+    runs = ["sputnik"] + ([] if args.no_compile else ["sputnik --compile"]) + (["sputnik Q4_1"] if qmodel else [])
+    for name in runs:
+        engine = Engine(qmodel if name.endswith("Q4_1") else model, tok, max_batch=B,
+                        compile=name.endswith("compile"))
         t = time.perf_counter()
         for prompts in (chats[:1], chats[:2]):  # warm up (and compile: one graph for one row, one for several)
             engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0))
@@ -147,6 +175,12 @@ def main() -> None:
                (child.stderr.strip().splitlines() or [f"exit {child.returncode}"])[-1])
         print(f"llama.cpp column skipped: {why}")
 
+    memory = None
+    if qmodel is not None:
+        child = subprocess.run([sys.executable, __file__, "--rss-only", "--model", str(path),
+                                "--prompt-ids", json.dumps(chats[0])], capture_output=True, text=True, check=False)
+        memory = json.loads(child.stdout.strip().splitlines()[-1]) if child.returncode == 0 else None
+
     bw = memory_bandwidth_gbs()
     gflops = matmul_gflops(model.cfg.dim, model.cfg.inter_dim, B)
     ceiling_b1 = bw * 1e9 / weight_bytes
@@ -159,6 +193,9 @@ def main() -> None:
           f" B={B} {ceiling_b32:.1f} tok/s ({gflops:.1f} GFLOP/s / {2 * params_count / 1e9:.2f} GFLOP)")
     if compile_s is not None:
         print(f"compiled decode: {compile_s:.0f} s to compile and warm up (once a process; graphs are cached on disk)")
+    if memory:
+        print(f"quantized: {memory['q_rss_mb']:.0f} MB resident after load + 8 tokens (above torch's "
+              f"{memory['torch_mb']:.0f} MB); the GGUF file is {path.stat().st_size / 2**20:.0f} MB")
     print(f"{'engine':<20}{'B=1 tok/s':>12}{'of ceiling':>12}{f'B={B} tok/s':>13}{'of ceiling':>12}")
     for name, r in results.items():
         b32 = r.get("b32")
@@ -175,8 +212,21 @@ def main() -> None:
         "bandwidth_gb_s": round(bw, 2),
         "matmul_gflop_s": round(gflops, 2),
     }
+    if "sputnik Q4_1" in results:
+        q = results["sputnik Q4_1"]
+        figures.update(q_b1_tok_s=round(q["b1"], 2), q_b32_tok_s=round(q["b32"], 2),
+                       q_b1_vs_fp32=round(q["b1"] / results["sputnik"]["b1"], 3),
+                       q_b32_vs_fp32=round(q["b32"] / results["sputnik"]["b32"], 3),
+                       gguf_mb=round(path.stat().st_size / 2**20, 1))
+        if memory:
+            figures.update(q_rss_mb=round(memory["q_rss_mb"], 1), q_rss_total_mb=round(memory["rss_mb"], 1))
+        if "llama.cpp (Q4_1)" in results:
+            figures["q_b1_vs_llamacpp"] = round(q["b1"] / results["llama.cpp (Q4_1)"]["b1"], 3)
+    if "llama.cpp (Q4_1)" not in results:
+        figures["llamacpp"] = "unavailable"
     # The *_vs_* ratios take sputnik's faster engine per column (compiled where measured); *_eager_* the default.
-    best = {k: max(r[k] for n, r in results.items() if n.startswith("sputnik")) for k in ("b1", "b32")}
+    best = {k: max(r[k] for n, r in results.items() if n.startswith("sputnik") and "Q4_1" not in n)
+            for k in ("b1", "b32")}
     if compile_s is not None:
         c = results["sputnik --compile"]
         figures.update(sputnik_compiled_b1_tok_s=round(c["b1"], 2), sputnik_compiled_b32_tok_s=round(c["b32"], 2),

@@ -521,13 +521,14 @@ class Transformer(nn.Module):
         rope_dim = cfg.qk_rope_head_dim if cfg.is_mla else cfg.head_dim
         self.rotary = Rotary(rope_dim, cfg.rope_theta, cfg.rope_scaling, interleave=cfg.is_mla and cfg.rope_interleave)
 
+    # Read off the final norm: lm_head may be a quantized layer with no float weight (sputnik.kernels).
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.norm.weight.dtype
 
     def hidden(self, tokens: Tensor, positions: Tensor | None = None, cache: Cache | None = None,
                mask: Tensor | Unpadded | None = None) -> Tensor:

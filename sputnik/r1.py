@@ -163,12 +163,14 @@ class ReasoningSplitter:
     """Splits streamed model output, `<think>reasoning</think>content`, into reasoning and content deltas, holding
     back text only while it could still turn out to be a tag, so no piece of a tag ever reaches either stream."""
 
-    def __init__(self, in_reasoning: bool = False, start: str = THINK_OPEN, end: str = THINK_CLOSE):
+    def __init__(self, in_reasoning: bool = False, start: str = THINK_OPEN, end: str = THINK_CLOSE,
+                 continued: bool = False):
         self.start, self.end = start, end
         self._state = _REASONING if in_reasoning else _START
         self._opened = in_reasoning
-        # R1 writes "<think>\n...\n</think>\n\n": the whitespace right after either tag is layout, not text.
-        self._strip = in_reasoning
+        # R1 writes "<think>\n...\n</think>\n\n": the whitespace right after either tag is layout, not text. An
+        # output that continues a thought already begun (a prefix) has no tag before it: its whitespace is text.
+        self._strip = in_reasoning and not continued
         self._held = ""
 
     @property

@@ -85,6 +85,23 @@ def test_shape_mismatch_names_file_tensor_and_both_shapes(tmp_path):
     assert ("has (32, 37)" in msg and "expects (32, 40)" in msg) or ("has (37, 32)" in msg and "expects (40, 32)" in msg)
 
 
+@pytest.mark.parametrize("flags,bf16", [
+    ({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"}, True),  # Zen 4 / Cooper Lake: AVX512-BF16 dot products
+    ({"avx2", "avx512f", "amx_tile", "amx_bf16", "amx_int8"}, True),  # Sapphire Rapids: AMX tiles
+    ({"avx2", "fma", "avx512f", "avx512_vnni"}, False),  # AVX-512 without bf16 (Ice Lake): fp32 is faster
+    ({"avx2", "fma", "f16c"}, False),  # Zen 2/3, most laptops
+    (set(), False),
+])
+def test_dtype_auto_per_cpu_flag(flags, bf16):
+    import torch
+
+    from sputnik.device import fast_bf16, pick_dtype
+
+    assert fast_bf16("cpu", flags) is bf16
+    assert pick_dtype("auto", "cpu", flags) == (torch.bfloat16 if bf16 else torch.float32)
+    assert pick_dtype("float32", "cpu", flags) == torch.float32  # an explicit dtype is never overridden
+
+
 def test_dtype_auto_is_bf16_only_where_the_device_multiplies_it_natively():
     import torch
 
@@ -92,8 +109,10 @@ def test_dtype_auto_is_bf16_only_where_the_device_multiplies_it_natively():
     from sputnik.device import pick_dtype
     from sputnik.serve.config import ServeConfig
 
-    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-    assert pick_dtype("auto", "cpu") == (torch.bfloat16 if amx else torch.float32)
+    from sputnik.device import BF16_CPU_FLAGS, cpu_flags
+
+    native = any(f in cpu_flags() for f in BF16_CPU_FLAGS)
+    assert pick_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
     assert pick_dtype("bf16", "cpu") == torch.bfloat16 and pick_dtype("float32", "cuda") == torch.float32
     with pytest.raises(ValueError, match="unknown dtype 'int4'"):
         pick_dtype("int4", "cpu")

@@ -11,8 +11,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sputnik"
 
 # Lowest first. A unit is a top-level module or package of sputnik; everything inside a package shares its layer.
 LAYERS = [
-    # no sputnik imports
-    ["sputnik.device", "sputnik.config", "sputnik.machine", "sputnik.r1", "sputnik.seeds", "sputnik.settings"],
+    # no sputnik imports (kernels: block-format linear layers, a C++ extension)
+    ["sputnik.device", "sputnik.config", "sputnik.machine", "sputnik.r1", "sputnik.seeds", "sputnik.settings",
+     "sputnik.kernels"],
     ["sputnik.tokenizer", "sputnik.tasks", "sputnik.rewards"],  # text: tokens, problems, verifiable rewards
     ["sputnik.model"],  # the transformer and its cache interface
     ["sputnik.checkpoint", "sputnik.engine"],  # weights in and out; batched generation

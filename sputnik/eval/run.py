@@ -13,6 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from sputnik.engine import Engine, SamplingParams
+from sputnik.engine.grammar import json_answer
 from sputnik.r1 import GRADINGS, TEMPERATURE, THINK_MODES, THINK_OPEN, TOP_P, opens_thinking, think_prompt
 from sputnik.rewards import chain_of_thought, format_reward, language_reward
 from sputnik.settings import option
@@ -241,6 +242,9 @@ def evaluate(model, tokenizer, cfg: EvalConfig, out_dir: str | Path | None = Non
                                               top_p=cfg.top_p, n=cfg.k, seed=cfg.seed)))
     total = sum(len(problems) * p.n for _, p in runs)
     bar = tqdm(total=total, desc=f"eval {cfg.task}", unit="seq", disable=not progress)
+    if task.output_schema is not None:  # every prompt is rendered alike, so the first says whether it thinks
+        for _, params in runs:
+            params.constraint = json_answer(task.output_schema, tokenizer, prompts[0][1])
     for kind, params in runs:
         per_batch = max(1, cfg.batch // params.n)
         for s in range(0, len(problems), per_batch):

@@ -11,9 +11,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from sputnik.device import pick_device, pick_dtype
+from sputnik.serve.anthropic import anthropic_error, anthropic_router
 from sputnik.serve.backend import EngineBackend, UpstreamBackend
+from sputnik.serve.beta import beta_router
 from sputnik.serve.chat import chat_router
 from sputnik.serve.completions import completions_router
 from sputnik.serve.config import ServeConfig
@@ -21,6 +24,7 @@ from sputnik.serve.keys import KeyStore, RateLimiter
 from sputnik.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from sputnik.serve.server import Backend, Server, error_response
 from sputnik.serve.status import status_router
+from sputnik.serve.tokens import DetokenizeRequest, TokenizeRequest, tokens_router
 
 
 def load_backend(cfg: ServeConfig) -> Backend:
@@ -96,23 +100,38 @@ def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], B
     app.state.server = server
     if cfg.cors_origin:
         app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origin, allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type"], allow_credentials=False)
+                           allow_headers=["Authorization", "Content-Type", "x-api-key", "anthropic-version"], allow_credentials=False)
     app.add_middleware(_BodyLimit, max_bytes=cfg.max_body_bytes)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http_error)
     app.include_router(status_router(server))
     app.include_router(chat_router(server))
     app.include_router(completions_router(server))
+    app.include_router(beta_router(server))
+    app.include_router(tokens_router(server))
+    app.include_router(anthropic_router(server))
     return app
 
 
 async def _api_error(request: Request, e: APIError) -> JSONResponse:
+    if request.url.path.startswith("/anthropic/"):
+        return anthropic_error(e)
     return error_response(e)
+
+
+async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+    # Starlette's own refusals (a body that is not UTF-8 JSON, an unknown route) in the same OpenAI shape.
+    response = error_response(APIError(e.status_code, str(e.detail), type="invalid_request_error"))
+    response.headers.update(e.headers or {})
+    return response
 
 
 async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
     # One validation path: re-run ours on the raw body for an OpenAI-style message naming the parameter.
-    model = ChatCompletionRequest if request.url.path.endswith("chat/completions") else CompletionRequest
+    path = request.url.path
+    model = (ChatCompletionRequest if path.endswith("chat/completions") else TokenizeRequest
+             if path.endswith("/tokenize") else DetokenizeRequest if path.endswith("/detokenize") else CompletionRequest)
     try:
         parse_request(model, e.body)
     except APIError as err:

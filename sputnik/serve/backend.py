@@ -12,10 +12,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from sputnik.engine import Engine, SamplingParams
 from sputnik.r1 import join_deltas
 from sputnik.serve import sse
 from sputnik.serve.protocol import APIError
+from sputnik.serve.tool_parser import HermesWriter
 
 
 @dataclass
@@ -40,6 +43,7 @@ class Job:
     logprobs: bool = False  # report each token's log-prob (and params.logprobs alternatives)
     prompt_tokens: int = 0  # known up front for the engine, from the upstream's usage otherwise
     completion_tokens: int = 0  # from the upstream's usage (the engine counts Piece.tokens)
+    cached_tokens: int = 0  # prompt tokens the prefix cache supplied (the engine's, or the upstream's usage)
     upstream_body: dict[str, Any] = field(default_factory=dict)
 
 
@@ -119,6 +123,7 @@ class EngineBackend:
                 if first[d.sample]:
                     first[d.sample] = False
                     piece.queue_s = max(0.0, seqs[d.sample].admitted_at - started)
+                    job.cached_tokens = seqs[d.sample].cached_tokens
                 if d.finish_reason is not None:
                     finished += 1
                 yield piece
@@ -127,6 +132,19 @@ class EngineBackend:
             if finished < job.choices:
                 self.engine.abort(key)
                 self._wake.set()
+
+    def score(self, ids: list[int], top: int) -> list[dict]:
+        """The prompt's tokens as log-prob entries (the first has none: nothing precedes it), for echo. Runs the model
+        on the caller's thread, beside the engine's, through the one per-token log-prob path."""
+        from sputnik.train.logprobs import scored_logprobs
+
+        with torch.inference_mode():
+            logps, alts = scored_logprobs(self.engine.model, ids, top)
+        first = self.tokenizer.decode([ids[0]])
+        entries = [{"token": first, "logprob": None, "bytes": list(first.encode()), "top_logprobs": None}]
+        for i, t in enumerate(ids[1:]):
+            entries.append(self._entry(t, logps[i], alts[i] if top else []))
+        return entries
 
     def _entry(self, token_id: int, logprob: float, top) -> dict:
         tok = self.tokenizer.decode([token_id]) if self.tokenizer else str(token_id)
@@ -138,6 +156,12 @@ class EngineBackend:
 def _finite(logprob: float) -> float:
     # JSON has no -inf: OpenAI reports impossible tokens as -9999.
     return logprob if logprob > -9999.0 else -9999.0
+
+
+def _cached(u: dict) -> int:
+    """Cached prompt tokens from an upstream's usage: DeepSeek's field, else OpenAI's."""
+    details = u.get("prompt_tokens_details") or {}
+    return int(u.get("prompt_cache_hit_tokens") or details.get("cached_tokens") or 0)
 
 
 def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
@@ -181,6 +205,7 @@ class UpstreamBackend:
         body = dict(job.upstream_body, stream=True, stream_options={"include_usage": True})
         chat = "messages" in body
         in_reasoning: dict[int, bool] = {}
+        calls: dict[int, HermesWriter] = {}
         self._inflight += 1
         try:
             async with self.client.stream("POST", f"{self.url}/{'chat/completions' if chat else 'completions'}",
@@ -206,6 +231,7 @@ class UpstreamBackend:
                     if chunk.get("usage"):
                         job.prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
                         job.completion_tokens = chunk["usage"].get("completion_tokens", 0)
+                        job.cached_tokens = _cached(chunk["usage"])
                     for c in chunk.get("choices", []):
                         i = c.get("index", 0)
                         if chat:
@@ -214,6 +240,10 @@ class UpstreamBackend:
                             text = delta.get("content") or ""
                             # Re-wrap a split the upstream made, so one splitter in front handles every backend.
                             out, in_reasoning[i] = join_deltas(thought, text, in_reasoning.get(i, False))
+                            writer = calls.setdefault(i, HermesWriter())
+                            out += writer.push(delta.get("tool_calls") or [])
+                            if c.get("finish_reason"):
+                                out += writer.close()
                             logprobs = (c.get("logprobs") or {}).get("content")
                         else:
                             out, logprobs = c.get("text") or "", None

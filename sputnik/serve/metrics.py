@@ -22,6 +22,10 @@ class Metrics:
                                registry=r)
         self.e2e = Histogram("sputnik_request_seconds", "Whole request", buckets=_LATENCY, registry=r)
         self.prompt_tokens = Counter("sputnik_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.cache_hit_tokens = Counter("sputnik_prompt_cache_hit_tokens", "Prompt tokens served from the prefix cache",
+                                        registry=r)
+        self.cache_miss_tokens = Counter("sputnik_prompt_cache_miss_tokens", "Prompt tokens computed (prefix cache "
+                                         "misses)", registry=r)
         self.generation_tokens = Counter("sputnik_generation_tokens", "Tokens generated", registry=r)
         self.requests = Counter("sputnik_requests", "Finished requests by outcome", ["outcome"], registry=r)
         self.running = Gauge("sputnik_requests_running", "Sequences in the running batch", registry=r)

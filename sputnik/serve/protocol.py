@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from sputnik.engine.sampling import SamplingParams
 from sputnik.r1 import strip_reasoning
+from sputnik.serve.tool_types import JSONSchemaFormat, Tool, ToolCall, ToolChoice
 
 
 class APIError(Exception):
@@ -37,6 +39,36 @@ _CONFIG = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value: Any, path: str = "") -> str | None:
+    """Where a decoded JSON value holds a lone UTF-16 surrogate (JSON's "\\ud800" escape decodes to one), as
+    `messages[0].content`; None when there is none. Such a string is not text: no encoder, tokenizer or database
+    takes it, so it is refused up front for every field, including ones added later."""
+    if isinstance(value, str):
+        return (path or "body") if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = lone_surrogate(key, path) or lone_surrogate(item, f"{path}.{key}" if path else str(key))
+            if where is not None:
+                return where
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            where = lone_surrogate(item, f"{path}[{i}]")
+            if where is not None:
+                return where
+    return None
+
+
+def refuse_lone_surrogates(data: Any) -> Any:
+    """A `model_validator(mode="before")` body: the raw input unchanged, or a validation error naming the field."""
+    where = lone_surrogate(data)
+    if where is not None:
+        raise PydanticCustomError("lone_surrogate", "{where}: holds a lone UTF-16 surrogate, which is not text",
+                                  {"where": where})
+    return data
+
 
 class TextPart(BaseModel):
     """One part of a multi-part message content; only text parts are understood."""
@@ -57,6 +89,9 @@ class ChatMessage(BaseModel):
     reasoning_content: str | None = None  # DeepSeek's name
     reasoning: str | None = None  # OpenRouter's and vLLM's name
     name: str | None = None
+    prefix: bool = False  # DeepSeek's /beta chat prefix completion: the answer continues this assistant message
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # the call a tool message answers
 
     def text(self) -> str:
         if self.content is None:
@@ -79,7 +114,35 @@ class ResponseFormat(BaseModel):
 
     model_config = _CONFIG
 
-    type: Literal["text", "json_object"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _json_schema_with_its_type(cls, value: JSONSchemaFormat | None, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("type") != "json_schema":
+            raise PydanticCustomError("json_schema", "only allowed when type is json_schema")
+        return value
+
+
+class Thinking(BaseModel):
+    """DeepSeek's (and Anthropic's) thinking switch: {"type": "enabled" | "disabled"}, with Anthropic's budget."""
+
+    model_config = _CONFIG
+
+    type: Literal["enabled", "disabled"]
+    budget_tokens: int | None = Field(None, ge=0)
+
+
+# OpenAI's reasoning_effort values; DeepSeek maps minimal/low to low, medium/high/xhigh to high, and has max.
+EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+# sputnik's models have no effort switch of their own: an effort is a thinking budget (None: unbounded).
+EFFORT_BUDGET: dict[str, int | None] = {"low": 1024, "high": 8192, "max": None}
+
+
+def effort_level(effort: str) -> str:
+    """DeepSeek's mapping of a reasoning_effort onto the levels it has: low, high, max (or none: no thinking)."""
+    return {"minimal": "low", "medium": "high", "xhigh": "high"}.get(effort, effort)
 
 
 class _SamplingFields(BaseModel):
@@ -104,6 +167,11 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_text(cls, data: Any) -> Any:
+        return refuse_lone_surrogates(data)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -130,6 +198,13 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    thinking: Thinking | None = None  # DeepSeek's switch (the openai client sends it through extra_body)
+    reasoning_effort: Literal[EFFORTS] | None = None  # type: ignore[valid-type]
+    thinking_token_budget: int | None = Field(None, ge=0)  # vLLM's name
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: enable_thinking / thinking (bool) are read
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -139,13 +214,19 @@ class ChatCompletionRequest(_SamplingFields):
         return value
 
 
-class CompletionRequest(_SamplingFields):
-    """A request to the legacy /v1/completions."""
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
-    prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
+
+class CompletionRequest(_SamplingFields):
+    """A request to the legacy /v1/completions: text or token ids (lm-eval sends ids), one prompt or a batch."""
+
+    prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)] | TokenIds | Annotated[
+        list[TokenIds], Field(min_length=1)]
+    # OpenAI's default for this endpoint; 0 with echo scores the prompt alone (lm-eval's loglikelihood)
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=5)  # the legacy API's number of top log-probs per token
     echo: bool = False
+    suffix: str | None = None  # fill-in-the-middle: the text after the hole (/beta/completions)
 
 
 @dataclass
@@ -242,6 +323,9 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, limits: Limi
 
     # A long prompt leaves less room: generate up to the end of the context rather than refuse.
     max_tokens = min(completion_budget(req, limits), context - prompt_tokens)
+    if max_tokens == 0:
+        raise APIError(400, "max_tokens is 0: only /v1/completions with echo scores a prompt without generating",
+                       param="max_tokens")
 
     try:
         return SamplingParams(
@@ -273,4 +357,41 @@ def prompt_messages(messages: list[ChatMessage]) -> list[dict]:
         if m.role == "assistant":
             content = strip_reasoning(content)
         out.append({"role": role, "content": content})
+        if m.tool_calls:
+            out[-1]["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            out[-1]["tool_call_id"] = m.tool_call_id
     return out
+
+
+@dataclass
+class ThinkingChoice:
+    """What a chat request asks of the thought: whether to think, and for how many tokens at most."""
+
+    enabled: bool = True
+    budget: int | None = None
+
+
+def thinking_choice(req: ChatCompletionRequest) -> ThinkingChoice:
+    """The request's thinking switch, effort and budget as one decision. Thinking is on unless switched off
+    (DeepSeek's default); an effort sets a budget unless one is given; a budget with thinking off is a 400."""
+    enabled = True
+    kwargs = req.chat_template_kwargs or {}
+    for key in ("enable_thinking", "thinking"):
+        if key in kwargs:
+            if not isinstance(kwargs[key], bool):
+                raise APIError(400, f"chat_template_kwargs.{key} must be true or false",
+                               param=f"chat_template_kwargs.{key}")
+            enabled = kwargs[key]
+    if req.thinking is not None:
+        enabled = req.thinking.type == "enabled"
+    if req.reasoning_effort == "none":
+        enabled = False
+    budget = req.thinking_token_budget
+    if budget is None and req.thinking is not None:
+        budget = req.thinking.budget_tokens
+    if budget is not None and not enabled:
+        raise APIError(400, "a thinking budget was given but thinking is disabled", param="thinking")
+    if budget is None and req.reasoning_effort not in (None, "none"):
+        budget = EFFORT_BUDGET[effort_level(req.reasoning_effort)]
+    return ThinkingChoice(enabled, budget)

@@ -74,6 +74,7 @@ class Server:
         if self.keys is not None:
             header = request.headers.get("authorization", "")
             token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+            token = token or request.headers.get("x-api-key", "").strip()  # Anthropic's header, the same keys
             record = self.keys.verify(token) if token else None
             if record is None:
                 raise APIError(401, "invalid or missing API key: send `Authorization: Bearer sk-…`",
@@ -129,6 +130,8 @@ class Server:
                 yield item
             outcome = "ok"
             self.metrics.prompt_tokens.inc(sum(j.prompt_tokens for j in jobs))
+            self.metrics.cache_hit_tokens.inc(sum(j.cached_tokens for j in jobs))
+            self.metrics.cache_miss_tokens.inc(sum(j.prompt_tokens - j.cached_tokens for j in jobs))
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"
             raise
@@ -167,13 +170,16 @@ def event_stream(events: AsyncIterator[bytes]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def usage(prompt: int, completion: int, reasoning: int) -> dict:
+def usage(prompt: int, completion: int, reasoning: int, cached: int = 0) -> dict:
+    """OpenAI's usage with DeepSeek's context-cache fields: hit + miss = prompt tokens, hit = OpenAI's cached."""
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_cache_hit_tokens": cached, "prompt_cache_miss_tokens": prompt - cached,
+            "prompt_tokens_details": {"cached_tokens": cached},
             "completion_tokens_details": {"reasoning_tokens": reasoning}}
 
 
 def upstream_body(body: ChatCompletionRequest | CompletionRequest, model: str, **fields: Any) -> dict:
     """The body to forward upstream: the request's fields that have a value, for the model the upstream serves."""
-    sent = body.model_dump(exclude_none=True, exclude={"messages", "prompt", "stream", "stream_options", "model",
+    sent = body.model_dump(exclude_none=True, by_alias=True, exclude={"messages", "prompt", "stream", "stream_options", "model",
                                                         "user"})
     return {"model": model, **sent, **fields}

@@ -15,6 +15,11 @@ def event(obj: Any) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
 
+def named_event(name: str, obj: Any) -> bytes:
+    """An event with a type line, as Anthropic's streaming API frames them: `event: NAME` then `data: {json}`."""
+    return f"event: {name}\ndata: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
 def event_data(line: str) -> str | None:
     """The payload of a `data:` line of a stream read back (None for comments and other fields)."""
     return line[5:].strip() if line.startswith("data:") else None

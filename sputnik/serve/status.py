@@ -19,8 +19,8 @@ def status_router(server: Server) -> APIRouter:
         status = "error" if server.error else "loading"
         return JSONResponse({"status": status, "error": server.error}, status_code=503)
 
-    @router.get("/metrics")
-    async def metrics_text():
+    @router.get("/metrics")  # an API key, as for every route that shows how the server is used
+    async def metrics_text(_: KeyRecord | None = Depends(server.authorize)):
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @router.get("/v1/models")

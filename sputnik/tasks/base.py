@@ -144,6 +144,8 @@ class Task:
     extract_order: tuple[str, ...] = EXTRACTORS
     chat_suffix: str = BOXED_SUFFIX  # appended to the prompt in the chat template unless `suffix` is given
     language: str = "en"  # the prompts' language, which the reasoning should keep (rewards.SCRIPTS)
+    # A JSON Schema every answer must match: eval and GRPO then sample under it (grammar-constrained decoding).
+    output_schema: dict | None = None
 
     def problems(self, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
         """`n` problems of `split`, the same for the same seed; train and test never share a problem."""

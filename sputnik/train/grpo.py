@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from sputnik.engine import Engine, SamplingParams
+from sputnik.engine.grammar import json_answer
 from sputnik.eval.run import EvalConfig, evaluate, prompt_ids, thinking
 from sputnik.r1 import GRADINGS, THINK_MODES, answer_part
 from sputnik.rewards import combine
@@ -189,6 +190,8 @@ class GRPOObjective(RankAware):
         seed = mix(self.seed, step * 1009, attempt * 31, self.rank, bits=31)
         params = SamplingParams(max_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
                                 top_k=c.top_k, n=G, seed=seed)
+        if self.task.output_schema is not None:  # a task that answers in JSON samples under its schema
+            params.constraint = json_answer(self.task.output_schema, self.tok, self.prompts[idx[0]][1])
         return engine.generate([self.prompts[i][0] for i in idx], params)
 
     def _rollout(self, model, step: int, attempt: int) -> list[list[Rollout]]:

@@ -19,8 +19,10 @@ def positions_from_mask(attn_mask: Tensor) -> Tensor:
 
 
 def _tempered_probs(h: Tensor, weight: Tensor, targets: Tensor, temperature: float, dtype: torch.dtype,
-                    entropy: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """p = softmax(h W^T / T) [N, V] in fp32, log p[target] [N] and (optionally) the entropy [N].
+                    entropy: bool, top: int = 0) -> tuple[Tensor, Tensor, Tensor | None]:
+    """p = softmax(h W^T / T) [N, V] in fp32, log p[target] [N] and (optionally) the entropy [N]. With top > 0 the
+    third value is instead the `top` largest log-probs and their ids ([N, top] each), computed exactly as
+    log p[target] is, so a target that is the most likely token has the same value in both.
 
     Works in place on two [N, V] buffers: on a CPU every fresh buffer of that size costs as much in page faults
     as the arithmetic done on it."""
@@ -34,6 +36,9 @@ def _tempered_probs(h: Tensor, weight: Tensor, targets: Tensor, temperature: flo
     p.div_(total)
     log_total = total.log().squeeze(-1)
     ent = log_total - torch.linalg.vecdot(p, z) if entropy else None  # H = log sum e^z - sum p z (z shifted)
+    if top:
+        vals, idx = z.topk(top, -1)
+        return p, picked - log_total, (vals - log_total[:, None], idx)
     return p, picked - log_total, ent
 
 
@@ -154,6 +159,27 @@ def token_logprobs(
     zeros = torch.zeros(B, n, dtype=torch.float32, device=tokens.device)
     logp, ent = zeros.masked_scatter(scored, lp), zeros.masked_scatter(scored, en)
     return (logp, ent) if entropy else logp
+
+
+@torch.no_grad()
+def scored_logprobs(model: Transformer, ids: list[int], top: int = 0, chunk: int = 1024
+                    ) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Score a whole sequence, for a server that echoes a prompt with its log-probs: column t is
+    log p(ids[t + 1] | ids[:t + 1]) (as token_logprobs, at temperature 1), with the `top` most likely
+    (token, log-prob) alternatives at each column. The same tempered head as head_logprobs, chunk by chunk."""
+    tokens = torch.tensor([ids], dtype=torch.long, device=model.device)
+    h = model.model.norm(model.hidden(tokens)[0, :-1])
+    targets = tokens[0, 1:]
+    weight = model.lm_head.weight
+    logps: list[float] = []
+    alts: list[list[tuple[int, float]]] = []
+    for c0 in range(0, h.shape[0], chunk):
+        _, lp, best = _tempered_probs(h[c0 : c0 + chunk], weight, targets[c0 : c0 + chunk], 1.0, h.dtype, False, top)
+        logps += lp.tolist()
+        if top:
+            vals, idx = best
+            alts += [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+    return logps, alts
 
 
 def completion_mask(

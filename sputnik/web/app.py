@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fastapi import FastAPI
-from fastapi.staticfiles import StaticFiles
 
 from sputnik.serve.app import ServeConfig, create_app, load_backend
 from sputnik.serve.server import Backend, Server
@@ -14,7 +13,7 @@ from sputnik.web.auth import Auth
 from sputnik.web.chat import chat_router
 from sputnik.web.db import Database, database_url
 from sputnik.web.oidc import providers_from_env
-from sputnik.web.page import STATIC, page_router
+from sputnik.web.page import STATIC, HTMLHeaders, Static, page_router
 from sputnik.web.routes import web_router
 
 
@@ -24,6 +23,7 @@ def build_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], Ba
     app = create_app(cfg, loader=loader)
     if not cfg.no_web:
         add_web(app, cfg, app.state.server)
+    app.add_middleware(HTMLHeaders)  # every HTML answer, /docs too, carries a CSP
     return app
 
 
@@ -35,5 +35,5 @@ def add_web(app: FastAPI, cfg: ServeConfig, server: Server) -> None:
     app.include_router(web_router(db, providers, auth=auth, public_url=cfg.public_url))
     app.include_router(chat_router(db, server, auth))
     app.include_router(page_router())
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.state.db = db
+    app.mount("/static", Static(directory=STATIC), name="static")
+    app.state.db, app.state.auth = db, auth

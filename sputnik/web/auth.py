@@ -18,14 +18,17 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from fastapi import Request, Response
+from fastapi import HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from sqlalchemy import delete, or_, select
+from pydantic import BaseModel, model_validator
+from pydantic_core import PydanticCustomError
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session as DBSession
 
 from sputnik.serve.keys import RateLimiter
+from sputnik.serve.protocol import refuse_lone_surrogates
 from sputnik.web.db import Database, Session, User, utcnow
 from sputnik.web.store import get_by_email, normalize_email
 
@@ -52,6 +55,33 @@ class WebError(Exception):
                             headers=self.headers)
 
 
+def refuse_nul(value: Any, where: str = "text") -> Any:
+    """Text with a NUL is refused: PostgreSQL cannot store one, and no one types it."""
+    if isinstance(value, str) and "\x00" in value:
+        raise WebError(400, f"{where}: holds a NUL character", "invalid_request")
+    return value
+
+
+class WebBody(BaseModel):
+    """A web API request body: only text that a database can keep (no lone surrogates, no NUL) in any field."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_text(cls, data: Any) -> Any:
+        data = refuse_lone_surrogates(data)
+        if _has_nul(data):
+            raise PydanticCustomError("nul", "a field holds a NUL character, which cannot be stored")
+        return data
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    return isinstance(value, list) and any(_has_nul(v) for v in value)
+
+
 class WebRoute(APIRoute):
     """A route that answers WebError and body-validation errors in the web API's error shape.
 
@@ -69,6 +99,8 @@ class WebRoute(APIRoute):
                 return e.response()
             except RequestValidationError as e:
                 return WebError(400, _validation_message(e), "invalid_request").response()
+            except HTTPException as e:  # a body that is not JSON in UTF-8 never reaches validation
+                return WebError(e.status_code, str(e.detail), "invalid_request").response()
 
         return guarded
 
@@ -120,6 +152,12 @@ class Auth:
     def hash_password(self, password: str) -> str:
         return self.hasher.hash(password)
 
+    def password_matches(self, stored: str, password: str) -> bool:
+        try:
+            return self.hasher.verify(stored, password)
+        except (VerificationError, InvalidHashError):
+            return False
+
     def check_rate(self, request: Request, email: str | None = None) -> None:
         """429 with Retry-After once this client address, or this account, has tried too often."""
         keys = [(self.per_ip, f"ip:{client_ip(request)}")]
@@ -136,10 +174,7 @@ class Auth:
         """The account these credentials open, else one 401 for every cause (unknown, wrong, disabled)."""
         user = get_by_email(s, email) if email else None
         stored = user.password_hash if user is not None and user.password_hash else self._dummy_hash
-        try:
-            ok = self.hasher.verify(stored, password)
-        except (VerificationError, InvalidHashError):
-            ok = False
+        ok = self.password_matches(stored, password)
         if not ok or user is None or not user.password_hash or user.disabled:
             raise WebError(401, "Wrong email or password.", "invalid_credentials")
         if self.hasher.check_needs_rehash(stored):  # the hasher's cost went up since this hash was made
@@ -176,6 +211,13 @@ class Auth:
             s.flush()
         response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="lax",
                                secure=request.url.scheme == "https")
+
+    def end_all_sessions(self, s: DBSession, user_id: int, keep: Session | None = None) -> int:
+        """Revoke every live session of this user (but `keep`): sign out everywhere, or after a password change."""
+        stmt = update(Session).where(Session.user_id == user_id, Session.revoked_at.is_(None))
+        if keep is not None:
+            stmt = stmt.where(Session.id != keep.id)
+        return s.execute(stmt.values(revoked_at=utcnow())).rowcount or 0
 
     def lookup(self, s: DBSession, request: Request) -> Session | None:
         """The live session of this request's cookie (not expired, not revoked, user not disabled), or None."""

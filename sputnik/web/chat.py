@@ -1,46 +1,63 @@
-"""The web chat's answering routes: a message in, an answer streamed out and saved as it grows.
+"""The web chat's answering side: a message in, an answer written on the server and streamed to whoever watches.
 
 A message becomes the API's own chat request (serve.chat.chat_job), so the web chat samples with the API's defaults
-and is held to the same limits (`--max-tokens-limit`, `--max-prompt-tokens`) as any API client.
+and is held to the same policy as any API client: `--max-tokens-limit`, `--max-prompt-tokens`, and the same
+`--rate-limit` per minute, counted per user here as it is per key there.
+
+An answer runs as a task of its own: closing the tab, reloading or opening another chat leaves it running, and a page
+that comes back reattaches (GET .../stream) and is sent the whole answer so far, then the rest. Only /stop stops it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field
+from pydantic import Field
 from sqlalchemy.orm import Session as DBSession
 from starlette.concurrency import run_in_threadpool
 
-from sputnik.serve.backend import Job
-from sputnik.serve.chat import chat_job, split_piece
-from sputnik.serve.protocol import APIError, ChatCompletionRequest, completion_budget, parse_request
-from sputnik.r1 import TEMPERATURE, ReasoningSplitter
+from sputnik.r1 import TEMPERATURE, ReasoningSplitter, opens_thinking
 from sputnik.serve import sse
+from sputnik.serve.backend import EngineBackend, Job
+from sputnik.serve.chat import chat_job, split_piece
+from sputnik.serve.protocol import APIError, ChatCompletionRequest, Limits, completion_budget, parse_request
 from sputnik.serve.server import Backend, Server, event_stream
 from sputnik.web import store
-from sputnik.web.auth import Auth, WebError, WebRoute
-from sputnik.web.db import Database
+from sputnik.web.auth import Auth, WebBody, WebError, WebRoute
+from sputnik.web.db import Database, User
 
 SAVE_EVERY_S = 0.5  # how often a growing answer is written: a restart loses at most this much of it
+ANSWER_ROOM = 256  # an earlier turn is left out rather than leave the answer less room than this (or its budget)
 
 
-class MessageIn(BaseModel):
+class MessageIn(WebBody):
     """A new user message (or an edit of one, or a request to answer again)."""
 
     content: str = Field("", max_length=100_000)
-    model: str | None = None
+    model: str | None = Field(None, max_length=200)
     temperature: float = Field(TEMPERATURE, ge=0, le=2)  # R1's; every other sampling setting is the API's default
     max_tokens: int | None = Field(None, ge=1)  # None: the server's default; over the server's limit is a 400
     thinking: bool = True
     edit_of: int | None = None
     regenerate: bool = False
+
+
+@dataclass
+class Plan:
+    """What a send will write, worked out before anything is: the question (a new one when asked_id is None, else an
+    existing one, perhaps with new text) and the history the model is to answer."""
+
+    asked_id: int | None
+    content: str | None  # the question's new text (None: unchanged)
+    history: list[dict]
+    title: str | None  # a title to give the conversation (None: it has one)
 
 
 @dataclass
@@ -54,7 +71,43 @@ class Turn:
     title: str
     job: Job
     in_reasoning: bool
+    left_out: int  # earlier messages left out of the prompt so that it fits the model's context
     stop: asyncio.Event
+
+
+@dataclass
+class Running:
+    """An answer being written on the server, watched or not: every event so far (a page that reattaches is sent
+    them all again) and its stop switch."""
+
+    user_id: int
+    events: list[bytes] = field(default_factory=list)
+    grew: asyncio.Event = field(default_factory=asyncio.Event)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    done: bool = False
+
+    def add(self, event: bytes) -> None:
+        self.events.append(event)
+        self.grew.set()
+
+    def finish(self) -> None:
+        self.done = True
+        self.grew.set()
+
+    async def follow(self, keepalive_s: float) -> AsyncIterator[bytes]:
+        """The events from the first, then each new one as it comes, until the answer is over."""
+        seen = 0
+        while True:
+            while seen < len(self.events):
+                yield self.events[seen]
+                seen += 1
+            if self.done:
+                return
+            self.grew.clear()  # no await since the length was read: nothing can have slipped in between
+            try:
+                await asyncio.wait_for(self.grew.wait(), keepalive_s)
+            except asyncio.TimeoutError:
+                yield sse.KEEP_ALIVE
 
 
 def api_request(body: MessageIn, model: str, history: list[dict]) -> ChatCompletionRequest:
@@ -64,44 +117,110 @@ def api_request(body: MessageIn, model: str, history: list[dict]) -> ChatComplet
 
 
 def web_error(e: APIError) -> WebError:
-    message = e.message + ("; start a new chat" if e.code == "context_length_exceeded" else "")
-    return WebError(e.status, message, e.code or "bad_request")
+    return WebError(e.status, e.message, e.code or "bad_request")
 
 
-def prepare(s: DBSession, user_id: int, conversation_id: str, body: MessageIn) -> tuple[int, int, str, list[dict]]:
-    """Saves the question (new, edited, or the last one again) and an empty unfinished answer; returns (question id,
-    answer id, the conversation's title before, the history to answer). Another user's ids are NotFound."""
+def plan_turn(s: DBSession, user_id: int, conversation_id: str, body: MessageIn) -> Plan:
+    """Reads the conversation and works out the send (new question, edit, or answer again); writes nothing, so a
+    send refused later (too long, over a limit) leaves the chat as it was. Another user's ids are NotFound."""
     conv = store.get_conversation(s, user_id, conversation_id)
+    messages = store.list_messages(s, user_id, conversation_id)
     if body.regenerate:
-        last = store.last_assistant(s, user_id, conversation_id)
-        if last is not None:
-            store.delete_message(s, user_id, last.id)
-        messages = store.list_messages(s, user_id, conversation_id)
+        while messages and messages[-1].role == "assistant":
+            messages = messages[:-1]
         if not messages or messages[-1].role != "user":
             raise ValueError("nothing to answer again")
-        asked = messages[-1]
+        asked_id, content, question, before = messages[-1].id, None, messages[-1].content, messages[:-1]
     elif body.edit_of is not None:
-        asked = store.get_message(s, user_id, body.edit_of)
-        if asked.conversation_id != conversation_id or asked.role != "user":
+        at = next((i for i, m in enumerate(messages) if m.id == body.edit_of and m.role == "user"), None)
+        if at is None:
             raise store.NotFound("no such user message in this conversation")
-        store.update_message(s, user_id, asked.id, content=body.content)
-        store.truncate_after(s, user_id, asked.id)
+        asked_id, content, question, before = body.edit_of, body.content, body.content, messages[:at]
     else:
-        asked = store.add_message(s, user_id, conversation_id, "user", body.content)
-    if not conv.title:
-        store.rename_conversation(s, user_id, conversation_id, asked.content.strip().splitlines()[0][:60])
-    history = [{"role": m.role, "content": m.content} for m in store.list_messages(s, user_id, conversation_id)]
+        asked_id, content, question, before = None, body.content, body.content, messages
+    # An answer that failed before its first word says nothing the model should read.
+    history = [{"role": m.role, "content": m.content} for m in before if m.role == "user" or m.content.strip()]
+    history.append({"role": "user", "content": question})
+    instructions = s.get(User, user_id).instructions
+    if instructions:
+        history.insert(0, {"role": "system", "content": instructions})
+    first_question = next(m["content"] for m in history if m["role"] == "user")
+    return Plan(asked_id, content, history, None if conv.title else store.title_from(first_question))
+
+
+def save_turn(s: DBSession, user_id: int, conversation_id: str, plan: Plan) -> tuple[int, int, str]:
+    """Writes the planned question and an empty unfinished answer; (question id, answer id, title)."""
+    if plan.asked_id is None:
+        asked_id = store.add_message(s, user_id, conversation_id, "user", plan.content or "").id
+    else:
+        asked_id = plan.asked_id
+        if plan.content is not None:
+            store.update_message(s, user_id, asked_id, content=plan.content)
+        store.truncate_after(s, user_id, asked_id)  # an edit or a regenerate restarts the chat there
+    conv = store.get_conversation(s, user_id, conversation_id)
+    if plan.title is not None:
+        store.rename_conversation(s, user_id, conversation_id, plan.title)
     answer = store.add_message(s, user_id, conversation_id, "assistant", "", finished=False)
-    return asked.id, answer.id, conv.title, history
+    return asked_id, answer.id, conv.title
+
+
+def fit(b: Backend, body: MessageIn, model: str, limits: Limits, history: list[dict]) -> tuple[Job, bool, int]:
+    """(the job, whether it starts in a thought, messages left out) for the longest recent part of the history that
+    fits the model's context and leaves the answer room: earlier turns go first, the system prompt and the question
+    never. A question too long on its own is the 400 the API would answer."""
+    system = history[:1] if history[0]["role"] == "system" else []
+    turns = history[len(system):]
+    starts = [i for i, m in enumerate(turns) if m["role"] == "user"]  # a kept part begins with a question
+    room = min(completion_budget(api_request(body, model, history), limits), ANSWER_ROOM)
+
+    def attempt(start: int) -> tuple[Job, bool] | APIError:
+        try:
+            job, in_reasoning = chat_job(b, api_request(body, model, system + turns[start:]), limits, model,
+                                         thinking=body.thinking)
+        except APIError as e:
+            if e.code != "context_length_exceeded":
+                raise
+            return e
+        if job.params.max_tokens < room and start != starts[-1]:
+            return APIError(400, "no room to answer", code="context_length_exceeded")
+        return job, in_reasoning
+
+    found = attempt(starts[0])
+    if not isinstance(found, APIError):
+        return *found, 0
+    lo, hi, best = 1, len(starts) - 1, None  # fewer turns, fewer tokens: the first start that fits, by halving
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        got = attempt(starts[mid])
+        if isinstance(got, APIError):
+            found, lo = got, mid + 1
+        else:
+            best, hi = (got, starts[mid]), mid - 1
+    if best is None:
+        raise WebError(400, f"This message is too long for the model: {found.message}.", "context_length_exceeded")
+    (job, in_reasoning), start = best
+    return job, in_reasoning, start
+
+
+def thinks(b: Backend) -> bool:
+    """Whether the model's chat template opens a thought, so that the thinking switch can close it."""
+    if not isinstance(b, EngineBackend):
+        return False  # an upstream renders its own template; the switch could not reach it
+    try:
+        text = b.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 — a template that cannot render a plain chat has no switch to offer
+        return False
+    return opens_thinking(text)
 
 
 class WebChat:
     """The chat's answering side over one database and one API server: at most one running answer per
-    conversation, each with a stop switch."""
+    conversation, each a task that outlives the request that started it."""
 
     def __init__(self, db: Database, server: Server):
         self.db, self.server = db, server
-        self.stops: dict[str, asyncio.Event] = {}  # conversation id -> its running answer's stop switch
+        self.running: dict[str, Running | None] = {}  # conversation id -> its answer (None: being prepared)
+        self.tasks: set[asyncio.Task] = set()  # held, or the event loop could drop a running answer
 
     def run(self, fn: Callable[..., Any], *args: Any, **kw: Any):
         def job():
@@ -109,8 +228,16 @@ class WebChat:
                 return fn(s, *args, **kw)
         return run_in_threadpool(job)
 
-    async def ready(self, conversation_id: str, body: MessageIn) -> tuple[Backend, str]:
-        """(the backend, the model to answer with), or a WebError before anything is saved."""
+    def check_rate(self, user: User) -> None:
+        """The API's per-minute limit (`--rate-limit`), per user: a 429 with Retry-After once it is spent."""
+        wait = self.server.limiter.check(f"user:{user.id}")
+        if wait > 0:
+            seconds = max(1, math.ceil(wait))
+            raise WebError(429, f"Too many messages: try again in {seconds} s.", "rate_limited",
+                           {"Retry-After": str(seconds)})
+
+    async def ready(self, body: MessageIn) -> tuple[Backend, str]:
+        """(the backend, the model to answer with), or a WebError before anything is read or saved."""
         try:
             b = self.server.backend()
         except APIError as e:
@@ -118,56 +245,84 @@ class WebChat:
         names = await self.server.served_names(b)
         if body.model is not None and body.model not in names:
             raise WebError(400, f"no model {body.model!r} here", "model_not_found")
-        if conversation_id in self.stops:
-            raise WebError(409, "this conversation is already answering; stop it first", "busy")
         if not body.regenerate and not body.content.strip():
             raise WebError(400, "the message is empty", "empty_message")
         model = body.model or names[0]
-        try:  # checked before anything is saved: a refused edit must not have dropped the messages after it
-            completion_budget(api_request(body, model, [{"role": "user", "content": body.content}]),
-                              self.server.limits)
+        try:
+            completion_budget(api_request(body, model, [{"role": "user", "content": "x"}]), self.server.limits)
         except APIError as e:
             raise web_error(e) from e
         return b, model
 
-    async def start(self, user_id: int, conversation_id: str, body: MessageIn, b: Backend, model: str) -> Turn:
-        """Saves the question and a placeholder answer, then turns the history into the backend's job."""
+    async def claim(self, user_id: int, conversation_id: str) -> None:
+        """Holds the conversation for one answer: 404 for another user's id (before saying whether it is busy),
+        409 while it answers. Check and claim happen with no await between, so two sends cannot both pass."""
         try:
-            asked_id, answer_id, title, history = await self.run(prepare, user_id, conversation_id, body)
+            await self.run(store.get_conversation, user_id, conversation_id)
+        except store.NotFound as e:
+            raise WebError(404, "no such conversation", "not_found") from e
+        if conversation_id in self.running:
+            raise WebError(409, "This chat is still answering: stop it first.", "busy")
+        self.running[conversation_id] = None
+
+    async def start(self, user_id: int, conversation_id: str, body: MessageIn, b: Backend, model: str) -> Turn:
+        """Works out the history, fits it to the context, and only then saves the question and a placeholder."""
+        try:
+            plan = await self.run(plan_turn, user_id, conversation_id, body)
+            job, in_reasoning, left_out = await run_in_threadpool(fit, b, body, model, self.server.limits,
+                                                                  plan.history)
+            asked_id, answer_id, title = await self.run(save_turn, user_id, conversation_id, plan)
         except store.NotFound as e:
             raise WebError(404, str(e) or "no such conversation", "not_found") from e
         except ValueError as e:
             raise WebError(400, str(e), "bad_request") from e
-        try:
-            job, in_reasoning = chat_job(b, api_request(body, model, history), self.server.limits, model,
-                                         thinking=body.thinking)
         except APIError as e:
-            await self.run(store.delete_message, user_id, answer_id)
             raise web_error(e) from e
         if job.upstream_body:  # the web chat always names its budget, so the upstream's default never applies
             job.upstream_body["max_tokens"] = job.params.max_tokens
-        title = title or history[0]["content"].strip().splitlines()[0][:60]
-        stop = self.stops[conversation_id] = asyncio.Event()
-        return Turn(user_id, conversation_id, asked_id, answer_id, title, job, in_reasoning, stop)
+        return Turn(user_id, conversation_id, asked_id, answer_id, title, job, in_reasoning, left_out,
+                    asyncio.Event())
+
+    def launch(self, b: Backend, turn: Turn, request: Request) -> Running:
+        """Runs the answer as a task of its own, which a client hanging up does not cancel."""
+        running = Running(turn.user_id, stop=turn.stop)
+        self.running[turn.conversation_id] = running
+
+        async def produce() -> None:
+            try:
+                async for event in self.answer(b, turn, request):
+                    if event != sse.KEEP_ALIVE:
+                        running.add(event)
+            except store.NotFound:  # the chat was deleted while it answered: nothing left to save it in
+                pass
+            finally:
+                running.finish()
+                self.running.pop(turn.conversation_id, None)
+
+        task = asyncio.create_task(produce())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return running
 
     async def answer(self, b: Backend, turn: Turn, request: Request) -> AsyncIterator[bytes]:
-        """The answer's events while it streams; it is saved every SAVE_EVERY_S and once more at the end."""
+        """The answer's events as it is written; it is saved every SAVE_EVERY_S and once more at the end."""
         splitter = ReasoningSplitter(turn.in_reasoning)
-        reasoning, content = "", ""
-        started = last_save = time.monotonic()
+        reasoning, content, tokens = "", "", 0
+        started = time.monotonic()
+        last_save: float | None = None  # the first words are saved at once, then every SAVE_EVERY_S
         thought_s: float | None = None
         finish = "stopped"
         yield sse.event({"type": "start", "user_message_id": turn.asked_id, "assistant_message_id": turn.answer_id,
-                   "title": turn.title})
+                         "title": turn.title, "left_out": turn.left_out})
         try:
             async with aclosing(self.server.pieces(b, [turn.job], request, stream=True)) as pieces:
                 async for piece in pieces:
                     if turn.stop.is_set():
                         break
                     if piece is None:
-                        yield sse.KEEP_ALIVE
                         continue
                     r, c, _ = split_piece(splitter, piece)
+                    tokens += piece.tokens
                     if splitter.had_reasoning and thought_s is None and (c or not splitter.in_reasoning):
                         thought_s = round(time.monotonic() - started, 1)
                     reasoning, content = reasoning + r, content + c
@@ -178,7 +333,7 @@ class WebChat:
                     if piece.finish_reason:
                         finish = piece.finish_reason
                     now = time.monotonic()
-                    if now - last_save >= SAVE_EVERY_S:
+                    if (r or c) and (last_save is None or now - last_save >= SAVE_EVERY_S):
                         last_save = now
                         await self.run(store.update_message, turn.user_id, turn.answer_id, content=content,
                                        reasoning=reasoning if splitter.had_reasoning else None)
@@ -189,37 +344,57 @@ class WebChat:
             finish = "error"
             yield sse.event({"type": "error", "message": e.message})
         finally:
-            self.stops.pop(turn.conversation_id, None)
-            # Shielded: a client that hangs up cancels this generator, and the answer must still be saved.
+            # Shielded: a server shutting down cancels this task, and the answer must still be saved.
             await asyncio.shield(self.run(store.update_message, turn.user_id, turn.answer_id, content=content,
                                           reasoning=reasoning if splitter.had_reasoning else None,
-                                          reasoning_seconds=thought_s, finished=finish in ("stop", "length")))
+                                          reasoning_seconds=thought_s, finished=finish in ("stop", "length"),
+                                          tokens=max(tokens, turn.job.completion_tokens)))
 
 
 def chat_router(db: Database, server: Server, auth: Auth) -> APIRouter:
-    """The message stream, /stop and /api/models; errors in the web API's shape, not the OpenAI one."""
+    """The message stream, reattaching to it, /stop and /api/models; errors in the web API's shape."""
     router = APIRouter(route_class=WebRoute)
     chat = WebChat(db, server)
 
     @router.get("/api/models")
     async def models(user=Depends(auth.current_user)):
-        return {"data": [{"id": n} for n in await server.served_names(server.backend())]}
+        try:
+            b = server.backend()
+        except APIError as e:
+            raise WebError(e.status, e.message, e.code or "unavailable") from e
+        return {"data": [{"id": n, "thinking": thinks(b)} for n in await server.served_names(b)]}
 
-    @router.post("/api/conversations/{conversation_id}/stop", dependencies=[Depends(auth.require_csrf)])
-    async def stop(conversation_id: str, user=Depends(auth.current_user)):
+    async def owned(user: User, conversation_id: str) -> Running | None:
         try:
             await chat.run(store.get_conversation, user.id, conversation_id)
         except store.NotFound as e:
             raise WebError(404, "no such conversation", "not_found") from e
-        event = chat.stops.get(conversation_id)
-        if event is not None:
-            event.set()
-        return {"stopped": event is not None}
+        return chat.running.get(conversation_id)
+
+    @router.post("/api/conversations/{conversation_id}/stop", dependencies=[Depends(auth.require_csrf)])
+    async def stop(conversation_id: str, user=Depends(auth.current_user)):
+        running = await owned(user, conversation_id)
+        if running is not None:
+            running.stop.set()
+        return {"stopped": running is not None}
+
+    @router.get("/api/conversations/{conversation_id}/stream")
+    async def reattach(conversation_id: str, user=Depends(auth.current_user)):
+        running = await owned(user, conversation_id)
+        if running is None:
+            raise WebError(404, "This chat is not answering now.", "not_answering")
+        return event_stream(running.follow(server.keepalive_s))
 
     @router.post("/api/conversations/{conversation_id}/messages", dependencies=[Depends(auth.require_csrf)])
     async def send(conversation_id: str, body: MessageIn, request: Request, user=Depends(auth.current_user)):
-        b, model = await chat.ready(conversation_id, body)
-        turn = await chat.start(user.id, conversation_id, body, b, model)
-        return event_stream(chat.answer(b, turn, request))
+        chat.check_rate(user)
+        b, model = await chat.ready(body)
+        await chat.claim(user.id, conversation_id)
+        try:
+            turn = await chat.start(user.id, conversation_id, body, b, model)
+        except BaseException:
+            chat.running.pop(conversation_id, None)
+            raise
+        return event_stream(chat.launch(b, turn, request).follow(server.keepalive_s))
 
     return router

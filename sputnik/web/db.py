@@ -71,6 +71,7 @@ class User(Base):
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    instructions: Mapped[str | None] = mapped_column(Text)  # the user's own system prompt, sent with every chat
 
     # Loaded with the user, so a user read in one database session can still be shown after it closes.
     identities: Mapped[list[Identity]] = relationship(back_populates="user", lazy="selectin",
@@ -146,6 +147,7 @@ class Message(Base):
     reasoning_seconds: Mapped[float | None] = mapped_column(Float)
     finished: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    tokens: Mapped[int | None] = mapped_column(Integer)  # an answer's completion tokens: the user's usage
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
 

@@ -1,4 +1,5 @@
-"""The chat page: index.html in the reader's language (cookie, else Accept-Language), under a strict CSP."""
+"""The chat page: index.html in the reader's language (cookie, else Accept-Language), under a strict CSP; its static
+files under the same headers; and a CSP on every other HTML response of the app (the API's /docs)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 STATIC = Path(__file__).parent / "static"
 LANGUAGES = ("en", "ko")
@@ -19,6 +22,52 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';
        "form-action 'self'")
 SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
                     "Referrer-Policy": "same-origin", "X-Frame-Options": "DENY"}
+# FastAPI's /docs and /redoc load their scripts from a CDN and boot them inline; they show no user data, but may
+# still not be framed nor send anything anywhere but here.
+DOCS_CSP = ("default-src 'none'; script-src https://cdn.jsdelivr.net 'unsafe-inline'; "
+            "style-src https://cdn.jsdelivr.net https://fonts.googleapis.com 'unsafe-inline'; "
+            "font-src https://fonts.gstatic.com; img-src https://fastapi.tiangolo.com https://cdn.redoc.ly data:; "
+            "worker-src blob:; connect-src 'self'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'")
+
+
+class Static(StaticFiles):
+    """The page's scripts, styles and fonts, under the page's headers. The raw page (index.html, a template) is
+    served only at `/`: from here it would run the chat without them."""
+
+    async def get_response(self, path: str, scope: Scope):
+        if path.lower().endswith((".html", ".htm")):
+            response = JSONResponse({"error": {"message": "Not found.", "code": "not_found"}}, status_code=404)
+        else:
+            response = await super().get_response(path, scope)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+
+class HTMLHeaders:
+    """ASGI middleware: any HTML response without a CSP of its own gets one (the page's, or DOCS_CSP under /docs
+    and /redoc), with nosniff and no framing."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        docs = scope["path"].startswith(("/docs", "/redoc"))
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                names = {k.lower() for k, _ in headers}
+                kind = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+                if kind.startswith(b"text/html") and b"content-security-policy" not in names:
+                    extra = {**SECURITY_HEADERS, "Content-Security-Policy": DOCS_CSP if docs else CSP}
+                    headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()
+                                if k.lower().encode() not in names]
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def pick_language(cookie: str | None, accept_language: str | None) -> str:

@@ -12,41 +12,54 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import RedirectResponse
-from pydantic import BaseModel
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from sputnik.web import store
-from sputnik.web.auth import MAX_PASSWORD, MIN_PASSWORD, Auth, WebError, WebRoute, check_email
+from sputnik.web.auth import MAX_PASSWORD, MIN_PASSWORD, Auth, WebBody, WebError, WebRoute, check_email, refuse_nul
 from sputnik.web.db import Database, User
 from sputnik.web.oidc import OIDC, OIDCProvider
 from sputnik.web.store import NotFound
 
 
-class SignupBody(BaseModel):
-    email: str
+MAX_INSTRUCTIONS = 4000
+
+
+class SignupBody(WebBody):
+    email: str = Field(max_length=320)
     password: str
-    name: str | None = None
+    name: str | None = Field(None, max_length=200)
 
 
-class SigninBody(BaseModel):
-    email: str
-    password: str
+class SigninBody(WebBody):
+    email: str = Field(max_length=320)
+    password: str = Field(max_length=MAX_PASSWORD)
 
 
-class UserPatch(BaseModel):
+class PasswordChange(WebBody):
+    current_password: str = Field("", max_length=MAX_PASSWORD)
+    new_password: str
+
+
+class MePatch(WebBody):
+    name: str | None = Field(None, max_length=200)
+    instructions: str | None = Field(None, max_length=MAX_INSTRUCTIONS)
+
+
+class UserPatch(WebBody):
     disabled: bool
 
 
-class SettingsPatch(BaseModel):
+class SettingsPatch(WebBody):
     signup_open: bool
 
 
-class NewConversation(BaseModel):
-    title: str | None = None
+class NewConversation(WebBody):
+    title: str | None = Field(None, max_length=10_000)
 
 
-class ConversationPatch(BaseModel):
-    title: str
+class ConversationPatch(WebBody):
+    title: str = Field(max_length=10_000)
 
 
 def not_found() -> WebError:
@@ -127,7 +140,44 @@ def accounts_router(db: Database, auth: Auth, providers: list[OIDCProvider]) -> 
             auth.end_session(s, request, response)
         return {"ok": True}
 
+    account_routes(api, db, auth)
     return api
+
+
+def account_routes(api: APIRouter, db: Database, auth: Auth) -> None:
+    """The account page: name and custom instructions, a new password, and signing out everywhere."""
+
+    @api.patch("/api/me")
+    def update_me(body: MePatch, user: User = Depends(auth.current_user)):
+        with db.session() as s:
+            row = s.get(User, user.id)
+            if body.name is not None and body.name.strip():
+                row.name = body.name.strip()
+            if body.instructions is not None:
+                store.set_instructions(s, row, body.instructions)
+            return {"user": store.user_dict(row)}
+
+    @api.post("/api/auth/password")
+    def change_password(body: PasswordChange, request: Request, user: User = Depends(auth.current_user)):
+        auth.check_rate(request, user.email)
+        if not MIN_PASSWORD <= len(body.new_password) <= MAX_PASSWORD:
+            raise WebError(400, f"Use a password of {MIN_PASSWORD} to {MAX_PASSWORD} characters.", "weak_password")
+        new_hash = auth.hash_password(body.new_password)
+        with db.session() as s:
+            row = s.get(User, user.id)
+            if row.password_hash and not auth.password_matches(row.password_hash, body.current_password):
+                raise WebError(400, "The current password is wrong.", "wrong_password")
+            row.password_hash = new_hash
+            # Whoever knew the old password is signed out; this browser stays signed in.
+            revoked = auth.end_all_sessions(s, user.id, keep=auth.lookup(s, request))
+        return {"ok": True, "signed_out": revoked}
+
+    @api.post("/api/auth/signout-all")
+    def signout_all(request: Request, response: Response, user: User = Depends(auth.current_user)):
+        with db.session() as s:
+            revoked = auth.end_all_sessions(s, user.id)
+            auth.end_session(s, request, response)
+        return {"ok": True, "signed_out": revoked}
 
 
 def oidc_router(db: Database, auth: Auth, providers: list[OIDCProvider], public_url: str | None) -> APIRouter:
@@ -181,7 +231,8 @@ def admin_router(db: Database, auth: Auth) -> APIRouter:
     @api.get("/api/admin/users")
     def admin_users(_: User = Depends(auth.require_admin)):
         with db.session() as s:
-            return [store.user_dict(u, admin_view=True) for u in store.list_users(s)]
+            usage = store.usage_by_user(s)
+            return [store.user_dict(u, admin_view=True, usage=usage) for u in store.list_users(s)]
 
     @api.patch("/api/admin/users/{user_id}")
     def admin_user(user_id: int, body: UserPatch, admin: User = Depends(auth.require_admin)):
@@ -197,7 +248,7 @@ def admin_router(db: Database, auth: Auth) -> APIRouter:
     @api.patch("/api/admin/settings")
     def admin_settings(body: SettingsPatch, _: User = Depends(auth.require_admin)):
         with db.session() as s:
-            store.set_signup_open(s, body.signup_open)
+            store.set_signup_open(s, body.signup_open)  # sign-up closed: only the admin adds people (OIDC too)
             return {"signup_open": store.signup_open(s)}
 
     return api
@@ -209,6 +260,7 @@ def conversations_router(db: Database, auth: Auth) -> APIRouter:
 
     @api.get("/api/conversations")
     def conversations(q: str | None = Query(None, max_length=500), user: User = Depends(auth.current_user)):
+        refuse_nul(q, "q")
         with db.session() as s:
             return [store.conversation_dict(c) for c in store.list_conversations(s, user.id, q)]
 

@@ -17,8 +17,10 @@ from sqlalchemy.orm import Session as DBSession
 
 from sputnik.web.db import Conversation, Identity, Message, Setting, User, utcnow
 
-DEFAULT_TITLE = "New chat"
+DEFAULT_TITLE = ""  # untitled: the page shows "New chat" in the reader's language until the first message names it
 TITLE_CHARS = 200
+AUTO_TITLE_CHARS = 50
+_CONVERSATION_ID = re.compile(r"[0-9a-f]{32}")
 ROLES = ("system", "user", "assistant")
 
 
@@ -95,11 +97,31 @@ def display_email(user: User) -> str | None:
     return next((i.email for i in user.identities if i.email), None)
 
 
-def user_dict(user: User, admin_view: bool = False) -> dict:
-    out = {"id": user.id, "email": display_email(user), "name": user.name, "is_admin": user.is_admin}
+def user_dict(user: User, admin_view: bool = False, usage: dict | None = None) -> dict:
+    out = {"id": user.id, "email": display_email(user), "name": user.name, "is_admin": user.is_admin,
+           "instructions": user.instructions or "", "has_password": bool(user.password_hash)}
     if admin_view:
-        out |= {"disabled": user.disabled, "created_at": _time(user.created_at)}
+        out |= {"disabled": user.disabled, "created_at": _time(user.created_at),
+                "usage": (usage or {}).get(user.id, {"conversations": 0, "messages": 0, "tokens": 0})}
     return out
+
+
+def usage_by_user(s: DBSession) -> dict[int, dict]:
+    """Per user: conversations, messages sent, and completion tokens of the answers they got (for the admin)."""
+    out: dict[int, dict] = {}
+    rows = s.execute(select(Conversation.user_id, func.count(func.distinct(Conversation.id)),
+                            func.count(Message.id).filter(Message.role == "user"),
+                            func.coalesce(func.sum(Message.tokens), 0))
+                     .join(Message, Message.conversation_id == Conversation.id, isouter=True)
+                     .group_by(Conversation.user_id))
+    for user_id, conversations, messages, tokens in rows:
+        out[user_id] = {"conversations": conversations, "messages": messages, "tokens": int(tokens)}
+    return out
+
+
+def set_instructions(s: DBSession, user: User, instructions: str) -> None:
+    user.instructions = instructions.strip() or None
+    s.flush()
 
 
 # ---- settings
@@ -151,6 +173,19 @@ def clean_title(title: str | None) -> str:
     return " ".join((title or "").split())[:TITLE_CHARS]
 
 
+def title_from(text: str) -> str:
+    """A chat's title from its first message, in the words (and so the language) the user wrote it in: the first
+    line that says something, without markdown's leading marks, cut at a word when long."""
+    line = next((ln for ln in text.splitlines() if ln.strip(" #>*-`")), "")
+    title = clean_title(line.strip().lstrip("#>*- ").strip())
+    if len(title) <= AUTO_TITLE_CHARS:
+        return title
+    cut = title[:AUTO_TITLE_CHARS]
+    if " " in cut[AUTO_TITLE_CHARS // 2:]:  # text without spaces (Chinese, Japanese) is cut where it reaches the limit
+        cut = cut[:cut.rindex(" ")]
+    return cut.rstrip(" ,.;:") + "…"
+
+
 def _like(q: str) -> str:
     # The user's own % and _ are text to find, not wildcards.
     return "%" + re.sub(r"([\\%_])", r"\\\1", q) + "%"
@@ -172,7 +207,9 @@ def list_conversations(s: DBSession, user_id: int, q: str | None = None, limit: 
 
 
 def get_conversation(s: DBSession, user_id: int, conversation_id: str) -> Conversation:
-    conv = s.get(Conversation, conversation_id) if isinstance(conversation_id, str) else None
+    # Ids are uuid4 hex; anything else (a NUL, a megabyte) is not looked up at all.
+    valid = isinstance(conversation_id, str) and _CONVERSATION_ID.fullmatch(conversation_id)
+    conv = s.get(Conversation, conversation_id) if valid else None
     if conv is None or conv.user_id != user_id:
         raise NotFound("no such conversation")
     return conv
@@ -234,9 +271,11 @@ def get_message(s: DBSession, user_id: int, message_id: int) -> Message:
 
 def update_message(s: DBSession, user_id: int, message_id: int, *, content: str | None = None,
                    reasoning: str | None = None, reasoning_seconds: float | None = None,
-                   finished: bool | None = None) -> Message:
+                   finished: bool | None = None, tokens: int | None = None) -> Message:
     """Change the fields given (None leaves a field as it is): how a streaming answer is saved as it grows."""
     msg = get_message(s, user_id, message_id)
+    if tokens is not None:
+        msg.tokens = tokens
     if content is not None:
         msg.content = content
     if reasoning is not None:
@@ -292,7 +331,7 @@ def export_json(s: DBSession, user_id: int, conversation_id: str) -> dict:
 def export_markdown(s: DBSession, user_id: int, conversation_id: str) -> str:
     """The title, then a **User** / **Assistant** section per message, the reasoning folded in <details>."""
     conv = get_conversation(s, user_id, conversation_id)
-    parts = [f"# {conv.title}"]
+    parts = [f"# {conv.title or 'Untitled'}"]
     for msg in list_messages(s, user_id, conversation_id):
         parts.append(f"**{msg.role.capitalize()}**")
         if msg.reasoning:

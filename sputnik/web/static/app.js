@@ -141,7 +141,7 @@
   function errorText(err) {
     if (err?.status === 429) return t('error_rate_limited', { n: err.retryAfter || 60 });
     const known = { invalid_credentials: 'error_invalid_credentials', signup_closed: 'error_signup_closed',
-      signup_failed: 'error_signup_failed' };
+      signup_failed: 'error_signup_failed', busy: 'error_busy' };
     if (known[err?.code]) return t(known[err.code]);
     if (err instanceof TypeError) return t('error_network'); // fetch itself failed
     return err?.message || t('error_generic');
@@ -217,6 +217,20 @@
         },
       ],
     });
+    // Model output is markdown, never HTML: raw HTML shows as the text it is, a task list item as a plain mark,
+    // and an image from anywhere but this page (which would load a URL the model chose, with data in its
+    // query) becomes a link the reader may follow.
+    marked.use({ renderer: {
+      html: (tok) => escapeHtml(tok.text),
+      checkbox: (tok) => (tok.checked ? '☑ ' : '☐ '),
+      image(tok) {
+        const href = tok.href || '';
+        if (/^data:image\/(png|gif|jpeg|webp);/i.test(href) || /^\/(?!\/)/.test(href)) {
+          return `<img src="${escapeHtml(href)}" alt="${escapeHtml(tok.text || '')}">`;
+        }
+        return `<a href="${escapeHtml(href)}">${escapeHtml(tok.text || href)}</a>`;
+      },
+    } });
     // Links open in a new tab and leak neither window.opener nor the referrer.
     DOMPurify.addHook('afterSanitizeAttributes', (node) => {
       if (node.tagName === 'A' && node.hasAttribute('href')) {
@@ -224,12 +238,40 @@
         if (!node.getAttribute('href').startsWith('#')) node.setAttribute('target', '_blank');
       }
     });
+    // Of classes only the few this file and highlight.js give: a model must not borrow the page's own
+    // (a .popover drawn outside its bubble).
+    DOMPurify.addHook('uponSanitizeAttribute', (node, data) => {
+      if (data.attrName !== 'class') return;
+      data.attrValue = data.attrValue.split(/\s+/).filter((c) => OWN_CLASS.test(c)).join(' ');
+      if (!data.attrValue) data.keepAttr = false;
+    });
   }
-  // No <style>/style= (the CSP allows inline styles, so model output could restyle the page) and no ids
-  // or names (they could shadow the page's own elements).
-  const PURIFY = { FORBID_TAGS: ['style', 'form'], FORBID_ATTR: ['style', 'id', 'name'] };
+  const OWN_CLASS = /^(language-[\w+#.-]+|math|math-block|math-inline|hljs(-[\w-]+)*)$/;
+  // Only what markdown makes: no forms or controls, no <style>/style=, no ids or names, no svg or media.
+  const PURIFY = {
+    ALLOWED_TAGS: ['a', 'b', 'blockquote', 'br', 'code', 'del', 'div', 'em', 'h1', 'h2', 'h3', 'h4', 'h5', 'h6',
+      'hr', 'i', 'img', 'li', 'ol', 'p', 'pre', 's', 'span', 'strong', 'sub', 'sup', 'table', 'tbody', 'td',
+      'th', 'thead', 'tr', 'ul'],
+    ALLOWED_ATTR: ['href', 'title', 'alt', 'src', 'class', 'start', 'align', 'colspan', 'rowspan'],
+    ALLOW_DATA_ATTR: false,
+  };
+
+  // A tool call the model wrote (Hermes/Qwen `<tool_call>{"name", "arguments"}</tool_call>`) as a labelled JSON
+  // block: the page shows calls, it never runs them. An unfinished call (still streaming) shows as written so far.
+  function showToolCalls(text) {
+    return text.replace(/<tool_call>\s*([\s\S]*?)\s*(?:<\/tool_call>|$)/g, (all, body) => {
+      let name = '', args = body;
+      try {
+        const call = JSON.parse(body);
+        name = String(call.name || '');
+        args = JSON.stringify(call.arguments ?? call.parameters ?? {}, null, 2);
+      } catch (e) { /* not (yet) JSON: show the text as it is */ }
+      return `\n\n**${t('tool_call')}** \`${name.replace(/`/g, '')}\`\n\n\`\`\`json\n${args}\n\`\`\`\n\n`;
+    });
+  }
 
   function renderMarkdown(el, text, final = true) {
+    text = showToolCalls(text);
     if (!haveMarkdown) { el.textContent = text; return; } // never show unsanitized HTML
     el.innerHTML = DOMPurify.sanitize(marked.parse(text), PURIFY);
     decorateCode(el, final);
@@ -366,7 +408,7 @@
   // ------------------------------------------------------------------ the signed-in page
 
   let ui = {}; // elements of the signed-in page, kept here instead of looked up by id each time
-  const settings = { model: null };
+  const settings = { model: null, thinks: {} };
 
   function renderApp() {
     ui = {};
@@ -387,13 +429,14 @@
       h('div', { class: 'sidebar-foot' },
         state.me.is_admin ? h('button', { id: 'admin-open', type: 'button', class: 'btn', text: t('admin'),
           onclick: openAdmin }) : null,
+        h('button', { id: 'account-open', type: 'button', class: 'btn', text: t('account'), onclick: openAccount }),
         h('div', { class: 'user-row' },
           h('span', { id: 'user-name', text: state.me.name || state.me.email, title: state.me.email }),
           h('button', { id: 'signout', type: 'button', class: 'btn', text: t('sign_out'), onclick: signOut }))));
 
     ui.title = h('h1', { id: 'conv-title' });
     ui.model = h('select', { id: 'model-picker', 'aria-label': t('model'), title: t('model'), hidden: true,
-      onchange: () => { settings.model = ui.model.value; } });
+      onchange: () => { settings.model = ui.model.value; showThinkingSwitch(); } });
     ui.temperature = h('input', { id: 'settings-temperature', type: 'number', min: 0, max: 2, step: 0.1,
       placeholder: t('default') });
     ui.maxTokens = h('input', { id: 'settings-max-tokens', type: 'number', min: 1, step: 1, placeholder: t('default') });
@@ -414,12 +457,14 @@
     onEnter(ui.composer, submitComposer);
     ui.thinking = h('input', { id: 'settings-thinking', type: 'checkbox', checked: true });
     ui.send = h('button', { id: 'send', type: 'submit', class: 'btn primary', text: t('send') });
+    ui.sendError = h('div', { id: 'send-error', class: 'send-error', role: 'alert', hidden: true });
     ui.stop = h('button', { id: 'stop', type: 'button', class: 'btn danger', text: t('stop'), hidden: true,
       onclick: stopStream });
     const composerForm = h('form', { id: 'composer-form', onsubmit: (e) => { e.preventDefault(); submitComposer(); } },
       ui.composer,
       h('div', { class: 'composer-bar' },
-        h('label', { class: 'switch', for: 'settings-thinking' }, ui.thinking, h('span', { text: t('thinking_mode') })),
+        ui.thinkingSwitch = h('label', { id: 'thinking-switch', class: 'switch', for: 'settings-thinking', hidden: true },
+          ui.thinking, h('span', { text: t('thinking_mode') })),
         h('span', { class: 'spacer' }), ui.stop, ui.send));
 
     const main = h('main', { class: 'chat' },
@@ -428,7 +473,7 @@
           onclick: () => document.body.classList.toggle('sidebar-open') }),
         ui.title, h('span', { class: 'spacer' }), ui.model, settingsToggle, prefsControls()),
       ui.settings, ui.scroller,
-      h('div', { class: 'composer-wrap' }, composerForm));
+      h('div', { class: 'composer-wrap' }, ui.sendError, composerForm));
 
     root.replaceChildren(h('div', { class: 'layout' }, sidebar, main));
     loadConversations();
@@ -456,12 +501,19 @@
 
   async function loadModels() {
     try {
-      const ids = ((await api('GET', '/api/models'))?.data || []).map((m) => m.id);
+      const models = (await api('GET', '/api/models'))?.data || [];
+      const ids = models.map((m) => m.id);
+      settings.thinks = Object.fromEntries(models.map((m) => [m.id, !!m.thinking]));
       ui.model.replaceChildren(...ids.map((id) => h('option', { value: id, text: id })));
       ui.model.hidden = !ids.length;
       settings.model = ids.includes(settings.model) ? settings.model : ids[0] ?? null;
       if (settings.model) ui.model.value = settings.model;
     } catch { ui.model.hidden = true; }
+    showThinkingSwitch();
+  }
+  // The switch closes a thought the chat template opens: a model that does not think has nothing to switch.
+  function showThinkingSwitch() {
+    ui.thinkingSwitch.hidden = !settings.thinks?.[settings.model];
   }
 
   // ------------------------------------------------------------------ conversations (sidebar)
@@ -481,9 +533,9 @@
       const li = h('li', { class: 'conv-item' + (String(c.id) === String(state.convId) ? ' active' : ''),
         'data-id': c.id });
       li.append(
-        h('a', { class: 'conv-link', href: `#/c/${enc(c.id)}`, title: c.title || t('untitled'),
+        h('a', { class: 'conv-link', href: `#/c/${enc(c.id)}`, title: c.title || t('new_chat'),
           onclick: () => document.body.classList.remove('sidebar-open') },
-        h('span', { class: 'conv-title', text: c.title || t('untitled') })),
+        h('span', { class: 'conv-title', text: c.title || t('new_chat') })),
         h('div', { class: 'conv-actions' },
           h('button', { type: 'button', class: 'conv-rename', text: '✎', title: t('rename'), 'aria-label': t('rename'),
             onclick: () => startRename(li, c) }),
@@ -495,7 +547,10 @@
             onclick: () => deleteConversation(c) })));
       return li;
     }));
-    if (!state.convs.length) ui.convList.append(h('li', { class: 'conv-none', text: t('no_conversations') }));
+    if (!state.convs.length) {
+      const searching = !!ui.search.value.trim();
+      ui.convList.append(h('li', { class: 'conv-none', text: t(searching ? 'no_results' : 'no_conversations') }));
+    }
   }
 
   function startRename(li, conv) {
@@ -522,7 +577,7 @@
   }
 
   async function deleteConversation(conv) {
-    if (!confirm(t('confirm_delete', { title: conv.title || t('untitled') }))) return;
+    if (!confirm(t('confirm_delete', { title: conv.title || t('new_chat') }))) return;
     try {
       await api('DELETE', convPath(conv.id));
       state.convs = state.convs.filter((c) => c !== conv);
@@ -566,12 +621,17 @@
       const conv = await api('GET', convPath(id));
       if (state.convId !== id) return; // the user moved on meanwhile
       setTitle(conv.title);
-      for (const m of conv.messages || []) {
+      const messages = conv.messages || [];
+      const last = messages[messages.length - 1];
+      // An unfinished last answer may still be being written on the server: reattach and see it grow.
+      const writing = last?.role === 'assistant' && last.finished === false;
+      for (const m of writing ? messages.slice(0, -1) : messages) {
         if (m.role === 'user') ui.list.append(userMessage(m));
         else if (m.role === 'assistant') ui.list.append(savedAnswer(m));
       }
-      ui.empty.hidden = ui.list.childElementCount > 0;
+      ui.empty.hidden = ui.list.childElementCount > 0 || writing;
       updateRegenerate();
+      if (writing) attach(last);
       ui.scroller.scrollTop = ui.scroller.scrollHeight;
     } catch (err) {
       toast(errorText(err));
@@ -675,6 +735,7 @@
   async function submitComposer() {
     const content = ui.composer.value;
     if (!content.trim() || state.stream || creating) return;
+    ui.sendError.hidden = true;
     if (!state.convId) { // first message: create the conversation, then stream into it
       creating = true;
       ui.send.disabled = true;
@@ -684,13 +745,28 @@
         state.convs.unshift(conv);
         history.replaceState(null, '', `#/c/${enc(conv.id)}`); // no hashchange: nothing to reload
         renderConvList();
-      } catch (err) { toast(errorText(err)); return; } finally { creating = false; ui.send.disabled = false; }
+      } catch (err) { showSendError(err); return; } finally { creating = false; ui.send.disabled = false; }
     }
     ui.composer.value = '';
     autoGrow(ui.composer);
     const userEl = userMessage({ content });
     ui.list.append(userEl);
-    streamAnswer({ content }, userEl);
+    streamAnswer({ content }, userEl, (err, live) => { // refused or unreachable: nothing was saved, keep the text
+      live.el.remove();
+      userEl.remove();
+      if (!ui.composer.value.trim()) { ui.composer.value = content; autoGrow(ui.composer); }
+      ui.empty.hidden = ui.list.childElementCount > 0;
+      updateRegenerate();
+      showSendError(err);
+    });
+  }
+
+  // Shown above the composer, which still holds the text: Retry sends it again.
+  function showSendError(err) {
+    ui.sendError.replaceChildren(h('span', { text: t('send_failed', { reason: errorText(err) }) }),
+      h('button', { id: 'send-retry', type: 'button', class: 'btn', text: t('retry'),
+        onclick: () => { ui.sendError.hidden = true; submitComposer(); } }));
+    ui.sendError.hidden = false;
   }
 
   function setStreaming(on) {
@@ -717,40 +793,65 @@
   }
 
   // POST the message and read the SSE answer from the response body (EventSource cannot POST).
-  async function streamAnswer(body, userEl = null) {
-    ui.empty.hidden = true;
-    const el = assistantMessage();
-    ui.list.append(el);
-    const live = { el, userEl, convId: state.convId, ctrl: new AbortController(), done: false, stopped: false,
-      thinkStart: null, thinkSeconds: null, renderTimer: null };
-    state.stream = live;
-    setStreaming(true);
-    updateRegenerate();
+  // refused(err, live) runs when the server never started an answer (nothing saved); else errors show in it.
+  function streamAnswer(body, userEl = null, refused = null) {
+    const live = startLive(userEl);
     Object.assign(body, { thinking: ui.thinking.checked });
     if (settings.model) body.model = settings.model;
     const temperature = parseFloat(ui.temperature.value);
     if (Number.isFinite(temperature)) body.temperature = temperature;
     const maxTokens = parseInt(ui.maxTokens.value, 10);
     if (maxTokens > 0) body.max_tokens = maxTokens;
-    ui.scroller.scrollTop = ui.scroller.scrollHeight;
+    return follow(live, () => request('POST', `${convPath(live.convId)}/messages`, body,
+      { signal: live.ctrl.signal }), refused);
+  }
 
+  // An answer the server is still writing (the page was reloaded, or left and come back to): the stream sends
+  // it from its first word. If it ended meanwhile, the saved one is shown.
+  function attach(saved) {
+    const live = startLive(null, saved.id);
+    return follow(live, () => request('GET', `${convPath(live.convId)}/stream`, undefined,
+      { signal: live.ctrl.signal }), (err, l) => {
+      if (ui.list.contains(l.el)) l.el.replaceWith(savedAnswer(saved));
+      updateRegenerate();
+    });
+  }
+
+  function startLive(userEl, id = null) {
+    ui.empty.hidden = true;
+    const el = assistantMessage(id);
+    ui.list.append(el);
+    const live = { el, userEl, convId: state.convId, ctrl: new AbortController(), started: false, done: false,
+      stopped: false, thinkStart: null, thinkSeconds: null, renderTimer: null };
+    state.stream = live;
+    setStreaming(true);
+    updateRegenerate();
+    ui.scroller.scrollTop = ui.scroller.scrollHeight;
+    return live;
+  }
+
+  async function follow(live, open, refused) {
+    const { el } = live;
     try {
-      const res = await request('POST', `${convPath(live.convId)}/messages`, body,
-        { signal: live.ctrl.signal });
+      const res = await open();
       if (!res.ok) throw await apiError(res);
       await readEvents(res.body, (ev) => onEvent(live, ev));
     } catch (err) {
-      if (err.name !== 'AbortError') showError(el, errorText(err));
+      if (err.name === 'AbortError') { /* left for another chat, or stopped */ } else if (!live.started && refused) {
+        if (state.stream === live) { state.stream = null; setStreaming(false); }
+        refused(err, live);
+        return;
+      } else showError(el, errorText(err));
     } finally {
       clearTimeout(live.renderTimer);
-      if (ui.list.contains(el)) renderLive(live, true);
-      closeReasoning(el, live.thinkSeconds ?? thinkingSoFar(live));
-      if (!live.done) markUnfinished(el);
-      if (state.stream === live) { state.stream = null; setStreaming(false); }
-      if (ui.list.contains(el)) { // still on screen (not left for another chat or signed out)
-        updateRegenerate();
-        loadConversations(); // new title, newest first
-      }
+    }
+    if (ui.list.contains(el)) renderLive(live, true);
+    closeReasoning(el, live.thinkSeconds ?? thinkingSoFar(live));
+    if (!live.done) markUnfinished(el);
+    if (state.stream === live) { state.stream = null; setStreaming(false); }
+    if (ui.list.contains(el)) { // still on screen (not left for another chat or signed out)
+      updateRegenerate();
+      loadConversations(); // new title, newest first
     }
   }
   const thinkingSoFar = (live) => (live.thinkStart === null ? null : (performance.now() - live.thinkStart) / 1000);
@@ -786,6 +887,8 @@
     const { el } = live;
     switch (ev.type) {
       case 'start':
+        live.started = true;
+        if (ev.left_out) el.actions.prepend(h('span', { class: 'left-out', text: t('left_out') }));
         if (ev.assistant_message_id != null) el.dataset.id = ev.assistant_message_id;
         if (live.userEl && ev.user_message_id != null) {
           live.userEl.dataset.id = ev.user_message_id;
@@ -843,6 +946,62 @@
     el.content.after(h('p', { class: 'msg-error', role: 'alert', text }));
   }
 
+  // ------------------------------------------------------------------ account
+
+  function openAccount() {
+    $('#account-panel')?.remove();
+    const status = h('p', { id: 'account-status', class: 'note', role: 'status' });
+    const say = (text, bad = false) => { status.textContent = text; status.classList.toggle('form-error', bad); };
+    const name = h('input', { id: 'account-name', type: 'text', value: state.me.name || '', maxlength: 200 });
+    const instructions = h('textarea', { id: 'account-instructions', rows: 5, maxlength: 4000,
+      placeholder: t('custom_instructions_hint') });
+    instructions.value = state.me.instructions || '';
+    const current = h('input', { id: 'account-current', type: 'password', autocomplete: 'current-password' });
+    const fresh = h('input', { id: 'account-new', type: 'password', autocomplete: 'new-password', minlength: 8,
+      placeholder: t('password_hint') });
+    const save = async () => {
+      try {
+        state.me = (await api('PATCH', '/api/me', { name: name.value, instructions: instructions.value })).user;
+        $('#user-name').textContent = state.me.name || state.me.email;
+        say(t('saved'));
+      } catch (err) { say(errorText(err), true); }
+    };
+    const changePassword = async () => {
+      if (fresh.value.length < 8) { say(t('error_password_short'), true); return; }
+      try {
+        await api('POST', '/api/auth/password', { current_password: current.value, new_password: fresh.value });
+        current.value = fresh.value = '';
+        say(t('password_changed'));
+      } catch (err) { say(errorText(err), true); }
+    };
+    const signOutAll = async () => {
+      try { await api('POST', '/api/auth/signout-all'); } catch (err) { say(errorText(err), true); return; }
+      dialog.close();
+      abortStream();
+      history.replaceState(null, '', location.pathname);
+      boot();
+    };
+    const dialog = h('dialog', { id: 'account-panel' },
+      h('div', { class: 'dialog-head' }, h('h2', { text: t('account') }),
+        h('button', { id: 'account-close', type: 'button', class: 'icon-btn', text: '✕', 'aria-label': t('close'),
+          onclick: () => dialog.close() })),
+      h('label', { class: 'field', for: 'account-name' }, h('span', { text: t('name') }), name),
+      h('label', { class: 'field', for: 'account-instructions' }, h('span', { text: t('custom_instructions') }),
+        instructions),
+      h('button', { id: 'account-save', type: 'button', class: 'btn primary', text: t('save'), onclick: save }),
+      state.me.has_password ? h('div', { class: 'account-password' }, h('h3', { text: t('change_password') }),
+        h('label', { class: 'field', for: 'account-current' }, h('span', { text: t('current_password') }), current),
+        h('label', { class: 'field', for: 'account-new' }, h('span', { text: t('new_password') }), fresh),
+        h('button', { id: 'account-password-save', type: 'button', class: 'btn', text: t('change_password'),
+          onclick: changePassword })) : null,
+      h('h3', { text: t('sign_out_everywhere') }),
+      h('button', { id: 'account-signout-all', type: 'button', class: 'btn danger', text: t('sign_out_everywhere'),
+        onclick: signOutAll }),
+      status);
+    document.body.append(dialog);
+    dialog.showModal();
+  }
+
   // ------------------------------------------------------------------ admin
 
   async function openAdmin() {
@@ -870,7 +1029,7 @@
     table.replaceChildren(h('tr', {}, h('td', { text: t('loading') })));
     try {
       const users = await api('GET', '/api/admin/users');
-      table.replaceChildren(h('tr', {}, ...['name', 'email', 'status', ''].map((k) => h('th', { text: k && t(k) }))),
+      table.replaceChildren(h('tr', {}, ...['name', 'email', 'status', 'usage', ''].map((k) => h('th', { text: k && t(k) }))),
         ...users.map(userRow));
     } catch (err) { table.replaceChildren(h('tr', {}, h('td', { class: 'form-error', text: errorText(err) }))); }
   }
@@ -880,6 +1039,7 @@
       h('td', { text: (user.name || '') + (user.is_admin ? ` (${t('admin')})` : '') }),
       h('td', { text: user.email || '' }),
       h('td', { class: 'admin-status', text: user.disabled ? t('disabled') : t('active') }),
+      h('td', { class: 'admin-usage', text: t('usage_line', user.usage || {}) }),
       h('td', {}, h('button', { type: 'button', class: 'btn admin-toggle',
         text: user.disabled ? t('enable') : t('disable'),
         disabled: String(user.id) === String(state.me.id), // no locking yourself out

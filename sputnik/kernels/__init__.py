@@ -1,0 +1,162 @@
+"""Linear layers whose weights stay in GGUF's block formats (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16).
+
+On CPUs the products run in a C++ extension (quant.cpp beside this file) that torch's cpp_extension compiles with
+g++ on first use and caches (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions): Q4_0/Q4_1/Q8_0 as
+integer dot products against activations quantized to 8 bits per block of 32 (llama.cpp's scheme), the other types
+by decoding one row at a time. Elsewhere (no compiler, a GPU) a layer dequantizes once with the `gguf` package and
+keeps the dense weight, which is correct but not small.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ggml type id -> (name, elements per block, bytes per block): the types the kernels multiply.
+TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+         8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
+TYPE_IDS = {name: t for t, (name, _, _) in TYPES.items()}
+PATHS = {"portable": 0, "avx2": 1}  # the C++ code paths; the best one the CPU runs is the default
+
+_lock = threading.Lock()
+_ext = None
+_ext_error: str | None = None
+
+
+def extension():
+    """The compiled kernels, built on first use; None (with a warning, once) where they cannot be built."""
+    global _ext, _ext_error
+    if _ext is not None or _ext_error is not None:
+        return _ext
+    with _lock:
+        if _ext is None and _ext_error is None:
+            if os.environ.get("SPUTNIK_NO_KERNELS") == "1":
+                _ext_error = "SPUTNIK_NO_KERNELS=1"
+                return None
+            try:
+                from torch.utils.cpp_extension import load
+
+                src = Path(__file__).with_name("quant.cpp")
+                # -fopenmp at compile time only: the OpenMP calls then bind to torch's own libgomp (one thread pool)
+                _ext = load("sputnik_quant", [str(src)], extra_cflags=["-O3", "-fopenmp"], verbose=False)
+            except Exception as err:  # no compiler, no headers: the dense fallback still works
+                _ext_error = f"{type(err).__name__}: {err}"
+                warnings.warn(f"sputnik: quantized CPU kernels unavailable ({_ext_error}); dequantizing instead",
+                              stacklevel=2)
+    return _ext
+
+
+def available() -> bool:
+    """Can this machine multiply block-format weights on the CPU without dequantizing them?"""
+    return extension() is not None
+
+
+def cpu_paths() -> list[str]:
+    """The kernel paths this CPU runs, portable first."""
+    ext = extension()
+    if ext is None:
+        return []
+    return [name for name, n in PATHS.items() if n <= ext.best_path()]
+
+
+def row_bytes(qtype: int, in_features: int) -> int:
+    name, block, size = TYPES[qtype]
+    if in_features % block:
+        raise ValueError(f"{name} rows need a multiple of {block} elements, got {in_features}")
+    return in_features // block * size
+
+
+def dequantize(qweight: Tensor, qtype: int, in_features: int) -> Tensor:
+    """Block rows [M, bytes] (uint8) -> float32 [M, in_features], by the kernels or else the `gguf` package."""
+    ext = extension()
+    if ext is not None and qweight.device.type == "cpu":
+        return ext.dequantize(qweight.contiguous(), qtype, in_features)
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    raw = qweight.detach().cpu().numpy()
+    out = gguf_dequantize(raw, GGMLQuantizationType(qtype)).astype(np.float32, copy=False)
+    return torch.from_numpy(out.reshape(qweight.shape[0], in_features)).to(qweight.device)
+
+
+def qmatmul(x: Tensor, qweight: Tensor, qtype: int, path: str | None = None) -> Tensor:
+    """x [N, K] float32 @ block weights [M, bytes]^T -> [N, M] float32 (path: a name of PATHS; None: the best)."""
+    return extension().qmatmul(x, qweight, qtype, -1 if path is None else PATHS[path])
+
+
+@dataclass
+class QTensor:
+    """A weight in a GGUF block format: rows [out_features, row bytes] of raw blocks (uint8), each row holding
+    in_features values of type qtype (a ggml type id)."""
+
+    data: Tensor
+    qtype: int
+    shape: tuple[int, int]
+
+    @property
+    def type_name(self) -> str:
+        return TYPES[self.qtype][0]
+
+    def dequantize(self) -> Tensor:
+        return dequantize(self.data, self.qtype, self.shape[1])
+
+
+class QuantLinear(nn.Module):
+    """A linear layer over block-format weights (no autograd: an inference layer)."""
+
+    def __init__(self, weight: QTensor, bias: Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.qtype = weight.qtype
+        if weight.data.shape != (self.out_features, row_bytes(self.qtype, self.in_features)):
+            raise ValueError(f"{weight.type_name} weight of {tuple(weight.data.shape)} bytes for shape {weight.shape}")
+        self.register_buffer("qweight", weight.data.contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._dense: Tensor | None = None  # the fallback's dequantized weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.qweight.device.type == "cpu" and available():
+            y = qmatmul(x.reshape(-1, self.in_features).float(), self.qweight, self.qtype)
+            if self.bias is not None:
+                y += self.bias.float()
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        if self._dense is None or self._dense.device != x.device or self._dense.dtype != x.dtype:
+            self._dense = dequantize(self.qweight, self.qtype, self.in_features).to(x.device, x.dtype)
+        return F.linear(x, self._dense, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {TYPES[self.qtype][0]}, bias={self.bias is not None}"
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table in a block format: the looked-up rows are dequantized, the table never is."""
+
+    def __init__(self, weight: QTensor, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.qtype = weight.qtype
+        self.register_buffer("qweight", weight.data.contiguous())
+        self.out_dtype = dtype
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        rows = self.qweight.index_select(0, tokens.reshape(-1))
+        out = dequantize(rows, self.qtype, self.embedding_dim).to(tokens.device, self.out_dtype)
+        return out.view(*tokens.shape, self.embedding_dim)
+
+    def _apply(self, fn, recurse=True):
+        # follow the model's dtype casts (model.to(torch.bfloat16)) although the table itself stays in its blocks
+        probe = fn(torch.empty(0))
+        if probe.is_floating_point():
+            self.out_dtype = probe.dtype
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {TYPES[self.qtype][0]}"

@@ -1,0 +1,413 @@
+// Matrix products with weights kept in GGUF's block formats (Q4_0, Q4_1, Q8_0 by integer dot products over
+// q8-quantized activations; Q4_K, Q5_K, Q6_K, F16, BF16, F32 by decoding one row at a time into floats).
+//
+// One build serves every x86 CPU: the AVX2 functions carry a target attribute and are chosen at run time from the
+// CPU's flags, so the library is compiled without -march. Rows of the output are split across torch's threads.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define SPUTNIK_X86 1
+#endif
+
+namespace {
+
+// ggml's type ids (the numbers stored in a GGUF file's tensor infos).
+enum : int64_t { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
+
+struct Format {
+  int64_t block;  // elements per block
+  int64_t bytes;  // bytes per block
+};
+
+Format format_of(int64_t t) {
+  switch (t) {
+    case F32: return {1, 4};
+    case F16: return {1, 2};
+    case BF16: return {1, 2};
+    case Q4_0: return {32, 18};
+    case Q4_1: return {32, 20};
+    case Q8_0: return {32, 34};
+    case Q4_K: return {256, 144};
+    case Q5_K: return {256, 176};
+    case Q6_K: return {256, 210};
+  }
+  TORCH_CHECK(false, "sputnik kernels: unsupported GGML type ", t);
+}
+
+inline float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+// ---------------------------------------------------------------- decoding one block to floats (every type)
+
+// The 6-bit scale and min of sub-block j in a K-quant's 12 packed scale bytes.
+inline void scale_min_k4(int j, const uint8_t* q, int* sc, int* mn) {
+  if (j < 4) {
+    *sc = q[j] & 63;
+    *mn = q[j + 4] & 63;
+  } else {
+    *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+void decode_q4k(const uint8_t* b, float* y) {
+  const float d = half_at(b), dmin = half_at(b + 2);
+  const uint8_t* scales = b + 4;
+  const uint8_t* q = b + 16;
+  for (int chunk = 0; chunk < 4; ++chunk, q += 32, y += 64) {
+    int s1, m1, s2, m2;
+    scale_min_k4(2 * chunk, scales, &s1, &m1);
+    scale_min_k4(2 * chunk + 1, scales, &s2, &m2);
+    for (int l = 0; l < 32; ++l) y[l] = d * s1 * (q[l] & 0xF) - dmin * m1;
+    for (int l = 0; l < 32; ++l) y[32 + l] = d * s2 * (q[l] >> 4) - dmin * m2;
+  }
+}
+
+void decode_q5k(const uint8_t* b, float* y) {
+  const float d = half_at(b), dmin = half_at(b + 2);
+  const uint8_t* scales = b + 4;
+  const uint8_t* qh = b + 16;
+  const uint8_t* ql = b + 48;
+  for (int chunk = 0; chunk < 4; ++chunk, ql += 32, y += 64) {
+    int s1, m1, s2, m2;
+    scale_min_k4(2 * chunk, scales, &s1, &m1);
+    scale_min_k4(2 * chunk + 1, scales, &s2, &m2);
+    const uint8_t u1 = 1 << (2 * chunk), u2 = 2 << (2 * chunk);
+    for (int l = 0; l < 32; ++l) y[l] = d * s1 * ((ql[l] & 0xF) + (qh[l] & u1 ? 16 : 0)) - dmin * m1;
+    for (int l = 0; l < 32; ++l) y[32 + l] = d * s2 * ((ql[l] >> 4) + (qh[l] & u2 ? 16 : 0)) - dmin * m2;
+  }
+}
+
+void decode_q6k(const uint8_t* b, float* y) {
+  const uint8_t* ql = b;
+  const uint8_t* qh = b + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const float d = half_at(b + 208);
+  for (int half = 0; half < 2; ++half, ql += 64, qh += 32, sc += 8, y += 128) {
+    for (int l = 0; l < 32; ++l) {
+      const int is = l / 16;
+      const int q1 = ((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+      const int q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+      const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+      const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+      y[l] = d * sc[is] * q1;
+      y[l + 32] = d * sc[is + 2] * q2;
+      y[l + 64] = d * sc[is + 4] * q3;
+      y[l + 96] = d * sc[is + 6] * q4;
+    }
+  }
+}
+
+void decode_block(int64_t t, const uint8_t* b, float* y) {
+  switch (t) {
+    case F32: std::memcpy(y, b, 4); return;
+    case F16: y[0] = half_at(b); return;
+    case BF16: {
+      uint16_t bits;
+      std::memcpy(&bits, b, 2);
+      y[0] = static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits()));
+      return;
+    }
+    case Q4_0: {
+      const float d = half_at(b);
+      for (int j = 0; j < 16; ++j) {
+        y[j] = ((b[2 + j] & 0xF) - 8) * d;
+        y[j + 16] = ((b[2 + j] >> 4) - 8) * d;
+      }
+      return;
+    }
+    case Q4_1: {
+      const float d = half_at(b), m = half_at(b + 2);
+      for (int j = 0; j < 16; ++j) {
+        y[j] = (b[4 + j] & 0xF) * d + m;
+        y[j + 16] = (b[4 + j] >> 4) * d + m;
+      }
+      return;
+    }
+    case Q8_0: {
+      const float d = half_at(b);
+      for (int j = 0; j < 32; ++j) y[j] = static_cast<int8_t>(b[2 + j]) * d;
+      return;
+    }
+    case Q4_K: decode_q4k(b, y); return;
+    case Q5_K: decode_q5k(b, y); return;
+    case Q6_K: decode_q6k(b, y); return;
+  }
+  TORCH_CHECK(false, "sputnik kernels: unsupported GGML type ", t);
+}
+
+void decode_row(int64_t t, const uint8_t* row, int64_t K, float* y) {
+  if (t == F32) {
+    std::memcpy(y, row, K * 4);
+    return;
+  }
+  const Format f = format_of(t);
+  for (int64_t b = 0; b < K / f.block; ++b) decode_block(t, row + b * f.bytes, y + b * f.block);
+}
+
+// ---------------------------------------------------------------- q8 activations
+
+// Each token's row cut into blocks of 32: int8 values, the block's scale d, and d * sum(values) (what Q4_0 and
+// Q4_1 need for their offsets).
+struct Act {
+  int64_t N, K;
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+};
+
+Act quantize_act(const float* x, int64_t N, int64_t K) {
+  Act a{N, K, std::vector<int8_t>(N * K), std::vector<float>(N * K / 32), std::vector<float>(N * K / 32)};
+  at::parallel_for(0, N * K / 32, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* xb = x + b * 32;
+      float amax = 0.f;
+      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+      const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+      int sum = 0;
+      for (int j = 0; j < 32; ++j) {
+        const int v = static_cast<int>(std::nearbyint(xb[j] * inv));
+        a.q[b * 32 + j] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      a.d[b] = d;
+      a.s[b] = d * sum;
+    }
+  });
+  return a;
+}
+
+// ---------------------------------------------------------------- portable paths
+
+// Any type: decode a row, dot it with every token's float activations.
+void rows_decoded(int64_t t, const uint8_t* w, int64_t row_bytes, int64_t K, const float* x, int64_t N, int64_t M,
+                  float* out, int64_t r0, int64_t r1, bool use_avx2);
+
+void rows_decoded_scalar(int64_t t, const uint8_t* w, int64_t row_bytes, int64_t K, const float* x, int64_t N,
+                         int64_t M, float* out, int64_t r0, int64_t r1) {
+  std::vector<float> buf(K);
+  for (int64_t r = r0; r < r1; ++r) {
+    decode_row(t, w + r * row_bytes, K, buf.data());
+    for (int64_t n = 0; n < N; ++n) {
+      const float* xn = x + n * K;
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += buf[k] * xn[k];
+      out[n * M + r] = acc;
+    }
+  }
+}
+
+#ifdef SPUTNIK_X86
+// ---------------------------------------------------------------- AVX2 paths
+
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 16 bytes of nibbles -> 32 bytes 0..15: the low nibbles are elements 0..15, the high ones 16..31.
+AVX2 inline __m256i nibbles(const uint8_t* qs) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
+  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+// Sum of u8 x s8 products in 8 int32 lanes, as floats (pair sums stay within int16: |u| <= 128, |s| <= 127).
+AVX2 inline __m256 dot_u8s8(__m256i u, __m256i s) {
+  const __m256i pairs = _mm256_maddubs_epi16(u, s);
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+
+AVX2 inline float half_f16c(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return _cvtsh_ss(bits);
+}
+
+// RT rows x NT tokens of Q4_0 / Q4_1 / Q8_0 against q8 activations: each weight block is unpacked once for NT
+// tokens and each activation block loaded once for RT rows; RT * NT independent accumulators hide the FMA latency.
+template <int64_t T, int RT, int NT>
+AVX2 inline void tile_int_avx2(const uint8_t* w, int64_t row_bytes, const Act& a, int64_t M, float* out, int64_t r,
+                               int64_t n0) {
+  constexpr int64_t bytes = T == Q4_0 ? 18 : T == Q4_1 ? 20 : 34;
+  constexpr int64_t qoff = T == Q4_1 ? 4 : 2;
+  const int64_t nb = a.K / 32;
+  __m256 acc[RT][NT];
+  float off[RT][NT];
+  for (int i = 0; i < RT; ++i)
+    for (int j = 0; j < NT; ++j) acc[i][j] = _mm256_setzero_ps(), off[i][j] = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i xq[NT];
+    float dx[NT], sx[NT];
+    for (int j = 0; j < NT; ++j) {
+      const int64_t ab = (n0 + j) * nb + b;
+      xq[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + ab * 32));
+      dx[j] = a.d[ab];
+      sx[j] = a.s[ab];
+    }
+    for (int i = 0; i < RT; ++i) {
+      const uint8_t* blk = w + (r + i) * row_bytes + b * bytes;
+      const float d = half_f16c(blk);
+      const float m = T == Q4_1 ? half_f16c(blk + 2) : T == Q4_0 ? -8.f * d : 0.f;
+      for (int j = 0; j < NT; ++j) {
+        __m256 p;
+        if constexpr (T == Q8_0) {
+          const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + qoff));
+          p = dot_u8s8(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq[j], wq));
+        } else {
+          p = dot_u8s8(nibbles(blk + qoff), xq[j]);
+        }
+        acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[j]), p, acc[i][j]);
+        if constexpr (T != Q8_0) off[i][j] += m * sx[j];
+      }
+    }
+  }
+  for (int i = 0; i < RT; ++i)
+    for (int j = 0; j < NT; ++j) out[(n0 + j) * M + r + i] = hsum(acc[i][j]) + off[i][j];
+}
+
+// Rows r0..r1 of the output for every token: 4-row tiles for one token (decoding), 2 x 4 tiles for several.
+template <int64_t T>
+AVX2 void rows_int_avx2(const uint8_t* w, int64_t row_bytes, const Act& a, int64_t M, float* out, int64_t r0,
+                        int64_t r1) {
+  int64_t r = r0;
+  if (a.N == 1) {
+    for (; r + 4 <= r1; r += 4) tile_int_avx2<T, 4, 1>(w, row_bytes, a, M, out, r, 0);
+    for (; r < r1; ++r) tile_int_avx2<T, 1, 1>(w, row_bytes, a, M, out, r, 0);
+    return;
+  }
+  for (; r < r1; r += 2) {
+    const bool pair = r + 2 <= r1;
+    int64_t n = 0;
+    for (; n + 4 <= a.N; n += 4) {
+      if (pair) tile_int_avx2<T, 2, 4>(w, row_bytes, a, M, out, r, n);
+      else tile_int_avx2<T, 1, 4>(w, row_bytes, a, M, out, r, n);
+    }
+    for (; n < a.N; ++n) {
+      if (pair) tile_int_avx2<T, 2, 1>(w, row_bytes, a, M, out, r, n);
+      else tile_int_avx2<T, 1, 1>(w, row_bytes, a, M, out, r, n);
+    }
+  }
+}
+
+AVX2 void rows_decoded_avx2(int64_t t, const uint8_t* w, int64_t row_bytes, int64_t K,
+                                                           const float* x, int64_t N, int64_t M, float* out,
+                                                           int64_t r0, int64_t r1) {
+  std::vector<float> buf(K);
+  for (int64_t r = r0; r < r1; ++r) {
+    decode_row(t, w + r * row_bytes, K, buf.data());
+    for (int64_t n = 0; n < N; ++n) {
+      const float* xn = x + n * K;
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(buf.data() + k), _mm256_loadu_ps(xn + k), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(buf.data() + k + 8), _mm256_loadu_ps(xn + k + 8), acc1);
+      }
+      float acc = hsum(_mm256_add_ps(acc0, acc1));
+      for (; k < K; ++k) acc += buf[k] * xn[k];
+      out[n * M + r] = acc;
+    }
+  }
+}
+
+bool cpu_has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+#else
+bool cpu_has_avx2() { return false; }
+#endif
+
+void rows_decoded(int64_t t, const uint8_t* w, int64_t row_bytes, int64_t K, const float* x, int64_t N, int64_t M,
+                  float* out, int64_t r0, int64_t r1, bool use_avx2) {
+#ifdef SPUTNIK_X86
+  if (use_avx2) return rows_decoded_avx2(t, w, row_bytes, K, x, N, M, out, r0, r1);
+#endif
+  rows_decoded_scalar(t, w, row_bytes, K, x, N, M, out, r0, r1);
+}
+
+// ---------------------------------------------------------------- entry points
+
+void check_weight(const torch::Tensor& w, int64_t qtype, int64_t K) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(),
+              "sputnik kernels: weights must be a contiguous 2-d uint8 CPU tensor");
+  const Format f = format_of(qtype);
+  TORCH_CHECK(K > 0 && K % f.block == 0, "sputnik kernels: in_features ", K, " is not a multiple of the block size ",
+              f.block);
+  TORCH_CHECK(w.size(1) == K / f.block * f.bytes, "sputnik kernels: rows of ", w.size(1), " bytes, expected ",
+              K / f.block * f.bytes);
+}
+
+// The best path this CPU runs: 1 AVX2, 0 portable C++.
+int64_t best_path() { return cpu_has_avx2() ? 1 : 0; }
+
+// x [N, K] float32 times the rows of w (M rows of GGUF blocks) -> [N, M]. path: -1 best, 0 portable, 1 AVX2.
+torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t path) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.dim() == 2,
+              "sputnik kernels: activations must be a 2-d float32 CPU tensor");
+  x = x.contiguous();
+  const int64_t N = x.size(0), K = x.size(1), M = w.size(0);
+  check_weight(w, qtype, K);
+  if (path < 0) path = best_path();
+  TORCH_CHECK(path == 0 || (path == 1 && cpu_has_avx2()), "sputnik kernels: path ", path, " is not available here");
+  auto out = torch::empty({N, M}, x.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t row_bytes = w.size(1);
+  float* op = out.data_ptr<float>();
+  const bool integer = path == 1 && (qtype == Q4_0 || qtype == Q4_1 || qtype == Q8_0);
+  if (!integer) {
+    const float* xp = x.data_ptr<float>();
+    at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+      rows_decoded(qtype, wp, row_bytes, K, xp, N, M, op, r0, r1, path == 1);
+    });
+    return out;
+  }
+#ifdef SPUTNIK_X86
+  const Act a = quantize_act(x.data_ptr<float>(), N, K);
+  at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+    if (qtype == Q4_0) rows_int_avx2<Q4_0>(wp, row_bytes, a, M, op, r0, r1);
+    else if (qtype == Q4_1) rows_int_avx2<Q4_1>(wp, row_bytes, a, M, op, r0, r1);
+    else rows_int_avx2<Q8_0>(wp, row_bytes, a, M, op, r0, r1);
+  });
+#endif
+  return out;
+}
+
+// Rows of GGUF blocks [M, row bytes] -> float32 [M, K].
+torch::Tensor dequantize(torch::Tensor w, int64_t qtype, int64_t K) {
+  check_weight(w, qtype, K);
+  const int64_t M = w.size(0), row_bytes = w.size(1);
+  auto out = torch::empty({M, K}, torch::kFloat);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) decode_row(qtype, wp + r * row_bytes, K, op + r * K);
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("qmatmul", &qmatmul, "x [N, K] @ GGUF-block weights [M, bytes]^T -> [N, M]");
+  m.def("dequantize", &dequantize, "GGUF-block rows -> float32");
+  m.def("best_path", &best_path, "1: AVX2, 0: portable C++");
+}

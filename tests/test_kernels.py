@@ -1,0 +1,115 @@
+"""The block-format kernels against a dequantize-then-matmul reference (gguf's own decoder), every type, every path
+this CPU runs, odd shapes."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+import sputnik.kernels as K
+from sputnik.kernels import QTensor, QuantEmbedding, QuantLinear
+
+pytestmark = pytest.mark.skipif(not K.available(), reason="no C++ compiler for the kernels")
+
+INTEGER = ["Q8_0", "Q4_0", "Q4_1"]  # quantized by gguf from floats; integer dot products on AVX2
+DECODED = ["Q4_K", "Q5_K", "Q6_K", "F16", "BF16", "F32"]
+SCALES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # byte offsets of each block's fp16 scales
+
+
+def blocks(name: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Rows of `name` blocks [rows, bytes] holding plausible weights."""
+    rng = np.random.default_rng(seed)
+    t = GGMLQuantizationType[name]
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * 0.1
+    if name in INTEGER or name == "BF16":
+        return gguf_quantize(w, t)
+    if name in ("F16", "F32"):
+        return w.astype(np.float16 if name == "F16" else np.float32).view(np.uint8)
+    _, block, size = K.TYPES[K.TYPE_IDS[name]]
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)  # any bytes are a valid K-quant block
+    for off in SCALES[name]:
+        scale = rng.uniform(1e-3, 1e-2, raw.shape[:2]).astype(np.float16)
+        raw[..., off : off + 2] = scale[..., None].view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def reference(name: str, raw: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(gguf_dequantize(raw, GGMLQuantizationType[name]).astype(np.float32))
+
+
+@pytest.mark.parametrize("name", INTEGER + DECODED)
+def test_dequantize_equals_gguf(name):
+    cols = 512 if name.endswith("_K") else 96
+    raw = blocks(name, 5, cols)
+    ours = K.dequantize(torch.from_numpy(raw), K.TYPE_IDS[name], cols)
+    assert torch.equal(ours, reference(name, raw))
+
+
+def q8_error_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The most that rounding activations to 8 bits per block of 32 (scale amax/127) can move x @ w.T: half a step
+    per element, times |w|."""
+    step = x.abs().view(x.shape[0], -1, 32).amax(-1) / 127
+    half = (step / 2).repeat_interleave(32, 1)
+    return half.double() @ w.abs().double().T
+
+
+@pytest.mark.parametrize("path", ["portable", "avx2"])
+@pytest.mark.parametrize("name", INTEGER + DECODED)
+@pytest.mark.parametrize("n,m,blocks_per_row", [(1, 1, 1), (3, 7, 3), (5, 37, 2), (9, 130, 4)])
+def test_qmatmul_matches_dequantized_matmul(name, path, n, m, blocks_per_row):
+    if path not in K.cpu_paths():
+        pytest.skip(f"this CPU has no {path} path")
+    cols = blocks_per_row * (256 if name.endswith("_K") else 32)
+    raw = blocks(name, m, cols, seed=n + m)
+    w = reference(name, raw)
+    x = torch.randn(n, cols, generator=torch.Generator().manual_seed(m))
+    x[0, :5] *= 30  # an outlier, as real activations have
+    got = K.qmatmul(x, torch.from_numpy(raw), K.TYPE_IDS[name], path)
+    want = x.double() @ w.double().T
+    assert got.shape == (n, m) and got.dtype == torch.float32
+    float_slack = 1e-5 * (x.abs().double() @ w.abs().double().T) + 1e-6
+    integer = path == "avx2" and name in INTEGER
+    bound = q8_error_bound(x, w) + float_slack if integer else float_slack
+    assert ((got.double() - want).abs() <= bound).all()
+    if integer:  # the activations really are rounded: a path that skipped it would sit far inside the bound
+        assert (got.double() - want).abs().max() > 0
+
+
+def test_qmatmul_rejects_bad_shapes():
+    raw = torch.from_numpy(blocks("Q4_1", 4, 64))
+    with pytest.raises(RuntimeError, match="bytes"):
+        K.qmatmul(torch.randn(2, 96), raw, K.TYPE_IDS["Q4_1"])
+    with pytest.raises(RuntimeError, match="multiple of the block size"):
+        K.qmatmul(torch.randn(2, 50), raw, K.TYPE_IDS["Q4_1"])
+
+
+def test_quant_linear_and_embedding():
+    raw = torch.from_numpy(blocks("Q8_0", 40, 64))
+    w = QTensor(raw, K.TYPE_IDS["Q8_0"], (40, 64))
+    bias = torch.randn(40)
+    layer = QuantLinear(w, bias)
+    x = torch.randn(2, 3, 64)
+    want = x @ w.dequantize().T + bias
+    assert torch.allclose(layer(x), want, atol=2e-2)
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+    emb = QuantEmbedding(w)
+    tokens = torch.tensor([[3, 0, 39]])
+    assert torch.equal(emb(tokens), w.dequantize()[tokens])
+    assert emb.to(torch.bfloat16)(tokens).dtype == torch.bfloat16 and emb.qweight.dtype == torch.uint8
+
+
+def test_fallback_without_kernels_dequantizes_with_gguf(monkeypatch):
+    raw = torch.from_numpy(blocks("Q4_1", 8, 64))
+    w = QTensor(raw, K.TYPE_IDS["Q4_1"], (8, 64))
+    x = torch.randn(3, 64)
+    fast = QuantLinear(w)(x)
+    monkeypatch.setattr(K, "_ext", None)
+    monkeypatch.setattr(K, "_ext_error", "disabled for the test")
+    assert not K.available()
+    dense = w.dequantize()
+    assert torch.equal(dense, reference("Q4_1", raw.numpy()))
+    slow = QuantLinear(w)(x)
+    assert torch.allclose(slow, x @ dense.T, atol=1e-5)
+    assert torch.allclose(fast, slow, atol=5e-2)
