@@ -31,8 +31,8 @@ class NanoR1Config:
     """Sizes and steps of each stage (the defaults are the run docs/nano-r1.json records, its minutes included)."""
 
     out_dir: str = option("runs/nano-r1", "folder for every stage's output and summary.json")
-    task: str = option("arithmetic:digits=1-4,test_digits=4", "the task: operands of 1-4 digits to train on, held-out "
-                       "problems of 4-digit operands, the hardest size (any arithmetic spec works)")
+    task: str = option("arithmetic:digits=1-3,test_digits=3", "the task: operands of 1-3 digits to train on, held-out "
+                       "problems of 3-digit operands, the hardest size (any arithmetic spec works)")
     seed: int = option(0, "random seed")
     corpus_problems: int = option(3000, "train-split problems written as pretraining text (three documents each)")
     vocab_size: int = option(512, "tokenizer vocabulary")
@@ -42,13 +42,13 @@ class NanoR1Config:
     pretrain_steps: int = option(1000, "pretraining steps")
     pretrain_lr: float = option(3e-3, "pretraining learning rate")
     sft_problems: int = option(400, "worked problems for SFT")
-    sft_steps: int = option(30, "SFT steps")
+    sft_steps: int = option(150, "SFT steps")
     sft_lr: float = option(1e-3, "SFT learning rate")
-    grpo_steps: int = option(100, "GRPO steps")
+    grpo_steps: int = option(60, "GRPO steps")
     grpo_lr: float = option(2e-4, "GRPO learning rate")
     max_completion_length: int = option(160, "tokens per GRPO rollout and per evaluated completion")
-    eval_n: int = option(200, "held-out problems per evaluation")
-    eval_k: int = option(4, "samples per problem for pass@1 and cons@k")
+    eval_n: int = option(100, "held-out problems per evaluation")
+    eval_k: int = option(2, "samples per problem for pass@1 and cons@k")
     report: str | None = option(None, "a JSON file whose nano-r1 entry gets the figures, e.g. docs/reasoning.json")
     direct: bool = option(True, "also run the direct-answer control from the same pretrained model: SFT on bare "
                                 "answers, GRPO with the thinking closed in the prompt, the same steps")
