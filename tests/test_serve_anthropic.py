@@ -107,7 +107,7 @@ def test_auth_and_errors_are_anthropic_style(server):
 
 
 TOOLS = [{"name": "get_weather", "description": "Weather in a city",
-          "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+          "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}]
 
 
 def test_tools_are_validated_and_go_to_the_chat_path(server):
@@ -126,8 +126,12 @@ def test_tools_are_validated_and_go_to_the_chat_path(server):
             assert r.status_code == 400 and "tools" in r.json()["error"]["message"]
         return
     c = client(server)
-    r = c.messages.create(model="think", max_tokens=64, messages=QUESTION, tools=TOOLS,
-                          tool_choice={"type": "tool", "name": "get_weather"})
+    cut = c.messages.create(model="think", max_tokens=8, messages=QUESTION, tools=TOOLS,
+                            tool_choice={"type": "tool", "name": "get_weather"})
+    assert cut.stop_reason == "max_tokens"  # a call cut off mid-arguments is still a well-formed response
+    # The test model knows one reply: with its thought closed and the city bounded, the grammar makes the call.
+    r = c.messages.create(model="think", max_tokens=256, messages=QUESTION, tools=TOOLS,
+                          tool_choice={"type": "tool", "name": "get_weather"}, thinking={"type": "disabled"})
     use = [b for b in r.content if b.type == "tool_use"]
     assert r.stop_reason == "tool_use" and use and use[0].name == "get_weather" and "city" in use[0].input
     free = c.messages.create(model="think", max_tokens=64, messages=QUESTION, tools=TOOLS)

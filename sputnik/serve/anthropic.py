@@ -228,8 +228,18 @@ def _content(message: dict) -> list[dict]:
         blocks.append({"type": "text", "text": message["content"]})
     for call in message.get("tool_calls") or []:
         blocks.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
-                       "input": json.loads(call["function"]["arguments"] or "{}")})
+                       "input": _arguments(call["function"]["arguments"])})
     return blocks
+
+
+def _arguments(text: str | None) -> dict:
+    """A call's arguments as the object tool_use holds; {} for arguments cut off by max_tokens (the response's
+    stop_reason says so) or that are not an object."""
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 async def _json(request: Request) -> Any:
