@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sputnik"
 LAYERS = [
     ["sputnik.device", "sputnik.config", "sputnik.r1", "sputnik.seeds", "sputnik.settings",
      "sputnik.kernels"],  # no sputnik imports (kernels: block-format linear layers, a C++ extension)
-    ["sputnik.tokenizer", "sputnik.tasks", "sputnik.rewards"],  # text: tokens, problems, verifiable rewards
+    ["sputnik.tokenizer", "sputnik.tasks", "sputnik.rewards", "sputnik.tools"],  # text: tokens, problems, verifiable
+    # rewards; tools (tool-call parsers and prompts, calculator, sandbox)
     ["sputnik.model"],  # the transformer and its cache interface
     ["sputnik.checkpoint", "sputnik.engine"],  # weights in and out; batched generation
     ["sputnik.eval", "sputnik.train"],  # evaluation; pretrain, SFT, GRPO, distillation
