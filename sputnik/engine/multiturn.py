@@ -101,14 +101,15 @@ def run_rollouts(engine: Engine, prompts: list[list[int]], params: SamplingParam
     rows = [_Row(MultiTurn(list(p)), env, seed_indices[i] if seed_indices else i)
             for i, (p, env) in enumerate(zip(prompts, envs))]
     with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
+        tag = object()
         for i, row in enumerate(rows):
-            _start_turn(engine, row, i, base, cfg)
+            _start_turn(engine, row, tag, i, base, cfg)
         waiting = set()
         while engine.has_work or waiting:
             if engine.has_work:
-                for d in engine.step():
-                    if d.finish_reason is not None:
-                        i = d.prompt[0]
+                for d in engine.step():  # other requests may share the engine: only this call's keys are ours
+                    if d.finish_reason is not None and isinstance(d.prompt, tuple) and d.prompt[0] is tag:
+                        i = d.prompt[1]
                         if _end_turn(rows[i], cfg, pool):
                             waiting.add(i)
             else:
@@ -121,16 +122,16 @@ def run_rollouts(engine: Engine, prompts: list[list[int]], params: SamplingParam
                     results = (row.future.result() if row.future.done() else
                                [ToolResult("error: the tool timed out", True)] * row.pending)
                     if _insert_results(row, results, glue([r.content for r in results]), engine, cfg):
-                        _start_turn(engine, row, i, base, cfg)
+                        _start_turn(engine, row, tag, i, base, cfg)
     return [r.rollout for r in rows]
 
 
-def _start_turn(engine: Engine, row: _Row, i: int, base: SamplingParams, cfg: AgentConfig) -> None:
+def _start_turn(engine: Engine, row: _Row, tag: object, i: int, base: SamplingParams, cfg: AgentConfig) -> None:
     ro = row.rollout
     left = cfg.max_total_tokens - len(ro.tokens)
     room = engine.model.cfg.max_seq_len - len(ro.prompt) - len(ro.tokens) - 1
     params = replace(base, max_tokens=max(1, min(base.max_tokens, left, room)))
-    row.seq = engine.add((i, row.turn), ro.prompt + ro.tokens, params, seed_index=row.seed_index + 100_003 * row.turn)[0]
+    row.seq = engine.add((tag, i, row.turn), ro.prompt + ro.tokens, params, seed_index=row.seed_index + 100_003 * row.turn)[0]
 
 
 def _end_turn(row: _Row, cfg: AgentConfig, pool: ThreadPoolExecutor) -> bool:
