@@ -7,7 +7,7 @@ PIP := $(PY) -m pip -q --disable-pip-version-check
 TORCH_CPU ?= torch==2.13.0
 MODEL ?= smollm2-135m-instruct
 
-.PHONY: setup model demo test test-deps bench r1-zero nano-r1 clean
+.PHONY: setup model demo test test-deps bench r1-zero r1-tools nano-r1 clean
 
 # The web chat's front-end libraries (marked, DOMPurify, highlight.js, KaTeX) come from the npm registry at
 # install time, pinned by web/package-lock.json, and are served from the package: never from a CDN.
@@ -69,6 +69,11 @@ r1-zero: model
 
 # The whole R1 recipe from nothing on a CPU: tokenizer -> pretrain (MLA + MoE + MTP) -> cold-start SFT -> GRPO ->
 # pass@1 of SFT and GRPO on held-out problems; docs/nano-r1.json and the stages' plots.
+r1-tools: model
+	$(VENV)/bin/sputnik train grpo --config recipes/r1-tools.yaml
+	mkdir -p docs
+	cp runs/r1-tools/summary.json docs/agentic-summary.json
+
 nano-r1: setup
 	$(VENV)/bin/sputnik nano-r1 --out-dir runs/nano-r1
 	mkdir -p docs
