@@ -7,7 +7,7 @@ PIP := $(PY) -m pip -q --disable-pip-version-check
 TORCH_CPU ?= torch==2.13.0
 MODEL ?= smollm2-135m-instruct
 
-.PHONY: setup model demo test test-deps bench r1-zero r1 nano-r1 clean
+.PHONY: setup model demo test test-deps bench r1-zero r1 r1-tools nano-r1 clean
 
 # The web chat's front-end libraries (marked, DOMPurify, highlight.js, KaTeX) come from the npm registry at
 # install time, pinned by web/package-lock.json, and are served from the package: never from a CDN.
@@ -71,6 +71,12 @@ r1-zero: model
 r1: model
 	$(VENV)/bin/sputnik recipe --config recipes/r1.yaml --report docs/reasoning.json
 	cp runs/r1/think/metrics.png docs/r1.png
+
+# Agentic GRPO: SmolLM2-135M-Instruct learns to call the calculator (docs/agentic.md).
+r1-tools: model
+	$(VENV)/bin/sputnik train grpo --config recipes/r1-tools.yaml
+	mkdir -p docs
+	cp runs/r1-tools/summary.json docs/agentic-summary.json
 
 # The whole R1 recipe from nothing on a CPU: tokenizer -> pretrain (MLA + MoE + MTP) -> cold-start SFT -> GRPO, and
 # the direct-answer control from the same pretrained model; held-out figures in docs/nano-r1.json, docs/reasoning.json.

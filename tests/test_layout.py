@@ -14,7 +14,8 @@ LAYERS = [
     # no sputnik imports (kernels: block-format linear layers, a C++ extension)
     ["sputnik.device", "sputnik.config", "sputnik.machine", "sputnik.r1", "sputnik.seeds", "sputnik.settings",
      "sputnik.kernels"],
-    ["sputnik.tokenizer", "sputnik.tasks", "sputnik.rewards"],  # text: tokens, problems, verifiable rewards
+    # text: tokens, problems, verifiable rewards; tools (tool-call parsers and prompts, calculator, sandbox)
+    ["sputnik.tokenizer", "sputnik.tasks", "sputnik.rewards", "sputnik.tools"],
     ["sputnik.model"],  # the transformer and its cache interface
     ["sputnik.checkpoint", "sputnik.engine"],  # weights in and out; batched generation
     ["sputnik.eval", "sputnik.train"],  # evaluation; pretrain, SFT, GRPO, distillation

@@ -18,7 +18,8 @@ from live import Live
 
 from sputnik.serve.config import ServeConfig
 from sputnik.serve.protocol import ChatCompletionRequest, parse_request, prompt_messages
-from sputnik.serve.tools import template_messages, tool_plan
+from sputnik.serve.tools import tool_plan
+from sputnik.tools.render import template_messages
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city", "strict": True,

@@ -128,6 +128,9 @@ def test_recipe_and_distill_fields(tmp_path):
         assert train.max_steps == 2 and train.lr == 1e-5 and recipe.recipe == name
         assert (recipe.cold_start > 0) == (name == "r1") and recipe.korean_task.startswith("korean-arithmetic")
         get_task(grpo.task).problems("test", 4)  # the task specs parse
+    tools = parse(["train", "grpo", "--config", str(ROOT / "recipes" / "r1-tools.yaml")]).config(GRPOConfig)
+    assert tools.tools == ["calculator"] and tools.max_turns == 3
+    get_task(tools.task).problems("test", 4)
     # distill's student and mode are settings like any other (the recipe key `model` still names the student).
     cfg = yaml_file(tmp_path, "model: student.gguf\nmode: kl\nteacher: t.gguf\nseed: 3\n")
     d = parse(["distill", "-c", cfg])

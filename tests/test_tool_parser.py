@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from sputnik.serve import tool_parser as tp
-from sputnik.serve.tool_parser import HermesWriter, make_parser
+from sputnik.tools import parser as tp
+from sputnik.tools.parser import HermesWriter, make_parser
 
 WEATHER = {"city": "Paris", "unit": "celsius", "note": "a \"quoted\" } and </tool_call> inside"}
 SEARCH = {"q": "sputnik", "tags": [1, [2, {"x": None}]]}

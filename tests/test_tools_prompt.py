@@ -5,7 +5,8 @@ import json
 import pytest
 
 from sputnik.serve.protocol import ChatCompletionRequest, parse_request, prompt_messages
-from sputnik.serve.tools import family_of, template_messages, tool_plan
+from sputnik.serve.tools import tool_plan
+from sputnik.tools.render import family_of, template_messages
 from sputnik.tokenizer import Tokenizer
 
 # A ChatML template with tools in the Hermes/Qwen2.5 manner, as HF templates write it.

@@ -18,7 +18,7 @@ from sputnik.engine import Engine, SamplingParams
 from sputnik.r1 import join_deltas
 from sputnik.serve import sse
 from sputnik.serve.protocol import APIError
-from sputnik.serve.tool_parser import HermesWriter
+from sputnik.tools.parser import HermesWriter
 
 
 @dataclass

@@ -18,8 +18,9 @@ from sputnik.serve.protocol import (APIError, ChatCompletionRequest, ChatMessage
 from sputnik.r1 import THINK_OPEN, ReasoningSplitter, close_thinking, opens_thinking
 from sputnik.serve import sse
 from sputnik.serve.server import Backend, Server, event_stream, upstream_body, usage
-from sputnik.serve.tool_parser import ToolParser
-from sputnik.serve.tools import ToolPlan, output_constraint, template_messages, tool_plan
+from sputnik.serve.tools import output_constraint, tool_plan
+from sputnik.tools.parser import ToolParser
+from sputnik.tools.render import ToolPlan, template_messages
 
 
 def chat_prompt(b: Backend, messages: list[dict], thinking: bool = True, prefix: ChatMessage | None = None,

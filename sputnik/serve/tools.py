@@ -1,17 +1,12 @@
 """Function calling and structured outputs on the request side: the checks across fields (each a clear 400), the
-prompt (the model's own chat template with `tools`, or a documented fallback), and the grammar that forces a call or
-a JSON Schema in the engine.
-
-Fallback, for templates that know nothing of tools (SmolLM2's, R1's): the tools are described in the system message
-in the Hermes format, earlier calls are written into their assistant turns as `<tool_call>` blocks, and tool results
-go back as user turns wrapped in `<tool_response>`; the Hermes parser then reads the output.
+request's ToolPlan, and the grammar that forces a call or a JSON Schema in the engine. The prompt side (templates,
+the Hermes fallback) and the parsers live in sputnik.tools, which training shares.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sputnik.engine.grammar import (
     Constraint,
@@ -21,30 +16,12 @@ from sputnik.engine.grammar import (
     literal,
     schema_error,
 )
-from sputnik.serve import tool_parser as tp
 from sputnik.serve.protocol import APIError, ChatCompletionRequest
+from sputnik.tools import parser as tp
+from sputnik.tools.render import ToolPlan, family_of
 
 if TYPE_CHECKING:
     from sputnik.tokenizer import Tokenizer
-
-
-@dataclass
-class ToolPlan:
-    """How one request uses tools: what the template gets, what the output is parsed and constrained by."""
-
-    tools: list[dict] = field(default_factory=list)  # OpenAI tool entries, as HF templates take them
-    choice: str = "none"  # none | auto | required | named
-    named: str | None = None
-    parallel: bool = True
-    family: str = "hermes"  # the tool-call format (sputnik.serve.tool_parser.FAMILIES)
-    native: bool = False  # the chat template renders tools itself
-
-    @property
-    def parses(self) -> bool:
-        return bool(self.tools) and self.choice != "none"
-
-    def parser(self) -> tp.ToolParser | None:
-        return tp.make_parser(self.family, self.parallel) if self.parses else None
 
 
 def _fail(message: str, param: str) -> None:
@@ -107,20 +84,6 @@ def _check_messages(req: ChatCompletionRequest) -> None:
             _fail("only allowed on a tool message", f"messages[{i}].tool_call_id")
 
 
-def family_of(tokenizer: Tokenizer | None) -> str:
-    """The tool-call format a model writes, from its vocabulary and chat template (Hermes when nothing says)."""
-    if tokenizer is None:
-        return "hermes"
-    template = tokenizer.chat_template or ""
-    if tokenizer.token_to_id(tp.DS_CALLS_BEGIN) is not None or tp.DS_CALLS_BEGIN in template:
-        return "deepseek"
-    if tp.HERMES_OPEN in template:
-        return "hermes"
-    if tp.PYTHON_TAG in template or '"parameters"' in template:
-        return "llama3"
-    return "hermes"
-
-
 def plan_for(req: ChatCompletionRequest, tokenizer: Tokenizer | None) -> ToolPlan:
     """The request's tool plan (after check_tools has passed)."""
     if not req.tools:
@@ -132,70 +95,6 @@ def plan_for(req: ChatCompletionRequest, tokenizer: Tokenizer | None) -> ToolPla
     return ToolPlan([t.model_dump(exclude_none=True) for t in req.tools], choice if named is None else "named",
                     named, req.parallel_tool_calls is not False, family_of(tokenizer) if native else "hermes",
                     native)
-
-
-def template_messages(messages: list[dict], plan: ToolPlan) -> list[dict]:
-    """The messages as the chat template takes them: for a native template, arguments as objects (HF templates
-    `tojson` them); else the fallback's plain turns, with the tools described in the system message."""
-    if plan.native:
-        return [_with_argument_objects(m) for m in messages]
-    if not plan.tools and not any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
-        return messages
-    out: list[dict] = []
-    answers = False  # whether out[-1] is a user turn made of tool results
-    for m in messages:
-        if m["role"] == "tool":
-            block = f"<tool_response>\n{m['content']}\n</tool_response>"
-            if answers:
-                out[-1]["content"] += "\n" + block
-            else:
-                out.append({"role": "user", "content": block})
-            answers = True
-            continue
-        turn = {"role": m["role"], "content": m["content"]}
-        calls = [_hermes_call(c) for c in m.get("tool_calls") or []]
-        if calls:
-            turn["content"] = "\n".join(([m["content"]] if m["content"] else []) + calls)
-        out.append(turn)
-        answers = False
-    return _with_tool_system(out, plan.tools) if plan.tools else out
-
-
-def _arguments(call: dict) -> Any:
-    """A call's arguments as an object when they are JSON (as templates expect), else the text as sent."""
-    text = call["function"]["arguments"]
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _with_argument_objects(m: dict) -> dict:
-    if not m.get("tool_calls"):
-        return m
-    calls = [{**c, "function": {**c["function"], "arguments": _arguments(c)}} for c in m["tool_calls"]]
-    return {**m, "tool_calls": calls}
-
-
-def _hermes_call(call: dict) -> str:
-    body = {"name": call["function"]["name"], "arguments": _arguments(call)}
-    return f"{tp.HERMES_OPEN}\n{json.dumps(body, ensure_ascii=False)}\n{tp.HERMES_CLOSE}"
-
-
-FALLBACK_PROMPT = (
-    "You can call functions to help with the user's request. Their signatures, one JSON object per line:\n"
-    "<tools>\n{tools}\n</tools>\n\n"
-    "To call a function, answer with a JSON object holding its name and arguments inside <tool_call></tool_call> "
-    "tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <arguments-object>}}\n</tool_call>\n"
-    "The results come back inside <tool_response></tool_response> tags."
-)
-
-
-def _with_tool_system(messages: list[dict], tools: list[dict]) -> list[dict]:
-    text = FALLBACK_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
-    if messages and messages[0]["role"] == "system":
-        return [{"role": "system", "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]
 
 
 # ---------------------------------------------------------------------------------------------------- grammars

@@ -15,8 +15,9 @@ from torch import Tensor
 
 from sputnik.engine import Engine, SamplingParams
 from sputnik.engine.grammar import json_answer
+from sputnik.engine.multiturn import AgentConfig, MultiTurn, run_rollouts
 from sputnik.eval.run import EvalConfig, evaluate, prompt_ids, thinking
-from sputnik.r1 import GRADINGS, THINK_MODES, answer_part
+from sputnik.r1 import GRADINGS, THINK_MODES, answer_part, opens_thinking
 from sputnik.rewards import combine
 from sputnik.seeds import mix
 from sputnik.settings import option
@@ -24,8 +25,10 @@ from sputnik.tasks import TEMPLATES, Problem, get_task
 from sputnik.train.grpo_math import LOSS_TYPES, group_advantages, policy_loss, zero_std_fraction
 from sputnik.train.logprobs import completion_mask, token_logprobs
 from sputnik.train.lora import DEFAULT_TARGETS
-from sputnik.train.plots import read_rows
+from sputnik.tools.env import environment_maker
+from sputnik.tools.render import plan_of, tool_glue, tool_prompt
 from sputnik.train.loop import RankAware, TrainConfig, all_gather_object, all_reduce_sum, dist_info
+from sputnik.train.plots import read_rows
 
 
 @dataclass
@@ -72,6 +75,15 @@ class GRPOConfig:
     lora_r: int = option(0, "LoRA rank (0: train every weight)")
     lora_alpha: float = option(32.0, "LoRA alpha")
     lora_target_modules: list[str] = option(list(DEFAULT_TARGETS), "modules LoRA adapts")
+    tools: list[str] = option([], "tools the rollouts may call: calculator, python, or module:function (multi-turn "
+                                  "rollouts; max_completion_length then bounds each turn and the whole rollout)")
+    environment_factory: str | None = option(None, "module:function returning an object whose public methods are "
+                                                   "the tools, one per rollout (reset(problem) first, if it has one)")
+    max_turns: int = option(4, "model turns per rollout with tools")
+    tool_timeout: float = option(10.0, "seconds a turn's tool calls may take")
+    tool_call_reward: float = option(0.0, "shaping: added once to a rollout whose calls all succeeded")
+    tool_error_penalty: float = option(0.0, "shaping: subtracted per failed tool call")
+    malformed_call_penalty: float = option(0.0, "shaping: subtracted per turn with a call that does not parse")
 
 
 @dataclass
@@ -86,6 +98,8 @@ class Rollout:
     think_tokens: int = 0  # tokens of reasoning (0: the completion did not think)
     closed: bool = False  # the completion closed a thought (wrote </think>): an answer can follow
     skip: bool = False  # an unverifiable gold answer: no gradient, no effect on the group
+    own: list[int] | None = None  # with tools: 1 where the model sampled the token, 0 for tool results and glue
+    turn: MultiTurn | None = None  # with tools: the whole rollout (calls, errors, tool tokens)
 
 
 @dataclass
@@ -130,7 +144,8 @@ class GRPOObjective(RankAware):
         self.reward = combine(cfg.rewards, **{"grading": cfg.grading, **cfg.reward_options})
         pool = self._pool()
         self.problems = pool
-        self.prompts = [prompt_ids(self.task, p, tokenizer, self._eval_cfg()) for p in pool]
+        self.env_maker = environment_maker(cfg.tools, cfg.environment_factory)
+        self.prompts = [self._prompt(p) for p in pool]
         self.order = list(range(len(pool)))
         self.rng = random.Random(seed)
         self.rng.shuffle(self.order)
@@ -141,6 +156,15 @@ class GRPOObjective(RankAware):
             for p in self.ref.parameters():
                 p.requires_grad_(False)
         self._step_metrics: dict[str, float] = {}
+
+    def _prompt(self, problem: Problem) -> tuple[list[int], bool]:
+        """The problem's prompt ids (with the tools offered, for multi-turn rollouts) and whether it opens <think>."""
+        c = self.cfg
+        if self.env_maker is None or c.template != "chat" or not self.tok.chat_template:
+            return prompt_ids(self.task, problem, self.tok, self._eval_cfg())
+        plan = plan_of(self.env_maker(problem).specs(), self.tok)
+        text = tool_prompt(self.task.render(problem, "chat", None, c.system, c.suffix), self.tok, plan)
+        return self.tok.encode(text, add_special_tokens=False), opens_thinking(text)
 
     def _pool(self) -> list[Problem]:
         n = self.cfg.train_pool
@@ -197,6 +221,8 @@ class GRPOObjective(RankAware):
     def _rollout(self, model, step: int, attempt: int) -> list[list[Rollout]]:
         """One group of G scored rollouts for each of this rank's next prompts."""
         idx = self._next_prompts(self.cfg.prompts_per_step)
+        if self.env_maker is not None:
+            return self._tool_rollout(model, idx, step, attempt)
         outs = self._sample(model, idx, step, attempt)
         groups = []
         for i, comps in zip(idx, outs):
@@ -217,6 +243,38 @@ class GRPOObjective(RankAware):
     def _think_tokens(self, text: str, think_opened: bool) -> int:
         reasoning = thinking(text, think_opened)
         return len(self.tok.encode(reasoning, add_special_tokens=False)) if reasoning else 0
+
+    def _tool_rollout(self, model, idx: list[int], step: int, attempt: int) -> list[list[Rollout]]:
+        """Multi-turn rollouts with the configured tools; the reward reads the last turn, plus the tool shaping."""
+        c, G = self.cfg, self.cfg.num_generations
+        engine = Engine(model, self.tok, max_batch=len(idx) * G, prefix_cache_mb=64)
+        seed = mix(self.seed, step * 1009, attempt * 31, self.rank, bits=31)
+        params = SamplingParams(max_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
+                                top_k=c.top_k, seed=seed)
+        envs = [self.env_maker(self.problems[i]) for i in idx for _ in range(G)]
+        plan = plan_of(envs[0].specs(), self.tok) if c.template == "chat" and self.tok.chat_template else None
+        agent = AgentConfig(max_turns=c.max_turns, max_total_tokens=c.max_completion_length,
+                            tool_timeout_s=c.tool_timeout, family=plan.family if plan else "hermes")
+        turns = run_rollouts(engine, [self.prompts[i][0] for i in idx for _ in range(G)], params, envs,
+                             lambda results: tool_glue(results, self.tok if plan else None, plan, c.system), agent)
+        groups = []
+        for g, i in enumerate(idx):
+            problem, (ids, think_opened) = self.problems[i], self.prompts[i]
+            rows = turns[g * G : (g + 1) * G]
+            scored = [self.reward(problem, t.final_text, self.task, length=len(t.tokens),
+                                  think_opened=think_opened and not t.thought_closed_before()) for t in rows]
+            shaped = [None if total is None else total + self._shaping(t) for t, (total, _) in zip(rows, scored)]
+            valid = [x for x in shaped if x is not None]
+            fill = sum(valid) / len(valid) if valid else 0.0
+            groups.append([Rollout(ids, t.tokens, fill if x is None else x, parts, truncated=t.finish_reason == "length",
+                                   skip=x is None, own=t.own, turn=t)
+                           for t, x, (_, parts) in zip(rows, shaped, scored)])
+        return groups
+
+    def _shaping(self, t: MultiTurn) -> float:
+        c = self.cfg
+        bonus = c.tool_call_reward if t.calls and not t.tool_errors else 0.0
+        return bonus - c.tool_error_penalty * t.tool_errors - c.malformed_call_penalty * t.malformed
 
     def _groups(self, model, step: int) -> tuple[list[list[Rollout]], list[Rollout], int]:
         """The step's groups (with dynamic sampling: those whose rewards differ, refilled up to max_refills times),
@@ -262,6 +320,11 @@ class GRPOObjective(RankAware):
         mask, truncated = completion_mask(comp, self.tok.stop_ids, pad)
         lengths = torch.tensor([len(r.completion) for r in rows])
         mask = mask * (torch.arange(L)[None] < lengths[:, None])  # only the generated tokens
+        for b, r in enumerate(rows):
+            if r.own is not None:  # the model's own tokens only: tool results and template glue (whose end-of-turn
+                mask[b] = 0        # tokens completion_mask would take for the end) are not the policy's
+                mask[b, : len(r.own)] = torch.tensor(r.own, dtype=mask.dtype)
+                truncated[b] = r.truncated
         skip = torch.tensor([r.skip for r in rows])
         if self.cfg.mask_truncated_completions:
             skip |= torch.tensor([r.truncated for r in rows])
@@ -321,6 +384,16 @@ class GRPOObjective(RankAware):
             "tokens": float(num_items),  # the global count, across ranks
             "trained_rows": float(trained) / len(rows),
         }
+        turns = [r.turn for r in seen if r.turn is not None]
+        if turns:
+            n = len(turns)
+            out["tools/calls_per_rollout"] = sum(t.calls for t in turns) / n
+            out["tools/call_rate"] = sum(t.calls > 0 for t in turns) / n
+            out["tools/errors_per_rollout"] = sum(t.tool_errors for t in turns) / n
+            out["tools/error_rate"] = sum(t.tool_errors for t in turns) / max(1, sum(t.calls for t in turns))
+            out["tools/malformed_per_rollout"] = sum(t.malformed for t in turns) / n
+            out["tools/result_tokens"] = sum(t.tool_tokens for t in turns) / n
+            out["tools/turns"] = sum(len(t.turns) for t in turns) / n
         for name in c.rewards:
             vals = [r.parts.get(name) for r in rows if r.parts.get(name) is not None]
             if vals:

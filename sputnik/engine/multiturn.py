@@ -1,0 +1,179 @@
+"""Multi-turn rollouts with tools over the engine's continuous batch.
+
+A row that writes a tool call stops at the call's closing marker; its calls run in a thread pool (with a timeout)
+while the other rows keep decoding; the results, written as the chat template writes tool messages, are appended
+and the row is added again as a continuation of everything so far (the prefix cache holds its KV, so only the new
+tokens are prefilled). A turn limit and a total token limit bound each rollout. Every token is tagged: the model's
+own (sampled by the engine) or inserted (tool results and template glue), which the loss leaves out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from sputnik.engine.sampling import SamplingParams
+from sputnik.r1 import THINK_CLOSE
+from sputnik.tools import parser as tp
+from sputnik.tools.env import Environment, ToolResult
+
+if TYPE_CHECKING:
+    from sputnik.engine.generate import Engine
+
+CALL_STOPS = {"hermes": [tp.HERMES_CLOSE], "deepseek": [tp.DS_CALLS_END], "llama3": []}
+
+
+@dataclass
+class AgentConfig:
+    """Limits of a multi-turn rollout."""
+
+    max_turns: int = 4  # model turns, the last one included
+    max_total_tokens: int = 512  # model and inserted tokens after the prompt
+    tool_timeout_s: float = 10.0
+    max_result_chars: int = 1000  # a longer tool result is cut (the model reads the cut)
+    workers: int = 8
+    family: str = "hermes"  # the tool-call format (sputnik.tools.parser.FAMILIES)
+
+
+@dataclass
+class MultiTurn:
+    """One rollout: the tokens after the prompt, which of them the model sampled, and what its tools did."""
+
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    own: list[int] = field(default_factory=list)  # 1: sampled by the model; 0: a tool result or template glue
+    logprobs: list[float] = field(default_factory=list)  # the sampler's, 0.0 on inserted tokens
+    turns: list[str] = field(default_factory=list)  # the model's text, turn by turn
+    calls: int = 0
+    tool_errors: int = 0
+    malformed: int = 0  # turns that opened a call the parser could not read
+    tool_tokens: int = 0  # inserted tokens
+    finish_reason: str = "stop"  # stop | length (a turn or the total budget ran out) | turns (turn limit)
+
+    @property
+    def final_text(self) -> str:
+        return self.turns[-1] if self.turns else ""
+
+    def thought_closed_before(self) -> bool:
+        """Did an earlier turn close the thought (so the last turn is graded as an answer)?"""
+        return any(THINK_CLOSE in t for t in self.turns[:-1])
+
+
+def parse_calls(text: str, family: str) -> tuple[list[dict], bool]:
+    """The tool calls in one turn's text, and whether the turn tried a call that did not parse."""
+    parser = tp.make_parser(family)
+    parser.push(text)
+    parser.finish()
+    calls = parser.tool_calls()
+    opened = {"hermes": tp.HERMES_OPEN, "deepseek": tp.DS_CALL_BEGIN, "llama3": tp.PYTHON_TAG}[family]
+    return calls, opened in text and len(calls) < text.count(opened)
+
+
+def _run_calls(env: Environment, calls: list[dict], limit: int) -> list[ToolResult]:
+    out = []
+    for c in calls:
+        r = env.call(c)
+        out.append(ToolResult(r.content[:limit], r.error))
+    return out
+
+
+@dataclass
+class _Row:
+    rollout: MultiTurn
+    env: Environment | None
+    seed_index: int
+    turn: int = 0
+    seq: Any = None  # the engine's sequence of the current turn
+    future: Future | None = None
+    started: float = 0.0
+    pending: int = 0  # calls of the running turn
+
+
+def run_rollouts(engine: Engine, prompts: list[list[int]], params: SamplingParams, envs: list[Environment | None],
+                 glue: Callable[[list[str]], str], cfg: AgentConfig | None = None,
+                 seed_indices: list[int] | None = None) -> list[MultiTurn]:
+    """One multi-turn rollout per prompt (repeat a prompt for a group; seed_indices keep their streams apart)."""
+    cfg = cfg or AgentConfig()
+    base = replace(params, n=1, stop=list(params.stop or []) + CALL_STOPS[cfg.family])
+    rows = [_Row(MultiTurn(list(p)), env, seed_indices[i] if seed_indices else i)
+            for i, (p, env) in enumerate(zip(prompts, envs))]
+    with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
+        tag = object()
+        for i, row in enumerate(rows):
+            _start_turn(engine, row, tag, i, base, cfg)
+        waiting = set()
+        while engine.has_work or waiting:
+            if engine.has_work:
+                for d in engine.step():  # other requests may share the engine: only this call's keys are ours
+                    if d.finish_reason is not None and isinstance(d.prompt, tuple) and d.prompt[0] is tag:
+                        i = d.prompt[1]
+                        if _end_turn(rows[i], cfg, pool):
+                            waiting.add(i)
+            else:
+                time.sleep(0.002)  # only tools are running
+            for i in sorted(waiting):
+                row = rows[i]
+                late = time.monotonic() - row.started > cfg.tool_timeout_s
+                if row.future.done() or late:
+                    waiting.discard(i)
+                    results = (row.future.result() if row.future.done() else
+                               [ToolResult("error: the tool timed out", True)] * row.pending)
+                    if _insert_results(row, results, glue([r.content for r in results]), engine, cfg):
+                        _start_turn(engine, row, tag, i, base, cfg)
+    return [r.rollout for r in rows]
+
+
+def _start_turn(engine: Engine, row: _Row, tag: object, i: int, base: SamplingParams, cfg: AgentConfig) -> None:
+    ro = row.rollout
+    left = cfg.max_total_tokens - len(ro.tokens)
+    room = engine.model.cfg.max_seq_len - len(ro.prompt) - len(ro.tokens) - 1
+    params = replace(base, max_tokens=max(1, min(base.max_tokens, left, room)))
+    row.seq = engine.add((tag, i, row.turn), ro.prompt + ro.tokens, params, seed_index=row.seed_index + 100_003 * row.turn)[0]
+
+
+def _end_turn(row: _Row, cfg: AgentConfig, pool: ThreadPoolExecutor) -> bool:
+    """Record the finished turn; True when it called tools (now running), False when the rollout is over."""
+    ro, seq = row.rollout, row.seq
+    ro.tokens += seq.token_ids
+    ro.own += [1] * len(seq.token_ids)
+    ro.logprobs += seq.logprobs
+    text = engine_decode(seq)
+    ro.turns.append(text)
+    row.turn += 1
+    calls, malformed = parse_calls(text, cfg.family) if row.env is not None else ([], False)
+    ro.malformed += int(malformed)
+    if seq.finish_reason == "length" or not calls:
+        ro.finish_reason = seq.finish_reason if seq.finish_reason != "abort" else "stop"
+        return False
+    if row.turn >= cfg.max_turns:
+        ro.finish_reason = "turns"
+        return False
+    ro.calls += len(calls)
+    row.pending = len(calls)
+    row.future = pool.submit(_run_calls, row.env, calls, cfg.max_result_chars)
+    row.started = time.monotonic()
+    return True
+
+
+def engine_decode(seq) -> str:
+    """A turn's whole text, the call's closing marker included (the engine cuts a stop string from seq.text)."""
+    return seq.text + (seq.stop_reason if isinstance(seq.stop_reason, str) else "")
+
+
+def _insert_results(row: _Row, results: list[ToolResult], text: str, engine: Engine, cfg: AgentConfig) -> bool:
+    """Append the tool results; False when they leave no room for another turn."""
+    ro = row.rollout
+    ro.tool_errors += sum(r.error for r in results)
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    room = min(cfg.max_total_tokens - len(ro.tokens), engine.model.cfg.max_seq_len - len(ro.prompt) - len(ro.tokens))
+    if len(ids) + 1 >= room:
+        ro.finish_reason = "length"
+        return False
+    ro.tokens += ids
+    ro.own += [0] * len(ids)
+    ro.logprobs += [0.0] * len(ids)
+    ro.tool_tokens += len(ids)
+    return True

@@ -1,0 +1,223 @@
+"""Agentic rollouts: the calculator, the sandbox, multi-turn rollouts in the continuous batch, masks, log-probs, and
+a tiny model that learns to call a tool."""
+
+import json
+import os
+import time
+
+import pytest
+import torch
+from tokenizers import Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as Backend
+
+from sputnik.config import ModelConfig
+from sputnik.engine import Engine, SamplingParams
+from sputnik.engine.multiturn import AgentConfig, run_rollouts
+from sputnik.model import Transformer
+from sputnik.tokenizer import Tokenizer
+from sputnik.tools.calculator import CalculatorError, calculator
+from sputnik.tools.env import Environment, as_tool, resolve
+from sputnik.tools.render import tool_glue
+from sputnik.tools.sandbox import SandboxConfig, run_python
+from sputnik.train.grpo import GRPOConfig, GRPOObjective
+from sputnik.train.logprobs import token_logprobs
+from sputnik.train.loop import TrainConfig, Trainer
+
+CALL = '<tool_call>{"name": "peek", "arguments": {}}</tool_call>'
+CHARS = list("0123456789abcdefghij ?\n")
+SPECIAL = [CALL, "<tool_response>", "</tool_response>"]
+
+
+def toy_tokenizer() -> Tokenizer:
+    vocab = {"<eos>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(CHARS + SPECIAL)}}
+    backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"<tool_call>.*?</tool_call>|</?tool_response>|[\s\S]"),
+                                                 behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return Tokenizer(backend, eos_token="<eos>", pad_token="<eos>")
+
+
+def toy_model(call_bias: float = 0.0) -> Transformer:
+    """A tiny random model; call_bias > 0 makes the one-token call likelier (large: every turn is a call)."""
+    torch.manual_seed(0)
+    tok = toy_tokenizer()
+    model = Transformer(ModelConfig(family="llama", vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4,
+                                    n_kv_heads=2, inter_dim=64, max_seq_len=96))
+    if call_bias:
+        with torch.no_grad():  # a large constant in dimension 0 of every embedding keeps h[0] > 0 after the norm
+            model.model.embed_tokens.weight[:, 0] = 50.0
+            model.lm_head.weight[:, 0] = 0.0
+            model.lm_head.weight[tok.token_to_id(CALL), 0] = call_bias
+    return model
+
+
+class Peek:
+    """A per-rollout environment that knows its problem's answer."""
+
+    def reset(self, problem):
+        self.answer = problem.answer if problem is not None else "0"
+
+    def peek(self) -> str:
+        """Look at the answer."""
+        return self.answer
+
+
+# ------------------------------------------------------------------ calculator
+def test_calculator_is_exact_and_refuses_what_is_not_arithmetic():
+    assert calculator("(1234 + 5678) * 3") == "20736"
+    assert calculator("7/2") == "7/2" and calculator("8/2") == "4" and calculator("-3**2") == "-9"
+    assert calculator("17 // 5") == "3" and calculator("-17 % 5") == "3" and calculator("2^10") == "1024"
+    assert calculator("123456789123456789 * 987654321987654321") == str(123456789123456789 * 987654321987654321)
+    for bad in ['__import__("os").system("ls")', "x + 1", "1.5 + 2", "2 ** 100000", "9 ** 9 ** 9", "1 / 0",
+                "1 % 0", "(1, 2)", "[1]", "a" * 300, "", "1 if 1 else 2", "abs(-1)", "1 < 2", "'a' * 3"]:
+        with pytest.raises(CalculatorError):
+            calculator(bad)
+
+
+def test_tools_from_functions_names_and_paths():
+    tools = resolve(["calculator", "python", "json:dumps"])
+    assert [t.name for t in tools] == ["calculator", "python", "dumps"]
+    calc = tools[0].spec()["function"]
+    assert calc["parameters"]["properties"]["expression"]["type"] == "string"
+    assert calc["parameters"]["required"] == ["expression"]
+    with pytest.raises(ValueError, match="unknown tool"):
+        resolve(["nope"])
+    with pytest.raises(ValueError):
+        resolve(["no.such.module:f"])
+    env = Environment([as_tool(calculator)])
+    ok = env.call({"function": {"name": "calculator", "arguments": '{"expression": "6*7"}'}})
+    assert ok.content == "42" and not ok.error
+    for args in ['{"expression": "x"}', "not json", '{"wrong": 1}']:
+        assert env.call({"function": {"name": "calculator", "arguments": args}}).error
+    assert env.call({"function": {"name": "rm", "arguments": "{}"}}).error
+
+
+# ------------------------------------------------------------------ sandbox
+ESCAPES = {
+    "read a file outside": "print(open('/etc/passwd').read())",
+    "write a file outside": "open('/tmp/sputnik-sandbox-escape', 'w').write('x')",
+    "list outside": "import os; print(os.listdir('/'))",
+    "socket": "import socket; socket.create_connection(('1.1.1.1', 80), timeout=1)",
+    "http": "import urllib.request; urllib.request.urlopen('http://example.com', timeout=1)",
+    "fork bomb": "import os\nwhile True: os.fork()",
+    "subprocess": "import subprocess; subprocess.run(['id'])",
+    "os.system": "import os; os.system('id')",
+    "ctypes": "import ctypes",
+    "memory": "x = bytearray(2 * 1024 ** 3); print(len(x))",
+}
+
+
+@pytest.mark.parametrize("name", list(ESCAPES))
+def test_sandbox_refuses_escapes(name):
+    r = run_python(ESCAPES[name], SandboxConfig(cpu_s=2, wall_s=5, memory_mb=256))
+    assert not r.ok and r.stdout == "", (name, r)
+    assert not os.path.exists("/tmp/sputnik-sandbox-escape")
+
+
+def test_sandbox_runs_code_and_kills_at_its_limits():
+    cfg = SandboxConfig(cpu_s=1, wall_s=2, memory_mb=256, max_output=100)
+    r = run_python("import json, math\nopen('f', 'w').write('hi')\nprint(json.dumps(math.factorial(5)), "
+                   "open('f').read())", cfg)
+    assert r.ok and r.stdout == "120 hi\n"
+    start = time.monotonic()
+    spin = run_python("while True: pass", cfg)  # the CPU limit kills it
+    sleep = run_python("import time; time.sleep(30)", cfg)  # the wall clock kills it
+    assert spin.returncode < 0 and sleep.timed_out and time.monotonic() - start < 10
+    assert len(run_python("print('a' * 100000)", cfg).stdout) == 100
+
+
+# ------------------------------------------------------------------ multi-turn rollouts
+def _glue(results):
+    return tool_glue(results)
+
+
+def test_rows_pause_for_tools_while_other_rows_decode():
+    tok, model = toy_tokenizer(), toy_model(call_bias=40.0)
+    engine = Engine(model, tok, max_batch=8, prefix_cache_mb=16)
+    spans = []
+
+    class Slow:
+        def peek(self) -> str:
+            """Take a while."""
+            t0 = time.monotonic()
+            time.sleep(0.1)
+            spans.append((t0, time.monotonic()))
+            return "7"
+
+    engine.add("background", tok.encode("abc?"), SamplingParams(max_tokens=80, temperature=0, ignore_eos=True))
+    seen = []
+    step = engine.step
+    engine.step = lambda: [seen.append((time.monotonic(), d)) or d for d in step()]  # (observes, changes nothing)
+    prompt = tok.encode("abcdefghij abcdefghij?")
+    outs = run_rollouts(engine, [prompt, prompt], SamplingParams(max_tokens=4, temperature=0),
+                        [Environment.from_object(Slow()), None], _glue, AgentConfig(max_turns=3))
+    tooled, plain = outs
+    assert tooled.calls == 2 and tooled.finish_reason == "turns" and len(tooled.turns) == 3
+    glue = tok.encode(tool_glue(["7"]))
+    assert tooled.tokens == [tok.token_to_id(CALL)] + glue + [tok.token_to_id(CALL)] + glue + [tok.token_to_id(CALL)]
+    assert tooled.own == [1] + [0] * len(glue) + [1] + [0] * len(glue) + [1]
+    assert tooled.tool_tokens == 2 * len(glue) and tooled.tool_errors == 0
+    assert plain.calls == 0 and len(plain.turns) == 1  # no environment: a call is just text
+    background = [t for t, d in seen if d.prompt == "background"]
+    assert any(a < t < b for a, b in spans for t in background), "the batch kept decoding during a tool call"
+    assert engine.stats["prefix_hit_tokens"] >= 2 * len(prompt)  # resumed from the cache
+
+
+def test_multi_turn_logprobs_equal_one_forward():
+    tok, model = toy_tokenizer(), toy_model(call_bias=0.6)
+    engine = Engine(model, tok, max_batch=16)
+    prompt = tok.encode("abcdefghij?")
+    envs = [Environment.from_object(Peek()) for _ in range(12)]
+    outs = run_rollouts(engine, [prompt] * 12, SamplingParams(max_tokens=5, temperature=1.0, seed=3), envs, _glue,
+                        AgentConfig(max_turns=3, max_total_tokens=40), seed_indices=list(range(12)))
+    assert any(o.calls for o in outs) and any(len(o.turns) > 1 and o.finish_reason != "turns" for o in outs)
+    for o in outs:
+        ids = torch.tensor([prompt + o.tokens])
+        logp = token_logprobs(model, ids, torch.ones_like(ids, dtype=torch.bool), start=len(prompt) - 1)
+        logp = logp[0, len(prompt) - 1 :]
+        own = torch.tensor(o.own, dtype=torch.bool)
+        torch.testing.assert_close(logp[own], torch.tensor(o.logprobs)[own], atol=2e-4, rtol=0)
+
+
+# ------------------------------------------------------------------ GRPO with tools
+def grpo_setup(tmp_path, **overrides):
+    data = tmp_path / "peek.jsonl"
+    rng = torch.Generator().manual_seed(0)
+    data.write_text("".join(json.dumps({"prompt": f"{a}{b}?", "answer": str(int(torch.randint(10, (1,), generator=rng)))})
+                            + "\n" for a in "abcdefghij" for b in "abcdefghij"))
+    settings = dict(task=f"jsonl:{data},verifier=number", template="plain", prompts_per_step=4, num_generations=8,
+                    max_completion_length=12, temperature=1.0, micro_batch_size=16, train_pool=64, eval_n=0,
+                    environment_factory=Peek, max_turns=2, tool_call_reward=0.5)
+    return toy_tokenizer(), GRPOConfig(**{**settings, **overrides})
+
+
+def test_masks_exclude_tool_tokens_from_loss_and_kl(tmp_path):
+    tok, cfg = grpo_setup(tmp_path, beta=0.04)
+    model = toy_model(call_bias=0.6)
+    objective = GRPOObjective(model, tok, cfg, seed=0)
+    micro = objective.prepare(0, model)
+    rows = [r for g in objective._groups(model, 1)[0] for r in g]
+    assert any(r.turn.calls for r in rows)
+    _, _, mask, _, _ = objective._pad(rows)
+    for b, r in enumerate(rows):  # the loss (and the KL, under the same mask) counts the model's own tokens only
+        assert mask[b, : len(r.own)].tolist() == [float(x) for x in r.own] and mask[b, len(r.own) :].sum() == 0
+        assert r.turn.tool_tokens == r.own.count(0)
+    assert any(r.turn.tool_tokens for r in rows)
+    assert sum(m.mask.sum() for m in micro) > 0
+    loss, metrics = objective.loss(model, micro[0])
+    assert torch.isfinite(loss) and metrics["kl"] == 0.0
+    step = objective.metrics(0)
+    assert step["tools/calls_per_rollout"] > 0 and step["tools/result_tokens"] > 0 and "tools/error_rate" in step
+
+
+def test_tiny_model_learns_to_call_a_tool(tmp_path):
+    tok, cfg = grpo_setup(tmp_path)
+    model = toy_model()
+    objective = GRPOObjective(model, tok, cfg, seed=0)
+    train = TrainConfig(out_dir=str(tmp_path / "run"), max_steps=30, lr=3e-3, progress=False, plot_every=0)
+    Trainer(model, train, objective).run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rate = [r["tools/call_rate"] for r in rows if "tools/call_rate" in r]
+    assert len(rate) == 30
+    first, last = sum(rate[:5]) / 5, sum(rate[-5:]) / 5
+    assert last > first + 0.4 and last > 0.6, (first, last)
