@@ -22,6 +22,29 @@ REPLY = f"<think>\n{THOUGHT}</think>\n\n{ANSWER}"
 USERS = ["What is 2 + 2?", "Hi", "Tell me something.", "안녕하세요", "Write a poem about the sea.", "x"]
 
 
+def memorize(rows: list[tuple[list[int], list[int]]], vocab_size: int, max_seq_len: int, steps: int):
+    """A tiny llama trained (seed 0) to answer each prompt with its reply: (model, last loss). Loss on reply tokens."""
+    cfg = ModelConfig(family="llama", vocab_size=vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                      inter_dim=128, max_seq_len=max_seq_len, tie_embeddings=True)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    L = max(len(p) + len(r) for p, r in rows)
+    x = torch.zeros(len(rows), L, dtype=torch.long)
+    y = torch.full((len(rows), L), -100)
+    for i, (p, r) in enumerate(rows):
+        x[i, : len(p) + len(r)] = torch.tensor(p + r)
+        y[i, len(p) - 1 : len(p) + len(r) - 1] = torch.tensor(r)
+    target = y != -100
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        logits = model.lm_head(model.model.norm(model.hidden(x)[target]))
+        loss = torch.nn.functional.cross_entropy(logits, y[target])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, loss
+
+
 @pytest.fixture(scope="session")
 def think_model(tmp_path_factory, default_tokenizer) -> Path:
     """A tiny model trained here to answer every chat with REPLY: a test model whose output holds <think>."""
@@ -34,24 +57,7 @@ def think_model(tmp_path_factory, default_tokenizer) -> Path:
         for user in USERS:
             msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
             rows.append((tok.apply_chat_template(msgs, tokenize=True), tok.encode(REPLY) + [end]))
-    cfg = ModelConfig(family="llama", vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                      inter_dim=128, max_seq_len=512, tie_embeddings=True)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    L = max(len(p) + len(r) for p, r in rows)
-    x = torch.zeros(len(rows), L, dtype=torch.long)
-    y = torch.full((len(rows), L), -100)
-    for i, (p, r) in enumerate(rows):
-        x[i, : len(p) + len(r)] = torch.tensor(p + r)
-        y[i, len(p) - 1 : len(p) + len(r) - 1] = torch.tensor(r)
-    target = y != -100
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        logits = model.lm_head(model.model.norm(model.hidden(x)[target]))
-        loss = torch.nn.functional.cross_entropy(logits, y[target])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model, loss = memorize(rows, tok.vocab_size, max_seq_len=512, steps=60)
     assert loss.item() < 0.05, f"the test model did not learn its reply (loss {loss.item():.3f})"
     path = tmp_path_factory.mktemp("think-model")
     save_model(model, path, tokenizer=tok)

@@ -13,8 +13,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-import torch
-from live import Live
+from live import Live, memorize
 
 from sputnik.serve.config import ServeConfig
 from sputnik.serve.protocol import ChatCompletionRequest, parse_request, prompt_messages
@@ -71,8 +70,6 @@ def prompt_ids(tok, body: dict) -> list[int]:
 def tool_server(tmp_path_factory, default_tokenizer):
     """A tiny model trained here to call get_weather when it has tools, and to answer from the tool's result."""
     from sputnik.checkpoint import save_model
-    from sputnik.config import ModelConfig
-    from sputnik.model import Transformer
 
     tok = default_tokenizer
     end = tok.token_to_id("<|im_end|>")
@@ -80,23 +77,7 @@ def tool_server(tmp_path_factory, default_tokenizer):
             (prompt_ids(tok, {"messages": RESULT_TURN, "tools": TOOLS}), FINAL),
             (prompt_ids(tok, {"messages": ASK}), "I cannot look that up.")]
     rows = [(p, tok.encode(r) + [end]) for p, r in rows]
-    cfg = ModelConfig(family="llama", vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                      inter_dim=128, max_seq_len=1024, tie_embeddings=True)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    L = max(len(p) + len(r) for p, r in rows)
-    x = torch.zeros(len(rows), L, dtype=torch.long)
-    y = torch.full((len(rows), L), -100)
-    for i, (p, r) in enumerate(rows):
-        x[i, : len(p) + len(r)] = torch.tensor(p + r)
-        y[i, len(p) - 1 : len(p) + len(r) - 1] = torch.tensor(r)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(80):
-        loss = torch.nn.functional.cross_entropy(model.lm_head(model.model.norm(model.hidden(x)[y != -100])),
-                                                 y[y != -100])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model, loss = memorize(rows, tok.vocab_size, max_seq_len=1024, steps=80)
     assert loss.item() < 0.05, f"the tool model did not learn its replies (loss {loss.item():.3f})"
     path = tmp_path_factory.mktemp("tool-model")
     save_model(model, path, tokenizer=tok)
