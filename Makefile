@@ -74,9 +74,8 @@ r1: model
 
 # Agentic GRPO: SmolLM2-135M-Instruct learns to call the calculator (docs/agentic.md).
 r1-tools: model
-	$(VENV)/bin/sputnik train grpo --config recipes/r1-tools.yaml
-	mkdir -p docs
-	cp runs/r1-tools/summary.json docs/agentic-summary.json
+	$(VENV)/bin/sputnik recipe --config recipes/r1-tools.yaml --report docs/agentic.json
+	cp runs/r1-tools/tools/metrics.png docs/r1-tools.png
 
 # The whole R1 recipe from nothing on a CPU: tokenizer -> pretrain (MLA + MoE + MTP) -> cold-start SFT -> GRPO, and
 # the direct-answer control from the same pretrained model; held-out figures in docs/nano-r1.json, docs/reasoning.json.

@@ -4,6 +4,7 @@ a tiny model that learns to call a tool."""
 import json
 import os
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,15 +14,19 @@ from tokenizers import Tokenizer as Backend
 from sputnik.config import ModelConfig
 from sputnik.engine import Engine, SamplingParams
 from sputnik.engine.multiturn import AgentConfig, run_rollouts
+from sputnik.eval.run import EvalConfig, evaluate, prompt_ids
 from sputnik.model import Transformer
+from sputnik.tasks import get_task
 from sputnik.tokenizer import Tokenizer
 from sputnik.tools.calculator import CalculatorError, calculator
-from sputnik.tools.env import Environment, as_tool, resolve
-from sputnik.tools.render import tool_glue
+from sputnik.tools.env import Environment, as_tool, environment_maker, resolve
+from sputnik.tools.render import plan_of, tool_glue
 from sputnik.tools.sandbox import SandboxConfig, run_python
 from sputnik.train.grpo import GRPOConfig, GRPOObjective
 from sputnik.train.logprobs import token_logprobs
 from sputnik.train.loop import TrainConfig, Trainer
+from sputnik.train.reasoning import write_tool_traces
+from sputnik.train.sft import tokenize_chat
 
 CALL = '<tool_call>{"name": "peek", "arguments": {}}</tool_call>'
 CHARS = list("0123456789abcdefghij ?\n")
@@ -221,3 +226,44 @@ def test_tiny_model_learns_to_call_a_tool(tmp_path):
     assert len(rate) == 30
     first, last = sum(rate[:5]) / 5, sum(rate[-5:]) / 5
     assert last > first + 0.4 and last > 0.6, (first, last)
+
+
+# ------------------------------------------------------------------ eval with tools, cold-start tool traces
+def test_eval_with_tools_reports_calls_and_errors():
+    tok, model = toy_tokenizer(), toy_model(call_bias=50.0)  # every turn is a call
+    cfg = EvalConfig(task="arithmetic:digits=1", n=4, k=2, template="plain", environment_factory=Peek, max_turns=2,
+                     max_tokens=12, temperature=1.0, grading="lenient")
+    s = evaluate(model, tok, cfg, progress=False)
+    # turn 1 calls peek and reads the answer; turn 2 calls again and meets the turn limit: one call per problem
+    assert s.greedy_tool_call_rate == 1.0 and s.greedy_calls == 1.0 and s.greedy_tool_error_rate == 0.0
+    assert s.tool_call_rate == 1.0 and s.calls == 1.0 and s.k == 2
+    assert s.greedy_accuracy == 0.0  # graded on the last turn (a call), never on the tool's text
+    # the same model offered a tool it does not call by name: every call fails, and the eval says so
+    failing = evaluate(model, tok, replace(cfg, environment_factory=None, tools=["calculator"], k=0), progress=False)
+    assert failing.greedy_calls == 1.0 and failing.greedy_tool_error_rate == 1.0
+    plain = evaluate(model, tok, replace(cfg, environment_factory=None, k=0), progress=False)
+    assert plain.greedy_calls is None and "greedy_calls" not in plain.to_json()
+
+
+def test_cold_start_tool_traces_are_what_rollouts_see(tmp_path, default_tokenizer):
+    tok = default_tokenizer
+    cfg = GRPOConfig(task="arithmetic:digits=4,ops=*", tools=["calculator"], grading="lenient")
+    rows = [json.loads(line) for line in
+            write_tool_traces(cfg, 3, tmp_path / "t.jsonl", tok).read_text().splitlines()]
+    task = get_task(cfg.task)
+    env = environment_maker(cfg.tools)(None)
+    plan = plan_of(env.specs(), tok)
+    for row, p in zip(rows, task.problems("train", 3, seed=0)):
+        ids, mask = tokenize_chat(tok, row["messages"])
+        prompt, _ = prompt_ids(task, p, tok, EvalConfig(task=cfg.task, tools=cfg.tools), env)
+        assert ids[: len(prompt)] == prompt  # the prompt, tools offered, exactly as eval and GRPO render it
+        m = p.meta
+        call = {"name": "calculator", "arguments": {"expression": f"{m['a']} {m['op']} {m['b']}"}}
+        turn = f"<tool_call>\n{json.dumps(call)}\n</tool_call>"
+        rest = tok.decode(ids[len(prompt):], skip_special_tokens=False)
+        glue = tool_glue([p.answer], tok, plan)  # the real calculator's result, as rollouts insert it
+        assert rest.startswith(turn + glue), rest
+        assert f"\\boxed{{{p.answer}}}" in rest[len(turn + glue):]
+        trained = tok.decode([t for t, k in zip(ids, mask) if k], skip_special_tokens=False)
+        assert turn in trained and p.answer not in trained.split("</tool_call>")[0]
+        assert "<tool_response>" not in trained  # the tool's text is never trained on

@@ -128,8 +128,10 @@ def test_recipe_and_distill_fields(tmp_path):
         assert train.max_steps == 2 and train.lr == 1e-5 and recipe.recipe == name
         assert (recipe.cold_start > 0) == (name == "r1") and recipe.korean_task.startswith("korean-arithmetic")
         get_task(grpo.task).problems("test", 4)  # the task specs parse
-    tools = parse(["train", "grpo", "--config", str(ROOT / "recipes" / "r1-tools.yaml")]).config(GRPOConfig)
-    assert tools.tools == ["calculator"] and tools.max_turns == 3
+    c = parse(["recipe", "--config", str(ROOT / "recipes" / "r1-tools.yaml")])
+    tools, recipe = c.config(GRPOConfig), c.config(RecipeConfig)
+    assert tools.tools == ["calculator"] and tools.max_turns == 3 and recipe.recipe == "r1-tools"
+    assert recipe.cold_start > 0 and c.config(PolicyArgs).model == "smollm2-135m-instruct"
     get_task(tools.task).problems("test", 4)
     # distill's student and mode are settings like any other (the recipe key `model` still names the student).
     cfg = yaml_file(tmp_path, "model: student.gguf\nmode: kl\nteacher: t.gguf\nseed: 3\n")

@@ -19,6 +19,7 @@ from sputnik.engine.sampling import SamplingParams
 from sputnik.r1 import THINK_CLOSE
 from sputnik.tools import parser as tp
 from sputnik.tools.env import Environment, ToolResult
+from sputnik.tools.render import plan_of, tool_glue
 
 if TYPE_CHECKING:
     from sputnik.engine.generate import Engine
@@ -124,6 +125,19 @@ def run_rollouts(engine: Engine, prompts: list[list[int]], params: SamplingParam
                     if _insert_results(row, results, glue([r.content for r in results]), engine, cfg):
                         _start_turn(engine, row, tag, i, base, cfg)
     return [r.rollout for r in rows]
+
+
+def tool_rollouts(engine: Engine, prompts: list[list[int]], params: SamplingParams, envs: list[Environment],
+                  cfg: AgentConfig | None = None, chat: bool = True, system: str | None = None,
+                  seed_indices: list[int] | None = None) -> list[MultiTurn]:
+    """Multi-turn rollouts whose tool results are written as the model's chat template writes tool messages (chat
+    prompts; `<tool_response>` blocks for plain ones), in the tool-call format its template implies: one path for
+    GRPO and eval."""
+    tok = engine.tokenizer
+    plan = plan_of(envs[0].specs(), tok) if chat and tok.chat_template else None
+    cfg = replace(cfg or AgentConfig(), family=plan.family if plan else "hermes")
+    return run_rollouts(engine, prompts, params, envs,
+                        lambda results: tool_glue(results, tok if plan else None, plan, system), cfg, seed_indices)
 
 
 def _start_turn(engine: Engine, row: _Row, tag: object, i: int, base: SamplingParams, cfg: AgentConfig) -> None:

@@ -13,11 +13,15 @@ from typing import Any
 from tqdm import tqdm
 
 from sputnik.engine import Engine, SamplingParams
+from sputnik.engine.generate import Completion
 from sputnik.engine.grammar import json_answer
+from sputnik.engine.multiturn import AgentConfig, MultiTurn, tool_rollouts
 from sputnik.r1 import GRADINGS, TEMPERATURE, THINK_MODES, THINK_OPEN, TOP_P, opens_thinking, think_prompt
 from sputnik.rewards import chain_of_thought, format_reward, language_reward
 from sputnik.settings import option
 from sputnik.tasks import TEMPLATES, Problem, Task, get_task
+from sputnik.tools.env import Environment, environment_maker
+from sputnik.tools.render import plan_of, tool_prompt
 
 
 @dataclass
@@ -41,6 +45,12 @@ class EvalConfig:
     think: str = option("auto", "the prompt's reasoning: auto (as the template renders it), open (the output starts "
                                 "inside <think>: any model thinks first), closed (an empty thought: the model answers "
                                 "directly, the direct-answer control)", choices=list(THINK_MODES))
+    tools: list[str] = option([], "tools the model may call, as in GRPO: calculator, python, or module:function "
+                                  "(multi-turn rollouts; reports calls per problem and the tool error rate)")
+    environment_factory: str | None = option(None, "module:function returning an object whose public methods are "
+                                                   "the tools, one per problem (as in GRPO)")
+    max_turns: int = option(4, "model turns per problem with tools")
+    tool_timeout: float = option(10.0, "seconds a tool call may take")
     grading: str = option("strict", "strict: R1's rule, only the answer after </think> counts and an unclosed thought "
                                     "scores 0; lenient: the last answer anywhere (models that do not think)",
                           choices=list(GRADINGS))
@@ -62,6 +72,9 @@ class EvalSummary:
     greedy_mean_length: float | None = None
     greedy_think_tokens: float | None = None  # mean tokens of reasoning (0 for a completion that does not think)
     greedy_language: float | None = None  # R1's language consistency of the reasoning, in the task's language
+    greedy_tool_call_rate: float | None = None  # with tools: the share of problems whose rollout called one
+    greedy_calls: float | None = None  # with tools: calls per problem
+    greedy_tool_error_rate: float | None = None  # with tools: failed calls / calls
     k: int | None = None  # samples per problem
     pass_at_1: float | None = None  # mean over the k samples
     pass_at_1_lenient: float | None = None
@@ -73,6 +86,9 @@ class EvalSummary:
     truncated_rate: float | None = None
     think_tokens: float | None = None
     language: float | None = None
+    tool_call_rate: float | None = None
+    calls: float | None = None
+    tool_error_rate: float | None = None
     curve: dict[str, list] | None = None  # {"j": [1..k], "pass": pass@j, "cons": cons@j}
     seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)  # the EvalConfig
@@ -84,12 +100,17 @@ class EvalSummary:
                        greedy_accuracy_format_gated=self.greedy_accuracy_format_gated,
                        greedy_format_rate=self.greedy_format_rate, greedy_mean_length=self.greedy_mean_length,
                        greedy_think_tokens=self.greedy_think_tokens, greedy_language=self.greedy_language)
+            if self.greedy_calls is not None:
+                out.update(greedy_tool_call_rate=self.greedy_tool_call_rate, greedy_calls=self.greedy_calls,
+                           greedy_tool_error_rate=self.greedy_tool_error_rate)
         if self.k is not None:
             out.update({"k": self.k, "pass@1": self.pass_at_1, "pass@1_lenient": self.pass_at_1_lenient,
                         "pass@1_format_gated": self.pass_at_1_format_gated, f"pass@{self.k}": self.pass_at_k,
                         f"cons@{self.k}": self.cons_at_k, "format_rate": self.format_rate,
                         "mean_length": self.mean_length, "truncated_rate": self.truncated_rate,
                         "think_tokens": self.think_tokens, "language": self.language, "curve": self.curve})
+            if self.calls is not None:
+                out.update(tool_call_rate=self.tool_call_rate, calls=self.calls, tool_error_rate=self.tool_error_rate)
         out.update(seconds=self.seconds, config=self.config)
         return out
 
@@ -101,7 +122,10 @@ class EvalSummary:
                    greedy_accuracy_format_gated=d.get("greedy_accuracy_format_gated"),
                    greedy_format_rate=d.get("greedy_format_rate"),
                    greedy_mean_length=d.get("greedy_mean_length"), greedy_think_tokens=d.get("greedy_think_tokens"),
-                   greedy_language=d.get("greedy_language"), think_tokens=d.get("think_tokens"),
+                   greedy_language=d.get("greedy_language"), greedy_tool_call_rate=d.get("greedy_tool_call_rate"),
+                   greedy_calls=d.get("greedy_calls"), greedy_tool_error_rate=d.get("greedy_tool_error_rate"),
+                   tool_call_rate=d.get("tool_call_rate"), calls=d.get("calls"),
+                   tool_error_rate=d.get("tool_error_rate"), think_tokens=d.get("think_tokens"),
                    language=d.get("language"), k=k, pass_at_1=d.get("pass@1"),
                    pass_at_1_lenient=d.get("pass@1_lenient"), pass_at_1_format_gated=d.get("pass@1_format_gated"),
                    pass_at_k=d.get(f"pass@{k}"), cons_at_k=d.get(f"cons@{k}"), format_rate=d.get("format_rate"),
@@ -125,9 +149,14 @@ def majority_vote(answers: list[str | None]) -> str | None:
     return next(a for a in answers if a is not None and votes[a] == top)
 
 
-def prompt_ids(task: Task, problem: Problem, tokenizer, cfg: EvalConfig) -> tuple[list[int], bool]:
-    """Token ids of the rendered prompt, and whether it already opened <think> (R1-style chat templates)."""
-    if cfg.template == "chat":
+def prompt_ids(task: Task, problem: Problem, tokenizer, cfg: EvalConfig, env: Environment | None = None
+               ) -> tuple[list[int], bool]:
+    """Token ids of the rendered prompt, and whether it already opened <think> (R1-style chat templates). With an
+    environment, a chat prompt offers its tools (natively, or by the Hermes fallback's system message)."""
+    if cfg.template == "chat" and env is not None and tokenizer.chat_template:
+        messages = task.render(problem, "chat", None, cfg.system, cfg.suffix)
+        text = tool_prompt(messages, tokenizer, plan_of(env.specs(), tokenizer))
+    elif cfg.template == "chat":
         text = task.render(problem, "chat", tokenizer, cfg.system, cfg.suffix)
     else:
         text = task.render(problem, cfg.template, None, cfg.system, cfg.suffix)
@@ -185,6 +214,7 @@ def summarize(records: list[dict[str, Any]], k: int) -> EvalSummary:
         out.greedy_mean_length = sum(r["length"] for r in greedy) / len(greedy)
         out.greedy_think_tokens = _mean(greedy, "think_tokens")
         out.greedy_language = _mean(greedy, "language")
+        out.greedy_tool_call_rate, out.greedy_calls, out.greedy_tool_error_rate = _tool_figures(greedy)
     samples = [g["sample"] for g in kept.values() if g["sample"]]
     if samples:
         flat = [r for s in samples for r in s]
@@ -199,6 +229,7 @@ def summarize(records: list[dict[str, Any]], k: int) -> EvalSummary:
         out.truncated_rate = sum(r["finish_reason"] == "length" for r in flat) / len(flat)
         out.think_tokens = _mean(flat, "think_tokens")
         out.language = _mean(flat, "language")
+        out.tool_call_rate, out.calls, out.tool_error_rate = _tool_figures(flat)
         # Accuracy against the number of samples j: unbiased pass@j, and cons@j over the first j samples.
         out.curve = {
             "j": list(range(1, k + 1)),
@@ -220,6 +251,29 @@ def _mean(records: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _tool_figures(records: list[dict]) -> tuple[float | None, float | None, float | None]:
+    """Call rate, calls per problem and failed calls per call, over records of rollouts with tools (else Nones)."""
+    rows = [r for r in records if r.get("calls") is not None]
+    if not rows:
+        return None, None, None
+    calls = sum(r["calls"] for r in rows)
+    return (sum(r["calls"] > 0 for r in rows) / len(rows), calls / len(rows),
+            sum(r["tool_errors"] for r in rows) / calls if calls else 0.0)
+
+
+def _tool_record(task: Task, problem: Problem, kind: str, index: int, turn: MultiTurn, think_opened: bool,
+                 grading: str, tokenizer) -> dict[str, Any]:
+    """A rollout with tools as a record: its last turn is graded (as an answer when an earlier turn closed the
+    thought), its length counts the model's own tokens, and the whole transcript is kept."""
+    own = [t for t, o in zip(turn.tokens, turn.own) if o]
+    final = Completion(turn.final_text, own, [], turn.finish_reason, len(turn.prompt))
+    r = _record(task, problem, kind, index, final, think_opened and not turn.thought_closed_before(), grading,
+                tokenizer)
+    r.update(transcript=tokenizer.decode(turn.tokens), turns=len(turn.turns), calls=turn.calls,
+             tool_errors=turn.tool_errors, malformed=turn.malformed, tool_tokens=turn.tool_tokens)
+    return r
+
+
 def _cons_correct(samples: list[dict]) -> bool:
     vote = majority_vote([r["extracted"] for r in samples])
     return any(r["extracted"] == vote and r["correct"] for r in samples) if vote is not None else False
@@ -230,8 +284,10 @@ def evaluate(model, tokenizer, cfg: EvalConfig, out_dir: str | Path | None = Non
     """Run the evaluation; with out_dir write samples.jsonl, summary.json, summary.md and accuracy_vs_k.png."""
     task = get_task(cfg.task)
     problems = task.problems(cfg.split, cfg.n, seed=cfg.seed)
-    engine = engine or Engine(model, tokenizer, max_batch=cfg.batch)
-    prompts = [prompt_ids(task, p, tokenizer, cfg) for p in problems]
+    make_env = environment_maker(cfg.tools, cfg.environment_factory)
+    envs = [make_env(p) for p in problems] if make_env else None
+    engine = engine or Engine(model, tokenizer, max_batch=cfg.batch, prefix_cache_mb=64 if envs else 0)
+    prompts = [prompt_ids(task, p, tokenizer, cfg, envs[i] if envs else None) for i, p in enumerate(problems)]
     records: list[dict[str, Any]] = []
     start = time.perf_counter()
     runs = []
@@ -249,10 +305,14 @@ def evaluate(model, tokenizer, cfg: EvalConfig, out_dir: str | Path | None = Non
         per_batch = max(1, cfg.batch // params.n)
         for s in range(0, len(problems), per_batch):
             chunk = problems[s : s + per_batch]
-            outs = engine.generate([prompts[s + i][0] for i in range(len(chunk))], params)
-            for i, (problem, comps) in enumerate(zip(chunk, outs)):
-                for j, c in enumerate(comps):
-                    records.append(_record(task, problem, kind, j, c, prompts[s + i][1], cfg.grading, tokenizer))
+            if envs is None:
+                outs = engine.generate([prompts[s + i][0] for i in range(len(chunk))], params)
+                for i, (problem, comps) in enumerate(zip(chunk, outs)):
+                    for j, c in enumerate(comps):
+                        records.append(_record(task, problem, kind, j, c, prompts[s + i][1], cfg.grading, tokenizer))
+            else:
+                records += _tool_records(engine, task, chunk, prompts[s : s + len(chunk)], s, kind, params, cfg,
+                                         make_env, tokenizer)
             bar.update(len(chunk) * params.n)
             done = [r for r in records if r["kind"] == kind and r["correct"] is not None]
             if done:
@@ -265,6 +325,20 @@ def evaluate(model, tokenizer, cfg: EvalConfig, out_dir: str | Path | None = Non
 
         write_report(Path(out_dir), records, summary)
     return summary
+
+
+def _tool_records(engine: Engine, task: Task, chunk: list[Problem], prompts: list[tuple[list[int], bool]],
+                  start: int, kind: str, params: SamplingParams, cfg: EvalConfig, make_env, tokenizer
+                  ) -> list[dict[str, Any]]:
+    """n multi-turn rollouts per problem of the chunk, each with a fresh environment, as records."""
+    rows = [(i, j) for i in range(len(chunk)) for j in range(params.n)]
+    row_envs = [make_env(chunk[i]) for i, _ in rows]
+    agent = AgentConfig(max_turns=cfg.max_turns, max_total_tokens=cfg.max_tokens, tool_timeout_s=cfg.tool_timeout)
+    turns = tool_rollouts(engine, [prompts[i][0] for i, _ in rows], replace(params, n=1), row_envs, agent,
+                          chat=cfg.template == "chat", system=cfg.system,
+                          seed_indices=[(start + i) * params.n + j for i, j in rows])
+    return [_tool_record(task, chunk[i], kind, j, t, prompts[i][1], cfg.grading, tokenizer)
+            for (i, j), t in zip(rows, turns)]
 
 
 def load_summary(path: str | Path) -> EvalSummary:

@@ -124,6 +124,11 @@ class ArithmeticTask(GeneratedTask):
         m = problem.meta
         return arithmetic_trace(m["a"], m["op"], m["b"], self.language)
 
+    def tool_call(self, problem: Problem) -> dict:
+        """The calculator call that computes the problem (sputnik.tools.calculator)."""
+        m = problem.meta
+        return {"name": "calculator", "arguments": {"expression": f"{m['a']} {m['op']} {m['b']}"}}
+
 
 # Word problems by operator: {a} and {b} are the operands; counters (개, 명, 권…) fix the particles after numbers.
 KOREAN_TEMPLATES = {

@@ -212,6 +212,11 @@ class Task:
         """A worked solution, (reasoning, answer), for cold-start SFT; tasks without a programmatic one raise."""
         raise NotImplementedError(f"{self.name} has no programmatic traces; use teacher traces (sputnik distill)")
 
+    def tool_call(self, problem: Problem) -> dict:
+        """The tool call that solves `problem`, {"name", "arguments"}, for cold-start traces of tool use; tasks
+        without one raise."""
+        raise NotImplementedError(f"{self.name} has no programmatic tool calls")
+
     def __repr__(self) -> str:
         options = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)] \
             if dataclasses.is_dataclass(self) else []

@@ -15,19 +15,18 @@ from torch import Tensor
 
 from sputnik.engine import Engine, SamplingParams
 from sputnik.engine.grammar import json_answer
-from sputnik.engine.multiturn import AgentConfig, MultiTurn, run_rollouts
+from sputnik.engine.multiturn import AgentConfig, MultiTurn, tool_rollouts
 from sputnik.eval.run import EvalConfig, evaluate, prompt_ids, thinking
-from sputnik.r1 import GRADINGS, THINK_MODES, answer_part, opens_thinking
+from sputnik.r1 import GRADINGS, THINK_MODES, answer_part
 from sputnik.rewards import combine
 from sputnik.seeds import mix
 from sputnik.settings import option
 from sputnik.tasks import TEMPLATES, Problem, get_task
+from sputnik.tools.env import environment_maker
 from sputnik.train.grpo_math import LOSS_TYPES, group_advantages, policy_loss, zero_std_fraction
 from sputnik.train.logprobs import completion_mask, token_logprobs
-from sputnik.train.lora import DEFAULT_TARGETS
-from sputnik.tools.env import environment_maker
-from sputnik.tools.render import plan_of, tool_glue, tool_prompt
 from sputnik.train.loop import RankAware, TrainConfig, all_gather_object, all_reduce_sum, dist_info
+from sputnik.train.lora import DEFAULT_TARGETS
 from sputnik.train.plots import read_rows
 
 
@@ -159,12 +158,8 @@ class GRPOObjective(RankAware):
 
     def _prompt(self, problem: Problem) -> tuple[list[int], bool]:
         """The problem's prompt ids (with the tools offered, for multi-turn rollouts) and whether it opens <think>."""
-        c = self.cfg
-        if self.env_maker is None or c.template != "chat" or not self.tok.chat_template:
-            return prompt_ids(self.task, problem, self.tok, self._eval_cfg())
-        plan = plan_of(self.env_maker(problem).specs(), self.tok)
-        text = tool_prompt(self.task.render(problem, "chat", None, c.system, c.suffix), self.tok, plan)
-        return self.tok.encode(text, add_special_tokens=False), opens_thinking(text)
+        env = self.env_maker(problem) if self.env_maker is not None else None
+        return prompt_ids(self.task, problem, self.tok, self._eval_cfg(), env)
 
     def _pool(self) -> list[Problem]:
         n = self.cfg.train_pool
@@ -179,7 +174,9 @@ class GRPOObjective(RankAware):
     def _eval_cfg(self, n: int = 0) -> EvalConfig:
         c = self.cfg
         return EvalConfig(task=c.task, n=n, k=0, template=c.template, system=c.system, suffix=c.suffix,
-                          max_tokens=c.max_completion_length, seed=self.seed, grading=c.grading, think=c.think)
+                          max_tokens=c.max_completion_length, seed=self.seed, grading=c.grading, think=c.think,
+                          tools=list(c.tools), environment_factory=c.environment_factory, max_turns=c.max_turns,
+                          tool_timeout=c.tool_timeout)
 
     # ------------------------------------------------------------------ state for exact resume
     def state_dict(self) -> dict:
@@ -252,11 +249,10 @@ class GRPOObjective(RankAware):
         params = SamplingParams(max_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
                                 top_k=c.top_k, seed=seed)
         envs = [self.env_maker(self.problems[i]) for i in idx for _ in range(G)]
-        plan = plan_of(envs[0].specs(), self.tok) if c.template == "chat" and self.tok.chat_template else None
         agent = AgentConfig(max_turns=c.max_turns, max_total_tokens=c.max_completion_length,
-                            tool_timeout_s=c.tool_timeout, family=plan.family if plan else "hermes")
-        turns = run_rollouts(engine, [self.prompts[i][0] for i in idx for _ in range(G)], params, envs,
-                             lambda results: tool_glue(results, self.tok if plan else None, plan, c.system), agent)
+                            tool_timeout_s=c.tool_timeout)
+        turns = tool_rollouts(engine, [self.prompts[i][0] for i in idx for _ in range(G)], params, envs, agent,
+                              chat=c.template == "chat", system=c.system)
         groups = []
         for g, i in enumerate(idx):
             problem, (ids, think_opened) = self.problems[i], self.prompts[i]
@@ -420,7 +416,9 @@ class GRPOObjective(RankAware):
         s = evaluate(model, self.tok, self._eval_cfg(n or self.cfg.eval_n), progress=False)
         return {"accuracy": s.greedy_accuracy or 0.0, "format_rate": s.greedy_format_rate or 0.0,
                 "completion_length": s.greedy_mean_length or 0.0, "think_tokens": s.greedy_think_tokens or 0.0,
-                "accuracy_lenient": s.greedy_accuracy_lenient or 0.0, "language": s.greedy_language or 0.0}
+                "accuracy_lenient": s.greedy_accuracy_lenient or 0.0, "language": s.greedy_language or 0.0,
+                **({"tool_call_rate": s.greedy_tool_call_rate, "calls": s.greedy_calls,
+                    "tool_error_rate": s.greedy_tool_error_rate} if s.greedy_calls is not None else {})}
 
 
 def _logged_eval(metrics: "Path", step: int) -> dict[str, float]:
@@ -438,8 +436,8 @@ def train_grpo(model_name: str, cfg: GRPOConfig, train: TrainConfig) -> GRPOSumm
     import time
 
     from sputnik.checkpoint import load_pretrained
-    from sputnik.train.lora import apply_lora
     from sputnik.train.loop import Trainer
+    from sputnik.train.lora import apply_lora
 
     start = time.perf_counter()
     model, tok = load_pretrained(model_name)

@@ -58,14 +58,57 @@ def write_traces(task_spec: str, n: int, path: Path, seed: int = 0) -> Path:
     return path
 
 
-def cold_start(model: str, recipe: RecipeConfig, task_spec: str, out: Path, seed: int) -> str:
-    """SFT of `model` on programmatic traces; returns the checkpoint GRPO starts from."""
+TOOL_ANSWERS = {"en": "{expression} = {result}. The answer is \\boxed{{{result}}}.",
+                "ko": "{expression} = {result}이므로 답은 \\boxed{{{result}}}입니다."}
+
+
+def write_tool_traces(grpo, n: int, path: Path, tokenizer, seed: int = 0) -> Path:
+    """Chat rows of `n` train-split problems solved by one real tool call (the task's `tool_call`, run by the
+    configured environment) and an answer from its result, in the form multi-turn rollouts see: the tools offered
+    in the prompt, the call in the model's tool-call format, the result as the template writes tool messages."""
+    from sputnik.tasks import get_task
+    from sputnik.tools.env import environment_maker
+    from sputnik.tools.render import plan_of, template_messages
+
+    task = get_task(grpo.task)
+    make_env = environment_maker(grpo.tools, grpo.environment_factory)
+    rows = []
+    for p in task.problems("train", n, seed=seed):
+        env, call = make_env(p), task.tool_call(p)
+        plan = plan_of(env.specs(), tokenizer)
+        if plan.native:
+            raise ValueError("cold-start tool traces are written for templates without native tools (the Hermes "
+                             "fallback); this model's template renders tools itself")
+        arguments = json.dumps(call["arguments"], ensure_ascii=False)
+        result = env.call({"function": {"name": call["name"], "arguments": arguments}})
+        if result.error:
+            raise ValueError(f"the tool call for {p.id} failed: {result.content}")
+        answer = TOOL_ANSWERS[task.language].format(expression=call["arguments"].get("expression", ""),
+                                                    result=result.content)
+        messages = [*task.render(p, "chat", None, grpo.system, grpo.suffix),
+                    {"role": "assistant", "content": "", "tool_calls": [
+                        {"id": "call_0", "type": "function", "function": {"name": call["name"],
+                                                                          "arguments": arguments}}]},
+                    {"role": "tool", "tool_call_id": "call_0", "content": result.content},
+                    {"role": "assistant", "content": answer}]
+        rows.append({"messages": template_messages(messages, plan)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def cold_start(model: str, recipe: RecipeConfig, grpo, out: Path, seed: int) -> str:
+    """SFT of `model` on programmatic traces (of tool use when the GRPO config has tools); returns the checkpoint
+    GRPO starts from."""
     from sputnik.checkpoint import load_pretrained
     from sputnik.train.loop import TrainConfig
     from sputnik.train.sft import SFTConfig, train_sft
 
-    data = write_traces(task_spec, recipe.cold_start, out / "traces.jsonl", seed)
     net, tok = load_pretrained(model)
+    if grpo.tools or grpo.environment_factory:
+        data = write_tool_traces(grpo, recipe.cold_start, out / "traces.jsonl", tok, seed)
+    else:
+        data = write_traces(grpo.task, recipe.cold_start, out / "traces.jsonl", seed)
     train_sft(net, tok, SFTConfig(data=str(data), seq_len=512, batch_size=16, micro_batch=8, seed=seed),
               TrainConfig(out_dir=str(out / "sft"), max_steps=recipe.sft_steps, lr=recipe.sft_lr, warmup_steps=3,
                           seed=seed, plot_every=10))
@@ -79,7 +122,9 @@ def held_out(model: str, grpo, task: str, think: str, out: Path) -> dict[str, An
 
     net, tok = load_pretrained(model)
     cfg = EvalConfig(task=task, n=grpo.eval_n, k=0, template=grpo.template, system=grpo.system, suffix=grpo.suffix,
-                     max_tokens=grpo.max_completion_length, think=think, grading=grpo.grading)
+                     max_tokens=grpo.max_completion_length, think=think, grading=grpo.grading,
+                     tools=list(grpo.tools), environment_factory=grpo.environment_factory, max_turns=grpo.max_turns,
+                     tool_timeout=grpo.tool_timeout)
     return evaluate(net, tok, cfg, out_dir=out, progress=False).to_json()
 
 
@@ -115,9 +160,11 @@ def run_recipe(model: str, recipe: RecipeConfig, grpo, train) -> dict[str, Any]:
     """Every run of the recipe in train.out_dir (think/, direct/, eval-*); returns its report entry."""
     from sputnik.train.grpo import train_grpo
 
+    if grpo.tools or grpo.environment_factory:
+        return run_tools_recipe(model, recipe, grpo, train)
     t0 = time.perf_counter()
     out = Path(train.out_dir)
-    start = cold_start(model, recipe, grpo.task, out, train.seed) if recipe.cold_start else model
+    start = cold_start(model, recipe, grpo, out, train.seed) if recipe.cold_start else model
     think_train = replace(train, out_dir=str(out / "think"))
     think = train_grpo(start, grpo, think_train)
     final = str(out / "think" / "checkpoints" / f"step_{train.max_steps:06d}")
@@ -134,6 +181,41 @@ def run_recipe(model: str, recipe: RecipeConfig, grpo, train) -> dict[str, Any]:
     print(f"[{recipe.recipe}] held-out accuracy {entry['accuracy_start']} -> {entry['accuracy_think']} thinking, "
           f"{entry['accuracy_closed']} thinking closed, {entry['accuracy_direct']} trained to answer directly; "
           f"format {entry['format_rate']}; {out}/reasoning.json", flush=True)
+    return entry
+
+
+def run_tools_recipe(model: str, recipe: RecipeConfig, grpo, train) -> dict[str, Any]:
+    """Agentic GRPO reported as docs/agentic.json holds it: tool-call rate and held-out accuracy of the start model,
+    after the cold start (if any) and after GRPO with tools, beside the start model thinking without tools."""
+    from sputnik.machine import describe
+    from sputnik.train.grpo import train_grpo
+
+    t0 = time.perf_counter()
+    out = Path(train.out_dir)
+    base = held_out(model, grpo, grpo.task, grpo.think, out / "eval-start")
+    thinking = held_out(model, replace(grpo, tools=[], environment_factory=None, grading="strict"), grpo.task, "open",
+                        out / "eval-thinking-only")
+    start = cold_start(model, recipe, grpo, out, train.seed) if recipe.cold_start else model
+    run = train_grpo(start, grpo, replace(train, out_dir=str(out / "tools")))
+    m = describe()
+    entry = {
+        "tool_call_rate_start": base.get("greedy_tool_call_rate"), "tool_call_rate_end": run.after.get("tool_call_rate"),
+        "accuracy_start": base.get("greedy_accuracy"), "accuracy_end": run.after.get("accuracy"),
+        "accuracy_thinking_only": thinking.get("greedy_accuracy"),
+        "tool_call_rate_cold_start": run.before.get("tool_call_rate") if recipe.cold_start else None,
+        "accuracy_cold_start": run.before.get("accuracy") if recipe.cold_start else None,
+        "tool_error_rate_end": run.after.get("tool_error_rate"), "calls_end": run.after.get("calls"),
+        "minutes": round((time.perf_counter() - t0) / 60, 1), "eval_problems": grpo.eval_n,
+        "command": "sputnik " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None,
+        "machine": f"{m['cpu']} ({' '.join(m['flags'])}), {m['cpus']} cpus", "date": m["date"],
+    }
+    (out / "agentic.json").write_text(json.dumps(entry, indent=2, ensure_ascii=False) + "\n")
+    if recipe.report:
+        Path(recipe.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(recipe.report).write_text(json.dumps(entry, indent=2, ensure_ascii=False) + "\n")
+    print(f"[{recipe.recipe}] tool-call rate {entry['tool_call_rate_start']} -> {entry['tool_call_rate_end']}, "
+          f"held-out accuracy {entry['accuracy_start']} -> {entry['accuracy_end']} (thinking only: "
+          f"{entry['accuracy_thinking_only']}); {out}/agentic.json", flush=True)
     return entry
 
 
