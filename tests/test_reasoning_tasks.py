@@ -36,6 +36,25 @@ def test_overlapping_ranges_stay_disjoint():
     assert any(len(str(p.meta["a"])) == 4 for p in train)  # the hardest size is trained on too
 
 
+def test_countdown_holds_out_more_numbers_in_english_and_korean():
+    for name in ("countdown", "korean-countdown"):
+        task = get_task(f"{name}:test_numbers=5-6")
+        train, test = task.problems("train", 300), task.problems("test", 60)
+        assert {len(p.meta["numbers"]) for p in train} == {3, 4}
+        assert {len(p.meta["numbers"]) for p in test} == {5, 6}
+        assert all(task.score(p, p.answer) == 1.0 for p in test)  # a solution exists and verifies
+    overlap = get_task("countdown:min_numbers=3,max_numbers=5,test_numbers=4-6")
+    train, test = overlap.problems("train", 400), overlap.problems("test", 100)
+    assert not {overlap.key(p) for p in train} & {overlap.key(p) for p in test}
+    assert {len(p.meta["numbers"]) for p in test} == {4, 5, 6}
+    ko = get_task("korean-countdown")
+    p = ko.problems("test", 1)[0]
+    assert ko.language == "ko" and "숫자" in p.prompt and "<answer>" in ko.chat_suffix
+    assert ko.key(p) == get_task("countdown").key(p)  # one partition: a Korean test set is never trained in English
+    with pytest.raises(ValueError, match="test_numbers"):
+        get_task("countdown:test_numbers=7")
+
+
 @pytest.mark.parametrize("op", ["+", "-", "*"])
 @pytest.mark.parametrize("language", ["en", "ko"])
 def test_traces_reach_the_answer(op, language):

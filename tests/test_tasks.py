@@ -371,7 +371,8 @@ def test_render_templates():
 
 
 def test_specs():
-    assert set(TASKS) == {"arithmetic", "countdown", "math", "gym", "jsonl", "korean-arithmetic"}
+    assert set(TASKS) == {"arithmetic", "countdown", "math", "gym", "jsonl", "korean-arithmetic",
+                          "korean-countdown"}
     assert parse_spec("math:data/x.jsonl,test_frac=0.5") == ("math", "data/x.jsonl", {"test_frac": "0.5"})
     task = get_task("arithmetic:digits=3,ops=+-*")
     assert (task.digits, task.ops) == (3, "+-*")

@@ -28,7 +28,8 @@ from sputnik.tools.render import plan_of, tool_prompt
 class EvalConfig:
     """What to evaluate and how to sample (R1's defaults: T 0.6, top-p 0.95)."""
 
-    task: str = option("arithmetic", "arithmetic, countdown, math[:FILE], gym:NAME, jsonl:FILE, korean-arithmetic "
+    task: str = option("arithmetic", "arithmetic, countdown, math[:FILE], gym:NAME, jsonl:FILE, korean-arithmetic, "
+                                     "korean-countdown "
                                      "(options after ':', e.g. arithmetic:digits=3)")
     n: int = option(200, "problems from the split")
     k: int = option(4, "samples per problem for pass@1 and cons@k (0: greedy only)")

@@ -5,12 +5,14 @@
     get_task("arithmetic:digits=4,test_digits=6") train on 4-digit problems, hold out 6-digit ones
     get_task("arithmetic:digits=1-4,test_digits=5-6,ops=+-") digit ranges: each operand's size drawn from it
     get_task("countdown")                      TinyZero's countdown
+    get_task("countdown:test_numbers=5-6")     train on 3-4 numbers, hold out problems with 5-6
     get_task("math") / get_task("math:f.jsonl") math-verify on our sample or your file (GSM8K or MATH rows)
     get_task("math:train=a.jsonl,test=b.jsonl") separate files per split
     get_task("gym:leg_counting,min_animals=2") any reasoning-gym dataset, options passed to its config
     get_task("jsonl:mine.jsonl,verifier=number") your own {"prompt", "answer", "verifier"?} rows, the whole file
                                                (test_frac=0.2: a hash-chosen fifth held out as test)
     get_task("korean-arithmetic")              arithmetic word problems in Korean
+    get_task("korean-countdown")               countdown asked in Korean
     get_task("arithmetic + korean-arithmetic") a mix: each task's problems in turn, each graded by its own task
 
 A bare value after ':' (no '=') is the file of math/jsonl or the dataset of gym. Paths may not contain commas.
@@ -24,7 +26,7 @@ from typing import Any
 from sputnik.tasks.arithmetic import ArithmeticTask, KoreanArithmeticTask, parse_integer
 from sputnik.tasks.base import (R1_ZERO_TEMPLATE, TEMPLATES, GeneratedTask, Problem, Task, extract_answer,
                                 last_answer_tag, last_boxed, last_number, split_of)
-from sputnik.tasks.countdown import CountdownTask
+from sputnik.tasks.countdown import CountdownTask, KoreanCountdownTask
 from sputnik.tasks.files import FileTask, TaskDataError
 from sputnik.tasks.gym import GymTask
 from sputnik.tasks.jsonl import JsonlTask
@@ -39,6 +41,7 @@ _REGISTRY: dict[str, tuple[type[Task], str | None]] = {
     "gym": (GymTask, "dataset"),
     "jsonl": (JsonlTask, "path"),
     "korean-arithmetic": (KoreanArithmeticTask, None),
+    "korean-countdown": (KoreanCountdownTask, None),
 }
 TASKS = tuple(_REGISTRY)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from sputnik.tasks.base import BOXED_SUFFIX, GeneratedTask, Problem, check_split
+from sputnik.tasks.base import BOXED_SUFFIX, GeneratedTask, Problem, parse_range
 from sputnik.tasks.traces import arithmetic_trace
 
 OPS = "+-*"
@@ -38,15 +38,7 @@ def _apply(a: int, op: str, b: int) -> int:
 
 def parse_digits(value: int | str, name: str = "digits") -> tuple[int, int]:
     """A digit count or range: 3 -> (3, 3), "1-4" -> (1, 4); each in 1..18."""
-    text = str(value).strip()
-    lo, sep, hi = text.partition("-")
-    try:
-        bounds = (int(lo), int(hi) if sep else int(lo))
-    except ValueError:
-        raise ValueError(f"{name} must be a count like 3 or a range like 1-4, got {value!r}") from None
-    if not 1 <= bounds[0] <= bounds[1] <= 18:
-        raise ValueError(f"{name} must lie in 1..18 with low <= high, got {value!r}")
-    return bounds
+    return parse_range(value, name, 1, 18)
 
 
 def _operands(rng: random.Random, digits: tuple[int, int], op: str) -> tuple[int, int]:
@@ -92,15 +84,9 @@ class ArithmeticTask(GeneratedTask):
         self._range = self._train
 
     def problems(self, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
-        check_split(split)
         if self._test == self._train:
             return super().problems(split, n, seed)
-        own = replace(self)
-        own._range = self._test if split == "test" else self._train
-        if self._test[0] > self._train[1] or self._test[1] < self._train[0]:
-            # Sizes apart: every problem of a split's size is its own (no hash partition).
-            own.test_frac = 1.0 if split == "test" else 0.0
-        return GeneratedTask.problems(own, split, n, seed)
+        return self.sized_problems(split, n, seed, "_range", self._train, self._test)
 
     def question(self, rng: random.Random, a: int, op: str, b: int) -> str:
         return f"What is {a} {op} {b}?"

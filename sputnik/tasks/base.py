@@ -264,3 +264,28 @@ class GeneratedTask(Task):
             seen.add(key)
             out.append(problem)
         return out
+
+    def sized_problems(self, split: str, n: int | None, seed: int, attr: str, train: tuple[int, int],
+                       test: tuple[int, int]) -> list[Problem]:
+        """Problems of a task whose test split draws sizes from `test` and train from `train` (held-out problems
+        harder than training), `attr` naming the size range `sample` reads. Sizes that do not overlap cannot share a
+        problem, so each split keeps all of its own; where they overlap the hash partition keeps them apart."""
+        check_split(split)
+        own = dataclasses.replace(self)
+        setattr(own, attr, test if split == "test" else train)
+        if test[0] > train[1] or test[1] < train[0]:
+            own.test_frac = 1.0 if split == "test" else 0.0
+        return GeneratedTask.problems(own, split, n, seed)
+
+
+def parse_range(value: int | str, name: str, low: int, high: int) -> tuple[int, int]:
+    """A count or range of counts: 3 -> (3, 3), "1-4" -> (1, 4); each in low..high."""
+    text = str(value).strip()
+    lo, sep, hi = text.partition("-")
+    try:
+        bounds = (int(lo), int(hi) if sep else int(lo))
+    except ValueError:
+        raise ValueError(f"{name} must be a count like 3 or a range like 1-4, got {value!r}") from None
+    if not low <= bounds[0] <= bounds[1] <= high:
+        raise ValueError(f"{name} must lie in {low}..{high} with low <= high, got {value!r}")
+    return bounds

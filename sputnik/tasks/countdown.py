@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-from sputnik.tasks.base import ANSWER_TAG_SUFFIX, GeneratedTask, Problem
+from sputnik.tasks.base import ANSWER_TAG_SUFFIX, GeneratedTask, Problem, parse_range
 
 MAX_CHARS = 200  # longest expression we parse at all
 MAX_DEPTH = 32  # parenthesis nesting
@@ -141,6 +141,8 @@ def check(expression: str, numbers: list[int], target: int) -> bool:
 class CountdownTask(GeneratedTask):
     """min_numbers..max_numbers numbers in 1..max_number, an integer target in 1..max_target.
 
+    With `test_numbers` (a count, 5, or a range, "5-6"), the test split gives that many numbers while train keeps
+    min_numbers..max_numbers: held-out problems harder than training, the splits still disjoint.
     Score (TinyZero): 1.0 correct, `format_score` for an answer that is present but wrong or invalid, 0.0 none.
     """
 
@@ -149,19 +151,32 @@ class CountdownTask(GeneratedTask):
     max_number: int = 99
     max_target: int = 100
     format_score: float = 0.1
+    test_numbers: int | str | None = None
     name = "countdown"
     extract_order = ("answer", "boxed")
     chat_suffix = ANSWER_TAG_SUFFIX
 
     def __post_init__(self) -> None:
         if not 2 <= self.min_numbers <= self.max_numbers <= 6:
-            raise ValueError(f"countdown: need 2 <= min_numbers <= max_numbers <= 6, got "
+            raise ValueError(f"{self.name}: need 2 <= min_numbers <= max_numbers <= 6, got "
                              f"{self.min_numbers}..{self.max_numbers}")
+        self._train = (self.min_numbers, self.max_numbers)
+        self._test = self._train if self.test_numbers is None else parse_range(self.test_numbers,
+                                                                               f"{self.name}: test_numbers", 2, 6)
+        self._counts = self._train
+
+    def problems(self, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
+        if self._test == self._train:
+            return super().problems(split, n, seed)
+        return self.sized_problems(split, n, seed, "_counts", self._train, self._test)
+
+    def question(self, numbers: list[int], target: int) -> str:
+        return (f"Using the numbers {numbers}, write an expression that equals {target}. You may use +, -, * and / "
+                "and parentheses, and each number must be used exactly once.")
 
     def sample(self, rng: random.Random) -> Problem:
         while True:
-            numbers = [rng.randint(1, self.max_number) for _ in range(rng.randint(self.min_numbers,
-                                                                                 self.max_numbers))]
+            numbers = [rng.randint(1, self.max_number) for _ in range(rng.randint(*self._counts))]
             for _ in range(50):
                 value, expression = _random_expression(rng, numbers)
                 # The target is the value of an expression built from the numbers, so a solution exists.
@@ -169,9 +184,7 @@ class CountdownTask(GeneratedTask):
                     target = int(value)
                     return Problem(
                         id=f"{self.name}/{','.join(map(str, sorted(numbers)))}->{target}",
-                        prompt=(f"Using the numbers {numbers}, write an expression that equals {target}. "
-                                "You may use +, -, * and / and parentheses, and each number must be used "
-                                "exactly once."),
+                        prompt=self.question(numbers, target),
                         answer=expression,
                         meta={"numbers": numbers, "target": target},
                     )
@@ -185,6 +198,22 @@ class CountdownTask(GeneratedTask):
             return 0.0
         ok = check(answer, problem.meta["numbers"], problem.meta["target"])
         return 1.0 if ok else self.format_score
+
+
+KOREAN_ANSWER_TAG_SUFFIX = "\n단계별로 풀이하고, 최종 답의 식은 <answer> </answer> 태그 안에 쓰세요."
+
+
+@dataclass(repr=False)
+class KoreanCountdownTask(CountdownTask):
+    """Countdown asked in Korean; same number sets, keys and verifier as `countdown`."""
+
+    name = "korean-countdown"
+    chat_suffix = KOREAN_ANSWER_TAG_SUFFIX
+    language = "ko"
+
+    def question(self, numbers: list[int], target: int) -> str:
+        return (f"숫자 {numbers}을(를) 사용해서 {target}이(가) 되는 식을 쓰세요. +, -, *, /와 괄호를 쓸 수 있고, "
+                "각 숫자는 정확히 한 번씩 써야 합니다.")
 
 
 def _random_expression(rng: random.Random, numbers: list[int]) -> tuple[Fraction, str]:

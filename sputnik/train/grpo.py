@@ -34,7 +34,8 @@ from sputnik.train.plots import read_rows
 class GRPOConfig:
     """GRPO settings; names follow TRL's GRPOConfig where one exists."""
 
-    task: str = option("arithmetic", "arithmetic, countdown, math[:FILE], gym:NAME, jsonl:FILE, korean-arithmetic "
+    task: str = option("arithmetic", "arithmetic, countdown, math[:FILE], gym:NAME, jsonl:FILE, korean-arithmetic, "
+                                     "korean-countdown "
                                      "(options after ':', e.g. arithmetic:digits=3)")
     template: str = option("chat", "how a problem becomes a prompt", choices=list(TEMPLATES))
     system: str | None = option(None, "system message of the chat template")
