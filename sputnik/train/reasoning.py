@@ -36,6 +36,7 @@ class RecipeConfig:
                                 "0: straight to GRPO, R1-Zero)")
     sft_steps: int = option(40, "cold-start SFT steps")
     sft_lr: float = option(5e-5, "cold-start SFT learning rate")
+    sft_batch_size: int = option(16, "cold-start SFT conversations per step")
     direct: bool = option(True, "also run the direct-answer control: the same start and budget, thinking closed")
     korean_task: str | None = option(None, "Korean held-out problems for accuracy_ko and language consistency")
     report: str | None = option(None, "a JSON file whose RECIPE entry gets the figures, e.g. docs/reasoning.json "
@@ -109,7 +110,8 @@ def cold_start(model: str, recipe: RecipeConfig, grpo, out: Path, seed: int) -> 
         data = write_tool_traces(grpo, recipe.cold_start, out / "traces.jsonl", tok, seed)
     else:
         data = write_traces(grpo.task, recipe.cold_start, out / "traces.jsonl", seed)
-    train_sft(net, tok, SFTConfig(data=str(data), seq_len=512, batch_size=16, micro_batch=8, seed=seed),
+    train_sft(net, tok, SFTConfig(data=str(data), seq_len=512, batch_size=recipe.sft_batch_size,
+                                   micro_batch=min(8, recipe.sft_batch_size), seed=seed),
               TrainConfig(out_dir=str(out / "sft"), max_steps=recipe.sft_steps, lr=recipe.sft_lr, warmup_steps=3,
                           seed=seed, plot_every=10))
     return str(out / "sft" / "checkpoints" / f"step_{recipe.sft_steps:06d}")
