@@ -15,7 +15,7 @@ from torch import Tensor
 
 from sputnik.engine import Engine, SamplingParams
 from sputnik.engine.grammar import json_answer
-from sputnik.engine.multiturn import AgentConfig, MultiTurn, run_rollouts
+from sputnik.engine.multiturn import AgentConfig, MultiTurn, prefix_cache_mb, run_rollouts
 from sputnik.eval.run import EvalConfig, evaluate, prompt_ids, thinking
 from sputnik.r1 import GRADINGS, THINK_MODES, answer_part, opens_thinking
 from sputnik.rewards import combine
@@ -247,7 +247,9 @@ class GRPOObjective(RankAware):
     def _tool_rollout(self, model, idx: list[int], step: int, attempt: int) -> list[list[Rollout]]:
         """Multi-turn rollouts with the configured tools; the reward reads the last turn, plus the tool shaping."""
         c, G = self.cfg, self.cfg.num_generations
-        engine = Engine(model, self.tok, max_batch=len(idx) * G, prefix_cache_mb=64)
+        longest = max(len(self.prompts[i][0]) for i in idx) + c.max_completion_length
+        engine = Engine(model, self.tok, max_batch=len(idx) * G, prefix_cache_mb=prefix_cache_mb(model, len(idx) * G,
+                                                                                                 longest))
         # Streams by global row (the rank's rows follow those of the ranks before it): N processes sample what one
         # process sampling every rank's prompts would.
         seed = mix(self.seed, step * 1009, attempt * 31, bits=31)
