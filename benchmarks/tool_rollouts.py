@@ -59,21 +59,28 @@ def prompts(tok: Tokenizer, plan: ToolPlan, n: int, seed: int = 0) -> list[list[
     return out
 
 
+def counted(engine: Engine) -> list:
+    """[seconds inside engine.step, steps], kept up to date as the engine steps (observes, changes nothing)."""
+    seen = [0.0, 0]
+    step = engine.step
+
+    def timed_step():
+        t = time.perf_counter()
+        out = step()
+        seen[0] += time.perf_counter() - t
+        seen[1] += 1
+        return out
+
+    engine.step = timed_step
+    return seen
+
+
 def with_tools(model, tok, plan: ToolPlan, ids: list[list[int]], args) -> tuple[float, list[MultiTurn], dict]:
     """(seconds, rollouts, breakdown) of one round of rollouts with the calculator."""
     G, maker = args.generations, environment_maker(["calculator"])
     longest = max(len(p) for p in ids) + args.max_new_tokens * args.max_turns
     engine = Engine(model, tok, max_batch=len(ids) * G, prefix_cache_mb=prefix_cache_mb(model, len(ids) * G, longest))
-    stepping = [0.0]
-    step = engine.step
-
-    def timed_step():  # (observes, changes nothing)
-        t = time.perf_counter()
-        out = step()
-        stepping[0] += time.perf_counter() - t
-        return out
-
-    engine.step = timed_step
+    stepping = counted(engine)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, seed=1)
     agent = AgentConfig(max_turns=args.max_turns, max_total_tokens=args.max_new_tokens * args.max_turns,
                         family=plan.family)
@@ -82,19 +89,20 @@ def with_tools(model, tok, plan: ToolPlan, ids: list[list[int]], args) -> tuple[
     outs = run_rollouts(engine, rows, params, [maker(None) for _ in rows], lambda r: tool_glue(r, tok, plan), agent)
     seconds = time.perf_counter() - t
     prefilled = engine.stats["prompt_tokens"] - engine.stats["prefix_hit_tokens"]
-    return seconds, outs, {"step_s": stepping[0], "prefilled": prefilled}
+    return seconds, outs, {"step_s": stepping[0], "steps": stepping[1], "prefilled": prefilled}
 
 
-def without_tools(model, tok, ids: list[list[int]], args, tokens_per_row: int) -> float:
-    """Seconds of one round of plain sampling: G rows of each prompt, tokens_per_row tokens each."""
+def without_tools(model, tok, ids: list[list[int]], args, tokens_per_row: int) -> tuple[float, int]:
+    """(seconds, engine steps) of one round of plain sampling: G rows of each prompt, tokens_per_row tokens each."""
     engine = Engine(model, tok, max_batch=len(ids) * args.generations)
+    stepping = counted(engine)
     params = SamplingParams(max_tokens=tokens_per_row, temperature=args.temperature, seed=1, n=args.generations,
                             ignore_eos=True)
     t = time.perf_counter()
     outs = engine.generate(ids, params)
     seconds = time.perf_counter() - t
     assert all(len(c.token_ids) == tokens_per_row for row in outs for c in row)
-    return seconds
+    return seconds, stepping[1]
 
 
 def main() -> None:
@@ -122,7 +130,8 @@ def main() -> None:
         steps_s.append(info["step_s"])
         prefilled.append(info["prefilled"])
         per_row = max(1, round(sum(sum(o.own) for o in outs) / rows))
-        plain_s.append(without_tools(model, tok, ids, args, per_row))
+        plain, plain_steps = without_tools(model, tok, ids, args, per_row)
+        plain_s.append(plain)
     sampled = sum(sum(o.own) for o in outs)
     tools_t, plain_t, step_t = statistics.median(tools_s), statistics.median(plain_s), statistics.median(steps_s)
     ratio = (tools_t / sampled) / (plain_t / (per_row * rows))
@@ -138,18 +147,18 @@ def main() -> None:
         "plain_sampled_tokens": per_row * rows,
         "tools_s": round(tools_t, 3), "tools_in_steps_s": round(step_t, 3), "tools_waiting_s": round(tools_t - step_t, 3),
         "tools_prefilled_tokens": int(statistics.median(prefilled)), "plain_prefilled_tokens": sum(len(p) for p in ids),
-        "plain_s": round(plain_t, 3), "tools_s_all": [round(x, 3) for x in tools_s],
+        "tools_steps": info["steps"], "plain_steps": plain_steps, "plain_s": round(plain_t, 3), "tools_s_all": [round(x, 3) for x in tools_s],
         "plain_s_all": [round(x, 3) for x in plain_s], "ratio": round(ratio, 3),
     }
     print(f"\n{args.model} fp32: {args.prompts} prompts x {args.generations} rows, up to {args.max_turns} turns of "
           f"{args.max_new_tokens} tokens, T {args.temperature}, median of {args.repeats}; "
           f"{torch.get_num_threads()} threads")
     print(machine.line())
-    print(f"{'side':<12}{'seconds':>10}{'sampled':>10}{'inserted':>10}{'prefilled':>11}{'ms/token':>10}")
+    print(f"{'side':<12}{'seconds':>10}{'sampled':>10}{'inserted':>10}{'prefilled':>11}{'steps':>8}{'ms/token':>10}")
     print(f"{'tools':<12}{tools_t:>10.2f}{sampled:>10}{figures['tools_inserted_tokens']:>10}"
-          f"{figures['tools_prefilled_tokens']:>11}{tools_t / sampled * 1e3:>10.1f}")
+          f"{figures['tools_prefilled_tokens']:>11}{info['steps']:>8}{tools_t / sampled * 1e3:>10.1f}")
     print(f"{'no tools':<12}{plain_t:>10.2f}{per_row * rows:>10}{0:>10}{figures['plain_prefilled_tokens']:>11}"
-          f"{plain_t / (per_row * rows) * 1e3:>10.1f}")
+          f"{plain_steps:>8}{plain_t / (per_row * rows) * 1e3:>10.1f}")
     print(f"calls per rollout {figures['calls_per_rollout']}, call rate {figures['call_rate']}, tool errors "
           f"{figures['tool_errors']}, turns {figures['turns_per_rollout']}; tools side: {step_t:.2f} s in engine "
           f"steps, {tools_t - step_t:.2f} s outside them (tools, parsing, glue); ratio {ratio:.3f} (goal <= 1.3)")
