@@ -247,13 +247,12 @@ class GRPOObjective(RankAware):
     def _tool_rollout(self, model, idx: list[int], step: int, attempt: int) -> list[list[Rollout]]:
         """Multi-turn rollouts with the configured tools; the reward reads the last turn, plus the tool shaping."""
         c, G = self.cfg, self.cfg.num_generations
-        longest = max(len(self.prompts[i][0]) for i in idx) + c.max_completion_length
-        engine = Engine(model, self.tok, max_batch=len(idx) * G, prefix_cache_mb=prefix_cache_mb(model, len(idx) * G,
-                                                                                                 longest))
+        n, longest = len(idx) * G, max(len(self.prompts[i][0]) for i in idx) + c.max_completion_length
+        engine = Engine(model, self.tok, max_batch=n, prefix_cache_mb=prefix_cache_mb(model, n, longest))
         # Streams by global row (the rank's rows follow those of the ranks before it): N processes sample what one
         # process sampling every rank's prompts would.
         seed = mix(self.seed, step * 1009, attempt * 31, bits=31)
-        first = self.rank * len(idx) * G
+        first = self.rank * n
         params = SamplingParams(max_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
                                 top_k=c.top_k, seed=seed)
         envs = [self.env_maker(self.problems[i]) for i in idx for _ in range(G)]
@@ -262,7 +261,7 @@ class GRPOObjective(RankAware):
                             tool_timeout_s=c.tool_timeout, family=plan.family if plan else "hermes")
         turns = run_rollouts(engine, [self.prompts[i][0] for i in idx for _ in range(G)], params, envs,
                              lambda results: tool_glue(results, self.tok if plan else None, plan, c.system), agent,
-                             seed_indices=list(range(first, first + len(idx) * G)))
+                             seed_indices=list(range(first, first + n)))
         groups = []
         for g, i in enumerate(idx):
             problem, (ids, think_opened) = self.problems[i], self.prompts[i]
