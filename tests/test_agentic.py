@@ -267,3 +267,47 @@ def test_cold_start_tool_traces_are_what_rollouts_see(tmp_path, default_tokenize
         trained = tok.decode([t for t, k in zip(ids, mask) if k], skip_special_tokens=False)
         assert turn in trained and p.answer not in trained.split("</tool_call>")[0]
         assert "<tool_response>" not in trained  # the tool's text is never trained on
+
+
+DIST_SCRIPT = """
+import sys
+from pathlib import Path
+import torch
+sys.path.insert(0, {tests!r})
+from test_agentic import grpo_setup, toy_model
+from sputnik.train.grpo import GRPOObjective
+from sputnik.train.loop import Trainer, TrainConfig, init_distributed
+
+init_distributed()
+tok, cfg = grpo_setup(Path({data!r}), prompts_per_step=2)
+model = toy_model(call_bias=0.6)
+Trainer(model, TrainConfig(out_dir={out!r}, max_steps=2, lr=3e-3, progress=False, plot_every=0, fsdp={fsdp}),
+        GRPOObjective(model, tok, cfg, seed=0)).run()
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_equal_one_with_tools(tmp_path, fsdp):
+    """Real multi-turn rollouts on each rank (the streams follow the global row, so two processes sample what one
+    does): same weights, losses, rewards and tool figures. Under FSDP the ranks' rollouts run different numbers of
+    forwards (turns and stops differ), which the rollouts' gathered weights allow."""
+    import textwrap
+    from pathlib import Path
+
+    from torchrun import assert_two_equal_one, torchrun
+
+    script = tmp_path / "tools_dist.py"
+    script.write_text(textwrap.dedent(DIST_SCRIPT.format(tests=str(Path(__file__).resolve().parent),
+                                                         data=str(tmp_path), out=str(tmp_path / "two"), fsdp=fsdp)))
+    torchrun(script)
+    tok, cfg = grpo_setup(tmp_path, prompts_per_step=4)  # both ranks' prompts in one process
+    model = toy_model(call_bias=0.6)
+    Trainer(model, TrainConfig(out_dir=str(tmp_path / "one"), max_steps=2, lr=3e-3, progress=False, plot_every=0),
+            GRPOObjective(model, tok, cfg, seed=0)).run()
+    rows, one = assert_two_equal_one(tmp_path / "two", tmp_path / "one", model)
+    tools = [k for k in one[0] if k.startswith("tools/")] + ["reward", "accuracy", "tokens"]
+    for a, b in zip(rows, one):
+        assert {k: a[k] for k in tools} == pytest.approx({k: b[k] for k in tools}, rel=1e-9)
+    assert all(r["tools/calls_per_rollout"] > 0 and r["tools/result_tokens"] > 0 for r in rows)
+    assert any(r["grad_norm"] > 0 for r in rows)

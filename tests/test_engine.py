@@ -267,6 +267,22 @@ def test_prefix_cache_hits_give_the_same_tokens(family):
     assert again.token_ids == Engine(model).generate([follow], params)[0][0].token_ids
 
 
+def test_prefix_cache_keeps_the_longest_entry_of_a_conversation():
+    eng = Engine(tiny(), prefix_cache_mb=16)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompt = list(range(1, 25))
+    first = eng.generate([prompt], params)[0][0]
+    cache = eng.prefix_cache
+    assert list(cache.entries) == [tuple(prompt + first.token_ids[:-1])]  # the prompt's own entry went
+    other = list(range(40, 60))
+    eng.generate([other], params)
+    assert len(cache.entries) == 2 and cache.bytes == sum(size for _, _, size in cache.entries.values())
+    follow = prompt + first.token_ids + [7, 8]
+    eng.generate([follow], params)  # the next turn hits the longest entry and supersedes it
+    assert eng.stats["prefix_hit_tokens"] == len(prompt) + len(first.token_ids) - 1
+    assert len(cache.entries) == 2 and all(len(k) >= len(follow) for k in cache.entries if k[0] == 1)
+
+
 def test_top_logprobs_are_sorted_and_hold_the_greedy_choice():
     c = Engine(tiny()).generate([PROMPTS[1]], SamplingParams(max_tokens=5, temperature=0, logprobs=3))[0][0]
     assert len(c.top_logprobs) == 5

@@ -148,6 +148,16 @@ def test_invalid_requests_get_openai_style_errors(think_server, body, status, pa
     assert err["message"] and err["type"] and err["param"] == param
 
 
+def test_sixteen_stop_strings_as_deepseek_takes(think_server):
+    c = think_server.client()
+    stops = [f"never {i}" for i in range(15)] + ["is 4"]
+    r = ask(c, temperature=0, stop=stops)
+    assert r.choices[0].message.content == ANSWER[: ANSWER.index("is 4")] and r.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(c, temperature=0, stop=stops + ["one more"])
+    assert e.value.body["param"] == "stop" and "at most 16" in e.value.body["message"]
+
+
 def test_not_json_and_too_large_bodies(think_server):
     r = httpx.post(f"{think_server.url}/v1/chat/completions", content=b"{nope", headers={"content-type":
                                                                                           "application/json"})

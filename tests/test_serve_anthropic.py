@@ -106,6 +106,52 @@ def test_auth_and_errors_are_anthropic_style(server):
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_every_error_path_answers_anthropic_style(server):
+    """Under /anthropic every refusal has Anthropic's body, Starlette's (unknown route, wrong method) and the body
+    limit's (by Content-Length and chunked) included; /v1 keeps OpenAI's."""
+    base, headers = f"{server.url}/anthropic/v1", {"x-api-key": server.key}
+    small = {"model": "think", "max_tokens": 8, "messages": QUESTION}
+    big = {**small, "messages": [{"role": "user", "content": "a" * (2 << 20)}]}
+
+    def chunked():  # no Content-Length: the limit trips while the body is read
+        yield b'{"model": "think", "max_tokens": 8, "messages": [{"role": "user", "content": "'
+        for _ in range(40):
+            yield b"a" * 65536
+        yield b'"}]}'
+
+    as_json = {**headers, "content-type": "application/json"}
+    cases = [(httpx.post(f"{base}/nope", headers=headers, json=small), 404, "not_found_error"),
+             (httpx.get(f"{base}/messages", headers=headers), 405, "invalid_request_error"),
+             (httpx.post(f"{base}/messages", headers=headers, json=big), 413, "request_too_large"),
+             (httpx.post(f"{base}/messages/count_tokens", headers=headers, json=big), 413, "request_too_large"),
+             (httpx.post(f"{base}/messages", headers=as_json, content=chunked()), 413, "request_too_large"),
+             (httpx.post(f"{base}/messages", headers={"x-api-key": "sk-wrong"}, json=small), 401,
+              "authentication_error"),
+             (httpx.post(f"{base}/messages", json=small), 401, "authentication_error"),
+             (httpx.post(f"{base}/messages", headers=as_json, content=b'{"model": "think",'), 400,
+              "invalid_request_error")]
+    for r, status, kind in cases:
+        assert r.status_code == status, (r.request.method, r.request.url, r.text)
+        body = r.json()
+        assert set(body) == {"type", "error"} and body["type"] == "error", r.text
+        assert set(body["error"]) == {"type", "message"} and body["error"]["type"] == kind, r.text
+        assert body["error"]["message"], r.text
+    assert "allow" in {k.lower() for k in cases[1][0].headers}  # the 405 still says which methods the route takes
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": big["messages"]}, headers=headers)
+    assert r.status_code == 413 and set(r.json()) == {"error"}  # OpenAI's shape outside /anthropic
+
+    c = client(server)
+    with pytest.raises(anthropic.RequestTooLargeError) as e:
+        c.messages.create(**big)
+    assert e.value.status_code == 413 and e.value.body["error"]["type"] == "request_too_large"
+    with pytest.raises(anthropic.NotFoundError) as e:
+        c.post("/v1/nope", cast_to=object, body=small)
+    assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "not_found_error"
+    with pytest.raises(anthropic.APIStatusError) as e:
+        c.get("/v1/messages", cast_to=object)
+    assert e.value.status_code == 405 and e.value.body["error"]["type"] == "invalid_request_error"
+
+
 TOOLS = [{"name": "get_weather", "description": "Weather in a city",
           "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}]
 

@@ -53,7 +53,7 @@ def test_chat_request_defaults_and_extras_ignored():
     ("frequency_penalty", -3, "frequency_penalty", "greater than or equal to -2"),
     ("repetition_penalty", 0, "repetition_penalty", "greater than 0"),
     ("seed", 1.5, "seed", "valid integer"),
-    ("stop", ["a", "b", "c", "d", "e"], "stop", "at most 4"),
+    ("stop", [f"s{i}" for i in range(17)], "stop", "at most 16"),
     ("stop", ["a", ""], "stop[1]", "at least 1 character"),
     ("stop", "", "stop[0]", "at least 1 character"),
     ("stop", 5, "stop", "string or a list of strings"),
@@ -88,7 +88,7 @@ def test_valid_edge_values_pass():
                response_format={"type": "json_object"}, seed=-5, max_completion_tokens=7)
     assert req.stop == ["x"] and req.top_logprobs == 20 and req.stream_options.include_usage is True
     assert req.response_format.type == "json_object"
-    assert chat(stop=["a", "b", "c", "d"]).stop == ["a", "b", "c", "d"]
+    assert chat(stop=[f"s{i}" for i in range(16)]).stop == [f"s{i}" for i in range(16)]  # DeepSeek's limit
     assert chat(top_logprobs=None).top_logprobs is None
     assert chat(stream_options=None).stream_options is None
 

@@ -15,8 +15,14 @@ def torchrun(script: Path, nproc: int = 2) -> None:
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script)],
                           cwd=TESTS.parent, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _checkout_first()})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def _checkout_first() -> str:
+    """The checkout under test ahead of the rest of the path: a script outside the repository would otherwise import
+    the package the environment installed (another checkout, for an editable install in a git worktree)."""
+    return os.pathsep.join(p for p in (str(TESTS.parent), os.environ.get("PYTHONPATH")) if p)
 
 
 def assert_two_equal_one(two: Path, one: Path, model, atol: float = 1e-5) -> tuple[list[dict], list[dict]]:

@@ -101,13 +101,14 @@ def next_logits(model: Transformer, tokens: Tensor, positions: Tensor, cache: Ca
 
 
 def is_sharded(model: Transformer) -> bool:
-    """Are the model's parameters DTensors (FSDP2)? FSDP gathers them into buffers it reuses in training, which must
-    not become inference tensors nor be re-pointed into fused weights."""
+    """Is the model sharded with FSDP2? FSDP gathers its weights into buffers it reuses in training, which must not
+    become inference tensors nor be re-pointed into fused weights. Asked of the modules, not the parameters: while
+    FSDP holds the full weights (train.loop.gathered) the parameters are plain tensors in those buffers."""
     if not torch.distributed.is_available():
         return False
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.fsdp import FSDPModule
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def compiled_decode(model: Transformer) -> Callable[[Tensor, Tensor, list[Tensor]], Tensor]:

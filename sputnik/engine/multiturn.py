@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from sputnik.engine.cache import KVCache
 from sputnik.engine.sampling import SamplingParams
 from sputnik.r1 import THINK_CLOSE
 from sputnik.tools import parser as tp
@@ -96,21 +97,25 @@ class _Row:
 def run_rollouts(engine: Engine, prompts: list[list[int]], params: SamplingParams, envs: list[Environment | None],
                  glue: Callable[[list[str]], str], cfg: AgentConfig | None = None,
                  seed_indices: list[int] | None = None) -> list[MultiTurn]:
-    """One multi-turn rollout per prompt (repeat a prompt for a group; seed_indices keep their streams apart)."""
+    """One multi-turn rollout per prompt (repeat a prompt for a group; seed_indices keep their streams apart).
+
+    Rows that repeat the prompt of the row before them start as one request of n samples, as `generate` samples a
+    group: the prompt is prefilled once, not once per row, and the first turn's streams are the first row's
+    (seed_index, sample) ones."""
     cfg = cfg or AgentConfig()
     base = replace(params, n=1, stop=list(params.stop or []) + CALL_STOPS[cfg.family])
     rows = [_Row(MultiTurn(list(p)), env, seed_indices[i] if seed_indices else i)
             for i, (p, env) in enumerate(zip(prompts, envs))]
     with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
         tag = object()
-        for i, row in enumerate(rows):
-            _start_turn(engine, row, tag, i, base, cfg)
+        for i, n in _runs(prompts):
+            _start_turn(engine, rows, i, n, tag, base, cfg)
         waiting = set()
         while engine.has_work or waiting:
             if engine.has_work:
                 for d in engine.step():  # other requests may share the engine: only this call's keys are ours
                     if d.finish_reason is not None and isinstance(d.prompt, tuple) and d.prompt[0] is tag:
-                        i = d.prompt[1]
+                        i = d.prompt[1] + d.sample
                         if _end_turn(rows[i], cfg, pool):
                             waiting.add(i)
             else:
@@ -123,7 +128,7 @@ def run_rollouts(engine: Engine, prompts: list[list[int]], params: SamplingParam
                     results = (row.future.result() if row.future.done() else
                                [ToolResult("error: the tool timed out", True)] * row.pending)
                     if _insert_results(row, results, glue([r.content for r in results]), engine, cfg):
-                        _start_turn(engine, row, tag, i, base, cfg)
+                        _start_turn(engine, rows, i, 1, tag, base, cfg)
     return [r.rollout for r in rows]
 
 
@@ -140,12 +145,28 @@ def tool_rollouts(engine: Engine, prompts: list[list[int]], params: SamplingPara
                         lambda results: tool_glue(results, tok if plan else None, plan, system), cfg, seed_indices)
 
 
-def _start_turn(engine: Engine, row: _Row, tag: object, i: int, base: SamplingParams, cfg: AgentConfig) -> None:
+def _runs(prompts: list[list[int]]) -> list[tuple[int, int]]:
+    """(first row, rows) of each run of equal consecutive prompts."""
+    runs: list[tuple[int, int]] = []
+    for i, p in enumerate(prompts):
+        if runs and prompts[runs[-1][0]] == p:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
+
+def _start_turn(engine: Engine, rows: list[_Row], i: int, n: int, tag: object, base: SamplingParams,
+                cfg: AgentConfig) -> None:
+    """Add the next turn of rows i .. i+n-1 (n > 1: first turns of one prompt) as one request of n samples."""
+    row = rows[i]
     ro = row.rollout
     left = cfg.max_total_tokens - len(ro.tokens)
     room = engine.model.cfg.max_seq_len - len(ro.prompt) - len(ro.tokens) - 1
-    params = replace(base, max_tokens=max(1, min(base.max_tokens, left, room)))
-    row.seq = engine.add((tag, i, row.turn), ro.prompt + ro.tokens, params, seed_index=row.seed_index + 100_003 * row.turn)[0]
+    params = replace(base, n=n, max_tokens=max(1, min(base.max_tokens, left, room)))
+    seqs = engine.add((tag, i, row.turn), ro.prompt + ro.tokens, params, seed_index=row.seed_index + 100_003 * row.turn)
+    for j, seq in enumerate(seqs):
+        rows[i + j].seq = seq
 
 
 def _end_turn(row: _Row, cfg: AgentConfig, pool: ThreadPoolExecutor) -> bool:
@@ -191,3 +212,10 @@ def _insert_results(row: _Row, results: list[ToolResult], text: str, engine: Eng
     ro.logprobs += [0.0] * len(ids)
     ro.tool_tokens += len(ids)
     return True
+
+
+def prefix_cache_mb(model, rows: int, tokens: int) -> float:
+    """A prefix cache that holds every row's rollout (rows x tokens, prompt included), for the engine of a batch of
+    rollouts: a row resumes after its tools from its KV there, and a smaller LRU evicts rows before they resume,
+    so each miss prefills the whole rollout again."""
+    return rows * tokens * KVCache(model.cfg, 1, 1, model.dtype, model.device).nbytes_per_token() / 2**20

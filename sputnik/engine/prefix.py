@@ -39,7 +39,9 @@ class PrefixCache:
         return [t[..., :best, :] if t.dim() == 3 else t[:, :, :best] for t in kv]
 
     def store(self, ids: list[int], kv: list[Tensor]) -> None:
-        """Keep a copy of kv (the cache rows of ids, [1, ..., len(ids), ...]) unless it is too short or too big."""
+        """Keep a copy of kv (the cache rows of ids, [1, ..., len(ids), ...]) unless it is too short or too big.
+        Entries that are prefixes of ids go: the new one answers every lookup they would (a chat's earlier turns,
+        a multi-turn rollout's before its tool result), and each would hold its memory for nothing."""
         key = tuple(ids)
         if len(ids) < MIN_MATCH or key in self.entries:
             if key in self.entries:
@@ -48,6 +50,10 @@ class PrefixCache:
         size = sum(t.numel() * t.element_size() for t in kv)
         if size > self.max_bytes:
             return
+        query = np.asarray(ids, dtype=np.int64)
+        for old in [k for k, (arr, _, _) in self.entries.items()
+                    if len(arr) < len(query) and np.array_equal(arr, query[: len(arr)])]:
+            self.bytes -= self.entries.pop(old)[2]
         while self.bytes + size > self.max_bytes and self.entries:
             _, (_, _, freed) = self.entries.popitem(last=False)
             self.bytes -= freed

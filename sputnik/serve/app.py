@@ -53,7 +53,7 @@ class _BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _too_large(self.max_bytes)(scope, receive, send)
+            return await _too_large(self.max_bytes, scope["path"])(scope, receive, send)
         seen = 0
 
         async def limited():
@@ -68,15 +68,20 @@ class _BodyLimit:
         try:
             await self.app(scope, limited, send)
         except _BodyTooLarge:
-            await _too_large(self.max_bytes)(scope, receive, send)
+            await _too_large(self.max_bytes, scope["path"])(scope, receive, send)
 
 
 class _BodyTooLarge(Exception):
     pass
 
 
-def _too_large(limit: int) -> JSONResponse:
-    return JSONResponse(APIError(413, f"request body is larger than {limit} bytes").body(), status_code=413)
+def _too_large(limit: int, path: str) -> JSONResponse:
+    return _error(path, APIError(413, f"request body is larger than {limit} bytes"))
+
+
+def _error(path: str, e: APIError) -> JSONResponse:
+    """The error in the shape of the API its path belongs to: Anthropic's under /anthropic, OpenAI's elsewhere."""
+    return anthropic_error(e) if path == "/anthropic" or path.startswith("/anthropic/") else error_response(e)
 
 
 def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], Backend] = load_backend) -> FastAPI:
@@ -115,14 +120,12 @@ def create_app(cfg: ServeConfig | None = None, loader: Callable[[ServeConfig], B
 
 
 async def _api_error(request: Request, e: APIError) -> JSONResponse:
-    if request.url.path.startswith("/anthropic/"):
-        return anthropic_error(e)
-    return error_response(e)
+    return _error(request.url.path, e)
 
 
 async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
-    # Starlette's own refusals (a body that is not UTF-8 JSON, an unknown route) in the same OpenAI shape.
-    response = error_response(APIError(e.status_code, str(e.detail), type="invalid_request_error"))
+    # Starlette's own refusals (an unknown route, a method the route does not take) in the path's API shape.
+    response = _error(request.url.path, APIError(e.status_code, str(e.detail), type="invalid_request_error"))
     response.headers.update(e.headers or {})
     return response
 

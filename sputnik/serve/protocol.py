@@ -39,6 +39,8 @@ _CONFIG = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 
+MAX_STOP = 16  # stop strings per request: DeepSeek's API takes up to 16 (OpenAI's, 4)
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -157,7 +159,7 @@ class _SamplingFields(BaseModel):
     min_p: float = Field(0.0, ge=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     # A str is wrapped into a list before validation: a `str | list[str]` union would report every failure twice.
-    stop: list[NonEmptyStr] | None = Field(None, max_length=4)
+    stop: list[NonEmptyStr] | None = Field(None, max_length=MAX_STOP)
     n: int = Field(1, ge=1)
     seed: int | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)

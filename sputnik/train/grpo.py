@@ -15,7 +15,7 @@ from torch import Tensor
 
 from sputnik.engine import Engine, SamplingParams
 from sputnik.engine.grammar import json_answer
-from sputnik.engine.multiturn import AgentConfig, MultiTurn, tool_rollouts
+from sputnik.engine.multiturn import AgentConfig, MultiTurn, prefix_cache_mb, tool_rollouts
 from sputnik.eval.run import EvalConfig, evaluate, prompt_ids, thinking
 from sputnik.r1 import GRADINGS, THINK_MODES, answer_part
 from sputnik.rewards import combine
@@ -25,7 +25,7 @@ from sputnik.tasks import TEMPLATES, Problem, get_task
 from sputnik.tools.env import environment_maker
 from sputnik.train.grpo_math import LOSS_TYPES, group_advantages, policy_loss, zero_std_fraction
 from sputnik.train.logprobs import completion_mask, token_logprobs
-from sputnik.train.loop import RankAware, TrainConfig, all_gather_object, all_reduce_sum, dist_info
+from sputnik.train.loop import RankAware, TrainConfig, all_gather_object, all_reduce_sum, dist_info, gathered
 from sputnik.train.lora import DEFAULT_TARGETS
 from sputnik.train.plots import read_rows
 
@@ -245,15 +245,19 @@ class GRPOObjective(RankAware):
     def _tool_rollout(self, model, idx: list[int], step: int, attempt: int) -> list[list[Rollout]]:
         """Multi-turn rollouts with the configured tools; the reward reads the last turn, plus the tool shaping."""
         c, G = self.cfg, self.cfg.num_generations
-        engine = Engine(model, self.tok, max_batch=len(idx) * G, prefix_cache_mb=64)
-        seed = mix(self.seed, step * 1009, attempt * 31, self.rank, bits=31)
+        n, longest = len(idx) * G, max(len(self.prompts[i][0]) for i in idx) + c.max_completion_length
+        engine = Engine(model, self.tok, max_batch=n, prefix_cache_mb=prefix_cache_mb(model, n, longest))
+        # Streams by global row (the rank's rows follow those of the ranks before it): N processes sample what one
+        # process sampling every rank's prompts would.
+        seed = mix(self.seed, step * 1009, attempt * 31, bits=31)
+        first = self.rank * n
         params = SamplingParams(max_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
                                 top_k=c.top_k, seed=seed)
         envs = [self.env_maker(self.problems[i]) for i in idx for _ in range(G)]
         agent = AgentConfig(max_turns=c.max_turns, max_total_tokens=c.max_completion_length,
                             tool_timeout_s=c.tool_timeout)
         turns = tool_rollouts(engine, [self.prompts[i][0] for i in idx for _ in range(G)], params, envs, agent,
-                              chat=c.template == "chat", system=c.system)
+                              chat=c.template == "chat", system=c.system, seed_indices=list(range(first, first + n)))
         groups = []
         for g, i in enumerate(idx):
             problem, (ids, think_opened) = self.problems[i], self.prompts[i]
@@ -333,7 +337,8 @@ class GRPOObjective(RankAware):
         c = self.cfg
         if self.ref is not None and c.ref_model_sync_steps and step > 0 and step % c.ref_model_sync_steps == 0:
             self.ref.load_state_dict(model.state_dict())
-        groups, seen, refills = self._groups(model, step)
+        with gathered(model):  # under FSDP: the rollouts' forwards, as many as each rank's take, need no collective
+            groups, seen, refills = self._groups(model, step)
         rows = [r for g in groups for r in g]
         everything, adv = self._advantages(rows)
         tokens, attn, mask, truncated, P = self._pad(rows)
@@ -363,15 +368,17 @@ class GRPOObjective(RankAware):
 
     def _rollout_metrics(self, rows: list[Rollout], seen: list[Rollout], everything: Tensor, truncated: Tensor,
                          refills: int, num_items: float, trained: int) -> dict[str, float]:
-        """The step's rollout figures: rewards over every rank, accuracy over every row sampled (refills too)."""
+        """The step's rollout figures: rewards, accuracy and tool use over every rank, accuracy over every row sampled
+        (refills too); the lengths are this rank's."""
         c = self.cfg
         acc = [r.parts.get("accuracy") for r in seen if r.parts.get("accuracy") is not None]
+        acc_sum, acc_n = all_reduce_sum(torch.tensor([float(sum(acc)), float(len(acc))], dtype=torch.float64)).tolist()
         lengths = torch.tensor([len(r.completion) for r in rows])
         local = torch.tensor([r.reward for r in rows], dtype=torch.float32)
         out = {
             "reward": everything.mean().item(),
             "reward_std": everything.std().item() if everything.numel() > 1 else 0.0,
-            "accuracy": sum(acc) / len(acc) if acc else 0.0,
+            "accuracy": acc_sum / acc_n if acc_n else 0.0,
             "completion_length": lengths.float().mean().item(),
             "think_tokens": sum(r.think_tokens for r in rows) / len(rows),
             "closed_thoughts": sum(r.closed for r in rows) / len(rows),
@@ -382,15 +389,18 @@ class GRPOObjective(RankAware):
             "trained_rows": float(trained) / len(rows),
         }
         turns = [r.turn for r in seen if r.turn is not None]
-        if turns:
-            n = len(turns)
-            out["tools/calls_per_rollout"] = sum(t.calls for t in turns) / n
-            out["tools/call_rate"] = sum(t.calls > 0 for t in turns) / n
-            out["tools/errors_per_rollout"] = sum(t.tool_errors for t in turns) / n
-            out["tools/error_rate"] = sum(t.tool_errors for t in turns) / max(1, sum(t.calls for t in turns))
-            out["tools/malformed_per_rollout"] = sum(t.malformed for t in turns) / n
-            out["tools/result_tokens"] = sum(t.tool_tokens for t in turns) / n
-            out["tools/turns"] = sum(len(t.turns) for t in turns) / n
+        if self.env_maker is not None:  # (every rank has tools or none: the all-reduce runs on all or none)
+            sums = torch.tensor([[1.0, t.calls, t.calls > 0, t.tool_errors, t.malformed, t.tool_tokens, len(t.turns)]
+                                 for t in turns], dtype=torch.float64).reshape(-1, 7).sum(0)
+            n, calls, called, errors, malformed, tool_tokens, n_turns = all_reduce_sum(sums).tolist()
+            n = max(n, 1.0)
+            out["tools/calls_per_rollout"] = calls / n
+            out["tools/call_rate"] = called / n
+            out["tools/errors_per_rollout"] = errors / n
+            out["tools/error_rate"] = errors / max(1.0, calls)
+            out["tools/malformed_per_rollout"] = malformed / n
+            out["tools/result_tokens"] = tool_tokens / n
+            out["tools/turns"] = n_turns / n
         for name in c.rewards:
             vals = [r.parts.get(name) for r in rows if r.parts.get(name) is not None]
             if vals:

@@ -28,7 +28,8 @@ import shutil
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -145,6 +146,28 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world
     dist.all_gather_object(out, obj)
     return out
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Every FSDP unit of `model` holds its full weights on each rank while the block runs (a no-op without FSDP).
+
+    Forwards of a sharded model all-gather each block, a collective, so ranks must run as many of them; rollouts run
+    as many as their stops, turns and tool calls take, which differ per rank (gloo then fails on mismatched sizes or
+    hangs). Gathered once here, in the same order on every rank, forwards issue no collective. The cost is one full
+    copy of the parameters per rank while it lasts, as the rollout engines of verl and OpenRLHF hold."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # as Trainer._shard sets them
 
 
 def barrier() -> None:
