@@ -112,7 +112,11 @@ def test_messages_versions_and_the_branch_on_show(web_db):
         edited = store.add_message(s, user, conv, "user", "2+3?", version_of=q1.id)
         assert [m.id for m in store.list_messages(s, user, conv)] == [edited.id]
         assert store.versions(s, user, conv) == {edited.id: [q1.id, edited.id]}
-        store.show_version(s, user, conv, q1.id)  # the latest version of each later turn
+        store.show_version(s, user, conv, q1.id)  # the version of each later turn shown there last
+        assert [m.id for m in store.list_messages(s, user, conv)] == [q1.id, a1.id, q2.id, a2.id]
+        store.show_version(s, user, conv, again.id)
+        store.show_version(s, user, conv, edited.id)
+        store.show_version(s, user, conv, q1.id)
         assert [m.id for m in store.list_messages(s, user, conv)] == [q1.id, again.id]
         with pytest.raises(NotFound):
             store.show_version(s, user, conv, 10_000)

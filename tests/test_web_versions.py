@@ -82,8 +82,8 @@ def test_regenerate_and_edit_keep_every_version_and_the_choice_survives_a_reload
     assert q2 != q1["id"] and events[0]["versions"][str(q2)] == [q1["id"], q2]
     assert [m["content"] for m in shown(client, conv)] == ["Tell me something.", ANSWER]
     back = client.post(f"/api/conversations/{conv}/version", json={"message_id": q1["id"]}, headers=csrf).json()
-    # Back on the first question: the latest version of each later turn under it.
-    assert [m["content"] for m in back["messages"]] == ["Hi", "second version"]
+    # Back on the first question: the answers chosen under it come back with it.
+    assert [m["content"] for m in back["messages"]] == ["Hi", "first version", "What is 2 + 2?", ANSWER]
     assert back["messages"][0]["versions"] == [q1["id"], q2]
 
     other, other_csrf = signed_in(live, "snoop@example.com")

@@ -157,6 +157,9 @@ class Message(Base):
     tokens: Mapped[int | None] = mapped_column(Integer)  # an answer's completion tokens: the user's usage
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), index=True)
     finish_reason: Mapped[str | None] = mapped_column(String(16))  # an answer's: stop, length, stopped, error
+    # Of this message's replies (versions of the next turn), the one shown last: coming back to this message shows
+    # it again. None: the latest one.
+    chosen_id: Mapped[int | None] = mapped_column(Integer)
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
 

@@ -293,24 +293,35 @@ def add_message(s: DBSession, user_id: int, conversation_id: str, role: str, con
     conv.updated_at = msg.created_at = utcnow()
     s.add(msg)
     s.flush()
-    conv.current_id = msg.id
-    s.flush()
+    _show(s, conv, msg)
     return msg
 
 
 def show_version(s: DBSession, user_id: int, conversation_id: str, message_id: int) -> Conversation:
-    """Show the branch through this message: down from it, the latest version of each later turn."""
+    """Show the branch through this message: down from it, the version of each later turn shown there last (the
+    latest one where none was chosen)."""
     conv = get_conversation(s, user_id, conversation_id)
     messages = _all_messages(s, conv.id)
     chosen = next((m for m in messages if m.id == message_id), None)
     if chosen is None:
         raise NotFound("no such message in this conversation")
-    latest_child = {m.parent_id: m for m in messages}  # in position order, so the last one written wins
-    while chosen.id in latest_child:
-        chosen = latest_child[chosen.id]
-    conv.current_id = chosen.id
-    s.flush()
+    replies: dict[int | None, dict[int, Message]] = {}
+    for m in messages:  # in position order, so a dict's last reply is the latest
+        replies.setdefault(m.parent_id, {})[m.id] = m
+    leaf = chosen
+    while leaf.id in replies:
+        below = replies[leaf.id]
+        leaf = below.get(leaf.chosen_id) or list(below.values())[-1]
+    _show(s, conv, chosen, leaf)
     return conv
+
+
+def _show(s: DBSession, conv: Conversation, msg: Message, leaf: Message | None = None) -> None:
+    """Put the branch through `msg`, down to `leaf` (default: msg itself), on show; msg's parent remembers it."""
+    if msg.parent_id is not None:
+        s.get(Message, msg.parent_id).chosen_id = msg.id
+    conv.current_id = (leaf or msg).id
+    s.flush()
 
 
 def get_message(s: DBSession, user_id: int, message_id: int) -> Message:

@@ -1,5 +1,6 @@
-"""Answer versions: messages form a tree (parent_id), a conversation shows one branch (current_id), and an answer
-keeps why it ended (finish_reason, so that one cut off at max_tokens can be continued).
+"""Answer versions: messages form a tree (parent_id), a conversation shows one branch (current_id), a message
+remembers which of its replies was shown last (chosen_id), and an answer keeps why it ended (finish_reason, so that
+one cut off at max_tokens can be continued).
 
 Existing chats are one straight line: each message's parent is the one before it, and the last is on show.
 
@@ -21,6 +22,7 @@ def upgrade() -> None:
     with op.batch_alter_table("messages") as batch:
         batch.add_column(sa.Column("parent_id", sa.Integer, nullable=True))
         batch.add_column(sa.Column("finish_reason", sa.String(16), nullable=True))
+        batch.add_column(sa.Column("chosen_id", sa.Integer, nullable=True))
         batch.create_foreign_key("fk_messages_parent_id_messages", "messages", ["parent_id"], ["id"],
                                  ondelete="CASCADE")
         batch.create_index("ix_messages_parent_id", ["parent_id"])
@@ -39,5 +41,6 @@ def downgrade() -> None:
     with op.batch_alter_table("messages") as batch:
         batch.drop_index("ix_messages_parent_id")
         batch.drop_constraint("fk_messages_parent_id_messages", type_="foreignkey")
+        batch.drop_column("chosen_id")
         batch.drop_column("finish_reason")
         batch.drop_column("parent_id")
