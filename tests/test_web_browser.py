@@ -366,13 +366,22 @@ def test_model_output_is_markdown_never_page_html(browser, chat_server):
     assert raw.status == 404 and "frame-ancestors 'none'" in raw.headers["content-security-policy"]
 
 
-# Known defect (2026-12-03): passes alone and with its file (5 of 5 runs), but the retry's answer never arrived in
-# both full `make test` runs: something earlier in the session leaves state behind. Non-strict until found; see the
-# closing note of issue 16.
-@pytest.mark.xfail(reason="the retry's answer times out only inside the full suite (order-dependent)", strict=False)
+def set_settings(page, **fields: str) -> None:
+    """Fill the page's own settings panel (#settings-temperature, #settings-max-tokens, …), then close it."""
+    page.click("#settings-toggle")
+    for name, value in fields.items():
+        page.fill(f"#settings-{name.replace('_', '-')}", value)
+    page.click("#conv-title")  # a click outside closes the panel
+
+
 def test_a_failed_send_keeps_the_text_and_retries(browser, chat_server):
     page = new_page(browser, chat_server)
     sign_up(page, "offline@example.com")
+    # Greedy: the test model learned single-turn chats only, and sampled at the page's default 0.6 its answer to a
+    # second question is another text for about one seed in sixteen (180 of 192). Unseeded sampling draws its seed
+    # from torch's global RNG, whose state here depends on every test that ran before in the process: this test
+    # drew a good seed alone and with its file, and a bad one in the full suite, where it timed out waiting.
+    set_settings(page, temperature="0")
     send(page, "Hi")
     wait_answer(page, ANSWER, 1)
     page.route("**/messages", lambda route: route.abort())  # the server is unreachable
@@ -428,6 +437,7 @@ def wait_shown(page, role: str, msg_id: str) -> None:
 def test_answer_versions_and_edit_branches_survive_a_reload(browser, chat_server):
     page = new_page(browser, chat_server)
     sign_up(page, "versions@example.com")
+    set_settings(page, temperature="0")  # a later turn is asked too: greedy (see the failed-send test)
     send(page, "What is 2 + 2?")
     wait_answer(page, ANSWER, 1)
     first = last_answer(page).get_attribute("data-id")
@@ -473,23 +483,17 @@ def test_answer_versions_and_edit_branches_survive_a_reload(browser, chat_server
     assert not page.errors and not page.dialogs
 
 
-def set_max_tokens(page, value: str) -> None:
-    page.click("#settings-toggle")
-    page.fill("#settings-max-tokens", value)
-    page.click("#conv-title")  # a click outside closes the panel
-
-
 def test_continue_a_cut_off_answer_in_korean(browser, chat_server):
     page = new_page(browser, chat_server, locale="ko-KR")
     sign_up(page, "continue@example.com")
-    set_max_tokens(page, "6")
+    set_settings(page, temperature="0", max_tokens="6")
     send(page, "What is 2 + 2?")
     page.wait_for_selector("article.msg.assistant .continue", timeout=30_000)  # cut at the token limit
     answer = last_answer(page)
     cut_id = answer.get_attribute("data-id")
     assert answer.locator(".continue").inner_text() == "계속 생성"
     assert answer.locator(".content").inner_text().strip() != ANSWER
-    set_max_tokens(page, "")
+    set_settings(page, max_tokens="")
     with page.expect_response(lambda r: r.url.endswith("/messages") and r.request.method == "POST") as sent:
         answer.locator(".continue").click()
     assert sent.value.request.post_data_json["continue"] is True
