@@ -363,9 +363,11 @@ class WebChat:
         reasoning, content = (was.reasoning or "", was.content) if was else ("", "")
         tokens = (was.tokens or 0) if was else 0
         had_reasoning = bool(reasoning)
+        # A thought cut off goes on: its seconds so far count, and it is timed again until it ends.
+        thought_before = (was.reasoning_seconds or 0.0) if was and turn.in_reasoning else 0.0
+        thought_s: float | None = was.reasoning_seconds if was and not turn.in_reasoning else None
         started = time.monotonic()
         last_save: float | None = None  # the first words are saved at once, then every SAVE_EVERY_S
-        thought_s: float | None = was.reasoning_seconds if was else None
         finish = "stopped"
         start = {"type": "start", "user_message_id": turn.asked_id, "assistant_message_id": turn.answer_id,
                  "title": turn.title, "left_out": turn.left_out,
@@ -384,7 +386,7 @@ class WebChat:
                     tokens += piece.tokens
                     thinking = had_reasoning or splitter.had_reasoning
                     if thinking and thought_s is None and (c or not splitter.in_reasoning):
-                        thought_s = round(time.monotonic() - started, 1)
+                        thought_s = round(thought_before + time.monotonic() - started, 1)
                     reasoning, content = reasoning + r, content + c
                     if r:
                         yield sse.event({"type": "reasoning", "text": r})
@@ -398,7 +400,7 @@ class WebChat:
                         await self.run(store.update_message, turn.user_id, turn.answer_id, content=content,
                                        reasoning=reasoning if thinking else None)
             if (had_reasoning or splitter.had_reasoning) and thought_s is None:
-                thought_s = round(time.monotonic() - started, 1)
+                thought_s = round(thought_before + time.monotonic() - started, 1)
             yield sse.event({"type": "done", "finish_reason": finish, "reasoning_seconds": thought_s})
         except APIError as e:
             finish = "error"

@@ -763,7 +763,7 @@
       done();
       el.raw = content;
       $('.content', el).textContent = content;
-      while (el.nextElementSibling) el.nextElementSibling.remove(); // the server drops every later message
+      while (el.nextElementSibling) el.nextElementSibling.remove(); // they stay with the old version
       streamAnswer({ content, edit_of: el.msgId }, el);
     };
     const form = h('div', { class: 'edit-form' }, area, h('div', { class: 'edit-bar' },
