@@ -102,7 +102,7 @@ def test_continue_goes_on_from_an_answer_cut_at_max_tokens(live):
     r = client.post(f"/api/conversations/{conv}/messages", json={"continue": True}, headers=csrf)
     assert r.status_code == 400  # nothing to continue yet
     events = send(client, csrf, conv, content="What is 2 + 2?", max_tokens=6)
-    assert events[-1] == {"type": "done", "finish_reason": "length", "reasoning_seconds": events[-1]["reasoning_seconds"]}
+    assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == "length"
     [_, cut] = shown(client, conv)
     assert cut["finish_reason"] == "length" and cut["finished"] and not cut["content"]
     assert cut["reasoning"] and THOUGHT.startswith(cut["reasoning"])  # cut inside the thought
