@@ -366,13 +366,22 @@ def test_model_output_is_markdown_never_page_html(browser, chat_server):
     assert raw.status == 404 and "frame-ancestors 'none'" in raw.headers["content-security-policy"]
 
 
-# Known defect (2026-12-03): passes alone and with its file (5 of 5 runs), but the retry's answer never arrived in
-# both full `make test` runs: something earlier in the session leaves state behind. Non-strict until found; see the
-# closing note of issue 16.
-@pytest.mark.xfail(reason="the retry's answer times out only inside the full suite (order-dependent)", strict=False)
+def set_settings(page, **fields: str) -> None:
+    """Fill the page's own settings panel (#settings-temperature, #settings-max-tokens, …), then close it."""
+    page.click("#settings-toggle")
+    for name, value in fields.items():
+        page.fill(f"#settings-{name.replace('_', '-')}", value)
+    page.click("#conv-title")  # a click outside closes the panel
+
+
 def test_a_failed_send_keeps_the_text_and_retries(browser, chat_server):
     page = new_page(browser, chat_server)
     sign_up(page, "offline@example.com")
+    # Greedy: the test model learned single-turn chats only, and sampled at the page's default 0.6 its answer to a
+    # second question is another text for about one seed in sixteen (180 of 192). Unseeded sampling draws its seed
+    # from torch's global RNG, whose state here depends on every test that ran before in the process: this test
+    # drew a good seed alone and with its file, and a bad one in the full suite, where it timed out waiting.
+    set_settings(page, temperature="0")
     send(page, "Hi")
     wait_answer(page, ANSWER, 1)
     page.route("**/messages", lambda route: route.abort())  # the server is unreachable
@@ -414,3 +423,129 @@ def test_account_page_in_korean(browser, chat_server):
     page.click("#signin-submit")
     page.wait_for_selector("#composer")
     assert not page.errors and not page.dialogs
+
+
+def version_label(page, role: str) -> str:
+    return page.locator(f"article.msg.{role} .version-label").first.inner_text()
+
+
+def wait_shown(page, role: str, msg_id: str) -> None:
+    page.wait_for_function("([role, id]) => document.querySelector('article.msg.' + role)?.dataset.id === id",
+                           arg=[role, msg_id], timeout=30_000)
+
+
+def test_answer_versions_and_edit_branches_survive_a_reload(browser, chat_server):
+    page = new_page(browser, chat_server)
+    sign_up(page, "versions@example.com")
+    set_settings(page, temperature="0")  # a later turn is asked too: greedy (see the failed-send test)
+    send(page, "What is 2 + 2?")
+    wait_answer(page, ANSWER, 1)
+    first = last_answer(page).get_attribute("data-id")
+    assert page.locator(".versions").count() == 0  # one version: no ‹ › control
+    page.click(".regenerate")
+    page.wait_for_function("() => document.querySelector('article.msg.assistant .version-label')?.textContent"
+                           " === '2/2'", timeout=30_000)
+    wait_answer(page, ANSWER, 1)
+    second = last_answer(page).get_attribute("data-id")
+    assert second != first and page.locator(".version-next").is_disabled()
+
+    page.click("article.msg.assistant .version-prev")  # the first answer was kept, not deleted
+    wait_shown(page, "assistant", first)
+    assert version_label(page, "assistant") == "1/2" and page.locator(".version-prev").is_disabled()
+    page.reload()  # the choice is the server's: a reload shows it
+    page.wait_for_selector("article.msg.assistant .version-label")
+    wait_shown(page, "assistant", first)
+    assert version_label(page, "assistant") == "1/2"
+
+    # An edit is a new version of the question with its own answer; the old question and its answers stay.
+    page.locator("article.msg.user .edit").first.click()
+    page.fill(".edit-input", "Hi")
+    page.click(".edit-save")
+    page.wait_for_function("() => document.querySelector('article.msg.user .version-label')?.textContent === '2/2'",
+                           timeout=30_000)
+    wait_answer(page, ANSWER, 1)
+    assert page.locator("article.msg.user .content").inner_text() == "Hi"
+    assert page.locator("article.msg.assistant .versions").count() == 0  # the new question's one answer
+    page.click("article.msg.user .version-prev")
+    page.wait_for_function("() => document.querySelector('article.msg.user .content').textContent === "
+                           "'What is 2 + 2?'")
+    wait_shown(page, "assistant", first)  # with the answer chosen under it before
+    assert version_label(page, "user") == "1/2" and version_label(page, "assistant") == "1/2"
+
+    # The next question follows the branch on show, and the model reads that branch.
+    send(page, "Tell me something.")
+    wait_answer(page, ANSWER, 2)
+    conv_id = page.locator(".conv-item.active").get_attribute("data-id")
+    saved = page.evaluate("id => fetch('/api/conversations/' + id).then(r => r.json())", conv_id)
+    assert [m["content"] for m in saved["messages"] if m["role"] == "user"] == ["What is 2 + 2?",
+                                                                               "Tell me something."]
+    assert str(saved["messages"][1]["id"]) == first
+    assert not page.errors and not page.dialogs
+
+
+def test_continue_a_cut_off_answer_in_korean(browser, chat_server):
+    page = new_page(browser, chat_server, locale="ko-KR")
+    sign_up(page, "continue@example.com")
+    set_settings(page, temperature="0", max_tokens="6")
+    send(page, "What is 2 + 2?")
+    page.wait_for_selector("article.msg.assistant .continue", timeout=30_000)  # cut at the token limit
+    answer = last_answer(page)
+    cut_id = answer.get_attribute("data-id")
+    assert answer.locator(".continue").inner_text() == "계속 생성"
+    assert answer.locator(".content").inner_text().strip() != ANSWER
+    set_settings(page, max_tokens="")
+    with page.expect_response(lambda r: r.url.endswith("/messages") and r.request.method == "POST") as sent:
+        answer.locator(".continue").click()
+    assert sent.value.request.post_data_json["continue"] is True
+    wait_answer(page, ANSWER, 1)  # the same answer, written on to its end
+    assert last_answer(page).get_attribute("data-id") == cut_id and page.locator(".continue").count() == 0
+    assert THOUGHT.strip() in last_answer(page).locator(".reasoning-body").text_content()
+    page.reload()
+    wait_answer(page, ANSWER, 1)
+    assert page.locator(".continue").count() == 0 and page.locator(".versions").count() == 0
+    assert not page.errors and not page.dialogs
+
+
+@pytest.fixture
+def opens_thought_model(think_model, tmp_path):
+    """The think model under an R1-style template, whose generation prompt opens <think>: a model that thinks."""
+    import json
+
+    path = tmp_path / "opens-thought"
+    shutil.copytree(think_model, path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    prompt = "{{ '<|im_start|>assistant\n' }}"
+    assert prompt in config["chat_template"]
+    config["chat_template"] = config["chat_template"].replace(prompt, "{{ '<|im_start|>assistant\n<think>\n' }}")
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_the_effort_choice_sits_beside_the_thinking_switch_for_a_thinking_model(browser, opens_thought_model,
+                                                                               tmp_path):
+    cfg = ServeConfig(model=str(opens_thought_model), dtype="float32", served_name="r1", no_auth=True,
+                      database_url=f"sqlite:///{tmp_path}/w.db")
+    with Live(cfg) as live:
+        live.wait_ready()
+        page = new_page(browser, live, locale="ko-KR")
+        sign_up(page, "effort@example.com")
+        page.wait_for_selector("#effort-picker", state="visible")
+        assert page.locator("#thinking-switch").is_visible()
+        assert page.locator("#effort-picker span").inner_text() == "생각 강도"
+        assert page.input_value("#settings-effort") == "high"
+        page.select_option("#settings-effort", "low")
+        with page.expect_response(lambda r: r.url.endswith("/messages") and r.request.method == "POST") as sent:
+            send(page, "What is 2 + 2?")
+        body = sent.value.request.post_data_json
+        assert body["effort"] == "low" and body["thinking"] is True and sent.value.status == 200
+        page.wait_for_selector("#send", state="visible", timeout=30_000)
+        assert last_answer(page).locator(".reasoning-body").text_content().strip()  # it thought
+
+        page.uncheck("#settings-thinking")  # no thought, so no effort to choose
+        assert page.locator("#settings-effort").is_disabled()
+        with page.expect_response(lambda r: r.url.endswith("/messages") and r.request.method == "POST") as sent:
+            send(page, "Hi")
+        assert sent.value.request.post_data_json["thinking"] is False
+        assert "effort" not in sent.value.request.post_data_json
+        page.wait_for_selector("#send", state="visible", timeout=30_000)
+        assert not page.errors and not page.dialogs

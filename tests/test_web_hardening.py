@@ -120,8 +120,9 @@ def test_fuzz_the_api_and_the_web_api_with_bad_text(fuzz_app):
         ("POST", "/api/conversations", {"title": "T"}),
         ("PATCH", f"/api/conversations/{conv}", {"title": "T"}),
         ("POST", f"/api/conversations/{conv}/messages",
-         {"content": "Hi", "model": "think", "temperature": 0, "max_tokens": 2, "thinking": True, "edit_of": first,
-          "regenerate": False}),
+         {"content": "Hi", "model": "think", "temperature": 0, "max_tokens": 2, "thinking": True, "effort": "low",
+          "edit_of": first, "regenerate": False, "continue": False}),
+        ("POST", f"/api/conversations/{conv}/version", {"message_id": first}),
     ]
     for method, path, base in routes:
         for what, name, data in bodies(base):
@@ -130,7 +131,7 @@ def test_fuzz_the_api_and_the_web_api_with_bad_text(fuzz_app):
     for bad in ("%00", "%ED%A0%80", "%C0%AF", "x" * 5000, "%E2%80%AE"):
         check(client.get(f"/api/conversations?q={bad}"), f"q={bad}", "q", {"q"} if bad == "%00" else set())
         for method, tail in (("GET", ""), ("PATCH", ""), ("DELETE", ""), ("GET", "/export"), ("POST", "/stop"),
-                             ("GET", "/stream"), ("POST", "/messages")):
+                             ("GET", "/stream"), ("POST", "/messages"), ("POST", "/version")):
             r = client.request(method, f"/api/conversations/{bad}{tail}", json={"title": "t", "content": "Hi"},
                                headers=csrf)
             check(r, f"{method} /api/conversations/{bad}{tail}", "id", {"id"})

@@ -79,7 +79,8 @@ def test_store_never_hands_out_another_users_conversation_or_messages(web_db):
                      lambda: store.delete_conversation(s, b, conv),
                      lambda: store.add_message(s, b, conv, "user", "intrusion"),
                      lambda: store.update_message(s, b, msg, content="changed"),
-                     lambda: store.truncate_after(s, b, msg), lambda: store.delete_message(s, b, msg),
+                     lambda: store.add_message(s, b, conv, "user", "other", version_of=msg),
+                     lambda: store.show_version(s, b, conv, msg), lambda: store.versions(s, b, conv),
                      lambda: store.last_assistant(s, b, conv), lambda: store.export_json(s, b, conv),
                      lambda: store.export_markdown(s, b, conv), lambda: store.get_conversation(s, a, "nope")):
             with pytest.raises(NotFound):
@@ -88,25 +89,38 @@ def test_store_never_hands_out_another_users_conversation_or_messages(web_db):
         assert [m.content for m in store.list_messages(s, a, conv)] == ["hello"]
 
 
-def test_messages_edit_truncate_regenerate(web_db):
+def test_messages_versions_and_the_branch_on_show(web_db):
     with web_db.session() as s:
         user = store.create_user(s, "a@example.org", "A", "h").id
         conv = store.create_conversation(s, user).id
         q1 = store.add_message(s, user, conv, "user", "2+2?")
         a1 = store.add_message(s, user, conv, "assistant", "4", reasoning="add", reasoning_seconds=0.5)
-        store.add_message(s, user, conv, "user", "and 3+3?")
+        q2 = store.add_message(s, user, conv, "user", "and 3+3?")
         a2 = store.add_message(s, user, conv, "assistant", "6")
         assert store.last_assistant(s, user, conv).id == a2.id
         with pytest.raises(ValueError):
             store.add_message(s, user, conv, "robot", "beep")
+        with pytest.raises(NotFound):  # a version of a question must be a question
+            store.add_message(s, user, conv, "assistant", "x", version_of=q1.id)
     with web_db.session() as s:
-        assert store.truncate_after(s, user, a1.id) == 2
-        assert [m.id for m in store.list_messages(s, user, conv)] == [q1.id, a1.id]
-        store.delete_message(s, user, a1.id)  # regenerate: the answer goes, a new one follows
-        assert store.last_assistant(s, user, conv) is None
-        again = store.add_message(s, user, conv, "assistant", "four")
+        again = store.add_message(s, user, conv, "assistant", "four", version_of=a1.id)  # regenerate
         assert [m.content for m in store.list_messages(s, user, conv)] == ["2+2?", "four"]
-        assert again.position > q1.position
+        assert store.versions(s, user, conv) == {q1.id: [q1.id], again.id: [a1.id, again.id]}
+        assert again.position > a2.position
+        store.show_version(s, user, conv, a1.id)  # back to the first answer: the turns after it come back
+        assert [m.id for m in store.list_messages(s, user, conv)] == [q1.id, a1.id, q2.id, a2.id]
+        edited = store.add_message(s, user, conv, "user", "2+3?", version_of=q1.id)
+        assert [m.id for m in store.list_messages(s, user, conv)] == [edited.id]
+        assert store.versions(s, user, conv) == {edited.id: [q1.id, edited.id]}
+        store.show_version(s, user, conv, q1.id)  # the version of each later turn shown there last
+        assert [m.id for m in store.list_messages(s, user, conv)] == [q1.id, a1.id, q2.id, a2.id]
+        store.show_version(s, user, conv, again.id)
+        store.show_version(s, user, conv, edited.id)
+        store.show_version(s, user, conv, q1.id)
+        assert [m.id for m in store.list_messages(s, user, conv)] == [q1.id, again.id]
+        with pytest.raises(NotFound):
+            store.show_version(s, user, conv, 10_000)
+        assert len(store.export_json(s, user, conv)["messages"]) == 2
 
 
 def test_unfinished_answer_survives_a_restart(database_url, web_db):
@@ -185,7 +199,7 @@ def test_routes_crud_search_and_export(web_client, web_db):
     full = client.get(f"/api/conversations/{maths['id']}").json()
     assert [m["role"] for m in full["messages"]] == ["user", "assistant"]
     assert set(full["messages"][1]) == {"id", "role", "content", "reasoning", "reasoning_seconds", "finished",
-                                        "created_at"}
+                                        "finish_reason", "parent_id", "versions", "created_at"}
     assert full["messages"][1]["reasoning_seconds"] == 1.25
 
     r = client.get(f"/api/conversations/{maths['id']}/export", params={"format": "json"})

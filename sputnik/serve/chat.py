@@ -13,8 +13,8 @@ from fastapi import APIRouter, Depends, Request
 
 from sputnik.serve.backend import EngineBackend, Job, Piece, UpstreamBackend
 from sputnik.serve.keys import KeyRecord
-from sputnik.serve.protocol import (APIError, ChatCompletionRequest, ChatMessage, Limits, ThinkingChoice,
-                                    prompt_messages, sampling_params, thinking_choice)
+from sputnik.serve.protocol import (APIError, ChatCompletionRequest, ChatMessage, Limits, prompt_messages,
+                                    sampling_params, thinking_choice)
 from sputnik.r1 import THINK_OPEN, ReasoningSplitter, close_thinking, opens_thinking
 from sputnik.serve import sse
 from sputnik.serve.server import Backend, Server, event_stream, upstream_body, usage
@@ -64,14 +64,12 @@ def _continue(text: str, in_reasoning: bool, prefix: ChatMessage) -> tuple[str, 
 
 
 def chat_job(b: Backend, req: ChatCompletionRequest, limits: Limits, model: str,
-             thinking: bool = True, plan: ToolPlan | None = None) -> tuple[Job, bool]:
+             plan: ToolPlan | None = None) -> tuple[Job, bool]:
     """(the backend's job, whether its output starts inside a thought) for a validated chat request, after the
-    server's limits: the API and the web chat both go through here to SamplingParams. thinking=False (the web
-    chat's switch) turns thinking off as the request's own `thinking` field does."""
+    server's limits: the API and the web chat (whose switch and effort are the request's `thinking` and
+    `reasoning_effort`) both go through here to SamplingParams."""
     plan = plan or tool_plan(req, b.tokenizer)
     choice = thinking_choice(req)
-    if not thinking:
-        choice = ThinkingChoice(False, None)
     prefix = req.messages[-1] if req.messages[-1].prefix else None
     messages = prompt_messages(req.messages[:-1] if prefix else req.messages)
     if isinstance(b, EngineBackend):

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import Field
@@ -31,31 +31,42 @@ from sputnik.serve.protocol import APIError, ChatCompletionRequest, Limits, comp
 from sputnik.serve.server import Backend, Server, event_stream
 from sputnik.web import store
 from sputnik.web.auth import Auth, WebBody, WebError, WebRoute
-from sputnik.web.db import Database, User
+from sputnik.web.db import Database, Message, User
 
 SAVE_EVERY_S = 0.5  # how often a growing answer is written: a restart loses at most this much of it
 ANSWER_ROOM = 256  # an earlier turn is left out rather than leave the answer less room than this (or its budget)
 
 
 class MessageIn(WebBody):
-    """A new user message (or an edit of one, or a request to answer again)."""
+    """A new user message (or an edit of one, a request to answer again, or to continue the last answer)."""
 
     content: str = Field("", max_length=100_000)
     model: str | None = Field(None, max_length=200)
     temperature: float = Field(TEMPERATURE, ge=0, le=2)  # R1's; every other sampling setting is the API's default
     max_tokens: int | None = Field(None, ge=1)  # None: the server's default; over the server's limit is a 400
     thinking: bool = True
+    effort: Literal["low", "medium", "high"] | None = None  # the API's reasoning_effort (DeepSeek's mapping)
     edit_of: int | None = None
     regenerate: bool = False
+    continue_: bool = Field(False, alias="continue")
+
+
+class VersionIn(WebBody):
+    """Which version of a turn to show: the id of one of the versions a message lists."""
+
+    message_id: int
 
 
 @dataclass
 class Plan:
-    """What a send will write, worked out before anything is: the question (a new one when asked_id is None, else an
-    existing one, perhaps with new text) and the history the model is to answer."""
+    """What a send will write, worked out before anything is: a new question (ask) or one already saved (asked_id),
+    the message the new one is another version of (the question edited, the answer regenerated), the answer to
+    continue, and the history the model is to answer."""
 
+    ask: str | None  # a new user message's text (None: asked_id is the question)
     asked_id: int | None
-    content: str | None  # the question's new text (None: unchanged)
+    version_of: int | None
+    continued: Message | None  # the answer that goes on from its text (history ends with it as a prefix)
     history: list[dict]
     title: str | None  # a title to give the conversation (None: it has one)
 
@@ -73,6 +84,8 @@ class Turn:
     in_reasoning: bool
     left_out: int  # earlier messages left out of the prompt so that it fits the model's context
     stop: asyncio.Event
+    continued: Message | None = None  # the answer this one goes on from (its text so far)
+    versions: dict[int, list[int]] = field(default_factory=dict)  # the question's and the answer's versions
 
 
 @dataclass
@@ -111,9 +124,14 @@ class Running:
 
 
 def api_request(body: MessageIn, model: str, history: list[dict]) -> ChatCompletionRequest:
-    """The web's message as the API's chat request over the conversation so far."""
-    return parse_request(ChatCompletionRequest, {"model": model, "messages": history, "stream": True,
-                                                 "temperature": body.temperature, "max_tokens": body.max_tokens})
+    """The web's message as the API's chat request over the conversation so far: its thinking switch and effort
+    are the API's `thinking` and `reasoning_effort`, and a continued answer is /beta's prefix completion."""
+    request: dict[str, Any] = {"model": model, "messages": history, "stream": True, "temperature": body.temperature,
+                               "max_tokens": body.max_tokens,
+                               "thinking": {"type": "enabled" if body.thinking else "disabled"}}
+    if body.effort is not None:
+        request["reasoning_effort"] = body.effort
+    return parse_request(ChatCompletionRequest, request)
 
 
 def web_error(e: APIError) -> WebError:
@@ -121,47 +139,74 @@ def web_error(e: APIError) -> WebError:
 
 
 def plan_turn(s: DBSession, user_id: int, conversation_id: str, body: MessageIn) -> Plan:
-    """Reads the conversation and works out the send (new question, edit, or answer again); writes nothing, so a
-    send refused later (too long, over a limit) leaves the chat as it was. Another user's ids are NotFound."""
+    """Reads the branch on show and works out the send (new question, edit, answer again, or continue); writes
+    nothing, so a send refused later (too long, over a limit) leaves the chat as it was. Another user's ids are
+    NotFound."""
     conv = store.get_conversation(s, user_id, conversation_id)
     messages = store.list_messages(s, user_id, conversation_id)
-    if body.regenerate:
-        while messages and messages[-1].role == "assistant":
+    continued = None
+    if body.continue_:
+        if not messages or messages[-1].role != "assistant":
+            raise ValueError("there is no answer to continue")
+        if messages[-1].finish_reason == "stop":
+            raise ValueError("this answer is complete: there is nothing to continue")
+        if len(messages) < 2:
+            raise ValueError("there is no question before this answer")
+        continued = messages[-1]
+        ask, asked_id, version_of, before = None, messages[-2].id, None, messages[:-1]
+    elif body.regenerate:
+        answer = messages[-1] if messages and messages[-1].role == "assistant" else None
+        if answer is not None:
             messages = messages[:-1]
         if not messages or messages[-1].role != "user":
             raise ValueError("nothing to answer again")
-        asked_id, content, question, before = messages[-1].id, None, messages[-1].content, messages[:-1]
+        ask, asked_id, version_of, before = None, messages[-1].id, answer and answer.id, messages
     elif body.edit_of is not None:
         at = next((i for i, m in enumerate(messages) if m.id == body.edit_of and m.role == "user"), None)
         if at is None:
             raise store.NotFound("no such user message in this conversation")
-        asked_id, content, question, before = body.edit_of, body.content, body.content, messages[:at]
+        ask, asked_id, version_of, before = body.content, None, body.edit_of, messages[:at]
     else:
-        asked_id, content, question, before = None, body.content, body.content, messages
+        ask, asked_id, version_of, before = body.content, None, None, messages
     # An answer that failed before its first word says nothing the model should read.
     history = [{"role": m.role, "content": m.content} for m in before if m.role == "user" or m.content.strip()]
-    history.append({"role": "user", "content": question})
+    if ask is not None:
+        history.append({"role": "user", "content": ask})
+    if continued is not None:  # the answer so far, which the model goes on from (the API's /beta prefix)
+        history.append({"role": "assistant", "content": continued.content, "prefix": True,
+                        "reasoning_content": continued.reasoning or None})
     instructions = s.get(User, user_id).instructions
     if instructions:
         history.insert(0, {"role": "system", "content": instructions})
     first_question = next(m["content"] for m in history if m["role"] == "user")
-    return Plan(asked_id, content, history, None if conv.title else store.title_from(first_question))
+    title = None if conv.title else store.title_from(first_question)
+    return Plan(ask, asked_id, version_of, continued, history, title)
 
 
 def save_turn(s: DBSession, user_id: int, conversation_id: str, plan: Plan) -> tuple[int, int, str]:
-    """Writes the planned question and an empty unfinished answer; (question id, answer id, title)."""
-    if plan.asked_id is None:
-        asked_id = store.add_message(s, user_id, conversation_id, "user", plan.content or "").id
+    """Writes the planned question and an empty unfinished answer (or marks a continued answer unfinished again);
+    (question id, answer id, title). Earlier versions stay: an edit or a regenerate adds one beside them."""
+    if plan.ask is not None:
+        asked_id = store.add_message(s, user_id, conversation_id, "user", plan.ask, version_of=plan.version_of).id
+        answer_of = None
     else:
-        asked_id = plan.asked_id
-        if plan.content is not None:
-            store.update_message(s, user_id, asked_id, content=plan.content)
-        store.truncate_after(s, user_id, asked_id)  # an edit or a regenerate restarts the chat there
-    conv = store.get_conversation(s, user_id, conversation_id)
+        asked_id, answer_of = plan.asked_id, plan.version_of
     if plan.title is not None:
         store.rename_conversation(s, user_id, conversation_id, plan.title)
-    answer = store.add_message(s, user_id, conversation_id, "assistant", "", finished=False)
+    conv = store.get_conversation(s, user_id, conversation_id)
+    if plan.continued is not None:
+        answer = store.update_message(s, user_id, plan.continued.id, finished=False)
+    elif answer_of is not None and not _said_anything(store.get_message(s, user_id, answer_of)):
+        # An answer that failed before its first word is not worth keeping as a version: it is written again.
+        answer = store.update_message(s, user_id, answer_of, finished=False)
+    else:
+        answer = store.add_message(s, user_id, conversation_id, "assistant", "", finished=False,
+                                   version_of=answer_of)
     return asked_id, answer.id, conv.title
+
+
+def _said_anything(answer: Message) -> bool:
+    return bool(answer.content.strip() or (answer.reasoning or "").strip())
 
 
 def fit(b: Backend, body: MessageIn, model: str, limits: Limits, history: list[dict]) -> tuple[Job, bool, int]:
@@ -175,8 +220,7 @@ def fit(b: Backend, body: MessageIn, model: str, limits: Limits, history: list[d
 
     def attempt(start: int) -> tuple[Job, bool] | APIError:
         try:
-            job, in_reasoning = chat_job(b, api_request(body, model, system + turns[start:]), limits, model,
-                                         thinking=body.thinking)
+            job, in_reasoning = chat_job(b, api_request(body, model, system + turns[start:]), limits, model)
         except APIError as e:
             if e.code != "context_length_exceeded":
                 raise
@@ -200,6 +244,12 @@ def fit(b: Backend, body: MessageIn, model: str, limits: Limits, history: list[d
         raise WebError(400, f"This message is too long for the model: {found.message}.", "context_length_exceeded")
     (job, in_reasoning), start = best
     return job, in_reasoning, start
+
+
+def show_version(s: DBSession, user_id: int, conversation_id: str, message_id: int) -> dict:
+    """Shows the branch through this message (kept across reloads) and answers the conversation as GET does."""
+    store.show_version(s, user_id, conversation_id, message_id)
+    return store.export_json(s, user_id, conversation_id)
 
 
 def thinks(b: Backend) -> bool:
@@ -245,7 +295,7 @@ class WebChat:
         names = await self.server.served_names(b)
         if body.model is not None and body.model not in names:
             raise WebError(400, f"no model {body.model!r} here", "model_not_found")
-        if not body.regenerate and not body.content.strip():
+        if not (body.regenerate or body.continue_) and not body.content.strip():
             raise WebError(400, "the message is empty", "empty_message")
         model = body.model or names[0]
         try:
@@ -272,6 +322,7 @@ class WebChat:
             job, in_reasoning, left_out = await run_in_threadpool(fit, b, body, model, self.server.limits,
                                                                   plan.history)
             asked_id, answer_id, title = await self.run(save_turn, user_id, conversation_id, plan)
+            versions = await self.run(store.versions, user_id, conversation_id)
         except store.NotFound as e:
             raise WebError(404, str(e) or "no such conversation", "not_found") from e
         except ValueError as e:
@@ -281,7 +332,8 @@ class WebChat:
         if job.upstream_body:  # the web chat always names its budget, so the upstream's default never applies
             job.upstream_body["max_tokens"] = job.params.max_tokens
         return Turn(user_id, conversation_id, asked_id, answer_id, title, job, in_reasoning, left_out,
-                    asyncio.Event())
+                    asyncio.Event(), plan.continued,
+                    {i: versions[i] for i in (asked_id, answer_id) if i in versions})
 
     def launch(self, b: Backend, turn: Turn, request: Request) -> Running:
         """Runs the answer as a task of its own, which a client hanging up does not cancel."""
@@ -306,14 +358,23 @@ class WebChat:
 
     async def answer(self, b: Backend, turn: Turn, request: Request) -> AsyncIterator[bytes]:
         """The answer's events as it is written; it is saved every SAVE_EVERY_S and once more at the end."""
-        splitter = ReasoningSplitter(turn.in_reasoning)
-        reasoning, content, tokens = "", "", 0
+        was = turn.continued  # a continued answer grows from its text so far
+        splitter = ReasoningSplitter(turn.in_reasoning, continued=was is not None)
+        reasoning, content = (was.reasoning or "", was.content) if was else ("", "")
+        tokens = (was.tokens or 0) if was else 0
+        had_reasoning = bool(reasoning)
+        # A thought cut off goes on: its seconds so far count, and it is timed again until it ends.
+        thought_before = (was.reasoning_seconds or 0.0) if was and turn.in_reasoning else 0.0
+        thought_s: float | None = was.reasoning_seconds if was and not turn.in_reasoning else None
         started = time.monotonic()
         last_save: float | None = None  # the first words are saved at once, then every SAVE_EVERY_S
-        thought_s: float | None = None
         finish = "stopped"
-        yield sse.event({"type": "start", "user_message_id": turn.asked_id, "assistant_message_id": turn.answer_id,
-                         "title": turn.title, "left_out": turn.left_out})
+        start = {"type": "start", "user_message_id": turn.asked_id, "assistant_message_id": turn.answer_id,
+                 "title": turn.title, "left_out": turn.left_out,
+                 "versions": {str(k): v for k, v in turn.versions.items()}}
+        if was is not None:  # a page that attaches to it later starts from the same text
+            start["continued"] = {"content": content, "reasoning": reasoning}
+        yield sse.event(start)
         try:
             async with aclosing(self.server.pieces(b, [turn.job], request, stream=True)) as pieces:
                 async for piece in pieces:
@@ -323,8 +384,9 @@ class WebChat:
                         continue
                     r, c, _ = split_piece(splitter, piece)
                     tokens += piece.tokens
-                    if splitter.had_reasoning and thought_s is None and (c or not splitter.in_reasoning):
-                        thought_s = round(time.monotonic() - started, 1)
+                    thinking = had_reasoning or splitter.had_reasoning
+                    if thinking and thought_s is None and (c or not splitter.in_reasoning):
+                        thought_s = round(thought_before + time.monotonic() - started, 1)
                     reasoning, content = reasoning + r, content + c
                     if r:
                         yield sse.event({"type": "reasoning", "text": r})
@@ -336,19 +398,20 @@ class WebChat:
                     if (r or c) and (last_save is None or now - last_save >= SAVE_EVERY_S):
                         last_save = now
                         await self.run(store.update_message, turn.user_id, turn.answer_id, content=content,
-                                       reasoning=reasoning if splitter.had_reasoning else None)
-            if splitter.had_reasoning and thought_s is None:
-                thought_s = round(time.monotonic() - started, 1)
+                                       reasoning=reasoning if thinking else None)
+            if (had_reasoning or splitter.had_reasoning) and thought_s is None:
+                thought_s = round(thought_before + time.monotonic() - started, 1)
             yield sse.event({"type": "done", "finish_reason": finish, "reasoning_seconds": thought_s})
         except APIError as e:
             finish = "error"
             yield sse.event({"type": "error", "message": e.message})
         finally:
             # Shielded: a server shutting down cancels this task, and the answer must still be saved.
+            thinking = had_reasoning or splitter.had_reasoning
             await asyncio.shield(self.run(store.update_message, turn.user_id, turn.answer_id, content=content,
-                                          reasoning=reasoning if splitter.had_reasoning else None,
+                                          reasoning=reasoning if thinking else None,
                                           reasoning_seconds=thought_s, finished=finish in ("stop", "length"),
-                                          tokens=max(tokens, turn.job.completion_tokens)))
+                                          finish_reason=finish, tokens=max(tokens, turn.job.completion_tokens)))
 
 
 def chat_router(db: Database, server: Server, auth: Auth) -> APIRouter:
@@ -377,6 +440,16 @@ def chat_router(db: Database, server: Server, auth: Auth) -> APIRouter:
         if running is not None:
             running.stop.set()
         return {"stopped": running is not None}
+
+    @router.post("/api/conversations/{conversation_id}/version", dependencies=[Depends(auth.require_csrf)])
+    async def version(conversation_id: str, body: VersionIn, user=Depends(auth.current_user)):
+        await owned(user, conversation_id)
+        if conversation_id in chat.running:  # the answer being written belongs to the branch on show
+            raise WebError(409, "This chat is still answering: stop it first.", "busy")
+        try:
+            return await chat.run(show_version, user.id, conversation_id, body.message_id)
+        except store.NotFound as e:
+            raise WebError(404, "no such message in this conversation", "not_found") from e
 
     @router.get("/api/conversations/{conversation_id}/stream")
     async def reattach(conversation_id: str, user=Depends(auth.current_user)):

@@ -127,13 +127,20 @@ class Conversation(Base):
     title: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The last message of the branch on show (None: no messages yet); its parents back to the first are the chat.
+    # No foreign key: messages already point at conversations, and a cycle would complicate every migration.
+    current_id: Mapped[int | None] = mapped_column(Integer)
 
     messages: Mapped[list[Message]] = relationship(back_populates="conversation", order_by="Message.position",
                                                    cascade="all, delete-orphan", passive_deletes=True)
 
 
 class Message(Base):
-    """One turn of a conversation; an answer still streaming (or cut by a restart) has finished=False."""
+    """One turn of a conversation; an answer still streaming (or cut by a restart) has finished=False.
+
+    Messages form a tree: each points at the one it follows (`parent_id`, None for a first message), and messages
+    with the same parent are versions of one turn (an answer regenerated, a question edited); `position` is the
+    order they were written in."""
 
     __tablename__ = "messages"
     __table_args__ = (Index(None, "conversation_id", "position"),)
@@ -148,6 +155,11 @@ class Message(Base):
     finished: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     tokens: Mapped[int | None] = mapped_column(Integer)  # an answer's completion tokens: the user's usage
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), index=True)
+    finish_reason: Mapped[str | None] = mapped_column(String(16))  # an answer's: stop, length, stopped, error
+    # Of this message's replies (versions of the next turn), the one shown last: coming back to this message shows
+    # it again. None: the latest one.
+    chosen_id: Mapped[int | None] = mapped_column(Integer)
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
 

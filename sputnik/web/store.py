@@ -12,7 +12,7 @@ import re
 import secrets
 from datetime import datetime
 
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session as DBSession
 
 from sputnik.web.db import Conversation, Identity, Message, Setting, User, utcnow
@@ -229,37 +229,99 @@ def delete_conversation(s: DBSession, user_id: int, conversation_id: str) -> Non
     s.flush()
 
 
-def conversation_dict(conv: Conversation, messages: list[Message] | None = None) -> dict:
+def conversation_dict(conv: Conversation, messages: list[Message] | None = None,
+                      versions: dict[int, list[int]] | None = None) -> dict:
     out = {"id": conv.id, "title": conv.title, "created_at": _time(conv.created_at),
            "updated_at": _time(conv.updated_at)}
     if messages is not None:
-        out["messages"] = [message_dict(m) for m in messages]
+        out["messages"] = [message_dict(m, (versions or {}).get(m.id)) for m in messages]
     return out
 
 
-# ---- messages
+# ---- messages: a tree per conversation, one branch of it on show
 
 
-def list_messages(s: DBSession, user_id: int, conversation_id: str) -> list[Message]:
-    get_conversation(s, user_id, conversation_id)
+def _all_messages(s: DBSession, conversation_id: str) -> list[Message]:
     return list(s.scalars(select(Message).where(Message.conversation_id == conversation_id)
                           .order_by(Message.position)))
 
 
+def _branch(messages: list[Message], leaf_id: int | None) -> list[Message]:
+    """The messages from the first to `leaf_id`, each the parent of the next."""
+    by_id = {m.id: m for m in messages}
+    out: list[Message] = []
+    at = by_id.get(leaf_id)
+    while at is not None:
+        out.append(at)
+        at = by_id.get(at.parent_id)
+    return out[::-1]
+
+
+def list_messages(s: DBSession, user_id: int, conversation_id: str) -> list[Message]:
+    """The branch on show, first message first: the chat as the user sees it and as the model is to read it."""
+    conv = get_conversation(s, user_id, conversation_id)
+    return _branch(_all_messages(s, conv.id), conv.current_id)
+
+
+def versions(s: DBSession, user_id: int, conversation_id: str) -> dict[int, list[int]]:
+    """For each message on show, the ids of its versions (itself and the others with its parent), oldest first."""
+    conv = get_conversation(s, user_id, conversation_id)
+    messages = _all_messages(s, conv.id)
+    siblings: dict[int | None, list[int]] = {}
+    for m in messages:
+        siblings.setdefault(m.parent_id, []).append(m.id)
+    return {m.id: siblings[m.parent_id] for m in _branch(messages, conv.current_id)}
+
+
 def add_message(s: DBSession, user_id: int, conversation_id: str, role: str, content: str, *,
                 reasoning: str | None = None, reasoning_seconds: float | None = None,
-                finished: bool = True) -> Message:
-    """Append a message at the end of the conversation (and mark the conversation as just active)."""
+                finished: bool = True, version_of: int | None = None) -> Message:
+    """Append a message to the branch on show, or (version_of) add a new version of one of its messages, which
+    then ends the branch on show; either way the conversation is marked as just active."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, not {role!r}")
     conv = get_conversation(s, user_id, conversation_id)
+    parent_id = conv.current_id
+    if version_of is not None:
+        other = get_message(s, user_id, version_of)
+        if other.conversation_id != conv.id or other.role != role:
+            raise NotFound("no such message in this conversation")
+        parent_id = other.parent_id
     last = s.scalar(select(func.max(Message.position)).where(Message.conversation_id == conv.id))
     msg = Message(conversation_id=conv.id, position=(last or 0) + 1, role=role, content=content,
-                  reasoning=reasoning, reasoning_seconds=reasoning_seconds, finished=finished)
+                  reasoning=reasoning, reasoning_seconds=reasoning_seconds, finished=finished, parent_id=parent_id)
     conv.updated_at = msg.created_at = utcnow()
     s.add(msg)
     s.flush()
+    _show(s, conv, msg)
     return msg
+
+
+def show_version(s: DBSession, user_id: int, conversation_id: str, message_id: int) -> Conversation:
+    """Show the branch through this message: down from it, the version of each later turn shown there last (the
+    latest one where none was chosen)."""
+    conv = get_conversation(s, user_id, conversation_id)
+    messages = _all_messages(s, conv.id)
+    chosen = next((m for m in messages if m.id == message_id), None)
+    if chosen is None:
+        raise NotFound("no such message in this conversation")
+    replies: dict[int | None, dict[int, Message]] = {}
+    for m in messages:  # in position order, so a dict's last reply is the latest
+        replies.setdefault(m.parent_id, {})[m.id] = m
+    leaf = chosen
+    while leaf.id in replies:
+        below = replies[leaf.id]
+        leaf = below.get(leaf.chosen_id) or list(below.values())[-1]
+    _show(s, conv, chosen, leaf)
+    return conv
+
+
+def _show(s: DBSession, conv: Conversation, msg: Message, leaf: Message | None = None) -> None:
+    """Put the branch through `msg`, down to `leaf` (default: msg itself), on show; msg's parent remembers it."""
+    if msg.parent_id is not None:
+        s.get(Message, msg.parent_id).chosen_id = msg.id
+    conv.current_id = (leaf or msg).id
+    s.flush()
 
 
 def get_message(s: DBSession, user_id: int, message_id: int) -> Message:
@@ -271,51 +333,33 @@ def get_message(s: DBSession, user_id: int, message_id: int) -> Message:
 
 def update_message(s: DBSession, user_id: int, message_id: int, *, content: str | None = None,
                    reasoning: str | None = None, reasoning_seconds: float | None = None,
-                   finished: bool | None = None, tokens: int | None = None) -> Message:
-    """Change the fields given (None leaves a field as it is): how a streaming answer is saved as it grows."""
+                   finished: bool | None = None, tokens: int | None = None,
+                   finish_reason: str | None = None) -> Message:
+    """Change the fields given (None leaves a field as it is): how a streaming answer is saved as it grows. An
+    answer marked unfinished (written again, or continued) has no finish reason until one is given."""
     msg = get_message(s, user_id, message_id)
-    if tokens is not None:
-        msg.tokens = tokens
-    if content is not None:
-        msg.content = content
-    if reasoning is not None:
-        msg.reasoning = reasoning
-    if reasoning_seconds is not None:
-        msg.reasoning_seconds = reasoning_seconds
-    if finished is not None:
-        msg.finished = finished
+    if finished is False and finish_reason is None:
+        msg.finish_reason = None
+    for name, value in (("tokens", tokens), ("content", content), ("reasoning", reasoning),
+                        ("reasoning_seconds", reasoning_seconds), ("finished", finished),
+                        ("finish_reason", finish_reason)):
+        if value is not None:
+            setattr(msg, name, value)
     msg.conversation.updated_at = utcnow()
     s.flush()
     return msg
 
 
-def truncate_after(s: DBSession, user_id: int, message_id: int) -> int:
-    """Drop every message after this one in its conversation (an edit restarts the chat there); how many went."""
-    msg = get_message(s, user_id, message_id)
-    result = s.execute(delete(Message).where(Message.conversation_id == msg.conversation_id,
-                                             Message.position > msg.position)
-                       .execution_options(synchronize_session="fetch"))
-    s.expire(msg.conversation, ["messages"])
-    return result.rowcount or 0
-
-
-def delete_message(s: DBSession, user_id: int, message_id: int) -> None:
-    msg = get_message(s, user_id, message_id)
-    conv = msg.conversation
-    s.delete(msg)
-    s.flush()
-    s.expire(conv, ["messages"])
-
-
 def last_assistant(s: DBSession, user_id: int, conversation_id: str) -> Message | None:
-    """The conversation's last message if it is an answer (what `regenerate` replaces), else None."""
+    """The last message on show if it is an answer, else None."""
     messages = list_messages(s, user_id, conversation_id)
     return messages[-1] if messages and messages[-1].role == "assistant" else None
 
 
-def message_dict(msg: Message) -> dict:
+def message_dict(msg: Message, versions: list[int] | None = None) -> dict:
     return {"id": msg.id, "role": msg.role, "content": msg.content, "reasoning": msg.reasoning,
             "reasoning_seconds": msg.reasoning_seconds, "finished": msg.finished,
+            "finish_reason": msg.finish_reason, "parent_id": msg.parent_id, "versions": versions or [msg.id],
             "created_at": _time(msg.created_at)}
 
 
@@ -323,9 +367,11 @@ def message_dict(msg: Message) -> dict:
 
 
 def export_json(s: DBSession, user_id: int, conversation_id: str) -> dict:
-    """The conversation and all its messages, as `GET /api/conversations/{id}` shows them."""
+    """The conversation and the branch of it on show, each message with its versions' ids, as
+    `GET /api/conversations/{id}` shows them."""
     conv = get_conversation(s, user_id, conversation_id)
-    return conversation_dict(conv, list_messages(s, user_id, conversation_id))
+    return conversation_dict(conv, list_messages(s, user_id, conversation_id),
+                             versions(s, user_id, conversation_id))
 
 
 def export_markdown(s: DBSession, user_id: int, conversation_id: str) -> str:

@@ -455,7 +455,11 @@
       'aria-label': t('composer_placeholder') });
     ui.composer.addEventListener('input', () => autoGrow(ui.composer));
     onEnter(ui.composer, submitComposer);
-    ui.thinking = h('input', { id: 'settings-thinking', type: 'checkbox', checked: true });
+    ui.thinking = h('input', { id: 'settings-thinking', type: 'checkbox', checked: true,
+      onchange: () => { ui.effort.disabled = !ui.thinking.checked; } });
+    // How hard to think: the API's reasoning_effort (DeepSeek's default is high).
+    ui.effort = h('select', { id: 'settings-effort', 'aria-label': t('effort'), title: t('effort'), value: 'high' },
+      ...['low', 'medium', 'high'].map((e) => h('option', { value: e, text: t(`effort_${e}`) })));
     ui.send = h('button', { id: 'send', type: 'submit', class: 'btn primary', text: t('send') });
     ui.sendError = h('div', { id: 'send-error', class: 'send-error', role: 'alert', hidden: true });
     ui.stop = h('button', { id: 'stop', type: 'button', class: 'btn danger', text: t('stop'), hidden: true,
@@ -465,6 +469,8 @@
       h('div', { class: 'composer-bar' },
         ui.thinkingSwitch = h('label', { id: 'thinking-switch', class: 'switch', for: 'settings-thinking', hidden: true },
           ui.thinking, h('span', { text: t('thinking_mode') })),
+        ui.effortPicker = h('label', { id: 'effort-picker', class: 'effort', for: 'settings-effort', hidden: true },
+          h('span', { text: t('effort') }), ui.effort),
         h('span', { class: 'spacer' }), ui.stop, ui.send));
 
     const main = h('main', { class: 'chat' },
@@ -513,7 +519,7 @@
   }
   // The switch closes a thought the chat template opens: a model that does not think has nothing to switch.
   function showThinkingSwitch() {
-    ui.thinkingSwitch.hidden = !settings.thinks?.[settings.model];
+    ui.thinkingSwitch.hidden = ui.effortPicker.hidden = !settings.thinks?.[settings.model];
   }
 
   // ------------------------------------------------------------------ conversations (sidebar)
@@ -620,23 +626,55 @@
     try {
       const conv = await api('GET', convPath(id));
       if (state.convId !== id) return; // the user moved on meanwhile
-      setTitle(conv.title);
-      const messages = conv.messages || [];
-      const last = messages[messages.length - 1];
-      // An unfinished last answer may still be being written on the server: reattach and see it grow.
-      const writing = last?.role === 'assistant' && last.finished === false;
-      for (const m of writing ? messages.slice(0, -1) : messages) {
-        if (m.role === 'user') ui.list.append(userMessage(m));
-        else if (m.role === 'assistant') ui.list.append(savedAnswer(m));
-      }
-      ui.empty.hidden = ui.list.childElementCount > 0 || writing;
-      updateRegenerate();
-      if (writing) attach(last);
+      showConversation(conv);
       ui.scroller.scrollTop = ui.scroller.scrollHeight;
     } catch (err) {
       toast(errorText(err));
       if (err.status === 404) location.hash = '';
     }
+  }
+
+  // The branch of the conversation on show, as the server sends it (opening a chat, or picking a version).
+  function showConversation(conv) {
+    setTitle(conv.title);
+    ui.list.replaceChildren();
+    const messages = conv.messages || [];
+    const last = messages[messages.length - 1];
+    // An unfinished last answer may still be being written on the server: reattach and see it grow.
+    const writing = last?.role === 'assistant' && last.finished === false;
+    for (const m of writing ? messages.slice(0, -1) : messages) {
+      if (m.role === 'user') ui.list.append(userMessage(m));
+      else if (m.role === 'assistant') ui.list.append(savedAnswer(m));
+    }
+    ui.empty.hidden = ui.list.childElementCount > 0 || writing;
+    updateRegenerate();
+    if (writing) attach(last);
+  }
+
+  // ‹ 2/3 ›: the versions of a turn (a question edited, an answer regenerated); picking one shows its branch,
+  // and the server keeps the choice, so a reload shows it too.
+  function setVersions(el, versions) {
+    $('.versions', el)?.remove();
+    el.versions = versions || [el.msgId];
+    const at = el.versions.findIndex((v) => String(v) === String(el.msgId));
+    if (el.versions.length < 2 || at < 0) return;
+    const step = (by, cls, text, label) => h('button', { type: 'button', class: `small-btn ${cls}`, text,
+      title: t(label), 'aria-label': t(label), disabled: !el.versions[at + by],
+      onclick: () => showVersion(el.versions[at + by]) });
+    el.actions.prepend(h('span', { class: 'versions' }, step(-1, 'version-prev', '‹', 'previous_version'),
+      h('span', { class: 'version-label', text: `${at + 1}/${el.versions.length}` }),
+      step(1, 'version-next', '›', 'next_version')));
+  }
+
+  async function showVersion(id) {
+    if (state.stream || !state.convId) return;
+    const convId = state.convId, top = ui.scroller.scrollTop;
+    try {
+      const conv = await api('POST', `${convPath(convId)}/version`, { message_id: id });
+      if (state.convId !== convId) return;
+      showConversation(conv);
+      ui.scroller.scrollTop = top; // the turn picked stays where it was
+    } catch (err) { toast(errorText(err)); }
   }
 
   // ------------------------------------------------------------------ messages
@@ -646,14 +684,16 @@
     el.msgId = m.id ?? null; // keeps the JSON type (number or string) for edit_of
     el.raw = m.content || '';
     const content = h('div', { class: 'content', text: el.raw }); // plain text, never HTML
-    el.append(h('div', { class: 'bubble' }, content), h('div', { class: 'msg-actions' },
-      copyButton('copy-msg', () => el.raw),
-      h('button', { type: 'button', class: 'small-btn edit', text: t('edit'), onclick: () => startEdit(el) })));
+    el.actions = h('div', { class: 'msg-actions' }, copyButton('copy-msg', () => el.raw),
+      h('button', { type: 'button', class: 'small-btn edit', text: t('edit'), onclick: () => startEdit(el) }));
+    el.append(h('div', { class: 'bubble' }, content), el.actions);
+    if (m.versions) setVersions(el, m.versions);
     return el;
   }
 
   function assistantMessage(id) {
     const el = h('article', { class: 'msg assistant', 'data-id': id ?? '' });
+    el.msgId = id;
     el.raw = { content: '', reasoning: '' };
     el.reasoning = h('details', { class: 'reasoning', hidden: true },
       h('summary', { text: t('thinking') }), h('div', { class: 'reasoning-body markdown' }));
@@ -686,14 +726,23 @@
     }
     renderMarkdown(el.content, el.raw.content);
     if (m.finished === false) markUnfinished(el);
+    el.finishReason = m.finish_reason;
+    if (m.versions) setVersions(el, m.versions);
     return el;
   }
 
-  // Only the last answer can be regenerated, and not while one is streaming.
+  // Only the last answer can be regenerated (or, when it stopped at the token limit, continued), and not while
+  // one is streaming.
   function updateRegenerate() {
-    for (const b of ui.list.querySelectorAll('.regenerate')) b.remove();
+    for (const b of ui.list.querySelectorAll('.regenerate, .continue')) b.remove();
     const last = ui.list.lastElementChild;
     if (state.stream || !last?.classList.contains('assistant')) return;
+    if (last.finishReason === 'length') {
+      last.actions.append(h('button', { type: 'button', class: 'small-btn continue', text: t('continue'),
+        title: t('continue_hint'), onclick: () => {
+          if (!state.stream) streamAnswer({ continue: true }, null, null, last);
+        } }));
+    }
     last.actions.append(h('button', { type: 'button', class: 'small-btn regenerate', text: t('regenerate'),
       onclick: () => {
         if (state.stream) return;
@@ -714,7 +763,7 @@
       done();
       el.raw = content;
       $('.content', el).textContent = content;
-      while (el.nextElementSibling) el.nextElementSibling.remove(); // the server drops every later message
+      while (el.nextElementSibling) el.nextElementSibling.remove(); // they stay with the old version
       streamAnswer({ content, edit_of: el.msgId }, el);
     };
     const form = h('div', { class: 'edit-form' }, area, h('div', { class: 'edit-bar' },
@@ -794,9 +843,10 @@
 
   // POST the message and read the SSE answer from the response body (EventSource cannot POST).
   // refused(err, live) runs when the server never started an answer (nothing saved); else errors show in it.
-  function streamAnswer(body, userEl = null, refused = null) {
-    const live = startLive(userEl);
+  function streamAnswer(body, userEl = null, refused = null, into = null) {
+    const live = startLive(userEl, into?.msgId ?? null, into);
     Object.assign(body, { thinking: ui.thinking.checked });
+    if (!ui.effortPicker.hidden && ui.thinking.checked) body.effort = ui.effort.value;
     if (settings.model) body.model = settings.model;
     const temperature = parseFloat(ui.temperature.value);
     if (Number.isFinite(temperature)) body.temperature = temperature;
@@ -817,10 +867,12 @@
     });
   }
 
-  function startLive(userEl, id = null) {
+  // A new answer at the end of the list, or (into) an answer already there that goes on from its text.
+  function startLive(userEl, id = null, into = null) {
     ui.empty.hidden = true;
-    const el = assistantMessage(id);
-    ui.list.append(el);
+    const el = into || assistantMessage(id);
+    if (!into) ui.list.append(el);
+    for (const old of el.querySelectorAll('.msg-error, .unfinished')) old.remove();
     const live = { el, userEl, convId: state.convId, ctrl: new AbortController(), started: false, done: false,
       stopped: false, thinkStart: null, thinkSeconds: null, renderTimer: null };
     state.stream = live;
@@ -889,10 +941,20 @@
       case 'start':
         live.started = true;
         if (ev.left_out) el.actions.prepend(h('span', { class: 'left-out', text: t('left_out') }));
-        if (ev.assistant_message_id != null) el.dataset.id = ev.assistant_message_id;
+        if (ev.assistant_message_id != null) {
+          el.dataset.id = ev.assistant_message_id;
+          el.msgId = ev.assistant_message_id;
+          setVersions(el, ev.versions?.[ev.assistant_message_id]);
+        }
         if (live.userEl && ev.user_message_id != null) {
           live.userEl.dataset.id = ev.user_message_id;
           live.userEl.msgId = ev.user_message_id;
+          setVersions(live.userEl, ev.versions?.[ev.user_message_id]);
+        }
+        if (ev.continued) { // the answer so far, which this stream goes on from
+          el.raw = { content: ev.continued.content || '', reasoning: ev.continued.reasoning || '' };
+          if (el.raw.reasoning) el.reasoning.hidden = false;
+          renderLive(live, false);
         }
         if (ev.title && String(live.convId) === String(state.convId)) {
           setTitle(ev.title);
@@ -920,6 +982,7 @@
         break;
       case 'done':
         live.done = true;
+        el.finishReason = ev.finish_reason;
         if (typeof ev.reasoning_seconds === 'number') live.thinkSeconds = ev.reasoning_seconds; // the server's count wins
         closeReasoning(el, live.thinkSeconds ?? thinkingSoFar(live));
         break;
