@@ -134,8 +134,10 @@ class ConvertArgs:
     """What `convert` reads and writes."""
 
     src: str = option(help="any loadable model: a registry name, an HF folder, a .gguf file")
-    dst: Path = option(help="the HF folder to write")
-    dtype: str = option("float32", "dtype of the written weights", choices=["float32", "bfloat16", "float16"])
+    dst: Path = option(help="the HF folder to write, or a .gguf file (for llama.cpp and ollama)")
+    dtype: str = option("float32", "dtype of an HF folder's weights", choices=["float32", "bfloat16", "float16"])
+    type: str | None = option(None, "tensor type of a .gguf DST (default f16); the 4-bit types keep the output head "
+                                    "in q8_0", choices=["f16", "q8_0", "q4_0", "q4_k"])
 
 
 @dataclass
@@ -267,9 +269,20 @@ def cmd_chat(model_args: ModelArgs, sampling: SamplingArgs, session: ChatArgs) -
 def cmd_convert(args: ConvertArgs) -> int:
     from sputnik.checkpoint import load_pretrained, save_model
 
-    model, tok = load_pretrained(args.src, dtype=pick_dtype(args.dtype, "cpu"))
-    out = save_model(model, args.dst, tokenizer=tok)
-    print(f"wrote {out}")
+    gguf = args.dst.suffix.lower() == ".gguf"
+    if args.type is not None and not gguf:
+        raise ValueError(f"--type is for a .gguf destination; {args.dst} is written as an HF folder")
+    model, tok = load_pretrained(args.src, dtype=pick_dtype("float32" if gguf else args.dtype, "cpu"))
+    if not gguf:
+        print(f"wrote {save_model(model, args.dst, tokenizer=tok)}")
+        return 0
+    from sputnik.checkpoint.gguf_export import export_gguf
+
+    summary = export_gguf(model, tok, args.dst, args.type or "f16")
+    for warning in summary.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    types = ", ".join(f"{n} {t}" for t, n in sorted(summary.types.items()))
+    print(f"wrote {summary.path} ({summary.arch}, {summary.bytes / 2**20:.1f} MiB; tensors: {types})")
     return 0
 
 
@@ -425,7 +438,8 @@ def add_model_verbs(sub) -> None:
              SamplingArgs(temperature=TEMPERATURE, max_tokens=512), ChatArgs)
     add_verb(sub, "eval", cmd_eval, "R1-style evaluation: greedy accuracy, pass@1 over k samples, cons@k", ModelArgs,
              EvalConfig, EvalOutput, positional=("model",))
-    add_verb(sub, "convert", cmd_convert, "write any loadable model (e.g. a GGUF) as an HF folder", ConvertArgs,
+    add_verb(sub, "convert", cmd_convert, "write any loadable model as an HF folder, or as a GGUF file (DST.gguf, "
+             "--type f16|q8_0|q4_0|q4_k)", ConvertArgs,
              positional=("src", "dst"))
 
 
