@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from sputnik.checkpoint.args import ModelArgs
 from sputnik.checkpoint.registry import DEFAULT_MODEL
-from sputnik.device import DTYPES, pick_device, pick_dtype
+from sputnik.device import pick_dtype
 from sputnik.r1 import TEMPERATURE, ReasoningSplitter, opens_thinking
 from sputnik.settings import add_flags, fill, option
 
@@ -31,26 +32,6 @@ SAMPLE_PROMPT = "What is 17 + 25? Think it through, then give the answer."
 
 
 # ---------------------------------------------------------------- settings of the verbs that run a model
-
-
-@dataclass
-class ModelArgs:
-    """The model to load, and where."""
-
-    model: str = option(DEFAULT_MODEL, "a registry name, an HF folder, a .gguf file or an HF repo id", aliases=["-m"])
-    dtype: str = option("float32", "weights' dtype; auto: bf16 where the device multiplies it natively (CPUs with "
-                                   "AVX512-BF16 or AMX, GPUs), else float32", choices=["auto", *DTYPES])
-    device: str = option("auto", "cpu, cuda, cuda:1 … (auto: cuda when available)")
-    quantize: str = option("auto", "auto: a GGUF file's quantized weights run as they are on the CPU (dequantized "
-                                   "elsewhere); none: dequantize to --dtype; int8/int4: quantize any checkpoint's "
-                                   "matrices to Q8_0/Q4_1 blocks", choices=["auto", "none", "int8", "int4"])
-
-    def load(self):
-        from sputnik.checkpoint import load_pretrained
-
-        device = pick_device(self.device)
-        return load_pretrained(self.model, dtype=pick_dtype(self.dtype, device), device=device,
-                               quantize=self.quantize)
 
 
 @dataclass
