@@ -39,13 +39,13 @@ SUPPORTED_ARCHITECTURES = {
     "deepseek2": ("deepseek_v3", "DeepseekV3ForCausalLM"),
 }
 
-_GLOBAL_NAMES = {
+GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
     "output": "lm_head",
 }
 
-_BLOCK_NAMES = {
+BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -214,12 +214,12 @@ def unpermute_rope_rows(weight: torch.Tensor | QTensor, n_head: int) -> torch.Te
 def _hf_name(name: str) -> str | None:
     """HF state-dict name of a GGUF tensor name, or None when there is none."""
     stem, _, suffix = name.rpartition(".")
-    if stem in _GLOBAL_NAMES and suffix in ("weight", "bias"):
-        return f"{_GLOBAL_NAMES[stem]}.{suffix}"
+    if stem in GLOBAL_NAMES and suffix in ("weight", "bias"):
+        return f"{GLOBAL_NAMES[stem]}.{suffix}"
     match = _BLOCK_TENSOR.match(name)
-    if match and match.group(2) in _BLOCK_NAMES:
+    if match and match.group(2) in BLOCK_NAMES:
         layer, part, suffix = match.groups()
-        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{suffix}"
+        return f"model.layers.{layer}.{BLOCK_NAMES[part]}.{suffix}"
     return None
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sputnik.checkpoint.gguf import (_BLOCK_NAMES, _GLOBAL_NAMES, EXPERT_BIAS, EXPERT_NAMES, K_B, V_B,
+from sputnik.checkpoint.gguf import (BLOCK_NAMES, EXPERT_BIAS, EXPERT_NAMES, GLOBAL_NAMES, K_B, V_B,
                                      llama3_factors, permute_rope_rows, split_kv_b)
 from sputnik.checkpoint.hf import CheckpointError
 from sputnik.checkpoint.quants import quantize_rows
@@ -39,8 +39,8 @@ EXPORT_TYPES = {
 }
 ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "deepseek_v3": "deepseek2"}
 _BLOCK_SIZE = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q4_K": 256, "F16": 1}
-_HF_TO_PART = {hf: part for part, hf in _BLOCK_NAMES.items()}
-_HF_TO_GLOBAL = {hf: stem for stem, hf in _GLOBAL_NAMES.items()}
+_HF_TO_PART = {hf: part for part, hf in BLOCK_NAMES.items()}
+_HF_TO_GLOBAL = {hf: stem for stem, hf in GLOBAL_NAMES.items()}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _ROUTER_BIAS = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias$")
 _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)$")
