@@ -259,3 +259,34 @@ def test_export_refuses_what_llama_cpp_cannot_express(tmp_path, tiny_tok):
     with pytest.raises(ValueError, match="unknown GGUF type 'q2_k'"):
         export_gguf(tiny("llama"), tiny_tok, tmp_path / "m.gguf", "q2_k")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_legacy_deepseek2_file_with_attn_kv_b_loads(tmp_path):
+    """Older llama.cpp files keep MLA's kv_b_proj whole (attn_kv_b) and list per-head key/value lengths."""
+    from sputnik.checkpoint.gguf_export import dense_state, gguf_tensors, write_hparams
+
+    model = tiny("deepseek_v3")
+    cfg = model.cfg
+    writer = gguf.GGUFWriter(str(tmp_path / "old.gguf"), "deepseek2")
+    write_hparams(writer, cfg, "deepseek2", "f16", "old")
+    kv = writer.kv_data[0]
+    for key in ("attention.key_length_mla", "attention.value_length_mla"):
+        del kv[f"deepseek2.{key}"]
+    kv["deepseek2.attention.key_length"].value = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    kv["deepseek2.attention.value_length"].value = cfg.v_head_dim
+    kv["deepseek2.attention.head_count_kv"].value = cfg.n_heads
+    writer.add_tokenizer_model("gpt2")  # a vocabulary is not needed to load the weights
+    sd = dense_state(model)
+    for name, t in gguf_tensors(cfg, sd):
+        if ".attn_k_b." in name:
+            layer = name.split(".")[1]
+            writer.add_tensor(f"blk.{layer}.attn_kv_b.weight", sd[f"model.layers.{layer}.self_attn.kv_b_proj.weight"]
+                              .numpy())
+        elif ".attn_v_b." not in name:
+            writer.add_tensor(name, t.contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with torch.no_grad():
+        assert rel(load_model(tmp_path / "old.gguf")(IDS), model(IDS)) < 1e-5
