@@ -9,7 +9,8 @@ weight once per token (memory bandwidth / weight bytes); at B=32 it is arithmeti
 
 "sputnik Q4_1" runs the file's blocks as they are (sputnik.kernels); its memory (q_rss_mb: resident MB after loading
 the model and tokenizer and decoding 8 tokens, less the process's RSS after importing torch) is measured in a child
-process, so the fp32 copies here do not count.
+process, so the fp32 copies here do not count. llama.cpp (llama-cpp-python, the bench extra) runs in a child process
+too; when it is not installed or crashes the table says why and llamacpp_b1_tok_s / q_b1_vs_llamacpp are null.
 """
 
 from __future__ import annotations
@@ -168,12 +169,13 @@ def main() -> None:
     child = subprocess.run([sys.executable, __file__, "--llamacpp-only", "--model", str(path), "--new-tokens", str(N),
                             "--repeats", str(args.repeats), "--prompt-ids", json.dumps(chats[0])],
                            capture_output=True, text=True)
+    llamacpp_status = "ran"
     if child.returncode == 0 and child.stdout.strip():
         results["llama.cpp (Q4_1)"] = {"b1": json.loads(child.stdout.strip().splitlines()[-1])["b1"]}
     else:
-        why = (f"crashed (signal {-child.returncode})" if child.returncode < 0 else
-               (child.stderr.strip().splitlines() or [f"exit {child.returncode}"])[-1])
-        print(f"llama.cpp column skipped: {why}")
+        llamacpp_status = (f"crashed (signal {-child.returncode})" if child.returncode < 0 else
+                           (child.stderr.strip().splitlines() or [f"exit {child.returncode}"])[-1])
+        print(f"llama.cpp column skipped: {llamacpp_status}")
 
     memory = None
     if qmodel is not None:
@@ -201,6 +203,8 @@ def main() -> None:
         b32 = r.get("b32")
         b32s = f"{b32:>13.1f}{b32 / ceiling_b32:>12.0%}" if b32 else f"{'-':>13}{'-':>12}"
         print(f"{name:<20}{r['b1']:>12.1f}{r['b1'] / ceiling_b1:>12.0%}{b32s}")
+    if "llama.cpp (Q4_1)" not in results:
+        print(f"{'llama.cpp (Q4_1)':<20}{'-':>12}  did not run: {llamacpp_status}")
     figures = {
         "machine": machine.describe(),
         "sputnik_b1_tok_s": round(results["sputnik"]["b1"], 2),
@@ -220,10 +224,10 @@ def main() -> None:
                        gguf_mb=round(path.stat().st_size / 2**20, 1))
         if memory:
             figures.update(q_rss_mb=round(memory["q_rss_mb"], 1), q_rss_total_mb=round(memory["rss_mb"], 1))
-        if "llama.cpp (Q4_1)" in results:
-            figures["q_b1_vs_llamacpp"] = round(q["b1"] / results["llama.cpp (Q4_1)"]["b1"], 3)
-    if "llama.cpp (Q4_1)" not in results:
-        figures["llamacpp"] = "unavailable"
+        llamacpp = results.get("llama.cpp (Q4_1)")
+        figures["q_b1_vs_llamacpp"] = round(q["b1"] / llamacpp["b1"], 3) if llamacpp else None
+    figures["llamacpp"] = llamacpp_status  # "ran", or why it did not: then its figures are null
+    figures["llamacpp_b1_tok_s"] = None
     # The *_vs_* ratios take sputnik's faster engine per column (compiled where measured); *_eager_* the default.
     best = {k: max(r[k] for n, r in results.items() if n.startswith("sputnik") and "Q4_1" not in n)
             for k in ("b1", "b32")}

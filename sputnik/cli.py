@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from sputnik.checkpoint.args import ModelArgs
 from sputnik.checkpoint.registry import DEFAULT_MODEL
-from sputnik.device import DTYPES, pick_device, pick_dtype
+from sputnik.device import pick_dtype
 from sputnik.r1 import TEMPERATURE, ReasoningSplitter, opens_thinking
 from sputnik.settings import add_flags, fill, option
 
@@ -31,26 +32,6 @@ SAMPLE_PROMPT = "What is 17 + 25? Think it through, then give the answer."
 
 
 # ---------------------------------------------------------------- settings of the verbs that run a model
-
-
-@dataclass
-class ModelArgs:
-    """The model to load, and where."""
-
-    model: str = option(DEFAULT_MODEL, "a registry name, an HF folder, a .gguf file or an HF repo id", aliases=["-m"])
-    dtype: str = option("float32", "weights' dtype; auto: bf16 where the device multiplies it natively (CPUs with "
-                                   "AVX512-BF16 or AMX, GPUs), else float32", choices=["auto", *DTYPES])
-    device: str = option("auto", "cpu, cuda, cuda:1 … (auto: cuda when available)")
-    quantize: str = option("auto", "auto: a GGUF file's quantized weights run as they are on the CPU (dequantized "
-                                   "elsewhere); none: dequantize to --dtype; int8/int4: quantize any checkpoint's "
-                                   "matrices to Q8_0/Q4_1 blocks", choices=["auto", "none", "int8", "int4"])
-
-    def load(self):
-        from sputnik.checkpoint import load_pretrained
-
-        device = pick_device(self.device)
-        return load_pretrained(self.model, dtype=pick_dtype(self.dtype, device), device=device,
-                               quantize=self.quantize)
 
 
 @dataclass
@@ -134,8 +115,10 @@ class ConvertArgs:
     """What `convert` reads and writes."""
 
     src: str = option(help="any loadable model: a registry name, an HF folder, a .gguf file")
-    dst: Path = option(help="the HF folder to write")
-    dtype: str = option("float32", "dtype of the written weights", choices=["float32", "bfloat16", "float16"])
+    dst: Path = option(help="the HF folder to write, or a .gguf file (for llama.cpp and ollama)")
+    dtype: str = option("float32", "dtype of an HF folder's weights", choices=["float32", "bfloat16", "float16"])
+    type: str | None = option(None, "tensor type of a .gguf DST (default f16); the 4-bit types keep the output head "
+                                    "in q8_0", choices=["f16", "q8_0", "q4_0", "q4_k"])
 
 
 @dataclass
@@ -267,9 +250,20 @@ def cmd_chat(model_args: ModelArgs, sampling: SamplingArgs, session: ChatArgs) -
 def cmd_convert(args: ConvertArgs) -> int:
     from sputnik.checkpoint import load_pretrained, save_model
 
-    model, tok = load_pretrained(args.src, dtype=pick_dtype(args.dtype, "cpu"))
-    out = save_model(model, args.dst, tokenizer=tok)
-    print(f"wrote {out}")
+    gguf = args.dst.suffix.lower() == ".gguf"
+    if args.type is not None and not gguf:
+        raise ValueError(f"--type is for a .gguf destination; {args.dst} is written as an HF folder")
+    model, tok = load_pretrained(args.src, dtype=pick_dtype("float32" if gguf else args.dtype, "cpu"))
+    if not gguf:
+        print(f"wrote {save_model(model, args.dst, tokenizer=tok)}")
+        return 0
+    from sputnik.checkpoint.gguf_export import export_gguf
+
+    summary = export_gguf(model, tok, args.dst, args.type or "f16")
+    for warning in summary.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    types = ", ".join(f"{n} {t}" for t, n in sorted(summary.types.items()))
+    print(f"wrote {summary.path} ({summary.arch}, {summary.bytes / 2**20:.1f} MiB; tensors: {types})")
     return 0
 
 
@@ -425,7 +419,8 @@ def add_model_verbs(sub) -> None:
              SamplingArgs(temperature=TEMPERATURE, max_tokens=512), ChatArgs)
     add_verb(sub, "eval", cmd_eval, "R1-style evaluation: greedy accuracy, pass@1 over k samples, cons@k", ModelArgs,
              EvalConfig, EvalOutput, positional=("model",))
-    add_verb(sub, "convert", cmd_convert, "write any loadable model (e.g. a GGUF) as an HF folder", ConvertArgs,
+    add_verb(sub, "convert", cmd_convert, "write any loadable model as an HF folder, or as a GGUF file (DST.gguf, "
+             "--type f16|q8_0|q4_0|q4_k)", ConvertArgs,
              positional=("src", "dst"))
 
 

@@ -373,3 +373,21 @@ def test_no_web_serves_the_api_alone(tmp_path):
         api = TestClient(app)  # not started: the backend never loads
         assert api.get("/").status_code == 404 and api.get("/api/me").status_code == 404
         assert api.get("/health").status_code == 503 and api.get("/metrics").status_code == 200
+
+
+def test_serve_quantize_int8_loads_and_answers(think_model):
+    """--quantize reaches serve through the same ModelArgs load step as generate, chat and eval."""
+    from sputnik.cli import parse
+    from sputnik.kernels import QuantLinear, available
+
+    assert parse(["serve", "--quantize", "int8", "--no-auth"]).config(ServeConfig).quantize == "int8"
+    if not available():
+        pytest.skip("no C++ compiler for the kernels")
+    cfg = ServeConfig(model=str(think_model), dtype="float32", quantize="int8", served_name="think", no_auth=True)
+    with Live(cfg) as live:
+        live.wait_ready()
+        down = live.app.state.server.loaded.engine.model.model.layers[0].mlp.down_proj
+        assert isinstance(down, QuantLinear) and down.qtype == 8  # Q8_0 blocks
+        r = ask(live.client(), temperature=0)
+    assert r.choices[0].message.content == ANSWER
+    assert r.choices[0].message.model_extra["reasoning_content"] == THOUGHT

@@ -5,6 +5,9 @@ Q4_1, Q8_0, the K-quants, ...), renamed to the HF name and, for the ``llama``
 architecture, has llama.cpp's rotary row permutation of ``attn_q``/``attn_k``
 undone. Qwen2/Qwen3 files are written without that permutation (their HF rope
 already rotates halves, as llama.cpp's NEOX mode does), so they are left alone.
+``deepseek2`` files (DeepSeek-V3: MLA and MoE) rotate adjacent pairs, as HF's
+``rope_interleave`` does; their stacked experts are split per expert, and MLA's
+``attn_k_b``/``attn_v_b`` (or the legacy ``attn_kv_b``) become ``kv_b_proj``.
 
 With ``keep_blocks`` the matrices stored in a type the kernels multiply
 (sputnik.kernels.TYPES) stay in their blocks, as QTensors, and are never
@@ -33,15 +36,16 @@ SUPPORTED_ARCHITECTURES = {
     "llama": ("llama", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "deepseek2": ("deepseek_v3", "DeepseekV3ForCausalLM"),
 }
 
-_GLOBAL_NAMES = {
+GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
     "output": "lm_head",
 }
 
-_BLOCK_NAMES = {
+BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -53,7 +57,25 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # deepseek2: multi-head latent attention, the router and the shared experts
+    "attn_q_a": "self_attn.q_a_proj",
+    "attn_q_a_norm": "self_attn.q_a_layernorm",
+    "attn_q_b": "self_attn.q_b_proj",
+    "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+    "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+    "attn_kv_b": "self_attn.kv_b_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
+    "ffn_up_shexp": "mlp.shared_experts.up_proj",
+    "ffn_down_shexp": "mlp.shared_experts.down_proj",
 }
+
+# deepseek2's routed experts, stacked [n_expert, out, in] in one tensor per projection.
+EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+# The router's correction bias (llama.cpp's exp_probs_b) and MLA's split kv_b_proj halves.
+EXPERT_BIAS, K_B, V_B = "exp_probs_b", "attn_k_b", "attn_v_b"
+# Read as matrices by the model (the router's F.linear on its weight, MLA's folded kv_b_proj): always dense.
+_DENSE_PARTS = {"ffn_gate_inp", "attn_kv_b", K_B, V_B}
 
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
@@ -89,26 +111,47 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
     tensors = {t.name: t for t in reader.tensors}
     config = _hf_config(reader, arch, tensors, file)
 
-    state_dict: dict[str, torch.Tensor] = {}
+    state_dict: dict[str, torch.Tensor | QTensor] = {}
+    mla_halves: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         if name == _ROPE_FREQS:
             continue  # folded into config["rope_scaling"] by _hf_config
+        match = _BLOCK_TENSOR.match(name)
+        part = match.group(2) if match else None
+        block = re.match(r"blk\.(\d+)\.", name)
+        if block and int(block.group(1)) >= config["num_hidden_layers"]:
+            continue  # deepseek2's multi-token-prediction blocks come after the model's: inference skips them
+        blocks = keep_blocks and _keeps_blocks(tensor) and part not in _DENSE_PARTS
+        if part in EXPERT_NAMES:
+            for j, weight in enumerate(_experts(tensor, file, blocks)):
+                state_dict[f"model.layers.{match.group(1)}.mlp.experts.{j}.{EXPERT_NAMES[part]}.weight"] = (
+                    weight if blocks else weight.to(dtype))
+            continue
+        if part in (K_B, V_B):
+            mla_halves.setdefault(match.group(1), {})[part] = _dequantize(tensor, file)
+            continue
+        if part == EXPERT_BIAS:
+            state_dict[f"model.layers.{match.group(1)}.mlp.gate.e_score_correction_bias"] = _dequantize(tensor, file)
+            continue
         hf_name = _hf_name(name)
         if hf_name is None:
             raise CheckpointError(f"GGUF file {file}: tensor {name!r} has no Hugging Face name for {arch}")
-        blocks = keep_blocks and _keeps_blocks(tensor)
         weight = _blocks(tensor) if blocks else _dequantize(tensor, file)
         if arch == "llama" and name.endswith((".attn_q.weight", ".attn_q.bias")):
             weight = unpermute_rope_rows(weight, config["num_attention_heads"])
         elif arch == "llama" and name.endswith((".attn_k.weight", ".attn_k.bias")):
             weight = unpermute_rope_rows(weight, config["num_key_value_heads"])
         state_dict[hf_name] = weight if blocks else weight.to(dtype)
+    for layer, halves in mla_halves.items():
+        if set(halves) != {K_B, V_B}:
+            raise CheckpointError(f"GGUF file {file}: layer {layer} has only one of {K_B} and {V_B}")
+        state_dict[f"model.layers.{layer}.self_attn.kv_b_proj.weight"] = join_kv_b(halves[K_B], halves[V_B]).to(dtype)
     return config, state_dict
 
 
 def _keeps_blocks(tensor) -> bool:
-    """A matrix in a block type the kernels multiply (F32 matrices are as fast dense)."""
-    return tensor.tensor_type in TYPES and tensor.tensor_type != 0 and len(tensor.shape) == 2
+    """A matrix (or a stack of expert matrices) in a block type the kernels multiply (F32 ones are as fast dense)."""
+    return tensor.tensor_type in TYPES and tensor.tensor_type != 0 and len(tensor.shape) in (2, 3)  # 3: experts
 
 
 def _blocks(tensor) -> QTensor:
@@ -119,6 +162,29 @@ def _blocks(tensor) -> QTensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "the given NumPy array is not writable"
         return QTensor(torch.from_numpy(data), int(tensor.tensor_type), (rows, cols))
+
+
+def _experts(tensor, file: Path, blocks: bool) -> list[torch.Tensor | QTensor]:
+    """A stacked expert tensor (GGUF dims {in, out, n_expert}) as one [out, in] weight per expert."""
+    cols, rows, n = (int(d) for d in tensor.shape.tolist())
+    if blocks:
+        data = np.asarray(tensor.data).view(np.uint8).reshape(n, rows, row_bytes(tensor.tensor_type, cols))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only mmap, as in _blocks
+            return [QTensor(torch.from_numpy(data[j]), int(tensor.tensor_type), (rows, cols)) for j in range(n)]
+    return list(_dequantize(tensor, file).unbind(0))
+
+
+def split_kv_b(kv_b: torch.Tensor, n_head: int, nope: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA's kv_b_proj [H*(nope+v), R] as llama.cpp stores it: k_b [H, R, nope] (transposed, for absorbing into the
+    query) and v_b [H, v, R]."""
+    per_head = kv_b.reshape(n_head, -1, kv_b.shape[-1])
+    return per_head[:, :nope].transpose(1, 2).contiguous(), per_head[:, nope:].contiguous()
+
+
+def join_kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
+    """Exact inverse of :func:`split_kv_b`."""
+    return torch.cat([k_b.transpose(1, 2), v_b], 1).reshape(-1, k_b.shape[1])
 
 
 def permute_rope_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -148,12 +214,12 @@ def unpermute_rope_rows(weight: torch.Tensor | QTensor, n_head: int) -> torch.Te
 def _hf_name(name: str) -> str | None:
     """HF state-dict name of a GGUF tensor name, or None when there is none."""
     stem, _, suffix = name.rpartition(".")
-    if stem in _GLOBAL_NAMES and suffix in ("weight", "bias"):
-        return f"{_GLOBAL_NAMES[stem]}.{suffix}"
+    if stem in GLOBAL_NAMES and suffix in ("weight", "bias"):
+        return f"{GLOBAL_NAMES[stem]}.{suffix}"
     match = _BLOCK_TENSOR.match(name)
-    if match and match.group(2) in _BLOCK_NAMES:
+    if match and match.group(2) in BLOCK_NAMES:
         layer, part, suffix = match.groups()
-        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{suffix}"
+        return f"model.layers.{layer}.{BLOCK_NAMES[part]}.{suffix}"
     return None
 
 
@@ -237,13 +303,18 @@ def _hf_config(reader: GGUFReader, arch: str, tensors: dict, file: Path) -> dict
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
         "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
     }
-    if model_type == "llama":
+    if arch == "deepseek2":
+        config.update(_deepseek2_config(reader, tensors, file))
+    elif model_type == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
         config["mlp_bias"] = False
     elif model_type == "qwen3":
         config["attention_bias"] = False
 
     rope_scaling = _rope_scaling(reader, arch)
+    mscale = config.pop("_yarn_mscale_all_dim", None)
+    if rope_scaling is not None and mscale is not None:
+        rope_scaling.update(mscale=mscale, mscale_all_dim=mscale)
     if rope_scaling is None and _ROPE_FREQS in tensors:
         freqs = _dequantize(tensors[_ROPE_FREQS], file)
         scaled = not torch.all(freqs == 1)  # all ones means no scaling at all
@@ -253,6 +324,57 @@ def _hf_config(reader: GGUFReader, arch: str, tensors: dict, file: Path) -> dict
     if rope_scaling:
         config["rope_scaling"] = rope_scaling
     return config
+
+
+def _deepseek2_config(reader: GGUFReader, tensors: dict, file: Path) -> dict:
+    """The DeepSeek-V3 keys of a deepseek2 file: MLA's ranks and head sizes, the MoE's shape and routing.
+
+    A file in llama.cpp's MLA form (key_length_mla set, attn_k_b/attn_v_b tensors) lists one KV head of the latent
+    width as its key/value lengths; the legacy form (attn_kv_b) lists the per-head sizes there."""
+    def get(key: str, default=None):
+        return _field(reader, f"deepseek2.{key}", default)
+
+    gating = get("expert_gating_func", 1)  # llama.cpp reads a file without it as DeepSeek-V2's softmax
+    if get("expert_count", 0) and gating != 2:
+        raise CheckpointError(f"GGUF file {file}: deepseek2 expert_gating_func {gating} (softmax, DeepSeek-V2) is "
+                              "not supported; DeepSeek-V3 routes with sigmoid (2)")
+    rope = get("rope.dimension_count")
+    key, value = get("attention.key_length_mla"), get("attention.value_length_mla")
+    if key is None:
+        key, value = get("attention.key_length"), get("attention.value_length")
+    if rope is None or key is None or value is None:
+        raise CheckpointError(f"GGUF file {file} lacks deepseek2 rope.dimension_count or attention key/value lengths")
+    n_head = get("attention.head_count")
+    n_layer = get("block_count") - get("nextn_predict_layers", 0)
+    n_expert = get("expert_count", 0)
+    out = {
+        "num_hidden_layers": n_layer,
+        "num_key_value_heads": n_head,  # HF's MLA lists every head; the file's 1 is the absorbed (MQA) form
+        "head_dim": rope,
+        "q_lora_rank": get("attention.q_lora_rank") or None,
+        "kv_lora_rank": get("attention.kv_lora_rank"),
+        "qk_nope_head_dim": key - rope,
+        "qk_rope_head_dim": rope,
+        "v_head_dim": value,
+        "rope_interleave": True,  # llama.cpp's deepseek2 rope rotates adjacent pairs
+        "n_routed_experts": n_expert or None,
+        "n_shared_experts": get("expert_shared_count", 0) or None,
+        "moe_intermediate_size": get("expert_feed_forward_length", 0),
+        "num_experts_per_tok": get("expert_used_count", 0) or None,
+        "n_group": get("expert_group_count", 1),
+        "topk_group": get("expert_group_used_count", 1),
+        "norm_topk_prob": bool(get("expert_weights_norm", False)),
+        "routed_scaling_factor": get("expert_weights_scale", 1.0),
+        "first_k_dense_replace": get("leading_dense_block_count", 0) if n_expert else n_layer,
+        "num_nextn_predict_layers": 0,  # MTP blocks are not loaded: inference does not use them
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "attention_bias": False,
+    }
+    log_mul = get("rope.scaling.yarn_log_multiplier")
+    if log_mul:
+        out["_yarn_mscale_all_dim"] = round(log_mul / 0.1, 6)  # llama.cpp stores 0.1 * mscale_all_dim
+    return out
 
 
 def _rope_scaling(reader: GGUFReader, arch: str) -> dict | None:

@@ -13,7 +13,6 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from sputnik.device import pick_device, pick_dtype
 from sputnik.serve.anthropic import anthropic_error, anthropic_router
 from sputnik.serve.backend import EngineBackend, UpstreamBackend
 from sputnik.serve.beta import beta_router
@@ -30,11 +29,9 @@ from sputnik.serve.tokens import DetokenizeRequest, TokenizeRequest, tokens_rout
 def load_backend(cfg: ServeConfig) -> Backend:
     if cfg.upstream:
         return UpstreamBackend(cfg.upstream, cfg.upstream_key, cfg.served_name, cfg.max_queue)
-    from sputnik.checkpoint import load_pretrained
     from sputnik.engine import Engine
 
-    device = pick_device(cfg.device)
-    model, tok = load_pretrained(cfg.model, dtype=pick_dtype(cfg.dtype, device), device=device)
+    model, tok = cfg.load()
     engine = Engine(model, tok, max_batch=cfg.max_batch, prefix_cache_mb=cfg.prefix_cache_mb, compile=cfg.compile)
     if cfg.compile:
         engine.warm_up()  # compile before /health says ready, not at the first requests

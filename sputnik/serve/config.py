@@ -6,7 +6,8 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from sputnik.checkpoint.registry import DEFAULT_MODEL, sputnik_home
+from sputnik.checkpoint.args import DTYPE_HELP, ModelArgs
+from sputnik.checkpoint.registry import sputnik_home
 from sputnik.device import DTYPES
 from sputnik.serve.protocol import Limits
 from sputnik.settings import option
@@ -27,10 +28,16 @@ def is_loopback(host: str) -> bool:
 
 
 @dataclass
-class ServeConfig:
-    """Everything `sputnik serve` takes; the defaults serve the default model on loopback."""
+class ServeConfig(ModelArgs):
+    """Everything `sputnik serve` takes; the defaults serve the default model on loopback. The model, its dtype,
+    device and quantization are ModelArgs, loaded as generate, chat and eval load theirs."""
 
-    model: str = option(DEFAULT_MODEL, "a registry name, an HF folder, a .gguf file or an HF repo id", aliases=["-m"])
+    dtype: str = option("auto", DTYPE_HELP, choices=["auto", *DTYPES])
+    # Dense unless asked: the Q4_1 kernels' sums depend on how many rows a batch has (a 1e-5 difference), so a
+    # seeded request would sample differently alone and in a crowd; the API promises that it does not.
+    quantize: str = option("none", "none: dequantize to --dtype; auto: a GGUF file's quantized weights run as they "
+                                   "are on the CPU; int8/int4: quantize any checkpoint's matrices to Q8_0/Q4_1 "
+                                   "blocks", choices=["auto", "none", "int8", "int4"])
     upstream: str | None = option(None, "serve an OpenAI-compatible base URL (e.g. vLLM) instead of the engine")
     upstream_key: str | None = option(None, "API key for --upstream")
     served_name: str | None = option(None, "the model id clients see (default: the model's name)")
@@ -47,9 +54,6 @@ class ServeConfig:
     max_prompt_tokens: int = option(8192, "the longest prompt a request may send (tokens)")
     max_tokens_limit: int = option(4096, "the largest max_tokens a request may ask")
     max_n: int = option(16, "the most completions one request may ask")
-    dtype: str = option("auto", "auto: bf16 where the device multiplies it natively (AMX CPUs, GPUs), else float32",
-                        choices=["auto", *DTYPES])
-    device: str = option("auto", "cpu, cuda, cuda:1 … (auto: cuda when available)")
     compile: bool = option(False, "decode with a compiled graph (torch.compile), compiled at start-up and cached")
     keepalive_s: float = option(10.0, "SSE comment this often while a stream waits in the queue (seconds)")
     no_web: bool = option(False, "only the API: no chat page, accounts or database")

@@ -29,15 +29,20 @@ def byte_level_bpe(names: list[str], merges: list[str], pre: str | None) -> Back
         log.warning("Unknown GGUF pre-tokenizer %r; using llama.cpp's default split", pre)
         splits = DEFAULT_SPLITS
     backend = Backend(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in IGNORE_MERGES_PRE))
+    backend.pre_tokenizer = byte_level_pre_tokenizer(splits)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def byte_level_pre_tokenizer(splits: list[str]) -> pre_tokenizers.PreTokenizer:
+    """The regex splits of one llama.cpp pre type, applied in turn, then the byte-level mapping."""
     steps: list[Any] = [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in splits[:-1]]
     if splits[-1] == GPT2_SPLIT:
         steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))  # GPT-2's own split
     else:
         steps.append(pre_tokenizers.Split(Regex(splits[-1]), behavior="isolated"))
         steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(steps) if len(steps) > 1 else steps[0]
-    backend.decoder = decoders.ByteLevel()
-    return backend
+    return pre_tokenizers.Sequence(steps) if len(steps) > 1 else steps[0]
 
 
 def sentencepiece_bpe(names: list[str], scores: list[float], mergeable: list[bool], add_prefix: bool,

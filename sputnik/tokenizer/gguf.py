@@ -1,8 +1,9 @@
-"""The tokenizer a GGUF file describes in its `tokenizer.*` metadata, the way llama.cpp reads it."""
+"""The tokenizer a GGUF file describes in its `tokenizer.*` metadata, the way llama.cpp reads it (and writes it)."""
 
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -147,3 +148,94 @@ def read_metadata(path: Path) -> dict[str, Any]:
         else:
             values[key] = np.asarray(entry.parts[entry.data[0]]).reshape(-1)[0].item()
     return values
+
+
+# ---------------------------------------------------------------- writing a tokenizer into a GGUF file
+
+# Text whose pre-tokenization tells llama.cpp's pre types apart (its converter does the same with a hash of the
+# token ids of such a text): contractions, digit runs, CJK and Hangul, punctuation runs, newlines and spaces.
+_PRE_PROBE = ("Hello World! I'm 12345 years-old... 3.14\n\n  tabs\tand   spaces 한국어 日本語 中文 カタカナ ü ß ÉCOLE "
+              "don't WE'LL ?!?\r\n🚀 x=y+1; 'tis $100 | <a href=\"/x\">ok</a>\n\n\n   end")
+
+
+def detect_pre(backend: Backend) -> str | None:
+    """The llama.cpp pre type (tokenizer.ggml.pre) that splits text as this byte-level backend does, or None.
+
+    The first name of PRE_SPLITS whose regexes give the same pieces on a probe text and whose whole-word matching
+    (ignore_merges) agrees; names sharing one split behave alike in llama.cpp."""
+    from sputnik.tokenizer.backends import byte_level_pre_tokenizer
+    from sputnik.tokenizer.pretokenize import IGNORE_MERGES_PRE, PRE_SPLITS
+
+    if backend.pre_tokenizer is None:
+        return None
+    want = [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(_PRE_PROBE)]
+    ignore_merges = bool(getattr(backend.model, "ignore_merges", False))
+    tried: dict[int, bool] = {}
+    for name, splits in PRE_SPLITS.items():
+        if id(splits) not in tried:
+            got = [piece for piece, _ in byte_level_pre_tokenizer(splits).pre_tokenize_str(_PRE_PROBE)]
+            tried[id(splits)] = got == want
+        if tried[id(splits)] and (name in IGNORE_MERGES_PRE) == ignore_merges:
+            return name
+    return None
+
+
+def write_vocab(writer, tok, vocab_size: int) -> list[str]:
+    """Put a byte-level BPE tokenizer (a sputnik Tokenizer) in a GGUFWriter's metadata as llama.cpp reads it: model
+    "gpt2", the pre type, tokens padded to the model's vocab_size with unused [PADi] tokens, their types, merges,
+    the special token ids, whether BOS/EOS are added, and the chat templates. Returns warnings for the user."""
+    import gguf
+    from tokenizers import decoders, models
+
+    backend = tok.backend
+    byte_level = isinstance(backend.model, models.BPE) and isinstance(backend.decoder, decoders.ByteLevel)
+    if not byte_level or backend.model.byte_fallback:
+        raise ValueError("only byte-level BPE tokenizers (GPT-2 style, as Llama 3, Qwen, SmolLM and DeepSeek use) can "
+                         "be written to GGUF; this one is a "
+                         f"{type(backend.model).__name__} with a {type(backend.decoder).__name__} decoder")
+    n = tok.vocab_size
+    if n > vocab_size:
+        raise ValueError(f"the tokenizer has {n} tokens but the model's embedding only {vocab_size}")
+    added = backend.get_added_tokens_decoder()
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = backend.id_to_token(i) if i < n else None
+        if token is None:
+            tokens.append(f"[PAD{i}]")  # as llama.cpp's converter names ids the vocabulary leaves unnamed
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL)
+    merges = json.loads(backend.to_str())["model"].get("merges") or []
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+    warnings = []
+    writer.add_tokenizer_model("gpt2")
+    pre = detect_pre(backend)
+    if pre is None:
+        warnings.append("the tokenizer's pre-tokenizer matches none of llama.cpp's pre types: the file says none, so "
+                        "llama.cpp splits text with its default regexes and may tokenize differently")
+    else:
+        writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for token_id, add in ((tok.bos_id, writer.add_bos_token_id), (tok.eos_id, writer.add_eos_token_id),
+                          (_id(tok, tok.pad_token), writer.add_pad_token_id),
+                          (_id(tok, tok.unk_token), writer.add_unk_token_id)):
+        if token_id is not None:
+            add(token_id)
+    writer.add_add_bos_token(tok.add_bos)
+    writer.add_add_eos_token(tok.add_eos)
+    if set(tok.chat_templates) == {"default"}:
+        writer.add_chat_template(tok.chat_templates["default"])
+    elif tok.chat_templates:
+        writer.add_chat_template([{"name": k, "template": v} for k, v in tok.chat_templates.items()])
+    return warnings
+
+
+def _id(tok, token: str | None) -> int | None:
+    return tok.token_to_id(token) if token else None
