@@ -311,3 +311,34 @@ def test_two_processes_equal_one_with_tools(tmp_path, fsdp):
         assert {k: a[k] for k in tools} == pytest.approx({k: b[k] for k in tools}, rel=1e-9)
     assert all(r["tools/calls_per_rollout"] > 0 and r["tools/result_tokens"] > 0 for r in rows)
     assert any(r["grad_norm"] > 0 for r in rows)
+
+
+def test_the_tools_recipe_reports_and_reuses_finished_stages(tmp_path, default_tokenizer, capsys):
+    from sputnik.checkpoint import save_model
+    from sputnik.cli import main
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(family="llama", vocab_size=default_tokenizer.vocab_size, dim=32, n_layers=2,
+                                    n_heads=4, n_kv_heads=2, inter_dim=64, max_seq_len=512))
+    save_model(model, tmp_path / "tiny", default_tokenizer)
+    out, report = tmp_path / "run", tmp_path / "agentic.json"
+    argv = ["recipe", "--model", str(tmp_path / "tiny"), "--recipe", "toy-tools", "--task",
+            "arithmetic:digits=1-2,test_digits=3,ops=*", "--tools", "calculator", "--cold-start", "8",
+            "--sft-steps", "2", "--sft-batch-size", "4", "--grading", "lenient", "--prompts-per-step", "2",
+            "--num-generations", "2", "--max-completion-length", "40", "--max-turns", "2", "--eval-n", "3",
+            "--max-steps", "1", "--out-dir", str(out), "--report", str(report), "--no-progress"]
+    assert main(argv) == 0
+    entry = json.loads(report.read_text())
+    assert entry == json.loads((out / "agentic.json").read_text())
+    for key in ("tool_call_rate_start", "tool_call_rate_end", "accuracy_start", "accuracy_end",
+                "accuracy_thinking_only", "tool_call_rate_cold_start", "accuracy_cold_start"):
+        assert 0 <= entry[key] <= 1, key
+    assert entry["eval_problems"] == 3 and entry["machine"] and entry["command"].startswith("sputnik ")
+    assert len((out / "traces.jsonl").read_text().splitlines()) == 8
+    assert (out / "sft" / "checkpoints" / "step_000002").is_dir() and (out / "tools" / "metrics.jsonl").is_file()
+    capsys.readouterr()
+    assert main(argv) == 0  # a rerun with the same settings reuses the cold start and the start model's evals
+    said = capsys.readouterr().out
+    assert said.count("reusing") == 3 and "cold start: reusing" in said
+    assert main([*argv, "--sft-steps", "3"]) == 0  # a changed setting runs the stage again
+    assert (out / "sft" / "checkpoints" / "step_000003").is_dir()

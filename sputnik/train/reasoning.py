@@ -105,6 +105,13 @@ def cold_start(model: str, recipe: RecipeConfig, grpo, out: Path, seed: int) -> 
     from sputnik.train.loop import TrainConfig
     from sputnik.train.sft import SFTConfig, train_sft
 
+    ckpt = out / "sft" / "checkpoints" / f"step_{recipe.sft_steps:06d}"
+    key = {"model": model, "task": grpo.task, "tools": [str(t) for t in grpo.tools],
+           "environment_factory": str(grpo.environment_factory), "system": grpo.system, "suffix": grpo.suffix,
+           "seed": seed, **{k: getattr(recipe, k) for k in ("cold_start", "sft_steps", "sft_lr", "sft_batch_size")}}
+    if ckpt.is_dir() and _done(out / "sft", key):
+        print(f"cold start: reusing {ckpt} (same settings)", flush=True)
+        return str(ckpt)
     net, tok = load_pretrained(model)
     if grpo.tools or grpo.environment_factory:
         data = write_tool_traces(grpo, recipe.cold_start, out / "traces.jsonl", tok, seed)
@@ -114,20 +121,41 @@ def cold_start(model: str, recipe: RecipeConfig, grpo, out: Path, seed: int) -> 
                                    micro_batch=min(8, recipe.sft_batch_size), seed=seed),
               TrainConfig(out_dir=str(out / "sft"), max_steps=recipe.sft_steps, lr=recipe.sft_lr, warmup_steps=3,
                           seed=seed, plot_every=10))
-    return str(out / "sft" / "checkpoints" / f"step_{recipe.sft_steps:06d}")
+    _mark_done(out / "sft", key)
+    return str(ckpt)
+
+
+def _done(folder: Path, key: dict[str, Any]) -> bool:
+    """Whether a stage finished in `folder` with exactly these settings (a rerun of the recipe skips it)."""
+    mark = folder / "stage.json"
+    return mark.is_file() and json.loads(mark.read_text()) == json.loads(json.dumps(key, default=str))
+
+
+def _mark_done(folder: Path, key: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "stage.json").write_text(json.dumps(key, default=str, indent=1) + "\n")
 
 
 def held_out(model: str, grpo, task: str, think: str, out: Path) -> dict[str, Any]:
-    """Greedy figures of a checkpoint on held-out problems, as GRPO's own evaluation takes them."""
-    from sputnik.checkpoint import load_pretrained
-    from sputnik.eval.run import EvalConfig, evaluate
+    """Greedy figures of a checkpoint on held-out problems, as GRPO's own evaluation takes them (read back from
+    `out` when the same model was evaluated there with the same settings)."""
+    from dataclasses import asdict
 
-    net, tok = load_pretrained(model)
+    from sputnik.checkpoint import load_pretrained
+    from sputnik.eval.run import EvalConfig, evaluate, load_summary
+
     cfg = EvalConfig(task=task, n=grpo.eval_n, k=0, template=grpo.template, system=grpo.system, suffix=grpo.suffix,
                      max_tokens=grpo.max_completion_length, think=think, grading=grpo.grading,
                      tools=list(grpo.tools), environment_factory=grpo.environment_factory, max_turns=grpo.max_turns,
                      tool_timeout=grpo.tool_timeout)
-    return evaluate(net, tok, cfg, out_dir=out, progress=False).to_json()
+    key = {"model": model, "config": asdict(cfg)}
+    if _done(out, key):
+        print(f"held-out eval: reusing {out} (same model and settings)", flush=True)
+        return load_summary(out).to_json()
+    net, tok = load_pretrained(model)
+    figures = evaluate(net, tok, cfg, out_dir=out, progress=False).to_json()
+    _mark_done(out, key)
+    return figures
 
 
 def figure(start: dict, end: dict, closed: dict | None, direct: dict | None, korean: dict | None, minutes: float,
