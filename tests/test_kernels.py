@@ -77,6 +77,22 @@ def test_qmatmul_matches_dequantized_matmul(name, path, n, m, blocks_per_row):
         assert (got.double() - want).abs().max() > 0
 
 
+@pytest.mark.parametrize("path", ["portable", "avx2"])
+@pytest.mark.parametrize("name", INTEGER + DECODED)
+def test_a_row_does_not_depend_on_its_batch(name, path):
+    """A token's output is the same, bit for bit, alone or among 32 (however the rows and tokens are tiled): a seeded
+    request samples the same in a crowd as alone."""
+    if path not in K.cpu_paths():
+        pytest.skip(f"this CPU has no {path} path")
+    cols = 2 * (256 if name.endswith("_K") else 32)
+    raw = torch.from_numpy(blocks(name, 37, cols, seed=1))
+    x = torch.randn(32, cols, generator=torch.Generator().manual_seed(2))
+    crowd = K.qmatmul(x, raw, K.TYPE_IDS[name], path)
+    for i in (0, 5, 31):
+        assert torch.equal(K.qmatmul(x[i : i + 1], raw, K.TYPE_IDS[name], path)[0], crowd[i])
+        assert torch.equal(K.qmatmul(x[i : i + 3], raw, K.TYPE_IDS[name], path)[0], crowd[i])
+
+
 def test_qmatmul_rejects_bad_shapes():
     raw = torch.from_numpy(blocks("Q4_1", 4, 64))
     with pytest.raises(RuntimeError, match="bytes"):

@@ -276,7 +276,9 @@ AVX2 inline void tile_int_avx2(const uint8_t* w, int64_t row_bytes, const Act& a
           p = dot_u8s8(nibbles(blk + qoff), xq[j]);
         }
         acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[j]), p, acc[i][j]);
-        if constexpr (T != Q8_0) off[i][j] += m * sx[j];
+        // An explicit fma: left to the compiler, tiles of different shapes contract this differently, and a
+        // token's result would depend on how many share its batch.
+        if constexpr (T != Q8_0) off[i][j] = std::fma(m, sx[j], off[i][j]);
       }
     }
   }
