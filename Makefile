@@ -43,7 +43,7 @@ model: setup
 	$(VENV)/bin/sputnik pull $(MODEL)
 
 test: model test-deps
-	SPUTNIK_REQUIRE_MODEL=1 SPUTNIK_REQUIRE_PG=1 SPUTNIK_REQUIRE_BROWSER=1 $(PY) -m pytest -q
+	PYTHONUNBUFFERED=1 SPUTNIK_REQUIRE_MODEL=1 SPUTNIK_REQUIRE_PG=1 SPUTNIK_REQUIRE_BROWSER=1 $(PY) -m pytest -q
 
 # The DeepSeek/OpenAI-compatible API on loopback (no keys needed there); Ctrl-C stops it.
 PORT ?= 8000

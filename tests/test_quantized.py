@@ -48,10 +48,19 @@ def test_greedy_tokens_match_the_dequantized_model(models, default_tokenizer):
     greedy = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     got = [c[0].token_ids for c in Engine(quant, default_tokenizer).generate(chats, greedy)]
     want = [c[0].token_ids for c in Engine(dense, default_tokenizer).generate(chats, greedy)]
-    # Activations are rounded to 8 bits (as llama.cpp does), so a near tie may flip; where depends on the thread
-    # count's summation order. Measured: 18, 17, 16 of 32 with 2 threads, 18, 8, 16 with one.
+    # Activations are rounded to 8 bits (as llama.cpp does), so a near tie may flip, and after a flip the two
+    # continue different texts. Measured (tokens equal before the first flip): 18, 17, 16 of 32 with 2 threads,
+    # 18, 8, 16 with one; 32, 4, 30 with the offsets as exact fmas.
     prefix = [next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), len(g)) for g, w in zip(got, want)]
-    assert min(prefix) >= 6 and sum(prefix) >= 36, prefix
+    assert sum(prefix) >= 36, prefix
+    # Along the dense model's own tokens, the two pick the same token wherever the dense model is not near a tie.
+    for chat, cont in zip(chats, want):
+        ids = torch.tensor([chat + cont[:-1]])
+        with torch.no_grad():
+            a, b = dense(ids)[0, len(chat) - 1 :], quant(ids)[0, len(chat) - 1 :]
+        top2 = a.topk(2, -1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0.5
+        assert clear.sum() >= len(cont) // 2 and torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
 
 
 def test_perplexity_close_to_the_dequantized_model(models, default_tokenizer):

@@ -10,6 +10,7 @@ keeps the dense weight, which is correct but not small.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -42,16 +43,40 @@ def extension():
                 _ext_error = "SPUTNIK_NO_KERNELS=1"
                 return None
             try:
-                from torch.utils.cpp_extension import load
-
-                src = Path(__file__).with_name("quant.cpp")
-                # -fopenmp at compile time only: the OpenMP calls then bind to torch's own libgomp (one thread pool)
-                _ext = load("sputnik_quant", [str(src)], extra_cflags=["-O3", "-fopenmp"], verbose=False)
+                _ext = _build()
             except Exception as err:  # no compiler, no headers: the dense fallback still works
                 _ext_error = f"{type(err).__name__}: {err}"
                 warnings.warn(f"sputnik: quantized CPU kernels unavailable ({_ext_error}); dequantizing instead",
                               stacklevel=2)
     return _ext
+
+
+def build_dir() -> Path:
+    """Where the kernels are compiled: one folder per Python and torch version (an extension is built for both)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
+    return Path(get_default_build_root()) / tag / "sputnik_quant"
+
+
+def _build():
+    """Compile (or load the cached build of) quant.cpp, one process at a time.
+
+    torch marks a build in progress with a plain `lock` file and waits while it exists, so a build that was killed
+    (Ctrl-C, a CI timeout) made every later process wait forever. Builds here take an OS lock instead, which dies with
+    its holder; whoever holds it knows any `lock` file left in the build directory is stale.
+    """
+    from filelock import FileLock
+    from torch.utils.cpp_extension import load
+
+    build = build_dir()
+    build.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(build / "build.flock")):
+        (build / "lock").unlink(missing_ok=True)
+        src = Path(__file__).with_name("quant.cpp")
+        # -fopenmp at compile time only: the OpenMP calls then bind to torch's own libgomp (one thread pool)
+        return load("sputnik_quant", [str(src)], extra_cflags=["-O3", "-fopenmp"], build_directory=str(build),
+                    verbose=False)
 
 
 def available() -> bool:
