@@ -342,3 +342,29 @@ def test_the_tools_recipe_reports_and_reuses_finished_stages(tmp_path, default_t
     assert said.count("reusing") == 3 and "cold start: reusing" in said
     assert main([*argv, "--sft-steps", "3"]) == 0  # a changed setting runs the stage again
     assert (out / "sft" / "checkpoints" / "step_000003").is_dir()
+
+
+def test_a_call_ended_by_the_end_of_turn_token_is_not_closed_twice(default_tokenizer):
+    # A malformed call may end with the model's own <|im_end|> instead of the </tool_call> stop string; the glue that
+    # follows starts with <|im_end|> too, and the model must not then read two.
+    from types import SimpleNamespace
+
+    from sputnik.engine.multiturn import MultiTurn, _insert_results, _Row
+    from sputnik.tools.env import ToolResult
+
+    tok = default_tokenizer
+    error = "error: the arguments are not JSON"
+    glue = tool_glue([error], tok, plan_of(Environment([as_tool(calculator)]).specs(), tok))
+    end = tok.token_to_id("<|im_end|>")
+    assert tok.encode(glue, add_special_tokens=False)[0] == end
+    engine = SimpleNamespace(tokenizer=tok, model=SimpleNamespace(cfg=SimpleNamespace(max_seq_len=512)))
+    turns = {"stop string": tok.encode('<tool_call>\n{"name": "calculator"}\n</tool_call>', add_special_tokens=False),
+             "end of turn": tok.encode('<tool_call>\n{"name": "calculator"', add_special_tokens=False) + [end]}
+    for name, own in turns.items():
+        row = _Row(MultiTurn([1, 2], list(own), [1] * len(own), [0.0] * len(own)), None, 0)
+        assert _insert_results(row, [ToolResult(error, True)], glue, engine,
+                               AgentConfig())
+        ro = row.rollout
+        assert ro.tokens.count(end) == 2, name  # the call's turn closed once, the tool message once
+        assert tok.decode(ro.tokens[len(own):], skip_special_tokens=False) in (glue, glue[len("<|im_end|>"):])
+        assert len(ro.tokens) == len(ro.own) == len(ro.logprobs) and ro.tool_errors == 1

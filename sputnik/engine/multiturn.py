@@ -203,6 +203,8 @@ def _insert_results(row: _Row, results: list[ToolResult], text: str, engine: Eng
     ro = row.rollout
     ro.tool_errors += sum(r.error for r in results)
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    if ids and ro.own and ro.own[-1] and ro.tokens[-1] == ids[0] and ids[0] in engine.tokenizer.stop_ids:
+        ids = ids[1:]  # a call the model ended with its own end-of-turn token (not a stop string): the glue's is spare
     room = min(cfg.max_total_tokens - len(ro.tokens), engine.model.cfg.max_seq_len - len(ro.prompt) - len(ro.tokens))
     if len(ids) + 1 >= room:
         ro.finish_reason = "length"
