@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import math
-import time
 import zipfile
 from pathlib import Path
 
@@ -459,9 +458,7 @@ def test_smollm2_gguf_matches_transformers_gguf_loader(default_gguf):
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     path = default_gguf
-    start = time.perf_counter()
-    config, ours = load_gguf(path)
-    assert time.perf_counter() - start < 15
+    config, ours = load_gguf(path)  # its speed is benchmarks' business, not a test's
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
     assert config["tie_word_embeddings"] and "lm_head.weight" not in ours
 
