@@ -501,7 +501,11 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # A skeleton on the meta device skips the N(0, 1) draw: meta normal_ runs through torch._refs, which imports
+        # torch._dynamo (~70 MB resident, seconds) to draw nothing. Linear's uniform init has a plain meta kernel.
+        meta = torch.get_default_device().type == "meta"
+        weight = torch.empty(cfg.vocab_size, cfg.dim) if meta else None
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=weight)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
