@@ -491,7 +491,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         command = parse(argv)
-        return command.func(*command.configs)
+        rc = command.func(*command.configs)
+        if (loop := sys.modules.get("sputnik.train.loop")) is not None:  # only it joins a process group
+            loop.finish_distributed()
+        return rc
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

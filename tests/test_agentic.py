@@ -276,14 +276,14 @@ import torch
 sys.path.insert(0, {tests!r})
 from test_agentic import grpo_setup, toy_model
 from sputnik.train.grpo import GRPOObjective
-from sputnik.train.loop import Trainer, TrainConfig, init_distributed
+from sputnik.train.loop import Trainer, TrainConfig, finish_distributed, init_distributed
 
 init_distributed()
 tok, cfg = grpo_setup(Path({data!r}), prompts_per_step=2)
 model = toy_model(call_bias=0.6)
 Trainer(model, TrainConfig(out_dir={out!r}, max_steps=2, lr=3e-3, progress=False, plot_every=0, fsdp={fsdp}),
         GRPOObjective(model, tok, cfg, seed=0)).run()
-torch.distributed.destroy_process_group()
+finish_distributed()
 """
 
 

@@ -291,13 +291,14 @@ import sys
 sys.path.insert(0, {tests!r})
 from test_distill import tiny_model, tiny_tokenizer
 from sputnik.train.distill import KLDistillObjective
-from sputnik.train.loop import TrainConfig, Trainer
+from sputnik.train.loop import TrainConfig, Trainer, finish_distributed
 from sputnik.train.sft import SFTConfig
 tok = tiny_tokenizer()
 student, teacher = tiny_model(tok.vocab_size, seed=0), tiny_model(tok.vocab_size, seed=1)
 objective = KLDistillObjective(student, teacher, tok, SFTConfig(data={data!r}, seq_len=64, batch_size=2, micro_batch=1))
 Trainer(student, TrainConfig(out_dir={out!r}, max_steps=2, lr=1e-2, progress=False, plot_every=0, fsdp={fsdp}),
         objective).run()
+finish_distributed()
 """
 
 

@@ -176,13 +176,13 @@ import sys
 import torch
 sys.path.insert(0, {tests!r})
 from test_grpo import replayed
-from sputnik.train.loop import Trainer, TrainConfig, init_distributed
+from sputnik.train.loop import Trainer, TrainConfig, finish_distributed, init_distributed
 
 rank, world = init_distributed()
 model, objective = replayed({data!r}, prompts_per_step=4)
 Trainer(model, TrainConfig(out_dir={out!r}, max_steps=2, lr=3e-3, progress=False, plot_every=0, fsdp={fsdp}),
         objective).run()
-torch.distributed.destroy_process_group()
+finish_distributed()
 """
 
 
@@ -230,7 +230,7 @@ import copy, json, os, sys, torch
 sys.path.insert(0, {tests!r})
 from test_grpo import replayed
 from sputnik.engine import Engine, SamplingParams
-from sputnik.train.loop import Trainer, TrainConfig, init_distributed
+from sputnik.train.loop import Trainer, TrainConfig, finish_distributed, init_distributed
 rank, world = init_distributed()
 model, objective = replayed({data!r}, prompts_per_step=4)
 reference = copy.deepcopy(model)
@@ -249,7 +249,7 @@ for step in range(3):
     trainer.train_step(step)
 os.makedirs({out!r}, exist_ok=True)
 json.dump(seen, open(os.path.join({out!r}, f"tokens_{{rank}}.json"), "w"))
-torch.distributed.destroy_process_group()
+finish_distributed()
 """
 
 

@@ -158,13 +158,14 @@ DIST = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_pretrain import tiny
-from sputnik.train.loop import TrainConfig, Trainer
+from sputnik.train.loop import TrainConfig, Trainer, finish_distributed
 from sputnik.train.pretrain import PretrainConfig, PretrainObjective
 model = tiny("moe")
 cfg = PretrainConfig(data={data!r}, seq_len=16, batch_size=2, micro_batch=1)
 objective = PretrainObjective(model, cfg, peak_flops=1e9)
 Trainer(model, TrainConfig(out_dir={out!r}, max_steps=2, lr=3e-3, progress=False, plot_every=0, fsdp={fsdp}),
         objective).run()
+finish_distributed()
 """
 
 

@@ -285,12 +285,13 @@ DIST = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_sft import make_r1_tokenizer, tiny_model
-from sputnik.train.loop import TrainConfig, Trainer
+from sputnik.train.loop import TrainConfig, Trainer, finish_distributed
 from sputnik.train.sft import SFTConfig, SFTObjective
 tok = make_r1_tokenizer()
 objective = SFTObjective(tok, SFTConfig(data={data!r}, seq_len=48, batch_size=3, micro_batch=1, seed=3))
 Trainer(tiny_model("llama", tok.vocab_size).train(),
         TrainConfig(out_dir={out!r}, max_steps=2, lr=3e-3, progress=False, plot_every=0, fsdp={fsdp}), objective).run()
+finish_distributed()
 """
 
 

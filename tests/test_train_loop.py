@@ -238,7 +238,7 @@ import sys
 import torch
 sys.path.insert(0, {tests!r})
 from test_train_loop import LMObjective, config, tiny_model, toy_data
-from sputnik.train.loop import Trainer, all_gather_object, init_distributed
+from sputnik.train.loop import Trainer, all_gather_object, finish_distributed, init_distributed
 
 rank, world = init_distributed()
 assert world == 2 and all_gather_object(rank * 10) == [0, 10]
@@ -258,7 +258,7 @@ first.save(1)
 second = Trainer(tiny_model(seed=rank + 3), config(out + "/fsdp", weight_decay=0.1, fsdp=True), objective())
 assert second.resume() == 1
 second.run()
-torch.distributed.destroy_process_group()
+finish_distributed()
 """
 
 

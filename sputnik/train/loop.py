@@ -131,6 +131,15 @@ def init_distributed() -> tuple[int, int]:
     return dist_info()
 
 
+def finish_distributed() -> None:
+    """Leave the process group at a normal end: every rank waits for the others first, because a gloo rank that tears
+    its connections down while a peer still uses them can abort that peer ("terminate called without an active
+    exception", seen in CI). A no-op outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(tensor: Tensor) -> Tensor:
     """Sum a tensor over ranks in place (a no-op on one process); returns it."""
     if dist_info()[1] > 1:
