@@ -1,7 +1,6 @@
 """Tasks: extraction, verifiers on right/wrong/malformed/adversarial answers, seeded and disjoint splits, specs."""
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -26,14 +25,15 @@ def test_extract_last_answer_tag():
     assert last_answer_tag("</answer> only") is None
 
 
+@pytest.mark.timeout(60)
 def test_extract_boxed_balanced():
     assert last_boxed(r"\boxed{1} then \boxed{\frac{1}{2}}") == r"\frac{1}{2}"
     assert last_boxed(r"\boxed{5} and a truncated \boxed{\frac{1}{") == "5"  # unbalanced last one passed over
     assert last_boxed(r"so \boxed 7 it is") == "7"
     assert last_boxed("no box") is None
-    start = time.perf_counter()
-    assert last_boxed("\\boxed{1}" + "\\boxed{" * 50_000) == "1"  # degenerate text stays linear
-    assert time.perf_counter() - start < 1.0
+    # degenerate text stays linear: 500k unclosed boxes is ~4 MB; a quadratic scan would not end within the hang
+    # guard (a generous bound on a hang, not a speed check: speed is the benchmarks' business)
+    assert last_boxed("\\boxed{1}" + "\\boxed{" * 500_000) == "1"
 
 
 def test_extract_number_and_order():
@@ -134,10 +134,9 @@ def test_countdown_fraction_intermediates():
     "(" * 5000 + "3" + ")" * 5000,  # too long
     "(" * 40 + "3 + 7 + 25 + 50" + ")" * 40 + " + 15",  # short but nested too deep
 ])
+@pytest.mark.timeout(60)  # 9**9**9 evaluated, or deep nesting recursed, would hang: a hang guard, not a speed check
 def test_countdown_wrong_and_adversarial(answer):
-    start = time.perf_counter()
     assert get_task("countdown").verify(COUNTDOWN, wrap(answer)) == pytest.approx(0.1)
-    assert time.perf_counter() - start < 0.1
 
 
 def test_countdown_no_answer_and_format_score():
