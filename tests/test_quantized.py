@@ -106,6 +106,29 @@ def test_hf_folder_quantized_at_load(tmp_path, family, kind, tolerance):
     assert 0 < err < tolerance
 
 
+def test_compiled_decode_over_block_weights(tmp_path):
+    """The kernels are torch operators to the compiler: a whole forward over block weights traces as one graph
+    (fullgraph: a call the compiler could not see would break it at every layer), and the engine's compiled decode
+    step gives the eager engine's greedy tokens."""
+    config_cls, model_cls, kw = FAMILIES["llama"]
+    torch.manual_seed(0)
+    cfg = config_cls(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=128, **kw)
+    model_cls(cfg).save_pretrained(tmp_path)
+    quant = load_model(tmp_path, quantize="int4")
+    assert sum(isinstance(m, QuantLinear) for m in quant.modules()) > 10
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(9).expand(2, 9)
+    with torch.no_grad():
+        want = quant(ids, pos)
+        got = torch.compile(quant, fullgraph=True)(ids, pos)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    eager = Engine(quant).generate([[1, 2, 3, 4, 5]], greedy)[0][0]
+    compiled = Engine(quant, compile=True).generate([[1, 2, 3, 4, 5]], greedy)[0][0]
+    assert compiled.token_ids == eager.token_ids and len(eager.token_ids) == 16
+
+
 def test_unknown_quantize_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="unknown quantize 'int3'"):
         load_model(tmp_path, quantize="int3")

@@ -117,6 +117,29 @@ def qmatmul(x: Tensor, qweight: Tensor, qtype: int, path: str | None = None) -> 
     return extension().qmatmul(x, qweight, qtype, -1 if path is None else PATHS[path])
 
 
+# The same two products as torch operators, so that a compiled decode step (Engine(compile=True)) keeps them inside
+# its one graph instead of breaking it at every layer. Eager calls go to the extension directly: the dispatcher's
+# few microseconds per call are what an eager step at batch 1 pays most of.
+@torch.library.custom_op("sputnik::qmatmul", mutates_args=())
+def qmatmul_op(x: Tensor, qweight: Tensor, qtype: int) -> Tensor:
+    return extension().qmatmul(x, qweight, qtype, -1)
+
+
+@qmatmul_op.register_fake
+def _(x: Tensor, qweight: Tensor, qtype: int) -> Tensor:
+    return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("sputnik::dequantize", mutates_args=())
+def dequantize_op(qweight: Tensor, qtype: int, in_features: int) -> Tensor:
+    return extension().dequantize(qweight.contiguous(), qtype, in_features)
+
+
+@dequantize_op.register_fake
+def _(qweight: Tensor, qtype: int, in_features: int) -> Tensor:
+    return qweight.new_empty((qweight.shape[0], in_features), dtype=torch.float32)
+
+
 @dataclass
 class QTensor:
     """A weight in a GGUF block format: rows [out_features, row bytes] of raw blocks (uint8), each row holding
@@ -149,7 +172,11 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.qweight.device.type == "cpu" and available():
-            y = qmatmul(x.reshape(-1, self.in_features).float(), self.qweight, self.qtype)
+            flat = x.reshape(-1, self.in_features).float()
+            if torch.compiler.is_compiling():
+                y = qmatmul_op(flat, self.qweight, self.qtype)
+            else:
+                y = extension().qmatmul(flat, self.qweight, self.qtype, -1)
             if self.bias is not None:
                 y += self.bias.float()
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -173,7 +200,10 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         rows = self.qweight.index_select(0, tokens.reshape(-1))
-        out = dequantize(rows, self.qtype, self.embedding_dim).to(tokens.device, self.out_dtype)
+        if torch.compiler.is_compiling() and rows.device.type == "cpu" and available():
+            out = dequantize_op(rows, self.qtype, self.embedding_dim).to(self.out_dtype)
+        else:
+            out = dequantize(rows, self.qtype, self.embedding_dim).to(tokens.device, self.out_dtype)
         return out.view(*tokens.shape, self.embedding_dim)
 
     def _apply(self, fn, recurse=True):
