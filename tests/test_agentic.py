@@ -27,6 +27,7 @@ from sputnik.train.logprobs import token_logprobs
 from sputnik.train.loop import TrainConfig, Trainer
 from sputnik.train.reasoning import write_tool_traces
 from sputnik.train.sft import tokenize_chat
+from torchrun import write_shared
 
 CALL = '<tool_call>{"name": "peek", "arguments": {}}</tool_call>'
 CHARS = list("0123456789abcdefghij ?\n")
@@ -188,8 +189,8 @@ def test_multi_turn_logprobs_equal_one_forward():
 def grpo_setup(tmp_path, **overrides):
     data = tmp_path / "peek.jsonl"
     rng = torch.Generator().manual_seed(0)
-    data.write_text("".join(json.dumps({"prompt": f"{a}{b}?", "answer": str(int(torch.randint(10, (1,), generator=rng)))})
-                            + "\n" for a in "abcdefghij" for b in "abcdefghij"))
+    write_shared(data, "".join(json.dumps({"prompt": f"{a}{b}?", "answer": str(int(torch.randint(10, (1,), generator=rng)))})
+                               + "\n" for a in "abcdefghij" for b in "abcdefghij"))
     settings = dict(task=f"jsonl:{data},verifier=number", template="plain", prompts_per_step=4, num_generations=8,
                     max_completion_length=12, temperature=1.0, micro_batch_size=16, train_pool=64, eval_n=0,
                     environment_factory=Peek, max_turns=2, tool_call_reward=0.5)

@@ -12,6 +12,7 @@ from sputnik.model import Transformer
 from sputnik.tokenizer import Tokenizer
 from sputnik.train.grpo import GRPOConfig, GRPOObjective
 from sputnik.train.loop import TrainConfig, Trainer
+from torchrun import write_shared
 
 CHARS = list("0123456789abcdefghij ?")
 
@@ -26,8 +27,8 @@ def char_tokenizer() -> Tokenizer:
 
 def setup(tmp_path, **overrides):
     data = tmp_path / "threes.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{a}{b}?", "answer": "3"}) + "\n"
-                            for a in "abcdefghij" for b in "abcdefghij"))
+    write_shared(data, "".join(json.dumps({"prompt": f"{a}{b}?", "answer": "3"}) + "\n"
+                               for a in "abcdefghij" for b in "abcdefghij"))
     tok = char_tokenizer()
     torch.manual_seed(0)
     model = Transformer(ModelConfig(family="llama", vocab_size=len(CHARS) + 2, dim=32, n_layers=2, n_heads=4,
@@ -270,3 +271,11 @@ def test_engine_samples_from_an_fsdp_sharded_model(tmp_path):
         assert len(steps) == 3 and all(len(s["got"]) == 3 and len(s["got"][0]) == 6 for s in steps)
         for step, s in enumerate(steps):
             assert s["got"] == s["want"], (rank, step)
+
+
+def test_a_task_without_training_problems_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    model, tok, cfg = setup(tmp_path, task=f"jsonl:{empty},verifier=number")
+    with pytest.raises(ValueError, match="empty.jsonl.*no training problems"):
+        GRPOObjective(model, tok, cfg, seed=0)

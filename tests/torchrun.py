@@ -19,6 +19,14 @@ def torchrun(script: Path, nproc: int = 2) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
+def write_shared(path: Path, text: str) -> None:
+    """Write a file every rank of a torchrun script writes alike: aside, then renamed into place, so no rank reads
+    another's half-written file (a rank that read an empty task file once failed CI)."""
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")
+    part.write_text(text)
+    os.replace(part, path)
+
+
 def _checkout_first() -> str:
     """The checkout under test ahead of the rest of the path: a script outside the repository would otherwise import
     the package the environment installed (another checkout, for an editable install in a git worktree)."""

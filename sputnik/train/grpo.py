@@ -143,6 +143,8 @@ class GRPOObjective(RankAware):
         self.iterations = cfg.num_iterations
         self.reward = combine(cfg.rewards, **{"grading": cfg.grading, **cfg.reward_options})
         pool = self._pool()
+        if not pool:
+            raise ValueError(f"{cfg.task}: the task has no training problems")
         self.problems = pool
         self.env_maker = environment_maker(cfg.tools, cfg.environment_factory)
         self.prompts = [self._prompt(p) for p in pool]
