@@ -189,8 +189,8 @@ def test_a_recipe_reports_thinking_closed_and_direct(tmp_path):
     assert main(["recipe", "--model", str(tmp_path / "tiny"), "--recipe", "toy", "--task", f"jsonl:{data}",
                  "--template", "plain", "--think", "open", "--rewards", "{accuracy: 1, format: 1}",
                  "--korean-task", "korean-arithmetic", "--prompts-per-step", "2", "--num-generations", "4",
-                 "--max-completion-length", "4", "--eval-n", "4", "--max-steps", "2", "--out-dir", str(out),
-                 "--report", str(report), "--no-progress"]) == 0
+                 "--max-completion-length", "4", "--direct-max-tokens", "2", "--eval-n", "4", "--max-steps", "2",
+                 "--out-dir", str(out), "--report", str(report), "--no-progress"]) == 0
     entry = json.loads((out / "reasoning.json").read_text())["toy"]
     assert set(entry) == set(FIELDS)
     for key in ("format_rate", "accuracy_think", "accuracy_direct", "accuracy_closed", "accuracy_start",
@@ -203,6 +203,9 @@ def test_a_recipe_reports_thinking_closed_and_direct(tmp_path):
     direct_rows = [json.loads(x) for x in (out / "direct" / "metrics.jsonl").read_text().splitlines()]
     assert all(r.get("think_tokens", 0) == 0 for r in direct_rows if "reward" in r)
     assert "rewards/format" not in direct_rows[-1]
+    # Both controls answer within the direct-answer budget, so neither can write a worked solution after the thought
+    assert all(r["completion_length"] <= 2 for r in direct_rows if "completion_length" in r)
+    assert json.loads((out / "eval-closed" / "stage.json").read_text())["config"]["max_tokens"] == 2
     assert (out / "think" / "checkpoints").is_dir() and (out / "eval-closed" / "summary.json").is_file()
 
 

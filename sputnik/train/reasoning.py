@@ -38,6 +38,10 @@ class RecipeConfig:
     sft_lr: float = option(5e-5, "cold-start SFT learning rate")
     sft_batch_size: int = option(16, "cold-start SFT conversations per step")
     direct: bool = option(True, "also run the direct-answer control: the same start and budget, thinking closed")
+    direct_max_tokens: int = option(24, "tokens a direct answer may take, in the control's GRPO and in the thinking "
+                                        "model's thinking-closed eval: room for the answer, not for a worked "
+                                        "solution (a cold-started model otherwise writes its trace after the "
+                                        "closed thought, and the control would think)")
     korean_task: str | None = option(None, "Korean held-out problems for accuracy_ko and language consistency")
     report: str | None = option(None, "a JSON file whose RECIPE entry gets the figures, e.g. docs/reasoning.json "
                                       "(always: OUT_DIR/reasoning.json)")
@@ -198,10 +202,11 @@ def run_recipe(model: str, recipe: RecipeConfig, grpo, train) -> dict[str, Any]:
     think_train = replace(train, out_dir=str(out / "think"))
     think = train_grpo(start, grpo, think_train)
     final = str(out / "think" / "checkpoints" / f"step_{train.max_steps:06d}")
-    closed = held_out(final, grpo, grpo.task, "closed", out / "eval-closed")
+    answer_only = replace(grpo, max_completion_length=min(grpo.max_completion_length, recipe.direct_max_tokens))
+    closed = held_out(final, answer_only, grpo.task, "closed", out / "eval-closed")
     direct = None
     if recipe.direct:
-        plain = replace(grpo, think="closed", rewards={"accuracy": 1.0})
+        plain = replace(answer_only, think="closed", rewards={"accuracy": 1.0})
         direct = train_grpo(start, plain, replace(train, out_dir=str(out / "direct"))).after
     korean = held_out(final, grpo, recipe.korean_task, grpo.think, out / "eval-ko") if recipe.korean_task else None
     entry = figure(think.before, think.after, closed, direct, korean, (time.perf_counter() - t0) / 60, grpo.eval_n)
