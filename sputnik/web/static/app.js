@@ -423,7 +423,7 @@
       h('div', { class: 'sidebar-head' }, h('span', { class: 'brand', text: brand }),
         h('button', { id: 'new-chat', type: 'button', class: 'btn', text: t('new_chat'), onclick: () => {
           document.body.classList.remove('sidebar-open');
-          if (location.hash) location.hash = ''; else newChat();
+          leaveForNewChat();
         } })),
       ui.search, ui.convList,
       h('div', { class: 'sidebar-foot' },
@@ -588,7 +588,7 @@
       await api('DELETE', convPath(conv.id));
       state.convs = state.convs.filter((c) => c !== conv);
       if (String(conv.id) === String(state.convId)) {
-        if (location.hash) location.hash = ''; else newChat();
+        leaveForNewChat();
       }
       renderConvList();
     } catch (err) { toast(errorText(err)); }
@@ -605,6 +605,13 @@
     if (m) openConversation(decodeURIComponent(m[1])); else newChat();
   }
   window.addEventListener('hashchange', () => { if (state.me && ui.list) route(); });
+
+  // The empty chat shows at once; the hash is cleared with pushState, which fires no hashchange (setting
+  // location.hash would show it a task later, after the old title), and back still returns to the chat left.
+  function leaveForNewChat() {
+    if (location.hash) history.pushState(null, '', location.pathname + location.search);
+    newChat();
+  }
 
   function newChat() {
     abortStream();
