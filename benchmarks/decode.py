@@ -9,7 +9,8 @@ weight once per token (memory bandwidth / weight bytes); at B=32 it is arithmeti
 
 "sputnik Q4_1" runs the file's blocks as they are (sputnik.kernels); its memory (q_rss_mb: resident MB after loading
 the model and tokenizer and decoding 8 tokens, less the process's RSS after importing torch) is measured in a child
-process, so the fp32 copies here do not count. llama.cpp (llama-cpp-python, the bench extra) runs in a child process
+process, so the fp32 copies here do not count; q_rss_vs_gguf is that less its KV cache over the file's size (the issue's
+measure), and llamacpp_rss_mb the same resident MB for llama.cpp on the file (n_ctx 512). llama.cpp (llama-cpp-python, the bench extra) runs in a child process
 too; when it is not installed or crashes the table says why and llamacpp_b1_tok_s / q_b1_vs_llamacpp are null.
 """
 
@@ -72,16 +73,20 @@ def quantized_rss(path: str, prompt: list[int]) -> dict[str, float]:
     """RSS (MB) of a fresh process that loads the model quantized and decodes 8 tokens, and of torch alone."""
     base = rss_mb()
     model = load_model(path, quantize="auto")
-    Engine(model, Tokenizer.load(path)).generate([prompt], SamplingParams(max_tokens=8, temperature=0))
+    engine = Engine(model, Tokenizer.load(path))
+    engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0))
     total = rss_mb()
-    return {"rss_mb": total, "torch_mb": base, "q_rss_mb": total - base}
+    cache = sum(t.numel() * t.element_size() for t in engine._cache.k + engine._cache.v) / 2**20
+    return {"rss_mb": total, "torch_mb": base, "q_rss_mb": total - base, "cache_mb": cache}
 
 
-def llamacpp_b1(path: str, prompt: list[int], N: int, repeats: int) -> float:
+def llamacpp_b1(path: str, prompt: list[int], N: int, repeats: int) -> dict[str, float]:
+    """llama.cpp's B=1 greedy tok/s on the file, and its resident MB above the imports (n_ctx 512: a small cache)."""
     try:
         from llama_cpp import Llama
     except ImportError:
         raise SystemExit("llama-cpp-python not installed (pip install -e '.[bench]')") from None
+    base = rss_mb()
     llm = Llama(model_path=path, n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
 
     def generate() -> None:
@@ -91,7 +96,8 @@ def llamacpp_b1(path: str, prompt: list[int], N: int, repeats: int) -> float:
                 break
 
     generate()
-    return N / median_time(generate, repeats)
+    rss = rss_mb() - base  # resident after load and one generation, as quantized_rss measures sputnik
+    return {"b1": N / median_time(generate, repeats), "rss_mb": rss}
 
 
 def main() -> None:
@@ -109,7 +115,7 @@ def main() -> None:
         print(json.dumps(quantized_rss(args.model, json.loads(args.prompt_ids))))
         return
     if args.llamacpp_only:
-        print(json.dumps({"b1": llamacpp_b1(args.model, json.loads(args.prompt_ids), args.new_tokens, args.repeats)}))
+        print(json.dumps(llamacpp_b1(args.model, json.loads(args.prompt_ids), args.new_tokens, args.repeats)))
         return
     N, B = args.new_tokens, args.batch
     torch.manual_seed(0)
@@ -175,7 +181,7 @@ def main() -> None:
                            capture_output=True, text=True)
     llamacpp_status = "ran"
     if child.returncode == 0 and child.stdout.strip():
-        results["llama.cpp (Q4_1)"] = {"b1": json.loads(child.stdout.strip().splitlines()[-1])["b1"]}
+        results["llama.cpp (Q4_1)"] = json.loads(child.stdout.strip().splitlines()[-1])
     else:
         llamacpp_status = (f"crashed (signal {-child.returncode})" if child.returncode < 0 else
                            (child.stderr.strip().splitlines() or [f"exit {child.returncode}"])[-1])
@@ -203,7 +209,10 @@ def main() -> None:
         print(f"compiled quantized decode: {q_compile_s:.0f} s to compile and warm up")
     if memory:
         print(f"quantized: {memory['q_rss_mb']:.0f} MB resident after load + 8 tokens (above torch's "
-              f"{memory['torch_mb']:.0f} MB); the GGUF file is {path.stat().st_size / 2**20:.0f} MB")
+              f"{memory['torch_mb']:.0f} MB), {memory['cache_mb']:.0f} MB of it KV cache; the GGUF file is "
+              f"{path.stat().st_size / 2**20:.0f} MB")
+    if "rss_mb" in results.get("llama.cpp (Q4_1)", {}):
+        print(f"llama.cpp: {results['llama.cpp (Q4_1)']['rss_mb']:.0f} MB resident after load + one generation")
     print(f"{'engine':<24}{'B=1 tok/s':>12}{'of ceiling':>12}{f'B={B} tok/s':>13}{'of ceiling':>12}")
     for name, r in results.items():
         b32 = r.get("b32")
@@ -237,11 +246,14 @@ def main() -> None:
                        q_b32_vs_fp32=round(q["b32"] / results["sputnik"]["b32"], 3),
                        gguf_mb=round(path.stat().st_size / 2**20, 1))
         if memory:
-            figures.update(q_rss_mb=round(memory["q_rss_mb"], 1), q_rss_total_mb=round(memory["rss_mb"], 1))
+            gguf_mb = path.stat().st_size / 2**20
+            figures.update(q_rss_mb=round(memory["q_rss_mb"], 1), q_rss_total_mb=round(memory["rss_mb"], 1),
+                           q_cache_mb=round(memory["cache_mb"], 1),
+                           q_rss_vs_gguf=round((memory["q_rss_mb"] - memory["cache_mb"]) / gguf_mb, 3))
         llamacpp = results.get("llama.cpp (Q4_1)")
         figures["q_b1_vs_llamacpp"] = round(q["b1"] / llamacpp["b1"], 3) if llamacpp else None
     figures["llamacpp"] = llamacpp_status  # "ran", or why it did not: then its figures are null
-    figures["llamacpp_b1_tok_s"] = None
+    figures["llamacpp_b1_tok_s"] = figures["llamacpp_rss_mb"] = None
     # The *_vs_* ratios take sputnik's faster engine per column (compiled where measured); *_eager_* the default.
     best = {k: max(r[k] for n, r in results.items() if n.startswith("sputnik") and "Q4_1" not in n)
             for k in ("b1", "b32")}
@@ -258,6 +270,7 @@ def main() -> None:
                        b32_eager_vs_transformers=round(results["sputnik"]["b32"] / t["b32"], 3))
     if "llama.cpp (Q4_1)" in results:
         figures["llamacpp_b1_tok_s"] = round(results["llama.cpp (Q4_1)"]["b1"], 2)
+        figures["llamacpp_rss_mb"] = round(results["llama.cpp (Q4_1)"]["rss_mb"], 1)
         figures["b1_vs_llamacpp"] = round(best["b1"] / results["llama.cpp (Q4_1)"]["b1"], 3)
     print(json.dumps(figures))
 

@@ -105,7 +105,8 @@ def load_model(
         model = Transformer(cfg)
     sd = use_blocks(model, _to_module_names(cfg, sd), dtype)
     # No random init, every tensor is about to be overwritten; and only the meta ones: the blocks are already real.
-    model = model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+    # torch.empty, not empty_like: a meta tensor's empty_like imports sympy's shape machinery (~35 MB, a second).
+    model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device) if t.is_meta else t)
     if cfg.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear):
         model.lm_head.weight = model.model.embed_tokens.weight
     load_weights(model, sd, p)

@@ -24,12 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from sputnik.checkpoint.hf import CheckpointError
 from sputnik.kernels import TYPES, QTensor, row_bytes
 from sputnik.tokenizer.gguf import open_gguf
+from sputnik.tokenizer.gguf_file import GGUFFile
 
 # GGUF architecture -> (HF model_type, HF architecture class).
 SUPPORTED_ARCHITECTURES = {
@@ -157,7 +158,7 @@ def _keeps_blocks(tensor) -> bool:
 def _blocks(tensor) -> QTensor:
     """A GGUF matrix as rows of its raw blocks: a view of the file's read-only mmap, as llama.cpp reads it, so the
     weights take memory once (the page cache's) and load without a copy. Nothing writes to a QTensor."""
-    cols, rows = (int(d) for d in tensor.shape.tolist())  # GGUF lists dims fastest-first
+    cols, rows = (int(d) for d in tensor.shape)  # GGUF lists dims fastest-first
     data = np.asarray(tensor.data).view(np.uint8).reshape(rows, row_bytes(tensor.tensor_type, cols))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "the given NumPy array is not writable"
@@ -166,7 +167,7 @@ def _blocks(tensor) -> QTensor:
 
 def _experts(tensor, file: Path, blocks: bool) -> list[torch.Tensor | QTensor]:
     """A stacked expert tensor (GGUF dims {in, out, n_expert}) as one [out, in] weight per expert."""
-    cols, rows, n = (int(d) for d in tensor.shape.tolist())
+    cols, rows, n = (int(d) for d in tensor.shape)
     if blocks:
         data = np.asarray(tensor.data).view(np.uint8).reshape(n, rows, row_bytes(tensor.tensor_type, cols))
         with warnings.catch_warnings():
@@ -247,22 +248,16 @@ def _dequantize(tensor, file: Path) -> torch.Tensor:
         filled += piece.size
     if filled != out.size:
         raise CheckpointError(f"GGUF file {file}: tensor {tensor.name!r} is truncated")
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    shape = tuple(int(d) for d in reversed(tensor.shape))
     return torch.from_numpy(out).reshape(shape)
 
 
-def _field(reader: GGUFReader, key: str, default=None):
-    """A metadata value as a plain Python value; float32 values keep their short decimal form."""
-    field = reader.get_field(key)
-    if field is None:
-        return default
-    value = field.contents()
-    if field.types and field.types[0] == GGUFValueType.FLOAT32:
-        value = float(str(np.float32(value)))  # 1e-05, not 9.999999747378752e-06
-    return value
+def _field(reader: GGUFFile, key: str, default=None):
+    """A metadata value as a plain Python value (float32 values in their short decimal form)."""
+    return reader.get(key, default)
 
 
-def _hf_config(reader: GGUFReader, arch: str, tensors: dict, file: Path) -> dict:
+def _hf_config(reader: GGUFFile, arch: str, tensors: dict, file: Path) -> dict:
     """The HF config.json dict described by the GGUF metadata and tensor shapes."""
     model_type, architecture = SUPPORTED_ARCHITECTURES[arch]
 
@@ -326,7 +321,7 @@ def _hf_config(reader: GGUFReader, arch: str, tensors: dict, file: Path) -> dict
     return config
 
 
-def _deepseek2_config(reader: GGUFReader, tensors: dict, file: Path) -> dict:
+def _deepseek2_config(reader: GGUFFile, tensors: dict, file: Path) -> dict:
     """The DeepSeek-V3 keys of a deepseek2 file: MLA's ranks and head sizes, the MoE's shape and routing.
 
     A file in llama.cpp's MLA form (key_length_mla set, attn_k_b/attn_v_b tensors) lists one KV head of the latent
@@ -377,7 +372,7 @@ def _deepseek2_config(reader: GGUFReader, tensors: dict, file: Path) -> dict:
     return out
 
 
-def _rope_scaling(reader: GGUFReader, arch: str) -> dict | None:
+def _rope_scaling(reader: GGUFFile, arch: str) -> dict | None:
     """``rope_scaling`` from ``{arch}.rope.scaling.*`` metadata (linear, yarn), if any."""
     kind = _field(reader, f"{arch}.rope.scaling.type")
     if kind in (None, "none"):

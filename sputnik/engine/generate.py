@@ -5,6 +5,7 @@ Every sampled token in sputnik comes from here: eval, GRPO rollouts, teacher tra
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -104,11 +105,8 @@ def is_sharded(model: Transformer) -> bool:
     """Is the model sharded with FSDP2? FSDP gathers its weights into buffers it reuses in training, which must not
     become inference tensors nor be re-pointed into fused weights. Asked of the modules, not the parameters: while
     FSDP holds the full weights (train.loop.gathered) the parameters are plain tensors in those buffers."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # a sharded model imported it; importing it costs ~50 MB
+    return fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in model.modules())
 
 
 def compiled_decode(model: Transformer) -> Callable[[Tensor, Tensor, list[Tensor]], Tensor]:

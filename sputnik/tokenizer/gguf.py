@@ -6,31 +6,27 @@ import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as Backend
 
 from sputnik.tokenizer.backends import bos_eos_processor, byte_level_bpe, sentencepiece_bpe
+from sputnik.tokenizer.gguf_file import GGUFFile, read_gguf
 from sputnik.tokenizer.pretokenize import ADD_BOS_PRE
 
-if TYPE_CHECKING:
-    from gguf import GGUFReader
 
-
-def open_gguf(path: str | Path) -> GGUFReader:
-    """A memory-mapped reader, shared by the model and tokenizer loaders: parsing a 49k-token vocabulary's metadata
-    takes GGUFReader seconds, so a file is parsed once per process (until it changes on disk)."""
+def open_gguf(path: str | Path) -> GGUFFile:
+    """A parsed, memory-mapped GGUF file, shared by the model and tokenizer loaders: a file is parsed once per process
+    (until it changes on disk)."""
     file = Path(path).expanduser().resolve()
     st = file.stat()
     return _open_gguf(file, st.st_mtime_ns, st.st_size)
 
 
 @functools.lru_cache(maxsize=2)
-def _open_gguf(file: Path, mtime_ns: int, size: int) -> GGUFReader:
-    from gguf import GGUFReader  # imported when a GGUF file is read
-
-    return GGUFReader(file, "r")  # tensors are read only when dequantised
+def _open_gguf(file: Path, mtime_ns: int, size: int) -> GGUFFile:
+    return read_gguf(file)  # tensors are views of the map: read only when used
 
 
 # GGUF token types (llama.cpp's llama_token_type).
@@ -124,30 +120,11 @@ def unique_token_names(tokens: Sequence[str]) -> list[str]:
 
 def read_metadata(path: Path) -> dict[str, Any]:
     """The tokenizer.* and general.* metadata of a GGUF file, as plain Python values."""
-    import gguf  # heavy-ish import, only needed for GGUF files
-    import numpy as np
-
     try:
         reader = open_gguf(path)
-    except Exception as error:  # GGUFReader raises ValueError/struct errors on files that are not GGUF
+    except (OSError, ValueError) as error:
         raise ValueError(f"{path} is not a readable GGUF file: {error}") from error
-    values: dict[str, Any] = {}
-    for key, entry in reader.fields.items():
-        if not (key.startswith("tokenizer.") or key.startswith("general.")) or not entry.types:
-            continue
-        kind = entry.types[0]
-        if kind == gguf.GGUFValueType.ARRAY:
-            if entry.types[-1] == gguf.GGUFValueType.STRING:
-                values[key] = [bytes(entry.parts[i]).decode("utf-8", errors="replace") for i in entry.data]
-            elif entry.data:
-                values[key] = np.concatenate([np.asarray(entry.parts[i]).reshape(-1) for i in entry.data]).tolist()
-            else:
-                values[key] = []
-        elif kind == gguf.GGUFValueType.STRING:
-            values[key] = bytes(entry.parts[entry.data[0]]).decode("utf-8", errors="replace")
-        else:
-            values[key] = np.asarray(entry.parts[entry.data[0]]).reshape(-1)[0].item()
-    return values
+    return {key: value for key, value in reader.fields.items() if key.startswith(("tokenizer.", "general."))}
 
 
 # ---------------------------------------------------------------- writing a tokenizer into a GGUF file

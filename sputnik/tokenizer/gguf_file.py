@@ -1,0 +1,129 @@
+"""A GGUF file's header read into plain Python values, and its tensors as views of one read-only memory map.
+
+The layout is llama.cpp's GGUF (versions 2 and 3, little-endian): magic, version, tensor and metadata counts; the
+metadata as (key, type, value); the tensor infos as (name, dims fastest-first, ggml type, offset); then the data,
+aligned to `general.alignment` (32 by default). The `gguf` package's GGUFReader keeps a numpy array for every part of
+every value, which for a 49k-token vocabulary is ~150 MB and seconds of parsing; this reader keeps lists and strings
+(a few MB, a fraction of a second), so a loaded model's memory is about its file's size.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# GGUF metadata value types -> struct formats (8: string, 9: array)
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+STRING, ARRAY, FLOAT32 = 8, 9, 6
+
+
+@dataclass
+class GGUFTensor:
+    """One tensor's info and raw bytes (uint8, a view of the file's map): dims fastest-first, as GGUF lists them."""
+
+    name: str
+    tensor_type: int
+    shape: tuple[int, ...]
+    n_elements: int
+    data: np.ndarray = field(repr=False)
+
+
+@dataclass
+class GGUFFile:
+    """A parsed GGUF file: metadata by key (float32 scalars in their short decimal form) and its tensors in order."""
+
+    path: Path
+    version: int
+    fields: dict[str, Any] = field(repr=False)  # a vocabulary is 100k strings
+    tensors: list[GGUFTensor] = field(repr=False)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
+
+
+class _Cursor:
+    """Sequential little-endian reads from a buffer; a read past its end is a truncated file."""
+
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+
+    def take(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.buf):
+            raise ValueError(f"truncated at byte {self.pos}")
+        (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def string(self) -> str:
+        n = self.take("Q")
+        if self.pos + n > len(self.buf):
+            raise ValueError(f"truncated at byte {self.pos}")
+        text = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return text
+
+    def value(self, kind: int) -> Any:
+        if kind == STRING:
+            return self.string()
+        if kind == ARRAY:
+            item, n = self.take("I"), self.take("Q")
+            if item in _SCALARS:  # numbers in one read
+                fmt = _SCALARS[item]
+                size = struct.calcsize(fmt) * n
+                if self.pos + size > len(self.buf):
+                    raise ValueError(f"truncated at byte {self.pos}")
+                values = list(struct.unpack_from(f"<{n}{fmt}", self.buf, self.pos))
+                self.pos += size
+                return values
+            return [self.value(item) for _ in range(n)]
+        if kind not in _SCALARS:
+            raise ValueError(f"unknown metadata value type {kind} at byte {self.pos}")
+        value = self.take(_SCALARS[kind])
+        return float(str(np.float32(value))) if kind == FLOAT32 else value  # 1e-05, not 9.999999747378752e-06
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Parse a GGUF file (ValueError when it is not one, is truncated, or names a type this reader cannot size)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    file = Path(path)
+    with open(file, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # stays open while a tensor view refers to it
+    cur = _Cursor(mapped)
+    if len(mapped) < 24 or mapped[:4] != b"GGUF":
+        raise ValueError("not a GGUF file (no GGUF magic)")
+    cur.pos = 4
+    version = cur.take("I")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not supported (2 and 3 are; a big-endian file reads as huge)")
+    n_tensors, n_fields = cur.take("Q"), cur.take("Q")
+    fields = {}
+    for _ in range(n_fields):
+        key = cur.string()
+        fields[key] = cur.value(cur.take("I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        dims = tuple(cur.take("Q") for _ in range(cur.take("I")))
+        infos.append((name, dims, cur.take("I"), cur.take("Q")))
+    align = int(fields.get("general.alignment", 32))
+    start = -(-cur.pos // align) * align
+    data = np.frombuffer(mapped, dtype=np.uint8)
+    tensors = []
+    for name, dims, kind, offset in infos:
+        try:
+            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+        except (ValueError, KeyError):
+            raise ValueError(f"tensor {name!r} has unknown ggml type {kind}") from None
+        n = int(np.prod(dims, dtype=np.int64)) if dims else 1
+        nbytes = n // block * size
+        if start + offset + nbytes > len(mapped):
+            raise ValueError(f"tensor {name!r} runs past the end of the file (truncated)")
+        tensors.append(GGUFTensor(name, kind, dims, n, data[start + offset : start + offset + nbytes]))
+    return GGUFFile(file, version, fields, tensors)
