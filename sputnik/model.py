@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sputnik.config import ModelConfig
+from sputnik.kernels import QuantLinears
 
 
 class RMSNorm(nn.Module):
@@ -33,7 +34,13 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-Fused = tuple[Tensor, Tensor | None]  # one weight (and bias) for several linears that read the same input
+# Several linears that read the same input as one product: a weight (and bias) of their rows, or block-format layers
+# multiplied in one kernel call.
+Fused = tuple[Tensor, Tensor | None] | QuantLinears
+
+
+def fused_linear(x: Tensor, fused: Fused) -> Tensor:
+    return fused(x) if isinstance(fused, QuantLinears) else F.linear(x, *fused)
 
 
 def fuse_linears(fused: Fused | None, *layers: nn.Module) -> Fused | None:
@@ -42,12 +49,12 @@ def fuse_linears(fused: Fused | None, *layers: nn.Module) -> Fused | None:
 
     The fused weight does not copy the layers: their weights are re-pointed to row slices of it, so the state dict,
     optimizers and in-place updates see the same memory. Moving or casting the model breaks the sharing; fusing
-    again notices and builds a new one.
+    again notices and builds a new one. Block-format layers (QuantLinear) are grouped to share one kernel call.
     """
     if any(type(m) is not nn.Linear for m in layers):
-        return None
+        return QuantLinears.of(layers)
     ws = [m.weight for m in layers]
-    if fused is not None and _shares(fused[0], ws):
+    if isinstance(fused, tuple) and _shares(fused[0], ws):
         return fused
     if any(type(w.data) is not torch.Tensor for w in ws) or len({(w.dtype, w.device) for w in ws}) > 1:
         return None  # (a DTensor: FSDP owns a sharded model's gathered weights, never re-point them)
@@ -283,7 +290,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache: Cache | None, layer: int, fused: bool = False) -> Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = F.linear(x, *self.qkv) if fused and self.qkv is not None else None
+        qkv = fused_linear(x, self.qkv) if fused and self.qkv is not None else None
         if qkv is not None and not self.qk_norm:  # one matmul, one rotation for q and k together
             qkv = qkv.view(B, T, H + 2 * Hkv, D)
             q, k = apply_rope(qkv[:, :, : H + Hkv], cos, sin).split([H, Hkv], 2)
@@ -374,7 +381,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor, fused: bool = False) -> Tensor:
         if not fused or self.gate_up is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = F.linear(x, *self.gate_up).chunk(2, -1)
+        gate, up = fused_linear(x, self.gate_up).chunk(2, -1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -96,6 +96,35 @@ def test_a_row_does_not_depend_on_its_batch(name, path):
         assert torch.equal(K.qmatmul(x[i : i + 3], raw, K.TYPE_IDS[name], path)[0], crowd[i])
 
 
+@pytest.mark.parametrize("path", ["portable", "avx2"])
+@pytest.mark.parametrize("n", [1, 6])
+def test_several_weights_in_one_call_equal_each_alone(path, n):
+    """q/k/v (or gate/up) in one call, types mixed as a K-quant file mixes them: each weight's columns are bit for
+    bit what it gives alone, whoever shares the call and however the threads split the rows."""
+    if path not in K.cpu_paths():
+        pytest.skip(f"this CPU has no {path} path")
+    cols = 256
+    names, rows = ["Q4_1", "Q6_K", "Q8_0", "Q4_1"], [37, 16, 5, 64]
+    raws = [torch.from_numpy(blocks(t, r, cols, seed=i)) for i, (t, r) in enumerate(zip(names, rows))]
+    types = [K.TYPE_IDS[t] for t in names]
+    x = torch.randn(n, cols, generator=torch.Generator().manual_seed(3))
+    alone = torch.cat([K.qmatmul(x, w, t, path) for w, t in zip(raws, types)], 1)
+    together = K.extension().qmatmul_cat(x, raws, types, K.PATHS[path])
+    assert together.shape == (n, sum(rows)) and torch.equal(together, alone)
+
+
+def test_quant_linears_group_equals_its_layers():
+    layers = [QuantLinear(QTensor(torch.from_numpy(blocks("Q4_1", r, 64, seed=r)), K.TYPE_IDS["Q4_1"], (r, 64)),
+                          torch.randn(r)) for r in (24, 8, 8)]
+    group = K.QuantLinears.of(layers)
+    x = torch.randn(2, 3, 64)
+    assert torch.equal(group(x), torch.cat([m(x) for m in layers], -1))
+    assert group(x.bfloat16()).dtype == torch.bfloat16
+    assert K.QuantLinears.of([layers[0], torch.nn.Linear(64, 8)]) is None  # a dense layer cannot share the call
+    unbiased = QuantLinear(QTensor(layers[1].qweight, K.TYPE_IDS["Q4_1"], (8, 64)))
+    assert K.QuantLinears.of([layers[0], unbiased]) is None
+
+
 def test_qmatmul_rejects_bad_shapes():
     raw = torch.from_numpy(blocks("Q4_1", 4, 64))
     with pytest.raises(RuntimeError, match="bytes"):

@@ -130,6 +130,16 @@ def _(x: Tensor, qweight: Tensor, qtype: int) -> Tensor:
     return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)
 
 
+@torch.library.custom_op("sputnik::qmatmul_cat", mutates_args=())
+def qmatmul_cat_op(x: Tensor, qweights: list[Tensor], qtypes: list[int]) -> Tensor:
+    return extension().qmatmul_cat(x, qweights, qtypes, -1)
+
+
+@qmatmul_cat_op.register_fake
+def _(x: Tensor, qweights: list[Tensor], qtypes: list[int]) -> Tensor:
+    return x.new_empty((x.shape[0], sum(w.shape[0] for w in qweights)), dtype=torch.float32)
+
+
 @torch.library.custom_op("sputnik::dequantize", mutates_args=())
 def dequantize_op(qweight: Tensor, qtype: int, in_features: int) -> Tensor:
     return extension().dequantize(qweight.contiguous(), qtype, in_features)
@@ -186,6 +196,39 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {TYPES[self.qtype][0]}, bias={self.bias is not None}"
+
+
+class QuantLinears:
+    """Several QuantLinears that read the same input (q/k/v, gate/up) as one product, their outputs side by side:
+    the input is quantized once and the threads split all their rows in one call. Holds the layers, not copies."""
+
+    def __init__(self, layers: list[QuantLinear]):
+        self.layers = layers
+        self.qtypes = [m.qtype for m in layers]
+        self.in_features = layers[0].in_features
+        self.out_features = sum(m.out_features for m in layers)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        weights = [m.qweight for m in self.layers]  # read each call: the model may have been moved
+        if weights[0].device.type != "cpu" or not available():
+            return torch.cat([m(x) for m in self.layers], -1)
+        flat = x.reshape(-1, self.in_features).float()
+        if torch.compiler.is_compiling():
+            y = qmatmul_cat_op(flat, weights, self.qtypes)
+        else:
+            y = extension().qmatmul_cat(flat, weights, self.qtypes, -1)
+        if self.layers[0].bias is not None:
+            y += torch.cat([m.bias for m in self.layers]).float()
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    @staticmethod
+    def of(layers) -> QuantLinears | None:
+        """The group, or None where the layers cannot share a call (not all QuantLinears, inputs or biases differ)."""
+        if not all(type(m) is QuantLinear for m in layers) or len({m.in_features for m in layers}) > 1:
+            return None
+        if len({m.bias is None for m in layers}) > 1:
+            return None
+        return QuantLinears(list(layers))
 
 
 class QuantEmbedding(nn.Module):

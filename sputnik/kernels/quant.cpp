@@ -361,36 +361,59 @@ void check_weight(const torch::Tensor& w, int64_t qtype, int64_t K) {
 // The best path this CPU runs: 1 AVX2, 0 portable C++.
 int64_t best_path() { return cpu_has_avx2() ? 1 : 0; }
 
-// x [N, K] float32 times the rows of w (M rows of GGUF blocks) -> [N, M]. path: -1 best, 0 portable, 1 AVX2.
-torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t path) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.dim() == 2,
-              "sputnik kernels: activations must be a 2-d float32 CPU tensor");
-  x = x.contiguous();
-  const int64_t N = x.size(0), K = x.size(1), M = w.size(0);
-  check_weight(w, qtype, K);
-  if (path < 0) path = best_path();
-  TORCH_CHECK(path == 0 || (path == 1 && cpu_has_avx2()), "sputnik kernels: path ", path, " is not available here");
-  auto out = torch::empty({N, M}, x.options());
+// Rows r0..r1 of one weight for every token, written at column offset `col` of an output `stride` floats wide.
+void rows_of(const torch::Tensor& w, int64_t qtype, const float* x, const Act* a, int64_t N, int64_t K, float* out,
+             int64_t stride, int64_t r0, int64_t r1, int64_t path) {
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t row_bytes = w.size(1);
-  float* op = out.data_ptr<float>();
-  const bool integer = path == 1 && (qtype == Q4_0 || qtype == Q4_1 || qtype == Q8_0);
-  if (!integer) {
-    const float* xp = x.data_ptr<float>();
-    at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
-      rows_decoded(qtype, wp, row_bytes, K, xp, N, M, op, r0, r1, path == 1);
-    });
-    return out;
-  }
 #ifdef SPUTNIK_X86
-  const Act a = quantize_act(x.data_ptr<float>(), N, K);
-  at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
-    if (qtype == Q4_0) rows_int_avx2<Q4_0>(wp, row_bytes, a, M, op, r0, r1);
-    else if (qtype == Q4_1) rows_int_avx2<Q4_1>(wp, row_bytes, a, M, op, r0, r1);
-    else rows_int_avx2<Q8_0>(wp, row_bytes, a, M, op, r0, r1);
-  });
+  if (a != nullptr && (qtype == Q4_0 || qtype == Q4_1 || qtype == Q8_0)) {
+    if (qtype == Q4_0) rows_int_avx2<Q4_0>(wp, row_bytes, *a, stride, out, r0, r1);
+    else if (qtype == Q4_1) rows_int_avx2<Q4_1>(wp, row_bytes, *a, stride, out, r0, r1);
+    else rows_int_avx2<Q8_0>(wp, row_bytes, *a, stride, out, r0, r1);
+    return;
+  }
 #endif
+  rows_decoded(qtype, wp, row_bytes, K, x, N, stride, out, r0, r1, path == 1);
+}
+
+// x [N, K] float32 times the rows of several weights (each M_i rows of GGUF blocks, one type each) -> [N, sum M_i],
+// their outputs side by side: the activations are quantized once and the threads split all the rows together, so
+// q/k/v (or gate/up) cost one call. path: -1 best, 0 portable, 1 AVX2.
+torch::Tensor qmatmul_cat(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<int64_t> qtypes, int64_t path) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.dim() == 2,
+              "sputnik kernels: activations must be a 2-d float32 CPU tensor");
+  TORCH_CHECK(!ws.empty() && ws.size() == qtypes.size(), "sputnik kernels: one type per weight");
+  x = x.contiguous();
+  const int64_t N = x.size(0), K = x.size(1);
+  std::vector<int64_t> starts{0};
+  bool integer = false;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    check_weight(ws[i], qtypes[i], K);
+    starts.push_back(starts.back() + ws[i].size(0));
+    integer = integer || qtypes[i] == Q4_0 || qtypes[i] == Q4_1 || qtypes[i] == Q8_0;
+  }
+  if (path < 0) path = best_path();
+  TORCH_CHECK(path == 0 || (path == 1 && cpu_has_avx2()), "sputnik kernels: path ", path, " is not available here");
+  const int64_t total = starts.back();
+  auto out = torch::empty({N, total}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  Act a;
+  if (path == 1 && integer) a = quantize_act(xp, N, K);
+  const Act* ap = path == 1 && integer ? &a : nullptr;
+  at::parallel_for(0, total, 16, [&](int64_t g0, int64_t g1) {
+    for (size_t i = 0; i < ws.size(); ++i) {  // the part of [g0, g1) that falls in weight i
+      const int64_t r0 = std::max(g0, starts[i]) - starts[i], r1 = std::min(g1, starts[i + 1]) - starts[i];
+      if (r0 < r1) rows_of(ws[i], qtypes[i], xp, ap, N, K, op + starts[i], total, r0, r1, path);
+    }
+  });
   return out;
+}
+
+// x [N, K] float32 times the rows of w (M rows of GGUF blocks) -> [N, M].
+torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t path) {
+  return qmatmul_cat(x, {w}, {qtype}, path);
 }
 
 // Rows of GGUF blocks [M, row bytes] -> float32 [M, K].
@@ -410,6 +433,7 @@ torch::Tensor dequantize(torch::Tensor w, int64_t qtype, int64_t K) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &qmatmul, "x [N, K] @ GGUF-block weights [M, bytes]^T -> [N, M]");
+  m.def("qmatmul_cat", &qmatmul_cat, "x [N, K] @ several GGUF-block weights -> their outputs side by side");
   m.def("dequantize", &dequantize, "GGUF-block rows -> float32");
   m.def("best_path", &best_path, "1: AVX2, 0: portable C++");
 }
