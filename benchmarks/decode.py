@@ -7,7 +7,8 @@ weight once per token (memory bandwidth / weight bytes); at B=32 it is arithmeti
 
     python benchmarks/decode.py [--model smollm2-135m-instruct] [--repeats 3] [--new-tokens 128] [--no-compile]
 
-"sputnik Q4_1" runs the file's blocks as they are (sputnik.kernels); its memory (q_rss_mb: resident MB after loading
+"sputnik Q4_1" runs the file's blocks as they are (sputnik.kernels), each decode step one native call
+(engine/native.py); "sputnik Q4_1 pytorch step" runs the same blocks through the eager PyTorch step. Its memory (q_rss_mb: resident MB after loading
 the model and tokenizer and decoding 8 tokens, less the process's RSS after importing torch) is measured in a child
 process, so the fp32 copies here do not count; q_rss_vs_gguf is that less its KV cache over the file's size (the issue's
 measure), and llamacpp_rss_mb the same resident MB for llama.cpp on the file (n_ctx 512). llama.cpp (llama-cpp-python, the bench extra) runs in a child process
@@ -135,10 +136,12 @@ def main() -> None:
     qmodel = load_model(path, quantize="auto") if path.suffix == ".gguf" else None
     q_compile_s = None
     compiled = [] if args.no_compile else ["sputnik --compile"]
-    runs = ["sputnik"] + compiled + (["sputnik Q4_1"] + [c.replace("sputnik", "sputnik Q4_1") for c in compiled]
-                                     if qmodel else [])
+    # "sputnik Q4_1" decodes with the native step (engine/native.py), "... pytorch step" with the eager PyTorch one
+    runs = ["sputnik"] + compiled + (["sputnik Q4_1", "sputnik Q4_1 pytorch step"] +
+                                     [c.replace("sputnik", "sputnik Q4_1") for c in compiled] if qmodel else [])
     for name in runs:
-        engine = Engine(qmodel if "Q4_1" in name else model, tok, max_batch=B, compile=name.endswith("compile"))
+        engine = Engine(qmodel if "Q4_1" in name else model, tok, max_batch=B, compile=name.endswith("compile"),
+                        native=not name.endswith("pytorch step"))
         t = time.perf_counter()
         for prompts in (chats[:1], chats[:2]):  # warm up (and compile: one graph for one row, one for several)
             engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0))
@@ -236,7 +239,9 @@ def main() -> None:
         quant = [r for n, r in results.items() if "Q4_1" in n and n.startswith("sputnik")]
         q = {k: max(r[k] for r in quant) for k in ("b1", "b32")}
         figures.update(q_eager_b1_tok_s=round(results["sputnik Q4_1"]["b1"], 2),
-                       q_eager_b32_tok_s=round(results["sputnik Q4_1"]["b32"], 2))
+                       q_eager_b32_tok_s=round(results["sputnik Q4_1"]["b32"], 2),
+                       q_pytorch_step_b1_tok_s=round(results["sputnik Q4_1 pytorch step"]["b1"], 2),
+                       q_pytorch_step_b32_tok_s=round(results["sputnik Q4_1 pytorch step"]["b32"], 2))
         if q_compile_s is not None:
             c = results["sputnik Q4_1 --compile"]
             figures.update(q_compiled_b1_tok_s=round(c["b1"], 2), q_compiled_b32_tok_s=round(c["b32"], 2),

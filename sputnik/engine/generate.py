@@ -17,6 +17,7 @@ from torch import Tensor
 
 from sputnik.engine.cache import KVCache, SlotCache, SlotView
 from sputnik.engine.grammar import Grammars, apply_masks
+from sputnik.engine.native import native_decode
 from sputnik.engine.prefix import PrefixCache
 from sputnik.engine.sampling import Sampler, SamplingParams
 from sputnik.model import Cache, Transformer
@@ -145,12 +146,14 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_batch: int = 64,
-                 prefill_chunk: int = 512, prefix_cache_mb: float = 0, compile: bool = False):
+                 prefill_chunk: int = 512, prefix_cache_mb: float = 0, compile: bool = False, native: bool = True):
         self.model = model.eval()
         self.sharded = is_sharded(model)
         if not self.sharded:
             model.fuse()  # q/k/v and gate/up as one matmul each, in every forward this engine runs
         self._compiled = compiled_decode(model) if compile else None
+        # A model in block formats decodes in one native call per step where it can (engine/native.py)
+        self._native = native_decode(model) if native and not compile and not self.sharded else None
         self._marked: Tensor | None = None  # the cache buffer last marked dynamic for the compiler
         self.tokenizer = tokenizer
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
@@ -427,7 +430,10 @@ class Engine:
 
     def _decode(self) -> Tensor:
         cache, tokens = self._cache, self._next[:, None]
-        if self._compiled is None:
+        if self._native is not None:
+            view = cache.view()
+            logits = self._native(tokens, view.lens[:, None], view.first, view.second)
+        elif self._compiled is None:
             view = cache.view()
             logits = next_logits(self.model, tokens, view.lens[:, None], view)
         else:

@@ -73,9 +73,10 @@ def _build():
     build.mkdir(parents=True, exist_ok=True)
     with FileLock(str(build / "build.flock")):
         (build / "lock").unlink(missing_ok=True)
-        src = Path(__file__).with_name("quant.cpp")
+        here = Path(__file__).parent
         # -fopenmp at compile time only: the OpenMP calls then bind to torch's own libgomp (one thread pool)
-        return load("sputnik_quant", [str(src)], extra_cflags=["-O3", "-fopenmp"], build_directory=str(build),
+        return load("sputnik_quant", [str(here / "quant.cpp"), str(here / "decode.cpp")],
+                    extra_cflags=["-O3", "-fopenmp"], extra_include_paths=[str(here)], build_directory=str(build),
                     verbose=False)
 
 

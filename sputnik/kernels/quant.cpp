@@ -4,6 +4,8 @@
 // One build serves every x86 CPU: the AVX2 functions carry a target attribute and are chosen at run time from the
 // CPU's flags, so the library is compiled without -march. Rows of the output are split across torch's threads.
 
+#include "quant.h"
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -377,6 +379,10 @@ void rows_of(const torch::Tensor& w, int64_t qtype, const float* x, const Act* a
   rows_decoded(qtype, wp, row_bytes, K, x, N, stride, out, r0, r1, path == 1);
 }
 
+}  // namespace
+
+namespace sputnik {
+
 // x [N, K] float32 times the rows of several weights (each M_i rows of GGUF blocks, one type each) -> [N, sum M_i],
 // their outputs side by side: the activations are quantized once and the threads split all the rows together, so
 // q/k/v (or gate/up) cost one call. path: -1 best, 0 portable, 1 AVX2.
@@ -429,11 +435,12 @@ torch::Tensor dequantize(torch::Tensor w, int64_t qtype, int64_t K) {
   return out;
 }
 
-}  // namespace
+}  // namespace sputnik
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("qmatmul", &qmatmul, "x [N, K] @ GGUF-block weights [M, bytes]^T -> [N, M]");
-  m.def("qmatmul_cat", &qmatmul_cat, "x [N, K] @ several GGUF-block weights -> their outputs side by side");
-  m.def("dequantize", &dequantize, "GGUF-block rows -> float32");
+  m.def("qmatmul", &sputnik::qmatmul, "x [N, K] @ GGUF-block weights [M, bytes]^T -> [N, M]");
+  m.def("qmatmul_cat", &sputnik::qmatmul_cat, "x [N, K] @ several GGUF-block weights -> their outputs side by side");
+  m.def("dequantize", &sputnik::dequantize, "GGUF-block rows -> float32");
   m.def("best_path", &best_path, "1: AVX2, 0: portable C++");
+  sputnik::bind_decoder(m);
 }
