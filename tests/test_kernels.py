@@ -136,11 +136,14 @@ def test_qmatmul_rejects_bad_shapes():
 def test_quant_linear_and_embedding():
     raw = torch.from_numpy(blocks("Q8_0", 40, 64))
     w = QTensor(raw, K.TYPE_IDS["Q8_0"], (40, 64))
-    bias = torch.randn(40)
+    g = torch.Generator().manual_seed(0)
+    bias = torch.randn(40, generator=g)
     layer = QuantLinear(w, bias)
-    x = torch.randn(2, 3, 64)
+    x = torch.randn(2, 3, 64, generator=g)
     want = x @ w.dequantize().T + bias
-    assert torch.allclose(layer(x), want, atol=2e-2)
+    # within the 8-bit activations' rounding (a fixed atol of 2e-2 failed on ~1% of random draws: 0.0214 at worst)
+    bound = q8_error_bound(x.view(-1, 64), w.dequantize()).view(2, 3, 40) + 1e-5
+    assert ((layer(x).double() - want.double()).abs() <= bound).all()
     assert layer(x.bfloat16()).dtype == torch.bfloat16
     emb = QuantEmbedding(w)
     tokens = torch.tensor([[3, 0, 39]])
