@@ -83,6 +83,17 @@ def test_default_model_greedy_text_with_the_native_step(default_gguf, default_to
     assert sum(prefix) >= 40, prefix
 
 
+def test_a_cache_of_the_wrong_shape_is_refused(tmp_path):
+    model = with_f32_blocks(tiny(tmp_path, "llama"))
+    model.fuse()
+    step, cfg = native_decode(model), model.cfg
+    k = [torch.zeros(1, cfg.n_kv_heads, 8, cfg.head_dim) for _ in range(cfg.n_layers)]
+    with pytest.raises(RuntimeError, match="rows >= B"):  # two rows, a cache of one: never written out of bounds
+        step(torch.tensor([[1], [2]]), torch.tensor([[0], [0]]), k, [t.clone() for t in k])
+    with pytest.raises(RuntimeError, match="out of range"):
+        step(torch.tensor([[1]]), torch.tensor([[8]]), k, [t.clone() for t in k])
+
+
 def test_models_left_to_pytorch(tmp_path):
     dense = tiny(tmp_path, "llama")
     assert supported(dense) == "not every projection is in a block format"

@@ -83,8 +83,10 @@ class Decoder {
     const int64_t* lp = len.data_ptr<int64_t>();
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
-      TORCH_CHECK(kc[l].scalar_type() == torch::kFloat && kc[l].size(1) == Hkv && kc[l].size(3) == D,
-                  "sputnik decoder: caches must be float32 [rows, kv_heads, slots, head_dim]");
+      for (const auto& c : {kc[l], vc[l]})
+        TORCH_CHECK(c.scalar_type() == torch::kFloat && c.dim() == 4 && c.size(0) >= B && c.size(1) == Hkv &&
+                        c.size(2) == kc[l].size(2) && c.size(3) == D && c.stride(3) == 1,
+                    "sputnik decoder: caches must be float32 [rows >= B, kv_heads, slots, head_dim]");
       for (int64_t b = 0; b < B; ++b)
         TORCH_CHECK(lp[b] >= 0 && lp[b] < kc[l].size(2), "sputnik decoder: cache slot ", lp[b], " out of range");
       auto h = torch::empty_like(x);
