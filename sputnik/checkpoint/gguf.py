@@ -102,7 +102,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
     except Exception as err:
         raise CheckpointError(f"GGUF file {file} is truncated or corrupt ({type(err).__name__}: {err})") from None
 
-    arch = _field(reader, "general.architecture")
+    arch = reader.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(
             f"GGUF file {file} has unsupported architecture {arch!r};"
@@ -159,7 +159,7 @@ def _blocks(tensor) -> QTensor:
     """A GGUF matrix as rows of its raw blocks: a view of the file's read-only mmap, as llama.cpp reads it, so the
     weights take memory once (the page cache's) and load without a copy. Nothing writes to a QTensor."""
     cols, rows = (int(d) for d in tensor.shape)  # GGUF lists dims fastest-first
-    data = np.asarray(tensor.data).view(np.uint8).reshape(rows, row_bytes(tensor.tensor_type, cols))
+    data = tensor.data.reshape(rows, row_bytes(tensor.tensor_type, cols))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "the given NumPy array is not writable"
         return QTensor(torch.from_numpy(data), int(tensor.tensor_type), (rows, cols))
@@ -169,7 +169,7 @@ def _experts(tensor, file: Path, blocks: bool) -> list[torch.Tensor | QTensor]:
     """A stacked expert tensor (GGUF dims {in, out, n_expert}) as one [out, in] weight per expert."""
     cols, rows, n = (int(d) for d in tensor.shape)
     if blocks:
-        data = np.asarray(tensor.data).view(np.uint8).reshape(n, rows, row_bytes(tensor.tensor_type, cols))
+        data = tensor.data.reshape(n, rows, row_bytes(tensor.tensor_type, cols))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only mmap, as in _blocks
             return [QTensor(torch.from_numpy(data[j]), int(tensor.tensor_type), (rows, cols)) for j in range(n)]
@@ -235,7 +235,7 @@ def _dequantize(tensor, file: Path) -> torch.Tensor:
     if qtype not in GGML_QUANT_SIZES:
         raise CheckpointError(f"GGUF file {file}: tensor {tensor.name!r} has unknown type {qtype!r}")
     _, type_size = GGML_QUANT_SIZES[qtype]
-    raw = np.asarray(tensor.data).view(np.uint8).reshape(-1)  # plain ndarray: memmap slicing is slow
+    raw = tensor.data  # uint8 bytes, a view of the file's map
     out = np.empty(int(tensor.n_elements), dtype=np.float32)
     step = max(1, _CHUNK_BYTES // type_size) * type_size
     filled = 0
@@ -252,30 +252,25 @@ def _dequantize(tensor, file: Path) -> torch.Tensor:
     return torch.from_numpy(out).reshape(shape)
 
 
-def _field(reader: GGUFFile, key: str, default=None):
-    """A metadata value as a plain Python value (float32 values in their short decimal form)."""
-    return reader.get(key, default)
-
-
 def _hf_config(reader: GGUFFile, arch: str, tensors: dict, file: Path) -> dict:
     """The HF config.json dict described by the GGUF metadata and tensor shapes."""
     model_type, architecture = SUPPORTED_ARCHITECTURES[arch]
 
     def need(key: str):
-        value = _field(reader, f"{arch}.{key}")
+        value = reader.get(f"{arch}.{key}")
         if value is None:
             raise CheckpointError(f"GGUF file {file} lacks metadata {arch}.{key}")
         return value
 
     hidden = need("embedding_length")
     n_head = need("attention.head_count")
-    n_kv_head = _field(reader, f"{arch}.attention.head_count_kv", n_head)
-    head_dim = _field(reader, f"{arch}.attention.key_length")
+    n_kv_head = reader.get(f"{arch}.attention.head_count_kv", n_head)
+    head_dim = reader.get(f"{arch}.attention.key_length")
     if head_dim is None and "blk.0.attn_q.weight" in tensors:
         head_dim = int(tensors["blk.0.attn_q.weight"].shape[1]) // n_head  # shape is (in, out)
     head_dim = head_dim or hidden // n_head
 
-    vocab = _field(reader, f"{arch}.vocab_size")
+    vocab = reader.get(f"{arch}.vocab_size")
     if vocab is None:
         vocab = int(tensors["token_embd.weight"].shape[1])
 
@@ -290,13 +285,13 @@ def _hf_config(reader: GGUFFile, arch: str, tensors: dict, file: Path) -> dict:
         "num_key_value_heads": n_kv_head,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": _field(reader, f"{arch}.context_length", 2048),
-        "rms_norm_eps": _field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
-        "rope_theta": _field(reader, f"{arch}.rope.freq_base", 10000.0),
+        "max_position_embeddings": reader.get(f"{arch}.context_length", 2048),
+        "rms_norm_eps": reader.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": reader.get(f"{arch}.rope.freq_base", 10000.0),
         "tie_word_embeddings": "output.weight" not in tensors,
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
-        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+        "bos_token_id": reader.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": reader.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": reader.get("tokenizer.ggml.padding_token_id"),
     }
     if arch == "deepseek2":
         config.update(_deepseek2_config(reader, tensors, file))
@@ -327,7 +322,7 @@ def _deepseek2_config(reader: GGUFFile, tensors: dict, file: Path) -> dict:
     A file in llama.cpp's MLA form (key_length_mla set, attn_k_b/attn_v_b tensors) lists one KV head of the latent
     width as its key/value lengths; the legacy form (attn_kv_b) lists the per-head sizes there."""
     def get(key: str, default=None):
-        return _field(reader, f"deepseek2.{key}", default)
+        return reader.get(f"deepseek2.{key}", default)
 
     gating = get("expert_gating_func", 1)  # llama.cpp reads a file without it as DeepSeek-V2's softmax
     if get("expert_count", 0) and gating != 2:
@@ -374,15 +369,15 @@ def _deepseek2_config(reader: GGUFFile, tensors: dict, file: Path) -> dict:
 
 def _rope_scaling(reader: GGUFFile, arch: str) -> dict | None:
     """``rope_scaling`` from ``{arch}.rope.scaling.*`` metadata (linear, yarn), if any."""
-    kind = _field(reader, f"{arch}.rope.scaling.type")
+    kind = reader.get(f"{arch}.rope.scaling.type")
     if kind in (None, "none"):
         return None
-    scaling = {"rope_type": kind, "factor": _field(reader, f"{arch}.rope.scaling.factor", 1.0)}
-    original = _field(reader, f"{arch}.rope.scaling.original_context_length")
+    scaling = {"rope_type": kind, "factor": reader.get(f"{arch}.rope.scaling.factor", 1.0)}
+    original = reader.get(f"{arch}.rope.scaling.original_context_length")
     if original is not None:
         scaling["original_max_position_embeddings"] = original
     for gguf_key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
-        value = _field(reader, f"{arch}.rope.scaling.{gguf_key}")
+        value = reader.get(f"{arch}.rope.scaling.{gguf_key}")
         if value is not None:
             scaling[hf_key] = value
     return scaling
