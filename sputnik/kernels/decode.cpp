@@ -36,6 +36,17 @@ void rotate(float* x, const float* cos, const float* sin, int64_t D) {
   for (int64_t i = 0; i < D; ++i) x[i] = tmp[i] * cos[i] + tmp[(i + half) % D] * sin[i];
 }
 
+// a . b with eight running sums: one sum is a chain of dependent adds (latency-bound), eight let the compiler keep
+// them in vector lanes; at B = 32 the attention's q . k was a third of the step.
+float dot(const float* a, const float* b, int64_t n) {
+  float s[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) s[j] += a[i + j] * b[i + j];
+  for (; i < n; ++i) s[0] += a[i] * b[i];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
 struct Layer {
   torch::Tensor in_norm, post_norm;
   std::optional<torch::Tensor> q_norm, k_norm;  // Qwen3
@@ -97,13 +108,8 @@ class Decoder {
       rms_norm(x.data_ptr<float>(), L.post_norm.data_ptr<float>(), B, dim, eps_, h.data_ptr<float>());
       auto gu = linear(h, L.gate_up, L.gate_up_t, L.gate_up_bias);  // [B, 2 I]
       const int64_t I = gu.size(1) / 2;
-      auto act = torch::empty({B, I}, x.options());
-      float *g = gu.data_ptr<float>(), *a = act.data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t i = 0; i < I; ++i) {
-          const float gate = g[b * 2 * I + i];
-          a[b * I + i] = gate / (1.f + std::exp(-gate)) * g[b * 2 * I + I + i];
-        }
+      // SwiGLU by ATen's own vectorized, threaded silu (the PyTorch step's): a scalar exp loop took ~20% at B = 32
+      auto act = torch::silu(gu.narrow(1, 0, I)).mul_(gu.narrow(1, I, I));
       x.add_(linear(act, L.down, L.down_t, L.down_bias));
     }
     return x;
@@ -143,9 +149,7 @@ class Decoder {
         w.resize(S);
         float top = -INFINITY;
         for (int64_t s = 0; s < S; ++s) {
-          float dot = 0.f;
-          for (int64_t d = 0; d < D; ++d) dot += q[d] * k[s * s2 + d];
-          w[s] = dot * scale;
+          w[s] = dot(q, k + s * s2, D) * scale;
           top = std::max(top, w[s]);
         }
         float total = 0.f;
