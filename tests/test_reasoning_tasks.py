@@ -4,7 +4,7 @@ import pytest
 
 from sputnik.eval.run import EvalConfig, prompt_ids, thinking
 from sputnik.r1 import THINK_CLOSE, THINK_OPEN, graded_part, open_thinking, think_prompt
-from sputnik.tasks import get_task
+from sputnik.tasks import Problem, get_task
 from sputnik.tasks.arithmetic import parse_digits
 from sputnik.tasks.traces import arithmetic_trace
 
@@ -67,6 +67,40 @@ def test_traces_reach_the_answer(op, language):
         assert task.correct(p, f"{reasoning}\n{THINK_CLOSE}\n\n{answer}", think_opened=True)
         if language == "ko":
             assert "자리" in reasoning or op == "*"
+
+
+@pytest.mark.parametrize("language", ["en", "ko"])
+def test_the_work_of_a_trace_is_read_back(language):
+    task = get_task(("korean-arithmetic" if language == "ko" else "arithmetic") + ":digits=1-4,ops=+-*")
+    for p in task.problems("train", 90):
+        reasoning, _ = task.trace(p)
+        assert task.worked_result(p, reasoning) == p.answer, reasoning
+        assert task.worked_result(p, "I just know it.") is None
+    # A real cold-start sample: right columns, then another number boxed -- the answer did not follow the work.
+    p = Problem("arithmetic/665+916", "What is 916 + 665?", "1581", {"a": 916, "b": 665, "op": "+"})
+    slip = ("916 + 665.\nOnes: 6 + 5 = 11, write 1, carry 1.\nTens: 1 + 6 + 1 = 8, write 8.\n"
+            "Hundreds: 9 + 6 = 15, write 5, carry 1.\nWrite the carry 1.\nSo 936 + 665 = 1581.")
+    assert get_task("arithmetic").worked_result(p, slip) == "1581"
+
+
+def test_eval_says_whether_the_answer_follows_the_thinking():
+    from types import SimpleNamespace
+
+    from sputnik.eval.run import _record, summarize
+
+    task = get_task("arithmetic:digits=2")
+    p = task.problems("test", 1)[0]
+    reasoning, answer = task.trace(p)
+    wrong = str(int(p.answer) + 1)
+    rows = []
+    for text in (f"{reasoning}</think>{answer}", f"{reasoning}</think>\\boxed{{{wrong}}}", f"</think>{answer}",
+                 f"{reasoning}"):
+        done = SimpleNamespace(text=text, token_ids=[1] * 9, finish_reason="stop")
+        rows.append({**_record(task, p, "greedy", 0, done, True), "id": f"{p.id}#{len(rows)}"})
+    # follows / does not / no reasoning to read / no answer to compare
+    assert [r["follows_reasoning"] for r in rows] == [True, False, None, None]
+    assert summarize(rows[:2], 0).greedy_follows_reasoning == 0.5
+    assert summarize(rows[2:], 0).greedy_follows_reasoning is None
 
 
 def test_column_steps_say_carries_and_borrows():

@@ -73,6 +73,9 @@ class EvalSummary:
     greedy_mean_length: float | None = None
     greedy_think_tokens: float | None = None  # mean tokens of reasoning (0 for a completion that does not think)
     greedy_language: float | None = None  # R1's language consistency of the reasoning, in the task's language
+    # Of the completions whose reasoning's own result the task can read (Task.worked_result), the share whose answer
+    # is that result: an answer that follows from the thinking, not one the thinking did not produce.
+    greedy_follows_reasoning: float | None = None
     greedy_tool_call_rate: float | None = None  # with tools: the share of problems whose rollout called one
     greedy_calls: float | None = None  # with tools: calls per problem
     greedy_tool_error_rate: float | None = None  # with tools: failed calls / calls
@@ -100,7 +103,8 @@ class EvalSummary:
             out.update(greedy_accuracy=self.greedy_accuracy, greedy_accuracy_lenient=self.greedy_accuracy_lenient,
                        greedy_accuracy_format_gated=self.greedy_accuracy_format_gated,
                        greedy_format_rate=self.greedy_format_rate, greedy_mean_length=self.greedy_mean_length,
-                       greedy_think_tokens=self.greedy_think_tokens, greedy_language=self.greedy_language)
+                       greedy_think_tokens=self.greedy_think_tokens, greedy_language=self.greedy_language,
+                       greedy_follows_reasoning=self.greedy_follows_reasoning)
             if self.greedy_calls is not None:
                 out.update(greedy_tool_call_rate=self.greedy_tool_call_rate, greedy_calls=self.greedy_calls,
                            greedy_tool_error_rate=self.greedy_tool_error_rate)
@@ -124,6 +128,7 @@ class EvalSummary:
                    greedy_format_rate=d.get("greedy_format_rate"),
                    greedy_mean_length=d.get("greedy_mean_length"), greedy_think_tokens=d.get("greedy_think_tokens"),
                    greedy_language=d.get("greedy_language"), greedy_tool_call_rate=d.get("greedy_tool_call_rate"),
+                   greedy_follows_reasoning=d.get("greedy_follows_reasoning"),
                    greedy_calls=d.get("greedy_calls"), greedy_tool_error_rate=d.get("greedy_tool_error_rate"),
                    tool_call_rate=d.get("tool_call_rate"), calls=d.get("calls"),
                    tool_error_rate=d.get("tool_error_rate"), think_tokens=d.get("think_tokens"),
@@ -184,6 +189,7 @@ def _record(task: Task, problem: Problem, kind: str, index: int, completion, thi
     lenient = task.score(problem, task.extract_for(problem, completion.text, think_opened, "lenient"))
     form = format_reward(problem, completion.text, task, think_opened=think_opened)
     correct = None if score is None else score >= 1.0
+    worked = task.worked_result(problem, reasoning) if reasoning and answer is not None else None
     return {
         "id": problem.id, "kind": kind, "sample": index, "completion": completion.text, "extracted": answer,
         "gold": problem.answer, "score": score, "correct": correct,
@@ -193,6 +199,8 @@ def _record(task: Task, problem: Problem, kind: str, index: int, completion, thi
         # R1's language consistency: the share of the reasoning's words in the prompt's language.
         "language": language_reward(problem, completion.text, task, language=task.language_of(problem),
                                     think_opened=think_opened),
+        "follows_reasoning": None if worked is None else task.score(Problem(problem.id, problem.prompt, worked,
+                                                                            problem.meta), answer) == 1.0,
     }
 
 
@@ -215,6 +223,7 @@ def summarize(records: list[dict[str, Any]], k: int) -> EvalSummary:
         out.greedy_mean_length = sum(r["length"] for r in greedy) / len(greedy)
         out.greedy_think_tokens = _mean(greedy, "think_tokens")
         out.greedy_language = _mean(greedy, "language")
+        out.greedy_follows_reasoning = _mean(greedy, "follows_reasoning")
         out.greedy_tool_call_rate, out.greedy_calls, out.greedy_tool_error_rate = _tool_figures(greedy)
     samples = [g["sample"] for g in kept.values() if g["sample"]]
     if samples:

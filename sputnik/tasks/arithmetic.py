@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 
 from sputnik.tasks.base import BOXED_SUFFIX, GeneratedTask, Problem, parse_range
-from sputnik.tasks.traces import arithmetic_trace
+from sputnik.tasks.traces import arithmetic_trace, trace_result
 
 OPS = "+-*"
 MAX_ANSWER_CHARS = 200  # longer "answers" are rambling, not a number; also keeps int() far from huge inputs
@@ -109,6 +109,10 @@ class ArithmeticTask(GeneratedTask):
         """(reasoning, answer): the worked solution in the prompts' language (tasks.traces)."""
         m = problem.meta
         return arithmetic_trace(m["a"], m["op"], m["b"], self.language)
+
+    def worked_result(self, problem: Problem, reasoning: str) -> str | None:
+        """What the reasoning's columns (or partial products) compute, written as tasks.traces writes them."""
+        return trace_result(reasoning, problem.meta["op"], self.language)
 
     def tool_call(self, problem: Problem) -> dict:
         """The calculator call that computes the problem (sputnik.tools.calculator)."""

@@ -212,6 +212,11 @@ class Task:
         """A worked solution, (reasoning, answer), for cold-start SFT; tasks without a programmatic one raise."""
         raise NotImplementedError(f"{self.name} has no programmatic traces; use teacher traces (sputnik distill)")
 
+    def worked_result(self, problem: Problem, reasoning: str) -> str | None:
+        """The result the reasoning's own steps compute, where the task can read it (its traces' form); None
+        otherwise. Eval compares it with the answer: does the answer follow from the thinking?"""
+        return None
+
     def tool_call(self, problem: Problem) -> dict:
         """The tool call that solves `problem`, {"name", "arguments"}, for cold-start traces of tool use; tasks
         without one raise."""

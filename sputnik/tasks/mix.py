@@ -55,5 +55,8 @@ class MixTask(Task):
     def language_of(self, problem: Problem) -> str:
         return self.of(problem).language
 
+    def worked_result(self, problem: Problem, reasoning: str) -> str | None:
+        return self.of(problem).worked_result(problem, reasoning)
+
     def __repr__(self) -> str:
         return f"MixTask({' + '.join(self.specs)})"

@@ -8,6 +8,8 @@ every digit at once.
 
 from __future__ import annotations
 
+import re
+
 PLACES = {
     "en": ("Ones", "Tens", "Hundreds", "Thousands", "Ten-thousands", "Hundred-thousands", "Millions",
            "Ten-millions", "Hundred-millions"),
@@ -94,3 +96,20 @@ def arithmetic_trace(a: int, op: str, b: int, language: str = "en") -> tuple[str
     so = WORDS[language]["so"].format(a=a, op=shown, b=b, r=result)
     lines = [f"{a} {shown} {b}.", *STEPS[op](a, b, language), so]
     return "\n".join(lines), f"\\boxed{{{result}}}"
+
+
+# What a trace's own work arrives at, read back from a completion's reasoning: the digits its columns write (ones
+# first; the last carry too), or for multiplication the last number its last step computes.
+_WRITTEN = {"en": re.compile(r"write (\d)\b|Write the carry (\d)"), "ko": re.compile(r"(\d) 적기")}
+_SO = ("So ", "따라서")
+
+
+def trace_result(reasoning: str, op: str, language: str = "en") -> str | None:
+    """The result the reasoning's steps compute, in the form `arithmetic_trace` writes them (None where it wrote no
+    such steps) — to tell an answer that follows from the thinking from one that does not."""
+    if op in "+-":
+        digits = ["".join(m) for m in _WRITTEN[language].findall(reasoning)]  # a tuple of groups, or one group
+        return str(int("".join(reversed(digits)))) if digits else None
+    steps = [line for line in reasoning.splitlines() if "=" in line and not line.lstrip().startswith(_SO)]
+    numbers = re.findall(r"\d+", steps[-1].rsplit("=", 1)[-1]) if steps else []
+    return str(int(numbers[0])) if numbers else None

@@ -430,6 +430,8 @@ class GRPOObjective(RankAware):
         return {"accuracy": s.greedy_accuracy or 0.0, "format_rate": s.greedy_format_rate or 0.0,
                 "completion_length": s.greedy_mean_length or 0.0, "think_tokens": s.greedy_think_tokens or 0.0,
                 "accuracy_lenient": s.greedy_accuracy_lenient or 0.0, "language": s.greedy_language or 0.0,
+                **({"follows_reasoning": s.greedy_follows_reasoning}
+                   if s.greedy_follows_reasoning is not None else {}),
                 **({"tool_call_rate": s.greedy_tool_call_rate, "calls": s.greedy_calls,
                     "tool_error_rate": s.greedy_tool_error_rate} if s.greedy_calls is not None else {})}
 
