@@ -241,6 +241,10 @@ def test_a_recipe_reports_thinking_closed_and_direct(tmp_path):
     assert all(r["completion_length"] <= 2 for r in direct_rows if "completion_length" in r)
     assert json.loads((out / "eval-closed" / "stage.json").read_text())["config"]["max_tokens"] == 2
     assert (out / "think" / "checkpoints").is_dir() and (out / "eval-closed" / "summary.json").is_file()
+    # every evaluation of the run keeps its samples beside its figures: before, and after the last step
+    for step in ("step_000000", "step_000002"):
+        samples = (out / "think" / "eval" / step / "samples.jsonl").read_text().splitlines()
+        assert len(samples) == 4 and json.loads(samples[0])["kind"] == "greedy"
 
 
 def test_traces_make_chat_rows(tmp_path):

@@ -425,8 +425,9 @@ class GRPOObjective(RankAware):
         return loss, metrics
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, step: int, model, n: int | None = None) -> dict[str, float]:
-        s = evaluate(model, self.tok, self._eval_cfg(n or self.cfg.eval_n), progress=False)
+    def evaluate(self, step: int, model, n: int | None = None, out_dir: Path | None = None) -> dict[str, float]:
+        """Greedy held-out figures at `step`; with out_dir, also its samples and summary (eval.run's files)."""
+        s = evaluate(model, self.tok, self._eval_cfg(n or self.cfg.eval_n), out_dir=out_dir, progress=False)
         return {"accuracy": s.greedy_accuracy or 0.0, "format_rate": s.greedy_format_rate or 0.0,
                 "completion_length": s.greedy_mean_length or 0.0, "think_tokens": s.greedy_think_tokens or 0.0,
                 "accuracy_lenient": s.greedy_accuracy_lenient or 0.0, "language": s.greedy_language or 0.0,
@@ -463,8 +464,9 @@ def train_grpo(model_name: str, cfg: GRPOConfig, train: TrainConfig) -> GRPOSumm
     evals: dict[int, dict[str, float]] = {}
 
     def run_eval(step: int, m) -> dict[str, float]:
-        if step not in evals:
-            evals[step] = objective.evaluate(step, m)
+        if step not in evals:  # each evaluation's samples kept (rank 0) to read beside its figures
+            samples = Path(train.out_dir) / "eval" / f"step_{step:06d}" if rank == 0 else None
+            evals[step] = objective.evaluate(step, m, out_dir=samples)
         return evals[step]
 
     trainer = Trainer(model, train, objective, evaluate=run_eval if cfg.eval_n else None,
