@@ -42,12 +42,12 @@ class NanoR1Config:
     pretrain_steps: int = option(2000, "pretraining steps")
     pretrain_lr: float = option(3e-3, "pretraining learning rate")
     sft_problems: int = option(400, "worked problems for SFT")
-    sft_steps: int = option(80, "SFT steps: a short cold start (greedy 0.44 held-out; 150 steps gave 0.82 and left GRPO "
-                                      "little to add, 40 gave 0.14 and GRPO nothing to reinforce)")
+    sft_steps: int = option(80, "SFT steps: a short cold start (greedy 0.44 held-out; 150 steps gave 0.82 and left "
+                                "GRPO little to add, 40 gave 0.14 and GRPO nothing to reinforce)")
     sft_lr: float = option(1e-3, "SFT learning rate")
     grpo_steps: int = option(60, "GRPO steps")
     grpo_lr: float = option(5e-5, "GRPO learning rate (from the 80-step cold start, 60 steps: 5e-5 took greedy "
-                                        "0.44 -> 0.75, 2e-4 only -> 0.56)")
+                                  "0.44 -> 0.75, 2e-4 only -> 0.56)")
     max_completion_length: int = option(160, "tokens per GRPO rollout and per evaluated completion")
     eval_n: int = option(100, "held-out problems per evaluation")
     eval_k: int = option(2, "samples per problem for pass@1 and cons@k")
