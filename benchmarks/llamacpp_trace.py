@@ -1,7 +1,7 @@
 """Where sputnik and llama.cpp part on a quantized file: the same prompt through both, compared tensor by tensor.
 
 llama.cpp's intermediate tensors come from its scheduler's eval callback (in a child process, as every llama.cpp
-figure here); sputnik's from forward hooks at the same points of layer 0, then the outputs of layers 1 and 29 and the
+figure here); sputnik's from forward hooks at the same points of layer 0, then the outputs of layers 1 and the last and the
 final norm. Each row is the relative L2 difference over the prompt's tokens and at its last token. It shows how far
 greedy agreement can go: two engines that quantize activations to 8 bits round a few elements apart as soon as their
 inputs differ in the last bits, and each product turns that into a quantum-sized difference, so the gap grows layer
@@ -27,7 +27,7 @@ import machine
 from llamacpp_parity import PROMPTS
 
 POINTS = ("attn_norm-0", "Vcur-0", "kqv_out-0", "attn_out-0", "ffn_norm-0", "ffn_gate-0", "ffn_up-0", "ffn_swiglu-0",
-          "l_out-0", "l_out-1", "l_out-29", "result_norm")
+          "l_out-0", "l_out-1", "l_out-last", "result_norm")
 
 
 class GGMLTensor(ctypes.Structure):
@@ -45,16 +45,28 @@ def llamacpp_tensors(path: str, prompt: list[int], out: str) -> None:
     from llama_cpp import Llama
 
     got: dict[str, np.ndarray] = {}
+    last = -1  # the highest layer whose output was seen: its l_out-N is l_out-last
+
+    def point(name: str) -> str | None:
+        if name in POINTS:
+            return name
+        return "l_out-last" if name.startswith("l_out-") and name[6:].isdigit() else None
 
     @llama_cpp.ggml_backend_sched_eval_callback
     def watch(t, ask, _):
+        nonlocal last
         t = ctypes.cast(t, ctypes.POINTER(GGMLTensor)).contents
         name = t.name.decode()
+        key = point(name)
         if ask:
-            return name in POINTS
-        if t.type == 0 and name in POINTS:  # F32; a name given twice keeps its last (post-rope) tensor
+            return key is not None
+        if t.type == 0 and key is not None:  # F32; a name given twice keeps its last (post-rope) tensor
+            if key == "l_out-last":
+                if int(name[6:]) < last:
+                    return True
+                last = int(name[6:])
             n = int(np.prod(t.ne[:4]))
-            got[name] = np.ctypeslib.as_array(ctypes.cast(t.data, ctypes.POINTER(ctypes.c_float)), (n,)).copy()
+            got[key] = np.ctypeslib.as_array(ctypes.cast(t.data, ctypes.POINTER(ctypes.c_float)), (n,)).copy()
         return True
 
     llm = Llama(model_path=path, n_ctx=512, n_threads=1, logits_all=True, verbose=False)
@@ -81,7 +93,7 @@ def sputnik_tensors(model, prompt: list[int]) -> dict[str, np.ndarray]:
              (L0.self_attn.o_proj, keep("kqv_out-0", True)), (L0.self_attn.o_proj, keep("attn_out-0")),
              (L0.post_attention_layernorm, keep("ffn_norm-0")), (L0.mlp.gate_proj, keep("ffn_gate-0")),
              (L0.mlp.up_proj, keep("ffn_up-0")), (L0.mlp.down_proj, keep("ffn_swiglu-0", True)),
-             (L0, keep("l_out-0")), (layers[1], keep("l_out-1")), (layers[-1], keep("l_out-29")),
+             (L0, keep("l_out-0")), (layers[1], keep("l_out-1")), (layers[-1], keep("l_out-last")),
              (model.model.norm, keep("result_norm"))]
     handles = [m.register_forward_hook(h) for m, h in hooks]
     with torch.inference_mode():
