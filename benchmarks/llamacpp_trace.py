@@ -1,8 +1,8 @@
 """Where sputnik and llama.cpp part on a quantized file: the same prompt through both, compared tensor by tensor.
 
 llama.cpp's intermediate tensors come from its scheduler's eval callback (in a child process, as every llama.cpp
-figure here); sputnik's from forward hooks at the same points of layer 0, then the outputs of layers 1 and the last and the
-final norm. Each row is the relative L2 difference over the prompt's tokens and at its last token. It shows how far
+figure here); sputnik's from forward hooks at the same points of layer 0, then the outputs of the second and the
+last layer and the final norm. Each row is the relative L2 difference over the prompt's tokens and at its last token. It shows how far
 greedy agreement can go: two engines that quantize activations to 8 bits round a few elements apart as soon as their
 inputs differ in the last bits, and each product turns that into a quantum-sized difference, so the gap grows layer
 by layer until it sits at the quantization's own noise.
