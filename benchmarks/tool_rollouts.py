@@ -10,7 +10,8 @@ seconds per sampled token over the plain side's (goal, issue 20: at most 1.3).
 
 The prompts: the tools offered (the fallback's Hermes system message for SmolLM2), two solved examples (a call, its
 result, the answer) and a new 4-digit product; the examples are what make a 135M model call the calculator at all
-(with one, none of 8 rows called). The engine's prefix cache is sized as GRPO sizes it (multiturn.prefix_cache_mb).
+(with one, none of 8 rows called). The engine's prefix cache and prefill blocks are as GRPO sets them
+(multiturn.prefix_cache_mb, RESUME_BLOCK).
 The tools side's breakdown: seconds inside engine steps, seconds waiting with only tools running, tokens prefilled
 (prompt, tool results and glue, and whatever the prefix cache missed) against the plain side's.
 
@@ -34,7 +35,7 @@ import torch
 from sputnik.checkpoint import load_model
 from sputnik.checkpoint.registry import resolve
 from sputnik.engine import Engine, SamplingParams
-from sputnik.engine.multiturn import AgentConfig, MultiTurn, prefix_cache_mb, tool_rollouts
+from sputnik.engine.multiturn import RESUME_BLOCK, AgentConfig, MultiTurn, prefix_cache_mb, tool_rollouts
 from sputnik.tokenizer import Tokenizer
 from sputnik.tools.env import environment_maker
 from sputnik.tools.render import ToolPlan, plan_of, tool_prompt
@@ -80,7 +81,8 @@ def with_tools(model, tok, ids: list[list[int]], args) -> tuple[float, list[Mult
     """(seconds, rollouts, breakdown) of one round of rollouts with the calculator."""
     G, maker = args.generations, environment_maker(["calculator"])
     longest = max(len(p) for p in ids) + args.max_new_tokens * args.max_turns
-    engine = Engine(model, tok, max_batch=len(ids) * G, prefix_cache_mb=prefix_cache_mb(model, len(ids) * G, longest))
+    engine = Engine(model, tok, max_batch=len(ids) * G, prefix_cache_mb=prefix_cache_mb(model, len(ids) * G, longest),
+                    prefill_block=RESUME_BLOCK)
     stepping = counted(engine)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, seed=1)
     agent = AgentConfig(max_turns=args.max_turns, max_total_tokens=args.max_new_tokens * args.max_turns)

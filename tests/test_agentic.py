@@ -139,7 +139,7 @@ def _glue(results):
 
 def test_rows_pause_for_tools_while_other_rows_decode():
     tok, model = toy_tokenizer(), toy_model(call_bias=40.0)
-    engine = Engine(model, tok, max_batch=8, prefix_cache_mb=16)
+    engine = Engine(model, tok, max_batch=8, prefix_cache_mb=16, prefill_block=1)  # every cached token reused
     spans = []
 
     class Slow:

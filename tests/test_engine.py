@@ -202,16 +202,16 @@ def test_requests_joining_mid_run_equal_the_same_requests_alone(family):
     seeded = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.95, seed=5, n=2)
     arrivals = {0: [("a", PROMPTS[1], greedy)], 3: [("b", PROMPTS[0], seeded), ("c", PROMPTS[3], greedy)],
                 4: [("d", PROMPTS[2], greedy)]}
-    together = _drive(Engine(model, prefill_chunk=2), arrivals)
+    together = _drive(Engine(model, prefill_chunk=2, prefill_block=2), arrivals)
     for reqs in arrivals.values():
         for key, ids, params in reqs:
-            alone = _drive(Engine(model), {0: [(key, ids, params)]})
+            alone = _drive(Engine(model, prefill_block=2), {0: [(key, ids, params)]})
             assert sorted(together[key]) == sorted(alone[key]), key
             assert len(together[key]) == 10 * params.n
 
 
 def test_a_long_prefill_does_not_stall_running_streams():
-    eng = Engine(tiny(), prefill_chunk=4)
+    eng = Engine(tiny(), prefill_chunk=4, prefill_block=4)
     eng.add("running", PROMPTS[0], SamplingParams(max_tokens=30, temperature=0))
     eng.step()
     eng.add("long", list(range(1, 41)), SamplingParams(max_tokens=5, temperature=0))
@@ -254,21 +254,32 @@ def test_prefix_cache_hits_give_the_same_tokens(family):
     model = tiny(family)
     system = list(range(1, 25))
     params = SamplingParams(max_tokens=8, temperature=0)
-    cold = Engine(model).generate([system + [30, 31], system + [40, 41, 42]], params)
-    eng = Engine(model, prefix_cache_mb=16)
+    cold = Engine(model, prefill_block=8).generate([system + [30, 31], system + [40, 41, 42]], params)
+    eng = Engine(model, prefix_cache_mb=16, prefill_block=8)
     first = eng.generate([system + [30, 31]], params)[0][0]
     second = eng.generate([system + [40, 41, 42]], params)[0][0]
-    assert eng.stats["prefix_hit_tokens"] == len(system)
+    assert eng.stats["prefix_hit_tokens"] == len(system)  # 24: three whole blocks
     assert [first.token_ids, second.token_ids] == [c[0].token_ids for c in cold]
-    # The next turn of a conversation starts with the whole first exchange: prompt and answer.
+    # The next turn of a conversation starts with the whole first exchange: prompt and answer, in whole blocks.
     follow = system + [30, 31] + first.token_ids + [50, 51]
     again = eng.generate([follow], params)[0][0]
-    assert eng.stats["prefix_hit_tokens"] == 2 * len(system) + 2 + len(first.token_ids) - 1
-    assert again.token_ids == Engine(model).generate([follow], params)[0][0].token_ids
+    hit = len(system) + 2 + len(first.token_ids) - 1
+    assert eng.stats["prefix_hit_tokens"] == len(system) + hit - hit % 8
+    assert again.token_ids == Engine(model, prefill_block=8).generate([follow], params)[0][0].token_ids
+
+
+def test_prefix_cache_hits_are_whole_blocks():
+    eng = Engine(tiny(), prefix_cache_mb=16, prefill_block=16)
+    params = SamplingParams(max_tokens=2, temperature=0)
+    eng.generate([list(range(1, 40))], params)
+    eng.generate([list(range(1, 30)) + [90]], params)  # shares 29 tokens: one block of 16 is reused
+    assert eng.stats["prefix_hit_tokens"] == 16
+    eng.generate([list(range(1, 12)) + [90]], params)  # shares 11: less than a block, nothing reused
+    assert eng.stats["prefix_hit_tokens"] == 16
 
 
 def test_prefix_cache_keeps_the_longest_entry_of_a_conversation():
-    eng = Engine(tiny(), prefix_cache_mb=16)
+    eng = Engine(tiny(), prefix_cache_mb=16, prefill_block=1)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     prompt = list(range(1, 25))
     first = eng.generate([prompt], params)[0][0]

@@ -55,7 +55,7 @@ def test_lm_eval_against_the_server(smol_server, default_gguf, tmp_path, monkeyp
     from sputnik.checkpoint import load_pretrained
     from sputnik.eval.run import EvalConfig, evaluate
 
-    model, tok = load_pretrained(default_gguf)
+    model, tok = load_pretrained(default_gguf, quantize="auto")  # as the server loads it: its blocks as they are
 
     # loglikelihood: lm-eval's figures are the sums of a plain forward's log-probs over each choice.
     samples = sorted(out["samples"]["sum_choice"], key=lambda s: s["doc_id"])

@@ -10,11 +10,9 @@ from sputnik.model import build_mask
 
 
 class KVCache:
-    """Static cache for a batch (a sputnik.model.Cache). Row b's token at slot s is real iff valid[b, s]; padding
-    slots are never attended.
-
-    All rows write at the same slots (start = length), so ragged prompts are left-padded and decoding writes one
-    column per step. MLA layers store only RMSNorm(c_kv) and k_pe: kv_lora_rank + qk_rope_head_dim per token.
+    """Static cache for a batch of equal-length rows (a sputnik.model.Cache), written at one shared slot offset: the
+    engine prefills each prompt in a one-row KVCache. MLA layers store only RMSNorm(c_kv) and k_pe:
+    kv_lora_rank + qk_rope_head_dim per token.
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
@@ -29,36 +27,22 @@ class KVCache:
         else:
             self.k = zeros(batch, cfg.n_kv_heads, max_len, cfg.head_dim)
             self.v = zeros(batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
-        self.has_pad = False
+        self.batch, self.device = batch, device
         self.length = 0
 
-    @property
-    def batch(self) -> int:
-        return self.valid.shape[0]
-
-    def mark(self, attn_mask: Tensor | None) -> None:
-        """Record which of the next T tokens are real (attn_mask [B, T], False = padding), before their forward."""
-        if attn_mask is not None and not bool(attn_mask.all()):
-            T = attn_mask.shape[1]
-            self._check(T)
-            self.valid[:, self.length : self.length + T] = attn_mask
-            self.has_pad = True
-
     def positions(self, T: int) -> Tensor:
-        return torch.arange(self.length, self.length + T, device=self.valid.device).expand(self.batch, T)
+        return torch.arange(self.length, self.length + T, device=self.device).expand(self.batch, T)
 
     def mask(self, T: int) -> Tensor | None:
-        """The next T tokens' attention mask over the slots so far: causal, padding never attended."""
-        return build_mask(self.batch, T, self.length, self.valid if self.has_pad else None, self.valid.device)
+        """The next T tokens' attention mask over the slots so far: causal."""
+        return build_mask(self.batch, T, self.length, None, self.device)
 
     def advance(self, T: int) -> None:
         self.length += T
 
     def row(self, r: int) -> list[Tensor]:
-        """Row r's real (unpadded) slots, [1, ..., len, ...] per buffer per layer, as SlotCache.add takes them."""
-        pad = int((~self.valid[r, : self.length]).sum())  # left padding comes first
-        return [t[r : r + 1, pad : self.length] if t.dim() == 3 else t[r : r + 1, :, pad : self.length]
+        """Row r's filled slots, [1, ..., len, ...] per buffer per layer, as SlotCache.add takes them."""
+        return [t[r : r + 1, : self.length] if t.dim() == 3 else t[r : r + 1, :, : self.length]
                 for t in self.buffers()]
 
     def load_prefix(self, tensors: list[Tensor]) -> None:
@@ -95,13 +79,6 @@ class KVCache:
 
     def buffers(self) -> list[Tensor]:
         return [*self.kv, *self.pe] if self.cfg.is_mla else [*self.k, *self.v]
-
-    def select(self, rows: Tensor) -> None:
-        """Keep (or repeat) batch rows in this order: drop finished sequences, or fan one prefill out to n samples."""
-        for name in ("kv", "pe") if self.cfg.is_mla else ("k", "v"):
-            setattr(self, name, [t.index_select(0, rows) for t in getattr(self, name)])
-        self.valid = self.valid.index_select(0, rows)
-        self.has_pad = self.has_pad and not bool(self.valid[:, : self.length].all())
 
     def nbytes_per_token(self) -> int:
         return sum(b[0, ..., 0, :].numel() * b.element_size() for b in self.buffers())

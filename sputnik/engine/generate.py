@@ -27,6 +27,11 @@ from sputnik.seeds import mix
 if TYPE_CHECKING:
     from sputnik.tokenizer import StreamDecoder, Tokenizer
 
+# Prompts are prefilled (and found in the prefix cache) in blocks of this many tokens at fixed offsets. Smaller blocks
+# reuse more of a cached prefix; each block is a forward pass that reads every weight once, so much smaller ones
+# make a dense model's prefill slower.
+PREFILL_BLOCK = 64
+
 
 @dataclass
 class Completion:
@@ -126,27 +131,28 @@ def compiled_decode(model: Transformer) -> Callable[[Tensor, Tensor, list[Tensor
 
 @dataclass
 class _Prefill:
-    """A group of waiting prompts being prefilled together, one chunk per step, into a left-padded KVCache."""
+    """Prompts being prefilled, each in its own one-row KVCache (no padding), block by block."""
 
     requests: list[_Request]
-    tokens: Tensor
-    positions: Tensor
-    attn_mask: Tensor | None
-    cache: KVCache
-    done: int  # columns prefilled so far
+    caches: list[KVCache]
+    logits: list[Tensor | None]  # each prompt's next-token logits, once its last block has run
 
 
 class Engine:
     """Continuous batching: requests join the running batch at any step and leave it as they finish.
 
-    Each step prefills one chunk of waiting prompts (several prompts at once, left-padded) and decodes one token for
-    every running sequence, so long prompts never stall running streams. Running sequences live in a SlotCache, each
+    Each step prefills up to prefill_chunk tokens of waiting prompts and decodes one token for every running sequence,
+    so long prompts never stall running streams. A prompt is prefilled on its own, in blocks of prefill_block tokens
+    at fixed offsets, and the prefix cache answers whole blocks: its KV and logits are the same bits whatever shares
+    the step or the cache, which the quantized kernels need (their 8-bit activations turn the last bit of a
+    reordered sum into a different sample). Running sequences live in a SlotCache, each
     row at its own length; n samples of a prompt share one prefill. `generate` and `stream` drive the same steps that a
     server drives with `add`, `step` and `abort`.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_batch: int = 64,
-                 prefill_chunk: int = 512, prefix_cache_mb: float = 0, compile: bool = False, native: bool = True):
+                 prefill_chunk: int = 512, prefix_cache_mb: float = 0, compile: bool = False, native: bool = True,
+                 prefill_block: int = PREFILL_BLOCK):
         self.model = model.eval()
         self.sharded = is_sharded(model)
         if not self.sharded:
@@ -156,7 +162,7 @@ class Engine:
         self._native = native_decode(model) if native and not compile and not self.sharded else None
         self._marked: Tensor | None = None  # the cache buffer last marked dynamic for the compiler
         self.tokenizer = tokenizer
-        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.max_batch, self.prefill_chunk, self.prefill_block = max_batch, prefill_chunk, prefill_block
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self._inbox: deque[tuple[str, Any]] = deque()  # add/abort from any thread; step() drains it
         self._waiting: deque[_Request] = deque()
@@ -352,7 +358,7 @@ class Engine:
             self._release(rows, store=False)
 
     def _admit(self) -> None:
-        """Start prefilling the next waiting prompts that fit (FIFO), as one left-padded group."""
+        """Start prefilling the next waiting prompts that fit (FIFO), each from its longest cached prefix."""
         if self._prefill is not None or not self._waiting:
             return
         if not self.sharded:  # weights moved or cast since the last prompts (a trainer may own them): fuse them again
@@ -360,59 +366,48 @@ class Engine:
         free = self.max_batch - len(self._running)
         group: list[_Request] = []
         while self._waiting and free >= self._waiting[0].params.n:
-            req = self._waiting[0]
-            if self.prefix_cache is not None:
-                req.prefix = self.prefix_cache.lookup(req.ids)
-            if req.prefix is not None and group:
-                break  # a prompt continuing a cached prefix prefills alone
             group.append(self._waiting.popleft())
-            free -= req.params.n
-            if req.prefix is not None:
-                break
+            free -= group[-1].params.n
         if not group and not self._running:
-            req = self._waiting.popleft()  # n > max_batch: run it alone rather than never
-            group = [req]
+            group = [self._waiting.popleft()]  # n > max_batch: run it alone rather than never
         if not group:
             return
-        model, device = self.model, self.model.device
-        start = group[0].prefix[0].shape[-2] if group[0].prefix is not None else 0
-        lens = [len(r.ids) - start for r in group]
-        L = max(lens)
-        pad = torch.tensor([L - m for m in lens], device=device)
-        tokens = torch.zeros(len(group), L, dtype=torch.long, device=device)
-        for i, r in enumerate(group):
-            tokens[i, L - lens[i] :] = torch.tensor(r.ids[start:], dtype=torch.long)
-        slots = torch.arange(L, device=device)[None]
-        attn_mask = slots >= pad[:, None]
-        positions = (slots - pad[:, None]).clamp(min=0) + start
-        cache = KVCache(model.cfg, len(group), start + L, model.dtype, device)
-        if start:
-            cache.load_prefix(group[0].prefix)
-        now = time.monotonic()
+        model, now, caches = self.model, time.monotonic(), []
         for req in group:
+            cache = KVCache(model.cfg, 1, len(req.ids), model.dtype, model.device)
+            if self.prefix_cache is not None:
+                req.prefix = self.prefix_cache.lookup(req.ids, align=self.prefill_block)
+            if req.prefix is not None:
+                cache.load_prefix(req.prefix)
+            caches.append(cache)
             for seq in req.seqs:
-                seq.admitted_at, seq.cached_tokens = now, start
-        self.stats["prompt_tokens"] += sum(len(r.ids) for r in group)
-        self.stats["prefix_hit_tokens"] += start
-        self._prefill = _Prefill(group, tokens, positions, None if bool(attn_mask.all()) else attn_mask, cache, 0)
+                seq.admitted_at, seq.cached_tokens = now, cache.length
+            self.stats["prompt_tokens"] += len(req.ids)
+            self.stats["prefix_hit_tokens"] += cache.length
+        self._prefill = _Prefill(group, caches, [None] * len(group))
 
     def _prefill_chunk(self) -> tuple[list[_Seq], list[list[Tensor]], Tensor] | None:
-        """Prefill one chunk of the current group; when it completes, return its live sequences, each one's KV rows
-        and next-token logits (n samples of a prompt share its prefill)."""
+        """Prefill up to prefill_chunk tokens (at least one block) of the current prompts; when every one is done,
+        return their live sequences, each one's KV rows and next-token logits (n samples share a prefill)."""
         pf = self._prefill
         if pf is None:
             return None
-        L = pf.tokens.shape[1]
-        s, e = pf.done, min(L, pf.done + self.prefill_chunk)
-        pf.cache.mark(pf.attn_mask[:, s:e] if pf.attn_mask is not None else None)
-        logits = next_logits(self.model, pf.tokens[:, s:e], pf.positions[:, s:e], pf.cache)
-        pf.done = e
-        if e < L:
+        budget, block, device = self.prefill_chunk, self.prefill_block, self.model.device
+        for i, (req, cache) in enumerate(zip(pf.requests, pf.caches)):
+            while cache.length < len(req.ids) and budget > 0:
+                s = cache.length
+                e = min(len(req.ids), (s // block + 1) * block)
+                tokens = torch.tensor([req.ids[s:e]], dtype=torch.long, device=device)
+                h = self.model.hidden(tokens, torch.arange(s, e, device=device)[None], cache)
+                if e == len(req.ids):  # the head runs on the last position only
+                    pf.logits[i] = self.model.logits(h[:, -1])
+                budget -= e - s
+        if any(x is None for x in pf.logits):
             return None
         self._prefill = None
         rows, seqs, kvs = [], [], []
-        for i, req in enumerate(pf.requests):
-            kv = pf.cache.row(i)
+        for i, (req, cache) in enumerate(zip(pf.requests, pf.caches)):
+            kv = cache.row(0)
             if self.prefix_cache is not None:
                 self.prefix_cache.store(req.ids, kv)
             for seq in req.seqs:
@@ -426,7 +421,7 @@ class Engine:
                     kvs.append(kv)
         if not seqs:
             return None
-        return seqs, kvs, logits.index_select(0, torch.tensor(rows, device=logits.device))
+        return seqs, kvs, torch.cat(pf.logits).index_select(0, torch.tensor(rows, device=device))
 
     def _decode(self) -> Tensor:
         cache, tokens = self._cache, self._next[:, None]

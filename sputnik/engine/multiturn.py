@@ -216,6 +216,11 @@ def _insert_results(row: _Row, results: list[ToolResult], text: str, engine: Eng
     return True
 
 
+# A row resumes after its tools from the prefix cache in whole prefill blocks (engine/generate.py); smaller blocks than
+# a prompt's leave less of each resumed conversation to prefill again.
+RESUME_BLOCK = 16
+
+
 def prefix_cache_mb(model, rows: int, tokens: int) -> float:
     """A prefix cache that holds every row's rollout (rows x tokens, prompt included), for the engine of a batch of
     rollouts: a row resumes after its tools from its KV there, and a smaller LRU evicts rows before they resume,

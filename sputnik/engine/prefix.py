@@ -19,9 +19,9 @@ class PrefixCache:
         self.max_bytes, self.bytes = max_bytes, 0
         self.entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, list[Tensor], int]] = OrderedDict()
 
-    def lookup(self, ids: list[int]) -> list[Tensor] | None:
+    def lookup(self, ids: list[int], align: int = 1) -> list[Tensor] | None:
         """KV of the longest cached prefix of ids (at most len(ids) - 1 tokens: the last one must be computed to get
-        logits), or None when it is shorter than MIN_MATCH."""
+        logits), cut to a multiple of `align` tokens, or None when that is shorter than MIN_MATCH."""
         query = np.asarray(ids, dtype=np.int64)
         best, best_key = 0, None
         for key, (arr, _, _) in self.entries.items():
@@ -32,6 +32,7 @@ class PrefixCache:
             m = int(diff[0]) if len(diff) else n
             if m > best:
                 best, best_key = m, key
+        best -= best % align
         if best < MIN_MATCH or best_key is None:
             return None
         self.entries.move_to_end(best_key)

@@ -13,9 +13,9 @@ from typing import Any
 from tqdm import tqdm
 
 from sputnik.engine import Engine, SamplingParams
-from sputnik.engine.generate import Completion
+from sputnik.engine.generate import PREFILL_BLOCK, Completion
 from sputnik.engine.grammar import json_answer
-from sputnik.engine.multiturn import AgentConfig, MultiTurn, tool_rollouts
+from sputnik.engine.multiturn import RESUME_BLOCK, AgentConfig, MultiTurn, tool_rollouts
 from sputnik.r1 import GRADINGS, TEMPERATURE, THINK_MODES, THINK_OPEN, TOP_P, opens_thinking, think_prompt
 from sputnik.rewards import chain_of_thought, format_reward, language_reward
 from sputnik.settings import option
@@ -296,7 +296,8 @@ def evaluate(model, tokenizer, cfg: EvalConfig, out_dir: str | Path | None = Non
     problems = task.problems(cfg.split, cfg.n, seed=cfg.seed)
     make_env = environment_maker(cfg.tools, cfg.environment_factory)
     envs = [make_env(p) for p in problems] if make_env else None
-    engine = engine or Engine(model, tokenizer, max_batch=cfg.batch, prefix_cache_mb=64 if envs else 0)
+    engine = engine or Engine(model, tokenizer, max_batch=cfg.batch, prefix_cache_mb=64 if envs else 0,
+                              prefill_block=RESUME_BLOCK if envs else PREFILL_BLOCK)
     prompts = [prompt_ids(task, p, tokenizer, cfg, envs[i] if envs else None) for i, p in enumerate(problems)]
     records: list[dict[str, Any]] = []
     start = time.perf_counter()

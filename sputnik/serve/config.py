@@ -33,12 +33,6 @@ class ServeConfig(ModelArgs):
     device and quantization are ModelArgs, loaded as generate, chat and eval load theirs."""
 
     dtype: str = option("auto", DTYPE_HELP, choices=["auto", *DTYPES])
-    # Dense unless asked: with the block kernels a seeded request still samples differently alone and in a crowd
-    # (tests/test_serve.py's 32 streams), which the API promises it does not. The kernels themselves are now
-    # batch-invariant (tests/test_kernels.py); what else depends on the batch is not yet found.
-    quantize: str = option("none", "none: dequantize to --dtype; auto: a GGUF file's quantized weights run as they "
-                                   "are on the CPU; int8/int4: quantize any checkpoint's matrices to Q8_0/Q4_1 "
-                                   "blocks", choices=["auto", "none", "int8", "int4"])
     upstream: str | None = option(None, "serve an OpenAI-compatible base URL (e.g. vLLM) instead of the engine")
     upstream_key: str | None = option(None, "API key for --upstream")
     served_name: str | None = option(None, "the model id clients see (default: the model's name)")

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from sputnik.engine import Engine, SamplingParams
 from sputnik.engine.grammar import json_answer
-from sputnik.engine.multiturn import AgentConfig, MultiTurn, prefix_cache_mb, tool_rollouts
+from sputnik.engine.multiturn import RESUME_BLOCK, AgentConfig, MultiTurn, prefix_cache_mb, tool_rollouts
 from sputnik.eval.run import EvalConfig, evaluate, prompt_ids, thinking
 from sputnik.r1 import GRADINGS, THINK_MODES, answer_part
 from sputnik.rewards import combine
@@ -248,7 +248,8 @@ class GRPOObjective(RankAware):
         """Multi-turn rollouts with the configured tools; the reward reads the last turn, plus the tool shaping."""
         c, G = self.cfg, self.cfg.num_generations
         n, longest = len(idx) * G, max(len(self.prompts[i][0]) for i in idx) + c.max_completion_length
-        engine = Engine(model, self.tok, max_batch=n, prefix_cache_mb=prefix_cache_mb(model, n, longest))
+        engine = Engine(model, self.tok, max_batch=n, prefix_cache_mb=prefix_cache_mb(model, n, longest),
+                        prefill_block=RESUME_BLOCK)
         # Streams by global row (the rank's rows follow those of the ranks before it): N processes sample what one
         # process sampling every rank's prompts would.
         seed = mix(self.seed, step * 1009, attempt * 31, bits=31)

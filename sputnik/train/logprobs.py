@@ -20,13 +20,19 @@ def positions_from_mask(attn_mask: Tensor) -> Tensor:
 
 def _tempered_probs(h: Tensor, weight: Tensor, targets: Tensor, temperature: float, dtype: torch.dtype,
                     entropy: bool, top: int = 0) -> tuple[Tensor, Tensor, Tensor | None]:
-    """p = softmax(h W^T / T) [N, V] in fp32, log p[target] [N] and (optionally) the entropy [N]. With top > 0 the
-    third value is instead the `top` largest log-probs and their ids ([N, top] each), computed exactly as
-    log p[target] is, so a target that is the most likely token has the same value in both.
+    """p = softmax(h W^T / T) [N, V] in fp32, log p[target] [N] and (optionally) the entropy [N] (see
+    _logits_probs, which does the work on the logits)."""
+    return _logits_probs(F.linear(h.to(dtype), weight.to(dtype)).float(), targets, temperature, entropy, top)
+
+
+def _logits_probs(z: Tensor, targets: Tensor, temperature: float, entropy: bool, top: int = 0
+                  ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """p = softmax(z / T) [N, V] for fp32 logits z (overwritten), log p[target] [N] and (optionally) the entropy
+    [N]. With top > 0 the third value is instead the `top` largest log-probs and their ids ([N, top] each), computed
+    exactly as log p[target] is, so a target that is the most likely token has the same value in both.
 
     Works in place on two [N, V] buffers: on a CPU every fresh buffer of that size costs as much in page faults
     as the arithmetic done on it."""
-    z = F.linear(h.to(dtype), weight.to(dtype)).float()
     if temperature != 1.0:
         z.div_(temperature)
     z.sub_(z.amax(-1, keepdim=True))
@@ -166,15 +172,16 @@ def scored_logprobs(model: Transformer, ids: list[int], top: int = 0, chunk: int
                     ) -> tuple[list[float], list[list[tuple[int, float]]]]:
     """Score a whole sequence, for a server that echoes a prompt with its log-probs: column t is
     log p(ids[t + 1] | ids[:t + 1]) (as token_logprobs, at temperature 1), with the `top` most likely
-    (token, log-prob) alternatives at each column. The same tempered head as head_logprobs, chunk by chunk."""
+    (token, log-prob) alternatives at each column. The same softmax as head_logprobs, chunk by chunk, through the
+    model's own head (which may be in a block format: sputnik.kernels)."""
     tokens = torch.tensor([ids], dtype=torch.long, device=model.device)
-    h = model.model.norm(model.hidden(tokens)[0, :-1])
+    h = model.hidden(tokens)[0, :-1]
     targets = tokens[0, 1:]
-    weight = model.lm_head.weight
     logps: list[float] = []
     alts: list[list[tuple[int, float]]] = []
     for c0 in range(0, h.shape[0], chunk):
-        _, lp, best = _tempered_probs(h[c0 : c0 + chunk], weight, targets[c0 : c0 + chunk], 1.0, h.dtype, False, top)
+        z = model.logits(h[c0 : c0 + chunk]).float()
+        _, lp, best = _logits_probs(z, targets[c0 : c0 + chunk], 1.0, False, top)
         logps += lp.tolist()
         if top:
             vals, idx = best
