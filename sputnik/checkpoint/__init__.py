@@ -156,8 +156,10 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
                     quantize: str = "none"):
     """(model, tokenizer) from a registry name, an HF folder or a .gguf file (quantize: see load_model)."""
     from sputnik.tokenizer import Tokenizer
+    from sputnik.tokenizer.gguf import open_gguf
 
     p = resolve(path)
+    held = open_gguf(p) if p.suffix == ".gguf" else None  # noqa: F841 (parsed once for both loaders; freed on return)
     return load_model(p, dtype=dtype, device=device, quantize=quantize), Tokenizer.load(p)
 
 
