@@ -385,6 +385,26 @@ def test_gguf_matches_transformers(tmp_path, kind, qtype, tied):
         assert relative_error(ours, reference) < {"F16": 1e-3, "Q8_0": 2e-2, "Q4_0": 0.2}[qtype]
 
 
+def test_a_parsed_gguf_is_shared_while_held_and_freed_after(tmp_path):
+    """The model and tokenizer loaders share one parse; once loaded, nothing keeps the metadata (a real vocabulary's
+    ~100k strings) resident: the weights are views of the file's map, not of the parse."""
+    import gc
+    import weakref
+
+    from sputnik.checkpoint import load_model
+    from sputnik.tokenizer.gguf import open_gguf
+
+    write_gguf(tmp_path / "m.gguf", tiny_model(tiny_config("llama")), "llama", "Q8_0")
+    held = open_gguf(tmp_path / "m.gguf")
+    assert open_gguf(tmp_path / "m.gguf") is held
+    parsed = weakref.ref(held)
+    model = load_model(tmp_path / "m.gguf", quantize="auto")
+    del held
+    gc.collect()
+    assert parsed() is None
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()  # the weights outlive the parse
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_gguf_matches_transformers_gguf_loader_on_tiny_files(tmp_path, kind):
     """A second opinion on names and q/k un-permutation: transformers' own GGUF reader."""
