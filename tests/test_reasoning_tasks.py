@@ -81,6 +81,14 @@ def test_the_work_of_a_trace_is_read_back(language):
     slip = ("916 + 665.\nOnes: 6 + 5 = 11, write 1, carry 1.\nTens: 1 + 6 + 1 = 8, write 8.\n"
             "Hundreds: 9 + 6 = 15, write 5, carry 1.\nWrite the carry 1.\nSo 936 + 665 = 1581.")
     assert get_task("arithmetic").worked_result(p, slip) == "1581"
+    # A real r1 sample after GRPO: the last column's carry is left in its line, not written on one of its own.
+    p = Problem("arithmetic/492+666", "What is 666 + 492?", "1158", {"a": 666, "b": 492, "op": "+"})
+    terse = ("666 + 492.\nOnes: 6 + 2 = 8, write 8.\nTens: 6 + 9 = 15, write 5, carry 1.\n"
+             "Hundreds: 6 + 4 + 1 = 11, write 1, carry 1.\nSo 666 + 492 = 1158.")
+    assert get_task("arithmetic").worked_result(p, terse) == "1158"
+    assert get_task("arithmetic").worked_result(p, terse.replace(", carry 1.\nSo", ".\nSo")) == "158"
+    ko = get_task("korean-arithmetic")
+    assert ko.worked_result(p, "일의 자리: 6 + 2 = 8, 8 적기.\n백의 자리: 6 + 4 + 1 = 11, 1 적기, 1 올림.") == "118"
 
 
 def test_eval_says_whether_the_answer_follows_the_thinking():

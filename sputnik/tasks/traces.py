@@ -99,7 +99,8 @@ def arithmetic_trace(a: int, op: str, b: int, language: str = "en") -> tuple[str
 
 
 # What a trace's own work arrives at, read back from a completion's reasoning: the digits its columns write (ones
-# first; the last carry too), or for multiplication the last number its last step computes.
+# first; the last carry too, written or left in the last column), or for multiplication the last number its last
+# step computes.
 _WRITTEN = {"en": re.compile(r"write (\d)\b|Write the carry (\d)"), "ko": re.compile(r"(\d) 적기")}
 _SO = ("So ", "따라서")
 
@@ -108,7 +109,14 @@ def trace_result(reasoning: str, op: str, language: str = "en") -> str | None:
     """The result the reasoning's steps compute, in the form `arithmetic_trace` writes them (None where it wrote no
     such steps) — to tell an answer that follows from the thinking from one that does not."""
     if op in "+-":
-        digits = ["".join(m) for m in _WRITTEN[language].findall(reasoning)]  # a tuple of groups, or one group
+        w, digits, carried = WORDS[language], [], False
+        for line in reasoning.splitlines():
+            written = ["".join(m) for m in _WRITTEN[language].findall(line)]  # a tuple of groups, or one group
+            if written:
+                digits += written
+                carried = w["carry"] in line and w["last_carry"].rstrip(".") not in line
+        if carried:  # the last column's carry, not written out on a line of its own, is still the first digit
+            digits.append("1")
         return str(int("".join(reversed(digits)))) if digits else None
     steps = [line for line in reasoning.splitlines() if "=" in line and not line.lstrip().startswith(_SO)]
     numbers = re.findall(r"\d+", steps[-1].rsplit("=", 1)[-1]) if steps else []
