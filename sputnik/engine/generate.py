@@ -99,7 +99,6 @@ class _Request:
     ids: list[int]
     params: SamplingParams
     seqs: list[_Seq]
-    prefix: list[Tensor] | None = None  # cached KV of ids[:len], when the prefix cache holds part of the prompt
 
 
 def next_logits(model: Transformer, tokens: Tensor, positions: Tensor, cache: Cache) -> Tensor:
@@ -145,9 +144,9 @@ class Engine:
     so long prompts never stall running streams. A prompt is prefilled on its own, in blocks of prefill_block tokens
     at fixed offsets, and the prefix cache answers whole blocks: its KV and logits are the same bits whatever shares
     the step or the cache, which the quantized kernels need (their 8-bit activations turn the last bit of a
-    reordered sum into a different sample). Running sequences live in a SlotCache, each
-    row at its own length; n samples of a prompt share one prefill. `generate` and `stream` drive the same steps that a
-    server drives with `add`, `step` and `abort`.
+    reordered sum into a different sample). Running sequences live in a SlotCache, each row at its own length; n
+    samples of a prompt share one prefill. `generate` and `stream` drive the same steps that a server drives with
+    `add`, `step` and `abort`.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_batch: int = 64,
@@ -375,10 +374,9 @@ class Engine:
         model, now, caches = self.model, time.monotonic(), []
         for req in group:
             cache = KVCache(model.cfg, 1, len(req.ids), model.dtype, model.device)
-            if self.prefix_cache is not None:
-                req.prefix = self.prefix_cache.lookup(req.ids, align=self.prefill_block)
-            if req.prefix is not None:
-                cache.load_prefix(req.prefix)
+            hit = self.prefix_cache and self.prefix_cache.lookup(req.ids, align=self.prefill_block)
+            if hit:  # the KV of the longest cached prefix, in whole blocks
+                cache.load_prefix(hit)
             caches.append(cache)
             for seq in req.seqs:
                 seq.admitted_at, seq.cached_tokens = now, cache.length
