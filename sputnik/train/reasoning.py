@@ -34,6 +34,8 @@ class RecipeConfig:
     recipe: str = option("r1-zero", "the recipe's name in the report")
     cold_start: int = option(0, "programmatic traces of the task's train split for SFT before GRPO (R1's cold start; "
                                 "0: straight to GRPO, R1-Zero)")
+    cold_start_task: str | None = option(None, "the task whose train split the cold-start traces solve (default: the "
+                                               "GRPO task); R1's cold start and its RL prompts need not be the same")
     sft_steps: int = option(40, "cold-start SFT steps")
     sft_lr: float = option(5e-5, "cold-start SFT learning rate")
     sft_batch_size: int = option(16, "cold-start SFT conversations per step")
@@ -110,7 +112,8 @@ def cold_start(model: str, recipe: RecipeConfig, grpo, out: Path, seed: int) -> 
     from sputnik.train.sft import SFTConfig, train_sft
 
     ckpt = out / "sft" / "checkpoints" / f"step_{recipe.sft_steps:06d}"
-    key = {"model": model, "task": grpo.task, "tools": [str(t) for t in grpo.tools],
+    task = recipe.cold_start_task or grpo.task
+    key = {"model": model, "task": task, "tools": [str(t) for t in grpo.tools],
            "environment_factory": str(grpo.environment_factory), "system": grpo.system, "suffix": grpo.suffix,
            "seed": seed, **{k: getattr(recipe, k) for k in ("cold_start", "sft_steps", "sft_lr", "sft_batch_size")}}
     if ckpt.is_dir() and _done(out / "sft", key):
@@ -118,9 +121,9 @@ def cold_start(model: str, recipe: RecipeConfig, grpo, out: Path, seed: int) -> 
         return str(ckpt)
     net, tok = load_pretrained(model)
     if grpo.tools or grpo.environment_factory:
-        data = write_tool_traces(grpo, recipe.cold_start, out / "traces.jsonl", tok, seed)
+        data = write_tool_traces(replace(grpo, task=task), recipe.cold_start, out / "traces.jsonl", tok, seed)
     else:
-        data = write_traces(grpo.task, recipe.cold_start, out / "traces.jsonl", seed)
+        data = write_traces(task, recipe.cold_start, out / "traces.jsonl", seed)
     train_sft(net, tok, SFTConfig(data=str(data), seq_len=512, batch_size=recipe.sft_batch_size,
                                    micro_batch=min(8, recipe.sft_batch_size), seed=seed),
               TrainConfig(out_dir=str(out / "sft"), max_steps=recipe.sft_steps, lr=recipe.sft_lr, warmup_steps=3,
