@@ -125,7 +125,7 @@ def test_recipe_and_distill_fields(tmp_path):
         grpo, train, recipe = c.config(GRPOConfig), c.config(TrainConfig), c.config(RecipeConfig)
         assert c.config(PolicyArgs).model == "smollm2-135m-instruct" and grpo.epsilon_high == 0.28
         assert grpo.think == "open" and grpo.grading == "strict" and {"accuracy", "format"} <= set(grpo.rewards)
-        assert train.max_steps == 2 and train.lr == {"r1-zero": 1e-5, "r1": 1e-5}[name] and recipe.recipe == name
+        assert train.max_steps == 2 and train.lr == {"r1-zero": 1e-5, "r1": 2e-5}[name] and recipe.recipe == name
         assert (recipe.cold_start > 0) == (name == "r1") and recipe.korean_task.startswith("korean-arithmetic")
         held = {p.prompt for p in get_task(grpo.task).problems("test", 200)}  # the task specs parse
         if recipe.cold_start_task:  # the cold start's traces never solve a held-out problem
