@@ -8,7 +8,8 @@ weight once per token (memory bandwidth / weight bytes); at B=32 it is arithmeti
     python benchmarks/decode.py [--model smollm2-135m-instruct] [--repeats 3] [--new-tokens 128] [--no-compile]
 
 "sputnik Q4_1" runs the file's blocks as they are (sputnik.kernels), each decode step one native call
-(engine/native.py); "sputnik Q4_1 pytorch step" runs the same blocks through the eager PyTorch step. Its memory (q_rss_mb: resident MB after loading
+(engine/native.py); "sputnik Q4_1 pytorch step" runs the same blocks through the eager PyTorch step. "sputnik" (fp32)
+takes the native step too (float32 rows as type F32), "sputnik pytorch step" the eager one. Its memory (q_rss_mb: resident MB after loading
 the model and tokenizer and decoding 8 tokens, less the process's RSS after importing torch) is measured in a child
 process, so the fp32 copies here do not count; q_rss_vs_gguf is that less its KV cache over the file's size (the issue's
 measure), and llamacpp_rss_mb the same resident MB for llama.cpp on the file (n_ctx 512). llama.cpp
@@ -149,7 +150,7 @@ def main() -> None:
     q_compile_s = None
     compiled = [] if args.no_compile else ["sputnik --compile"]
     # "sputnik Q4_1" decodes with the native step (engine/native.py), "... pytorch step" with the eager PyTorch one
-    runs = ["sputnik"] + compiled + (["sputnik Q4_1", "sputnik Q4_1 pytorch step"] +
+    runs = ["sputnik", "sputnik pytorch step"] + compiled + (["sputnik Q4_1", "sputnik Q4_1 pytorch step"] +
                                      [c.replace("sputnik", "sputnik Q4_1") for c in compiled] if qmodel else [])
     engines: dict[str, Engine] = {}
     for name in runs:
@@ -249,6 +250,9 @@ def main() -> None:
         "sputnik_b32_tok_s": round(results["sputnik"]["b32"], 2),
         "b1_of_ceiling": round(results["sputnik"]["b1"] / ceiling_b1, 3),
         "b32_of_ceiling": round(results["sputnik"]["b32"] / ceiling_b32, 3),
+        "pytorch_step_b1_tok_s": round(results["sputnik pytorch step"]["b1"], 2),
+        "pytorch_step_b32_tok_s": round(results["sputnik pytorch step"]["b32"], 2),
+        "pytorch_step_b1_of_ceiling": round(results["sputnik pytorch step"]["b1"] / ceiling_b1, 3),
         "ceiling_b1_tok_s": round(ceiling_b1, 2),
         "ceiling_b32_tok_s": round(ceiling_b32, 2),
         "bandwidth_gb_s": round(bw, 2),

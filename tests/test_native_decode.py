@@ -45,19 +45,25 @@ def with_f32_blocks(model: nn.Module) -> nn.Module:
     return model
 
 
+@pytest.mark.parametrize("weights", ["f32 blocks", "dense 3 rows", "dense 6 rows"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_native_step_equals_the_pytorch_step(tmp_path, family):
-    model = with_f32_blocks(tiny(tmp_path, family))
+def test_native_step_equals_the_pytorch_step(tmp_path, family, weights):
+    """Block layers and plain float32 Linears (their rows read as F32, one token at a time up to 4 rows, ATen's GEMM
+    past that)."""
+    model = tiny(tmp_path, family)
+    if weights == "f32 blocks":
+        model = with_f32_blocks(model)
     assert supported(model) is None
     model.fuse()
     step = native_decode(model)
     cfg = model.cfg
     torch.manual_seed(1)
-    k = [torch.randn(3, cfg.n_kv_heads, 16, cfg.head_dim) for _ in range(cfg.n_layers)]
+    rows = 6 if weights == "dense 6 rows" else 3
+    k = [torch.randn(rows, cfg.n_kv_heads, 16, cfg.head_dim) for _ in range(cfg.n_layers)]
     v = [torch.randn_like(t) for t in k]
     mine_k, mine_v = [t.clone() for t in k], [t.clone() for t in v]
-    lens = torch.tensor([0, 5, 11])  # three rows, each at its own length over a cache already holding data
-    tokens = torch.tensor([[7], [42], [95]])
+    lens = torch.tensor([0, 5, 11, 2, 9, 12][:rows])  # each row at its own length over a cache already holding data
+    tokens = torch.tensor([[7], [42], [95], [3], [60], [11]][:rows])
     for _ in range(3):
         with torch.no_grad():
             want = next_logits(model, tokens, lens[:, None], SlotView(k + v, lens, 16, masked=True))
@@ -95,9 +101,13 @@ def test_a_cache_of_the_wrong_shape_is_refused(tmp_path):
 
 
 def test_models_left_to_pytorch(tmp_path):
-    dense = tiny(tmp_path, "llama")
-    assert supported(dense) == "not every projection is in a block format"
-    assert native_decode(dense) is None
+    from sputnik.train.lora import apply_lora
+
+    adapted = tiny(tmp_path, "llama")
+    apply_lora(adapted, r=4)
+    assert "neither in a block format nor a plain float32 Linear" in supported(adapted)
+    assert native_decode(adapted) is None
+    assert supported(tiny(tmp_path, "llama").to(torch.bfloat16)) == "only float32 models on the CPU"
     assert "latent attention" in supported(load_model_mla(tmp_path / "mla"))
 
 
@@ -110,3 +120,19 @@ def load_model_mla(path):
                               qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=1)
     tf.DeepseekV3ForCausalLM(cfg).save_pretrained(path)
     return load_model(path, quantize="int8")
+
+
+def test_a_float32_model_decodes_natively_and_reads_what_a_trainer_writes(tmp_path):
+    """A plain float32 model takes the native step, over its own (fused) weights: an in-place update (an optimizer
+    step) is seen by the next generation, as the PyTorch step sees it."""
+    model = tiny(tmp_path, "qwen2")  # q/k/v biases: fused with their weights
+    engine, eager = Engine(model), Engine(model, native=False)
+    assert engine._native is not None
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [[1, 5, 9, 23], [4, 4, 80]]
+    for _ in range(2):
+        assert [c[0].token_ids for c in engine.generate(prompts, greedy)] == \
+               [c[0].token_ids for c in eager.generate(prompts, greedy)]
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from sputnik.engine.cache import KVCache, SlotCache, SlotView
 from sputnik.engine.grammar import Grammars, apply_masks
-from sputnik.engine.native import native_decode
+from sputnik.engine.native import native_decode, refreshed
 from sputnik.engine.prefix import PrefixCache
 from sputnik.engine.sampling import Sampler, SamplingParams
 from sputnik.model import Cache, Transformer
@@ -157,7 +157,7 @@ class Engine:
         if not self.sharded:
             model.fuse()  # q/k/v and gate/up as one matmul each, in every forward this engine runs
         self._compiled = compiled_decode(model) if compile else None
-        # A model in block formats decodes in one native call per step where it can (engine/native.py)
+        # A Llama-family model on the CPU decodes in one native call per step where it can (engine/native.py)
         self._native = native_decode(model) if native and not compile and not self.sharded else None
         self._marked: Tensor | None = None  # the cache buffer last marked dynamic for the compiler
         self.tokenizer = tokenizer
@@ -362,6 +362,8 @@ class Engine:
             return
         if not self.sharded:  # weights moved or cast since the last prompts (a trainer may own them): fuse them again
             self.model.fuse()
+            if self._native is not None:
+                self._native = refreshed(self._native, self.model)
         free = self.max_batch - len(self._running)
         group: list[_Request] = []
         while self._waiting and free >= self._waiting[0].params.n:

@@ -1,9 +1,10 @@
-"""The decode step as one native call (sputnik/kernels/decode.cpp) for models whose weights are all in block formats.
+"""The decode step as one native call (sputnik/kernels/decode.cpp) for Llama-family models on the CPU.
 
 At batch 1 an eager PyTorch step is ~20 small operators per layer around the matrix products, and dispatching them
 costs more than the products: llama.cpp's lead. Where the model is a Llama-family one (Llama, Qwen2, Qwen3: dense
-attention, SwiGLU) with every projection a QuantLinear on the CPU, its layers run in C++ over the same block
-weights and the same cache; the embedding, the rotary tables and the output head stay sputnik.model's own.
+attention, SwiGLU) with every projection a QuantLinear or a plain float32 Linear on the CPU, its layers run in C++
+over the same weights (float32 rows read as F32 blocks, or by ATen's GEMM past four rows) and the same cache; the
+embedding, the rotary tables and the output head stay sputnik.model's own.
 """
 
 from __future__ import annotations
@@ -11,18 +12,37 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sputnik import kernels
 from sputnik.kernels import QuantLinear
 from sputnik.model import MLP, Attention, Transformer
 
 
-def _parts(*layers) -> tuple[list[Tensor], list[int], Tensor | None]:
-    """Block rows, types and the joined bias (or None) of projections that share one input."""
-    biases = [m.bias for m in layers]
-    bias = torch.cat([b.detach().float() for b in biases]) if biases[0] is not None else None
-    return [m.qweight for m in layers], [m.qtype for m in layers], bias
+DENSE = -1  # a float32 Linear's rows: F32 to the kernels, ATen's GEMM past a few tokens (decode.cpp's kDense)
+
+
+def _group(fused, *layers: nn.Module) -> tuple[list[Tensor], list[int], Tensor | None]:
+    """Rows, types and bias of projections that share one input, as the kernels take them. A float32 Linear gives
+    its own memory read as bytes (type DENSE) — or, once fused, the matrix the model fused the group into (see
+    model.fuse_linears) — so the step reads what a trainer writes into them; a block layer gives its rows of blocks."""
+    if isinstance(fused, tuple):
+        return [fused[0].detach().view(torch.uint8)], [DENSE], None if fused[1] is None else fused[1].detach()
+    rows = [(m.qweight, m.qtype) if type(m) is QuantLinear else (m.weight.detach().view(torch.uint8), DENSE)
+            for m in layers]
+    biases = [m.bias.detach().float() for m in layers if m.bias is not None]
+    bias = (biases[0] if len(biases) == 1 else torch.cat(biases)) if biases else None
+    return [r for r, _ in rows], [t for _, t in rows], bias
+
+
+def _sources(model: Transformer) -> tuple[int, ...]:
+    """Where the tensors the step reads live now: a trainer that replaces them (a cast, a reload) moves them."""
+    return tuple(t.data_ptr() for layer in model.model.layers
+                 for t in (*layer.parameters(), *layer.buffers(), *_fused_tensors(layer)))
+
+
+def _fused_tensors(layer) -> list[Tensor]:
+    return [t for f in (layer.self_attn.qkv, layer.mlp.gate_up) if isinstance(f, tuple) for t in f if t is not None]
 
 
 def supported(model: Transformer) -> str | None:
@@ -37,8 +57,9 @@ def supported(model: Transformer) -> str | None:
         if type(attn) is not Attention or type(mlp) is not MLP:
             return "mixture-of-experts layers are not in the native step"
         projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if any(type(m) is not QuantLinear for m in projections):
-            return "not every projection is in a block format"
+        if any(not (type(m) is QuantLinear or (type(m) is nn.Linear and m.weight.is_contiguous()))
+               for m in projections):
+            return "a projection is neither in a block format nor a plain float32 Linear (LoRA, experts)"
         if len({m.bias is None for m in projections[:3]}) > 1 or len({m.bias is None for m in projections[4:6]}) > 1:
             return "projections that share an input differ in bias"
     if not kernels.available() or not hasattr(kernels.extension(), "Decoder"):
@@ -56,8 +77,8 @@ def native_decode(model: Transformer) -> Callable[[Tensor, Tensor, list[Tensor],
     decoder = kernels.extension().Decoder(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps, attn0.scale)
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
-        qkv, gate_up = _parts(a.q_proj, a.k_proj, a.v_proj), _parts(m.gate_proj, m.up_proj)
-        o, down = _parts(a.o_proj), _parts(m.down_proj)
+        qkv, gate_up = _group(a.qkv, a.q_proj, a.k_proj, a.v_proj), _group(m.gate_up, m.gate_proj, m.up_proj)
+        o, down = _group(None, a.o_proj), _group(None, m.down_proj)
         decoder.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
                           a.q_norm.weight.detach() if a.qk_norm else None,
                           a.k_norm.weight.detach() if a.qk_norm else None,
@@ -70,4 +91,11 @@ def native_decode(model: Transformer) -> Callable[[Tensor, Tensor, list[Tensor],
         h = decoder.step(x, cos.view(B, -1), sin.view(B, -1), positions[:, 0], k, v)
         return model.logits(h)
 
+    step.sources = _sources(model)
     return step
+
+
+def refreshed(step, model: Transformer):
+    """`step` while the tensors it reads are where they were when it was built; else a step over the model as it is
+    now (None if it no longer qualifies): a trainer may have replaced them since (a cast, a reload, new storage)."""
+    return step if step.sources == _sources(model) else native_decode(model)

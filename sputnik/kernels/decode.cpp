@@ -1,7 +1,8 @@
 // One decode step of a Llama-family model (Llama, Qwen2's q/k/v bias, Qwen3's per-head q/k norm) over block-format
-// weights, every layer in one call: at batch 1 the eager PyTorch step spends more time dispatching its ~20 small ops
-// per layer than the matrix products take, which is the gap to llama.cpp. The arithmetic is sputnik.model's
-// (RMSNorm, rotation by Rotary's tables, attention over the cache, SwiGLU); tests hold it to the PyTorch step.
+// (or float32, as type F32) weights, every layer in one call: at batch 1 the eager PyTorch step spends more time
+// dispatching its ~20 small ops per layer than the matrix products take, which is the gap to llama.cpp. The
+// arithmetic is sputnik.model's (RMSNorm, rotation by Rotary's tables, attention over the cache, SwiGLU); tests hold
+// it to the PyTorch step.
 
 #include "quant.h"
 
@@ -55,9 +56,25 @@ struct Layer {
   std::optional<torch::Tensor> qkv_bias, o_bias, gate_up_bias, down_bias;
 };
 
+// A float32 Linear's rows, given as bytes (engine/native.py): type F32 to the kernels, but free to take ATen's GEMM.
+constexpr int64_t kDense = -1, kF32 = 0;
+
+// Float32 Linears past four tokens go to ATen's GEMM (at 32 tokens its register tiles run 2-3x faster than the
+// kernels' row-at-a-time dot, which streams a matrix once and wins at one token); F32 blocks stay in the kernels,
+// whose rows do not depend on the batch.
 torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w, const std::vector<int64_t>& t,
                      const std::optional<torch::Tensor>& bias) {
-  auto y = qmatmul_cat(x, w, t, -1);
+  const bool dense = std::all_of(t.begin(), t.end(), [](int64_t k) { return k == kDense; });
+  torch::Tensor y;
+  if (dense && x.size(0) > 4) {
+    std::vector<torch::Tensor> parts;
+    for (const auto& rows : w) parts.push_back(torch::mm(x, rows.view(torch::kFloat).t()));
+    y = parts.size() == 1 ? parts[0] : torch::cat(parts, 1);
+  } else {
+    std::vector<int64_t> types(t);
+    std::replace(types.begin(), types.end(), kDense, kF32);
+    y = qmatmul_cat(x, w, types, -1);
+  }
   if (bias) y.add_(*bias);
   return y;
 }

@@ -319,6 +319,40 @@ AVX2 void rows_int_avx2(const uint8_t* w, int64_t row_bytes, const Act& a, int64
   }
 }
 
+// RT rows of float32 weights (type F32, read in place) against one token: each 8 floats of the token are loaded once
+// for RT rows. Every output keeps rows_decoded_avx2's two accumulators and order, so a row's result is the same
+// whichever tile computes it, however many tokens share the call.
+template <int RT>
+AVX2 inline void tile_f32_avx2(const float* w, int64_t K, const float* x, float* out, int64_t r) {
+  __m256 acc0[RT], acc1[RT];
+  for (int i = 0; i < RT; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+    for (int i = 0; i < RT; ++i) {
+      const float* wr = w + (r + i) * K + k;
+      acc0[i] = _mm256_fmadd_ps(_mm256_loadu_ps(wr), x0, acc0[i]);
+      acc1[i] = _mm256_fmadd_ps(_mm256_loadu_ps(wr + 8), x1, acc1[i]);
+    }
+  }
+  for (int i = 0; i < RT; ++i) {
+    float acc = hsum(_mm256_add_ps(acc0[i], acc1[i]));
+    for (int64_t j = k; j < K; ++j) acc = std::fma(w[(r + i) * K + j], x[j], acc);
+    out[r + i] = acc;
+  }
+}
+
+// Rows r0..r1 of float32 weights for every token, 4 rows at a time: the tile (4 K floats) stays in L1 while each
+// token passes over it, so the matrix streams from memory once. The row-decoding path copied every row first.
+AVX2 void rows_f32_avx2(const float* w, int64_t K, const float* x, int64_t N, int64_t M, float* out, int64_t r0,
+                        int64_t r1) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4)
+    for (int64_t n = 0; n < N; ++n) tile_f32_avx2<4>(w, K, x + n * K, out + n * M, r);
+  for (; r < r1; ++r)
+    for (int64_t n = 0; n < N; ++n) tile_f32_avx2<1>(w, K, x + n * K, out + n * M, r);
+}
+
 AVX2 void rows_decoded_avx2(int64_t t, const uint8_t* w, int64_t row_bytes, int64_t K,
                                                            const float* x, int64_t N, int64_t M, float* out,
                                                            int64_t r0, int64_t r1) {
@@ -376,6 +410,7 @@ void rows_of(const torch::Tensor& w, int64_t qtype, const float* x, const Act* a
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t row_bytes = w.size(1);
 #ifdef SPUTNIK_X86
+  if (qtype == F32 && path == 1) return rows_f32_avx2(reinterpret_cast<const float*>(wp), K, x, N, stride, out, r0, r1);
   if (a != nullptr && (qtype == Q4_0 || qtype == Q4_1 || qtype == Q8_0)) {
     if (qtype == Q4_0) rows_int_avx2<Q4_0>(wp, row_bytes, *a, stride, out, r0, r1);
     else if (qtype == Q4_1) rows_int_avx2<Q4_1>(wp, row_bytes, *a, stride, out, r0, r1);
