@@ -4,7 +4,8 @@ At batch 1 an eager PyTorch step is ~20 small operators per layer around the mat
 costs more than the products: llama.cpp's lead. Where the model is a Llama-family one (Llama, Qwen2, Qwen3: dense
 attention, SwiGLU) with every projection a QuantLinear or a plain float32 Linear on the CPU, its layers run in C++
 over the same weights (float32 rows read as F32 blocks, or by ATen's GEMM past four rows) and the same cache; the
-embedding, the rotary tables and the output head stay sputnik.model's own.
+embedding and the rotary tables stay sputnik.model's own, and so does the output head but for a float32 one at up to
+four rows (decode.cpp's threshold too), which the kernels' F32 rows take in half MKL's time.
 """
 
 from __future__ import annotations
