@@ -81,6 +81,11 @@ def close_thinking(prompt: str) -> str:
     return prompt + "\n" + THINK_CLOSE + "\n\n"
 
 
+def direct_reply(answer: str) -> str:
+    """An answer after an empty thought, as a thinking-closed prompt lays it out (the direct-answer arms' SFT rows)."""
+    return close_thinking(open_thinking("")) + answer
+
+
 def open_thinking(prompt: str) -> str:
     """A prompt that ends inside an open `<think>`, as R1's generation prompt does: unchanged when it already does;
     otherwise the tag is put after the template's own generation prompt (instruct models), or after R1-Zero's

@@ -3,7 +3,7 @@
 import pytest
 
 from sputnik.eval.run import EvalConfig, prompt_ids, thinking
-from sputnik.r1 import THINK_CLOSE, THINK_OPEN, graded_part, open_thinking, think_prompt
+from sputnik.r1 import THINK_CLOSE, THINK_OPEN, direct_reply, graded_part, open_thinking, think_prompt
 from sputnik.tasks import Problem, get_task
 from sputnik.tasks.arithmetic import parse_digits
 from sputnik.tasks.traces import arithmetic_trace
@@ -137,6 +137,7 @@ def test_think_prompts_open_and_close():
     assert think_prompt(r1, "open") == r1 and think_prompt(r1, "auto") == r1
     closed = think_prompt(chatml, "closed")
     assert closed.endswith(f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n")
+    assert closed + "\\boxed{5}" == chatml + direct_reply("\\boxed{5}")  # the direct arms' SFT rows
     assert think_prompt(chatml, "auto") == chatml
     with pytest.raises(ValueError, match="think"):
         think_prompt(chatml, "sometimes")
@@ -266,3 +267,62 @@ def test_traces_make_chat_rows(tmp_path):
     user, reply = rows[1]["messages"]
     assert "최종 답" in user["content"] and "자리" in reply["reasoning_content"]
     assert reply["content"].startswith("\\boxed{")
+
+
+def test_direct_answer_traces_are_what_the_direct_control_sees(tmp_path, default_tokenizer):
+    # The control's cold start answers the same problems after an empty thought, laid out as its closed prompts are.
+    # Token for token but the last: a closed prompt ends in "\n\n", one token at the end of a text, two before the
+    # answer's "\\boxed" (SmolLM2's pre-tokenizer), as the thinking model's own SFT rows have it after </think>.
+    import json
+
+    from sputnik.train.reasoning import write_traces
+    from sputnik.train.sft import tokenize_chat
+
+    tok, spec = default_tokenizer, "arithmetic:digits=3 + korean-arithmetic:digits=3"
+    path = write_traces(spec, 4, tmp_path / "d.jsonl", direct=True)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    task = get_task(spec)
+    for row, p in zip(rows, task.problems("train", 4, seed=0)):
+        assert "reasoning_content" not in row["messages"][1]
+        ids, mask = tokenize_chat(tok, row["messages"])
+        prompt, _ = prompt_ids(task, p, tok, EvalConfig(task=spec, think="closed"))
+        assert ids[: len(prompt) - 1] == prompt[:-1] and tok.decode(prompt[-1:]) == "\n\n"
+        assert tok.decode(ids[len(prompt) - 1: len(prompt) + 1]) == "\n\n"
+        reply = tok.decode(ids[len(prompt) + 1:], skip_special_tokens=True)
+        assert reply.startswith(f"\\boxed{{{p.answer}}}") and THINK_OPEN not in reply
+        assert any(mask[len(prompt):]) and task.score(p, reply) == 1.0
+
+
+def test_after_a_cold_start_the_control_has_its_direct_answer_twin(tmp_path, default_tokenizer, capsys):
+    # R1's cold start and its control: the thinking run starts from SFT on traces, the direct-answer run from SFT on
+    # the same problems answered directly (same steps), and a rerun reuses both.
+    import json
+
+    import torch
+
+    from sputnik.checkpoint import save_model
+    from sputnik.cli import main
+    from sputnik.config import ModelConfig
+    from sputnik.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(family="llama", vocab_size=default_tokenizer.vocab_size, dim=32, n_layers=2,
+                                    n_heads=4, n_kv_heads=2, inter_dim=64, max_seq_len=512))
+    save_model(model, tmp_path / "tiny", default_tokenizer)
+    out = tmp_path / "run"
+    argv = ["recipe", "--model", str(tmp_path / "tiny"), "--recipe", "toy-r1", "--task", "arithmetic:digits=1-2",
+            "--cold-start", "6", "--sft-steps", "2", "--sft-batch-size", "3", "--prompts-per-step", "2",
+            "--num-generations", "2", "--max-completion-length", "8", "--direct-max-tokens", "4", "--eval-n", "2",
+            "--max-steps", "1", "--out-dir", str(out), "--no-progress"]
+    assert main(argv) == 0
+    think_rows = [json.loads(x) for x in (out / "traces.jsonl").read_text().splitlines()]
+    direct_rows = [json.loads(x) for x in (out / "sft-direct" / "traces.jsonl").read_text().splitlines()]
+    assert [r["messages"][0] for r in think_rows] == [r["messages"][0] for r in direct_rows]  # the same problems
+    assert all(r["messages"][1]["content"] == direct_reply(t["messages"][1]["content"])
+               for r, t in zip(direct_rows, think_rows))
+    for arm, sft in (("think", "sft"), ("direct", "sft-direct")):
+        assert json.loads((out / arm / "summary.json").read_text())["model"] == str(out / sft / "checkpoints" /
+                                                                                     "step_000002")
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("cold start: reusing") == 2

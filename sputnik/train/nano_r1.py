@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sputnik.r1 import THINK_OPEN, close_thinking
+from sputnik.r1 import direct_reply
 from sputnik.settings import option
 from sputnik.tasks import Task, get_task
 from sputnik.tasks.base import Problem
@@ -141,7 +141,7 @@ def sft_stage(cfg: NanoR1Config, task: Task, problems: list[Problem], pretrained
     rows = []
     for p in problems[: cfg.sft_problems]:
         reasoning, answer = task.trace(p)
-        reply = ({"content": close_thinking(THINK_OPEN) + answer} if direct else
+        reply = ({"content": direct_reply(answer)} if direct else
                  {"content": answer, "reasoning_content": reasoning})
         rows.append({"messages": [{"role": "user", "content": p.prompt + task.chat_suffix},
                                   {"role": "assistant", **reply}]})

@@ -3,7 +3,8 @@
     optional cold start (R1): SFT on programmatic traces of the GRPO task (tasks.traces)
     GRPO with thinking (format + accuracy, strict grading), held-out accuracy and thinking length against the step
     the same checkpoint with its thinking closed in the prompt (accuracy_closed)
-    the control: GRPO of the same start, recipe and budget, trained to answer directly (accuracy_direct)
+    the control: GRPO of the same start, recipe and budget, trained to answer directly (accuracy_direct); after a
+    cold start, from its twin: SFT on the same problems answered directly
     Korean held-out problems: accuracy and language consistency of the reasoning
 
 `sputnik recipe --config recipes/r1-zero.yaml` runs it; the figures go to OUT_DIR/reasoning.json and are merged
@@ -39,7 +40,8 @@ class RecipeConfig:
     sft_steps: int = option(40, "cold-start SFT steps")
     sft_lr: float = option(5e-5, "cold-start SFT learning rate")
     sft_batch_size: int = option(16, "cold-start SFT conversations per step")
-    direct: bool = option(True, "also run the direct-answer control: the same start and budget, thinking closed")
+    direct: bool = option(True, "also run the direct-answer control: the same start and budget, thinking closed (after a "
+                                "cold start, from SFT on the same problems answered directly)")
     direct_max_tokens: int = option(24, "tokens a direct answer may take, in the control's GRPO and in the thinking "
                                         "model's thinking-closed eval: room for the answer, not for a worked "
                                         "solution (a cold-started model otherwise writes its trace after the "
@@ -49,8 +51,10 @@ class RecipeConfig:
                                       "(always: OUT_DIR/reasoning.json)")
 
 
-def write_traces(task_spec: str, n: int, path: Path, seed: int = 0) -> Path:
-    """Chat rows of `n` train-split problems with their worked solution as the reasoning (cold-start SFT data)."""
+def write_traces(task_spec: str, n: int, path: Path, seed: int = 0, direct: bool = False) -> Path:
+    """Chat rows of `n` train-split problems with their worked solution as the reasoning (cold-start SFT data), or,
+    `direct`, the same problems answered after an empty thought, as the direct-answer control's prompts close it."""
+    from sputnik.r1 import direct_reply
     from sputnik.tasks import get_task
 
     task = get_task(task_spec)
@@ -58,8 +62,9 @@ def write_traces(task_spec: str, n: int, path: Path, seed: int = 0) -> Path:
     for p in task.problems("train", n, seed=seed):
         reasoning, answer = task.trace(p)
         prompt = task.render(p, "chat")[-1]["content"]
-        rows.append({"messages": [{"role": "user", "content": prompt},
-                                  {"role": "assistant", "content": answer, "reasoning_content": reasoning}]})
+        reply = ({"content": direct_reply(answer)} if direct
+                 else {"content": answer, "reasoning_content": reasoning})
+        rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", **reply}]})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return path
@@ -104,31 +109,34 @@ def write_tool_traces(grpo, n: int, path: Path, tokenizer, seed: int = 0) -> Pat
     return path
 
 
-def cold_start(model: str, recipe: RecipeConfig, grpo, out: Path, seed: int) -> str:
-    """SFT of `model` on programmatic traces (of tool use when the GRPO config has tools); returns the checkpoint
-    GRPO starts from."""
+def cold_start(model: str, recipe: RecipeConfig, grpo, out: Path, seed: int, direct: bool = False) -> str:
+    """SFT of `model` on programmatic traces (of tool use when the GRPO config has tools; of direct answers for the
+    direct-answer control, in sft-direct/); returns the checkpoint GRPO starts from."""
     from sputnik.checkpoint import load_pretrained
     from sputnik.train.loop import TrainConfig
     from sputnik.train.sft import SFTConfig, train_sft
 
-    ckpt = out / "sft" / "checkpoints" / f"step_{recipe.sft_steps:06d}"
+    folder = out / ("sft-direct" if direct else "sft")
+    ckpt = folder / "checkpoints" / f"step_{recipe.sft_steps:06d}"
     task = recipe.cold_start_task or grpo.task
     key = {"model": model, "task": task, "tools": [str(t) for t in grpo.tools],
            "environment_factory": str(grpo.environment_factory), "system": grpo.system, "suffix": grpo.suffix,
-           "seed": seed, **{k: getattr(recipe, k) for k in ("cold_start", "sft_steps", "sft_lr", "sft_batch_size")}}
-    if ckpt.is_dir() and _done(out / "sft", key):
+           "seed": seed, **{k: getattr(recipe, k) for k in ("cold_start", "sft_steps", "sft_lr", "sft_batch_size")},
+           **({"direct": True} if direct else {})}
+    if ckpt.is_dir() and _done(folder, key):
         print(f"cold start: reusing {ckpt} (same settings)", flush=True)
         return str(ckpt)
     net, tok = load_pretrained(model)
     if grpo.tools or grpo.environment_factory:
         data = write_tool_traces(replace(grpo, task=task), recipe.cold_start, out / "traces.jsonl", tok, seed)
     else:
-        data = write_traces(task, recipe.cold_start, out / "traces.jsonl", seed)
+        data = write_traces(task, recipe.cold_start, folder / "traces.jsonl" if direct else out / "traces.jsonl",
+                            seed, direct)
     train_sft(net, tok, SFTConfig(data=str(data), seq_len=512, batch_size=recipe.sft_batch_size,
                                    micro_batch=min(8, recipe.sft_batch_size), seed=seed),
-              TrainConfig(out_dir=str(out / "sft"), max_steps=recipe.sft_steps, lr=recipe.sft_lr, warmup_steps=3,
+              TrainConfig(out_dir=str(folder), max_steps=recipe.sft_steps, lr=recipe.sft_lr, warmup_steps=3,
                           seed=seed, plot_every=10))
-    _mark_done(out / "sft", key)
+    _mark_done(folder, key)
     return str(ckpt)
 
 
@@ -210,7 +218,10 @@ def run_recipe(model: str, recipe: RecipeConfig, grpo, train) -> dict[str, Any]:
     direct = None
     if recipe.direct:
         plain = replace(answer_only, think="closed", rewards={"accuracy": 1.0})
-        direct = train_grpo(start, plain, replace(train, out_dir=str(out / "direct"))).after
+        # R1's cold start has its direct-answer twin: the same problems and SFT budget, answered without a thought
+        # (from the traces' checkpoint the control writes a worked solution into 24 tokens and never scores).
+        plain_start = cold_start(model, recipe, grpo, out, train.seed, direct=True) if recipe.cold_start else start
+        direct = train_grpo(plain_start, plain, replace(train, out_dir=str(out / "direct"))).after
     korean = held_out(final, grpo, recipe.korean_task, grpo.think, out / "eval-ko") if recipe.korean_task else None
     entry = figure(think.before, think.after, closed, direct, korean, (time.perf_counter() - t0) / 60, grpo.eval_n)
     (out / "reasoning.json").write_text(json.dumps({recipe.recipe: entry}, indent=2, ensure_ascii=False) + "\n")
