@@ -112,6 +112,22 @@ def test_top_p_over_a_flat_large_vocabulary_falls_back_to_a_full_sort():
     assert (f > 0).sum() > 1100  # tokens beyond the first 1024 candidates are drawn too
 
 
+def test_top_p_draws_the_same_tokens_whichever_candidates_hold_them(monkeypatch):
+    import sputnik.engine.sampling as sampling
+
+    torch.manual_seed(0)
+    # The kept tokens fit in the first 64 candidates, in the first 1024, or need the full sort (no ties: topk and
+    # sort may order equal probabilities differently).
+    for scale in (3.0, 1.5, 0.05):  # top-p keeps 10, 852 and 3411 tokens
+        logits = torch.randn(1, 5000) * scale
+        draws = {}
+        for stages in ((64, 1024), (5000,)):
+            monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", stages)
+            s = Sampler([SamplingParams(top_p=0.7)] * 64, list(range(64)), 5000, torch.device("cpu"))
+            draws[stages] = s(logits.expand(64, -1))[0]
+        assert torch.equal(draws[(64, 1024)], draws[(5000,)]), scale
+
+
 def test_repetition_penalty_matches_hf_rule():
     params = SamplingParams(temperature=0, repetition_penalty=2.0)
     s = Sampler([params], [0], 4, torch.device("cpu"))
