@@ -3,6 +3,7 @@ this CPU runs, odd shapes."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,6 +165,19 @@ def test_fallback_without_kernels_dequantizes_with_gguf(monkeypatch):
     slow = QuantLinear(w)(x)
     assert torch.allclose(slow, x @ dense.T, atol=1e-5)
     assert torch.allclose(fast, slow, atol=5e-2)
+
+
+def test_kernels_of_other_sources_build_in_another_folder(tmp_path):
+    # Two checkouts with different kernels (a worktree, an upgrade) must not rebuild one library over the other,
+    # which a running process may have loaded.
+    import shutil
+
+    here = Path(K.__file__).parent
+    for name in K.SOURCES:
+        shutil.copy(here / name, tmp_path / name)
+    assert K.build_dir(tmp_path) == K.build_dir()
+    (tmp_path / "decode.cpp").write_text((here / "decode.cpp").read_text() + "\n// changed\n")
+    assert K.build_dir(tmp_path) != K.build_dir() and K.build_dir(tmp_path).parent == K.build_dir().parent
 
 
 def test_a_killed_build_does_not_block_the_next():

@@ -51,12 +51,21 @@ def extension():
     return _ext
 
 
-def build_dir() -> Path:
-    """Where the kernels are compiled: one folder per Python and torch version (an extension is built for both)."""
+SOURCES = ("quant.cpp", "decode.cpp", "quant.h")
+
+
+def build_dir(sources: Path | None = None) -> Path:
+    """Where the kernels are compiled: one folder per Python and torch version (an extension is built for both) and
+    per version of the sources, so that two checkouts of different kernels never rebuild over each other's library
+    (one may be loaded in a running process)."""
+    import hashlib
+
     from torch.utils.cpp_extension import get_default_build_root
 
+    here = sources or Path(__file__).parent
+    digest = hashlib.sha256(b"".join((here / name).read_bytes() for name in SOURCES)).hexdigest()[:12]
     tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
-    return Path(get_default_build_root()) / tag / "sputnik_quant"
+    return Path(get_default_build_root()) / tag / f"sputnik_quant_{digest}"
 
 
 def _build():
@@ -75,7 +84,7 @@ def _build():
         (build / "lock").unlink(missing_ok=True)
         here = Path(__file__).parent
         # -fopenmp at compile time only: the OpenMP calls then bind to torch's own libgomp (one thread pool)
-        return load("sputnik_quant", [str(here / "quant.cpp"), str(here / "decode.cpp")],
+        return load("sputnik_quant", [str(here / name) for name in SOURCES if name.endswith(".cpp")],
                     extra_cflags=["-O3", "-fopenmp"], extra_include_paths=[str(here)], build_directory=str(build),
                     verbose=False)
 
