@@ -101,6 +101,13 @@ def load_model(
         sd = quantize_state(sd, "Q8_0" if quantize == "int8" else "Q4_1")
     if not blocks:
         sd = {k: v.dequantize() if isinstance(v, QTensor) else v for k, v in sd.items()}
+    return build_model(cfg, sd, dtype, device, p)
+
+
+def build_model(cfg: ModelConfig, sd: dict[str, Tensor | QTensor], dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu", source: str | Path = "state dict") -> Transformer:
+    """The model of `cfg` holding `sd` (HF names; QTensors become block layers), in eval mode: load_model's last
+    step, and how a quantized copy of a model in memory is made (quantize_state of its state_dict())."""
     with torch.device("meta"):
         model = Transformer(cfg)
     sd = use_blocks(model, _to_module_names(cfg, sd), dtype)
@@ -109,7 +116,7 @@ def load_model(
     model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device) if t.is_meta else t)
     if cfg.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear):
         model.lm_head.weight = model.model.embed_tokens.weight
-    load_weights(model, sd, p)
+    load_weights(model, sd, source)
     return model.to(dtype).eval()
 
 
