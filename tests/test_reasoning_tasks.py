@@ -324,5 +324,8 @@ def test_after_a_cold_start_the_control_has_its_direct_answer_twin(tmp_path, def
         assert json.loads((out / arm / "summary.json").read_text())["model"] == str(out / sft / "checkpoints" /
                                                                                      "step_000002")
     capsys.readouterr()
+    last = [out / arm / "eval" / "step_000001" / "samples.jsonl" for arm in ("think", "direct")]
+    stamps = [f.stat().st_mtime_ns for f in last]
     assert main(argv) == 0
     assert capsys.readouterr().out.count("cold start: reusing") == 2
+    assert [f.stat().st_mtime_ns for f in last] == stamps  # finished runs read their last evaluation back

@@ -16,7 +16,7 @@ from torch import Tensor
 from sputnik.engine import Engine, SamplingParams
 from sputnik.engine.grammar import json_answer
 from sputnik.engine.multiturn import RESUME_BLOCK, AgentConfig, MultiTurn, prefix_cache_mb, tool_rollouts
-from sputnik.eval.run import EvalConfig, evaluate, prompt_ids, thinking
+from sputnik.eval.run import EvalConfig, evaluate, load_summary, prompt_ids, thinking
 from sputnik.r1 import GRADINGS, THINK_MODES, answer_part
 from sputnik.rewards import combine
 from sputnik.seeds import mix
@@ -428,14 +428,19 @@ class GRPOObjective(RankAware):
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, step: int, model, n: int | None = None, out_dir: Path | None = None) -> dict[str, float]:
         """Greedy held-out figures at `step`; with out_dir, also its samples and summary (eval.run's files)."""
-        s = evaluate(model, self.tok, self._eval_cfg(n or self.cfg.eval_n), out_dir=out_dir, progress=False)
-        return {"accuracy": s.greedy_accuracy or 0.0, "format_rate": s.greedy_format_rate or 0.0,
-                "completion_length": s.greedy_mean_length or 0.0, "think_tokens": s.greedy_think_tokens or 0.0,
-                "accuracy_lenient": s.greedy_accuracy_lenient or 0.0, "language": s.greedy_language or 0.0,
-                **({"follows_reasoning": s.greedy_follows_reasoning}
-                   if s.greedy_follows_reasoning is not None else {}),
-                **({"tool_call_rate": s.greedy_tool_call_rate, "calls": s.greedy_calls,
-                    "tool_error_rate": s.greedy_tool_error_rate} if s.greedy_calls is not None else {})}
+        return eval_figures(evaluate(model, self.tok, self._eval_cfg(n or self.cfg.eval_n), out_dir=out_dir,
+                                     progress=False))
+
+
+def eval_figures(s) -> dict[str, float]:
+    """The figures GRPO logs (as eval/*) of an evaluation's summary."""
+    return {"accuracy": s.greedy_accuracy or 0.0, "format_rate": s.greedy_format_rate or 0.0,
+            "completion_length": s.greedy_mean_length or 0.0, "think_tokens": s.greedy_think_tokens or 0.0,
+            "accuracy_lenient": s.greedy_accuracy_lenient or 0.0, "language": s.greedy_language or 0.0,
+            **({"follows_reasoning": s.greedy_follows_reasoning}
+               if s.greedy_follows_reasoning is not None else {}),
+            **({"tool_call_rate": s.greedy_tool_call_rate, "calls": s.greedy_calls,
+                "tool_error_rate": s.greedy_tool_error_rate} if s.greedy_calls is not None else {})}
 
 
 def _logged_eval(metrics: "Path", step: int) -> dict[str, float]:
@@ -477,7 +482,12 @@ def train_grpo(model_name: str, cfg: GRPOConfig, train: TrainConfig) -> GRPOSumm
     if cfg.eval_n:
         before = _logged_eval(Path(train.out_dir) / "metrics.jsonl", 0) if resumed else run_eval(0, trainer.model)
     trainer.run()
-    after = run_eval(train.max_steps, trainer.model) if cfg.eval_n else {}
+    # A finished run asked again (a recipe's rerun) reads its last evaluation back instead of repeating it.
+    last = Path(train.out_dir) / "eval" / f"step_{train.max_steps:06d}"
+    if cfg.eval_n and resumed == train.max_steps and (last / "summary.json").is_file():
+        after = eval_figures(load_summary(last))
+    else:
+        after = run_eval(train.max_steps, trainer.model) if cfg.eval_n else {}
     minutes = (time.perf_counter() - start) / 60
     if resumed:  # add the steps an earlier, interrupted session ran (their evaluations are not counted)
         rows = read_rows(Path(train.out_dir) / "metrics.jsonl")

@@ -140,6 +140,13 @@ def cold_start(model: str, recipe: RecipeConfig, grpo, out: Path, seed: int, dir
     return str(ckpt)
 
 
+def _sft_minutes(folder: Path) -> float:
+    """The minutes a cold start's SFT steps took (0 where there was none)."""
+    from sputnik.train.plots import read_rows
+
+    return sum(r.get("seconds", 0.0) for r in read_rows(folder / "metrics.jsonl")) / 60
+
+
 def _done(folder: Path, key: dict[str, Any]) -> bool:
     """Whether a stage finished in `folder` with exactly these settings (a rerun of the recipe skips it)."""
     mark = folder / "stage.json"
@@ -207,7 +214,6 @@ def run_recipe(model: str, recipe: RecipeConfig, grpo, train) -> dict[str, Any]:
 
     if grpo.tools or grpo.environment_factory:
         return run_tools_recipe(model, recipe, grpo, train)
-    t0 = time.perf_counter()
     out = Path(train.out_dir)
     start = cold_start(model, recipe, grpo, out, train.seed) if recipe.cold_start else model
     think_train = replace(train, out_dir=str(out / "think"))
@@ -215,15 +221,19 @@ def run_recipe(model: str, recipe: RecipeConfig, grpo, train) -> dict[str, Any]:
     final = str(out / "think" / "checkpoints" / f"step_{train.max_steps:06d}")
     answer_only = replace(grpo, max_completion_length=min(grpo.max_completion_length, recipe.direct_max_tokens))
     closed = held_out(final, answer_only, grpo.task, "closed", out / "eval-closed")
-    direct = None
+    direct = direct_run = None
     if recipe.direct:
         plain = replace(answer_only, think="closed", rewards={"accuracy": 1.0})
         # R1's cold start has its direct-answer twin: the same problems and SFT budget, answered without a thought
         # (from the traces' checkpoint the control writes a worked solution into 24 tokens and never scores).
         plain_start = cold_start(model, recipe, grpo, out, train.seed, direct=True) if recipe.cold_start else start
-        direct = train_grpo(plain_start, plain, replace(train, out_dir=str(out / "direct"))).after
+        direct_run = train_grpo(plain_start, plain, replace(train, out_dir=str(out / "direct")))
+        direct = direct_run.after
     korean = held_out(final, grpo, recipe.korean_task, grpo.think, out / "eval-ko") if recipe.korean_task else None
-    entry = figure(think.before, think.after, closed, direct, korean, (time.perf_counter() - t0) / 60, grpo.eval_n)
+    # What the recipe costs from nothing, stage by stage: a rerun that reuses finished stages still reports them.
+    minutes = (sum(_sft_minutes(out / d) for d in ("sft", "sft-direct")) + think.minutes +
+               (direct_run.minutes if direct_run else 0) + sum(f.get("seconds", 0) / 60 for f in (closed, korean) if f))
+    entry = figure(think.before, think.after, closed, direct, korean, minutes, grpo.eval_n)
     (out / "reasoning.json").write_text(json.dumps({recipe.recipe: entry}, indent=2, ensure_ascii=False) + "\n")
     if recipe.report:
         merge_report(Path(recipe.report), recipe.recipe, entry)
