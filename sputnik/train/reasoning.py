@@ -40,8 +40,8 @@ class RecipeConfig:
     sft_steps: int = option(40, "cold-start SFT steps")
     sft_lr: float = option(5e-5, "cold-start SFT learning rate")
     sft_batch_size: int = option(16, "cold-start SFT conversations per step")
-    direct: bool = option(True, "also run the direct-answer control: the same start and budget, thinking closed (after a "
-                                "cold start, from SFT on the same problems answered directly)")
+    direct: bool = option(True, "also run the direct-answer control: the same start and budget, thinking closed "
+                                "(after a cold start, from SFT on the same problems answered directly)")
     direct_max_tokens: int = option(24, "tokens a direct answer may take, in the control's GRPO and in the thinking "
                                         "model's thinking-closed eval: room for the answer, not for a worked "
                                         "solution (a cold-started model otherwise writes its trace after the "
