@@ -2,6 +2,7 @@
 quantized at load (--quantize int8|int4) for every family."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -40,6 +41,32 @@ def test_default_gguf_keeps_its_blocks(models):
     assert quant.lm_head.qweight.data_ptr() == quant.model.embed_tokens.qweight.data_ptr()  # tied: one table
     dense_bytes = sum(p.numel() * p.element_size() for p in quant.parameters())
     assert dense_bytes < 1 << 20  # only norms are floats
+
+
+def _mapping(ptr: int) -> tuple[int, int, float]:
+    """The mapping (in /proc/self/smaps) that holds address ptr: its start, end and resident MB."""
+    span = None
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            span = (lo, hi) if lo <= ptr < hi else None
+        elif span and head == "Rss:":
+            return *span, int(line.split()[1]) / 1024
+    raise AssertionError("no mapping holds the address")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_only_the_blocks_in_use_stay_resident(default_gguf, default_tokenizer):
+    """The file's header and the rows llama's q/k permutation copied (8 MB here) were read once through the map;
+    after loading, only the blocks the model multiplies stay in its RSS."""
+    model = load_model(default_gguf, quantize="auto")
+    Engine(model, default_tokenizer).generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0))
+    lo, hi, resident_mb = _mapping(model.model.embed_tokens.qweight.data_ptr())
+    weights = {m.qweight.data_ptr(): m.qweight for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    kept_mb = sum(w.nbytes for p, w in weights.items() if lo <= p < hi) / 2**20
+    assert 80 < kept_mb < 90  # all but q_proj and k_proj (~8 MB) are views of the map
+    assert resident_mb < kept_mb + 2  # + the pages each tensor shares with its neighbours
 
 
 def test_greedy_tokens_match_the_dequantized_model(models, default_tokenizer):

@@ -147,6 +147,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
         if set(halves) != {K_B, V_B}:
             raise CheckpointError(f"GGUF file {file}: layer {layer} has only one of {K_B} and {V_B}")
         state_dict[f"model.layers.{layer}.self_attn.kv_b_proj.weight"] = join_kv_b(halves[K_B], halves[V_B]).to(dtype)
+    # What was copied (llama's q/k rows, dequantized tensors) was read once through the map: its pages leave the RSS.
+    reader.keep_resident(t.data if isinstance(t, QTensor) else t for t in state_dict.values())
     return config, state_dict
 
 

@@ -13,9 +13,12 @@ import mmap
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 # GGUF metadata value types -> struct formats (8: string, 9: array)
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -41,9 +44,32 @@ class GGUFFile:
     version: int
     fields: dict[str, Any] = field(repr=False)  # a vocabulary is 100k strings
     tensors: list[GGUFTensor] = field(repr=False)
+    mapped: mmap.mmap | None = field(default=None, repr=False)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.fields.get(key, default)
+
+    def keep_resident(self, views: Iterable["torch.Tensor"]) -> None:
+        """Let the kernel take back the map's pages that no view in `views` covers: the tensors a loader copied (and
+        read once) and the header. Resident file pages count in a process's RSS; dropped ones are read again from the
+        page cache only if touched, so this is safe for any view a caller forgot."""
+        if self.mapped is None:
+            return
+        base, size = np.frombuffer(self.mapped, dtype=np.uint8).ctypes.data, len(self.mapped)
+        kept = sorted((v.data_ptr() - base, v.data_ptr() - base + v.nbytes) for v in views
+                      if 0 <= v.data_ptr() - base < size)
+        start = 0
+        for lo, hi in kept + [(size, size)]:
+            _drop_pages(self.mapped, start, lo)
+            start = max(start, hi)
+
+
+def _drop_pages(mapped: mmap.mmap, start: int, end: int) -> None:
+    """MADV_DONTNEED on the whole pages inside [start, end) of a read-only map."""
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, end // page * page
+    if hi > lo:
+        mapped.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 class _Cursor:
@@ -126,4 +152,5 @@ def read_gguf(path: str | Path) -> GGUFFile:
         if start + offset + nbytes > len(mapped):
             raise ValueError(f"tensor {name!r} runs past the end of the file (truncated)")
         tensors.append(GGUFTensor(name, kind, dims, n, data[start + offset : start + offset + nbytes]))
-    return GGUFFile(file, version, fields, tensors)
+    _drop_pages(mapped, 0, start)  # the header is Python values now
+    return GGUFFile(file, version, fields, tensors, mapped)
