@@ -68,7 +68,7 @@ def _drop_pages(mapped: mmap.mmap, start: int, end: int) -> None:
     """MADV_DONTNEED on the whole pages inside [start, end) of a read-only map."""
     page = mmap.PAGESIZE
     lo, hi = -(-start // page) * page, end // page * page
-    if hi > lo:
+    if hi > lo and hasattr(mmap, "MADV_DONTNEED"):  # Windows' mmap has no madvise
         mapped.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
