@@ -231,13 +231,14 @@ def test_a_recipe_reports_thinking_closed_and_direct(tmp_path):
     out = tmp_path / "run"
     assert main(["recipe", "--model", str(tmp_path / "tiny"), "--recipe", "toy", "--task", f"jsonl:{data}",
                  "--template", "plain", "--think", "open", "--rewards", "{accuracy: 1, format: 1}",
-                 "--korean-task", "korean-arithmetic", "--prompts-per-step", "2", "--num-generations", "4",
+                 "--korean-task", "korean-arithmetic", "--english-task", "arithmetic", "--prompts-per-step", "2",
+                 "--num-generations", "4",
                  "--max-completion-length", "4", "--direct-max-tokens", "2", "--eval-n", "4", "--max-steps", "2",
                  "--out-dir", str(out), "--report", str(report), "--no-progress"]) == 0
     entry = json.loads((out / "reasoning.json").read_text())["toy"]
     assert set(entry) == set(FIELDS)
     for key in ("format_rate", "accuracy_think", "accuracy_direct", "accuracy_closed", "accuracy_start",
-                "accuracy_ko", "language_consistency_ko"):
+                "accuracy_ko", "accuracy_en", "language_consistency_ko"):
         assert 0 <= entry[key] <= 1, key
     assert entry["eval_problems"] == 4 and entry["machine"] and entry["command"].startswith("sputnik ")
     merged = json.loads(report.read_text())
@@ -250,6 +251,8 @@ def test_a_recipe_reports_thinking_closed_and_direct(tmp_path):
     assert all(r["completion_length"] <= 2 for r in direct_rows if "completion_length" in r)
     assert json.loads((out / "eval-closed" / "stage.json").read_text())["config"]["max_tokens"] == 2
     assert (out / "think" / "checkpoints").is_dir() and (out / "eval-closed" / "summary.json").is_file()
+    english = json.loads((out / "eval-en" / "summary.json").read_text())  # the English twin of eval-ko
+    assert english["task"] == "arithmetic" and english["greedy_accuracy"] == entry["accuracy_en"]
     # every evaluation of the run keeps its samples beside its figures: before, and after the last step
     for step in ("step_000000", "step_000002"):
         samples = (out / "think" / "eval" / step / "samples.jsonl").read_text().splitlines()

@@ -24,7 +24,7 @@ from typing import Any
 from sputnik.settings import option
 
 FIELDS = ("format_rate", "accuracy_think", "accuracy_direct", "accuracy_closed", "accuracy_start",
-          "think_tokens_start", "think_tokens_end", "language_consistency_ko", "accuracy_ko", "minutes",
+          "think_tokens_start", "think_tokens_end", "language_consistency_ko", "accuracy_ko", "accuracy_en", "minutes",
           "eval_problems", "command", "machine", "date")
 
 
@@ -47,6 +47,8 @@ class RecipeConfig:
                                         "solution (a cold-started model otherwise writes its trace after the "
                                         "closed thought, and the control would think)")
     korean_task: str | None = option(None, "Korean held-out problems for accuracy_ko and language consistency")
+    english_task: str | None = option(None, "English held-out problems of korean_task's kind (digits, operations) "
+                                            "for accuracy_en, which accuracy_ko is held to")
     report: str | None = option(None, "a JSON file whose RECIPE entry gets the figures, e.g. docs/reasoning.json "
                                       "(always: OUT_DIR/reasoning.json)")
 
@@ -181,7 +183,7 @@ def held_out(model: str, grpo, task: str, think: str, out: Path) -> dict[str, An
 
 
 def figure(start: dict, end: dict, closed: dict | None, direct: dict | None, korean: dict | None, minutes: float,
-           eval_problems: int) -> dict[str, Any]:
+           eval_problems: int, english: dict | None = None) -> dict[str, Any]:
     """The report's entry for one recipe (None where a figure does not apply)."""
     from sputnik.machine import describe
 
@@ -194,6 +196,7 @@ def figure(start: dict, end: dict, closed: dict | None, direct: dict | None, kor
         "think_tokens_end": end.get("think_tokens"),
         "language_consistency_ko": korean.get("greedy_language") if korean else None,
         "accuracy_ko": korean.get("greedy_accuracy") if korean else None,
+        "accuracy_en": english.get("greedy_accuracy") if english else None,
         "minutes": round(minutes, 1), "eval_problems": eval_problems,
         "command": "sputnik " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None,
         "machine": f"{m['cpu']} ({' '.join(m['flags'])}), {m['cpus']} cpus", "date": m["date"],
@@ -230,16 +233,19 @@ def run_recipe(model: str, recipe: RecipeConfig, grpo, train) -> dict[str, Any]:
         direct_run = train_grpo(plain_start, plain, replace(train, out_dir=str(out / "direct")))
         direct = direct_run.after
     korean = held_out(final, grpo, recipe.korean_task, grpo.think, out / "eval-ko") if recipe.korean_task else None
+    english = held_out(final, grpo, recipe.english_task, grpo.think, out / "eval-en") if recipe.english_task else None
     # What the recipe costs from nothing, stage by stage: a rerun that reuses finished stages still reports them.
     minutes = (sum(_sft_minutes(out / d) for d in ("sft", "sft-direct")) + think.minutes +
-               (direct_run.minutes if direct_run else 0) + sum(f.get("seconds", 0) / 60 for f in (closed, korean) if f))
-    entry = figure(think.before, think.after, closed, direct, korean, minutes, grpo.eval_n)
+               (direct_run.minutes if direct_run else 0) +
+               sum(f.get("seconds", 0) / 60 for f in (closed, korean, english) if f))
+    entry = figure(think.before, think.after, closed, direct, korean, minutes, grpo.eval_n, english)
     (out / "reasoning.json").write_text(json.dumps({recipe.recipe: entry}, indent=2, ensure_ascii=False) + "\n")
     if recipe.report:
         merge_report(Path(recipe.report), recipe.recipe, entry)
     print(f"[{recipe.recipe}] held-out accuracy {entry['accuracy_start']} -> {entry['accuracy_think']} thinking, "
           f"{entry['accuracy_closed']} thinking closed, {entry['accuracy_direct']} trained to answer directly; "
-          f"format {entry['format_rate']}; {out}/reasoning.json", flush=True)
+          f"format {entry['format_rate']}; Korean {entry['accuracy_ko']}, English {entry['accuracy_en']}; "
+          f"{out}/reasoning.json", flush=True)
     return entry
 
 
