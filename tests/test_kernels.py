@@ -1,6 +1,7 @@
 """The block-format kernels against a dequantize-then-matmul reference (gguf's own decoder), every type, every path
 this CPU runs, odd shapes."""
 
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -59,7 +60,7 @@ def q8_error_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return half.double() @ w.abs().double().T
 
 
-@pytest.mark.parametrize("path", ["portable", "avx2"])
+@pytest.mark.parametrize("path", list(K.PATHS))
 @pytest.mark.parametrize("name", INTEGER + DECODED)
 @pytest.mark.parametrize("n,m,blocks_per_row", [(1, 1, 1), (3, 7, 3), (5, 37, 2), (9, 130, 4)])
 def test_qmatmul_matches_dequantized_matmul(name, path, n, m, blocks_per_row):
@@ -74,14 +75,14 @@ def test_qmatmul_matches_dequantized_matmul(name, path, n, m, blocks_per_row):
     want = x.double() @ w.double().T
     assert got.shape == (n, m) and got.dtype == torch.float32
     float_slack = 1e-5 * (x.abs().double() @ w.abs().double().T) + 1e-6
-    integer = path == "avx2" and name in INTEGER
+    integer = path != "portable" and name in INTEGER
     bound = q8_error_bound(x, w) + float_slack if integer else float_slack
     assert ((got.double() - want).abs() <= bound).all()
     if integer:  # the activations really are rounded: a path that skipped it would sit far inside the bound
         assert (got.double() - want).abs().max() > 0
 
 
-@pytest.mark.parametrize("path", ["portable", "avx2"])
+@pytest.mark.parametrize("path", list(K.PATHS))
 @pytest.mark.parametrize("name", INTEGER + DECODED)
 def test_a_row_does_not_depend_on_its_batch(name, path):
     """A token's output is the same, bit for bit, alone or among 32 (however the rows and tokens are tiled): a seeded
@@ -97,7 +98,7 @@ def test_a_row_does_not_depend_on_its_batch(name, path):
         assert torch.equal(K.qmatmul(x[i : i + 3], raw, K.TYPE_IDS[name], path)[0], crowd[i])
 
 
-@pytest.mark.parametrize("path", ["portable", "avx2"])
+@pytest.mark.parametrize("path", list(K.PATHS))
 @pytest.mark.parametrize("n", [1, 6])
 def test_several_weights_in_one_call_equal_each_alone(path, n):
     """q/k/v (or gate/up) in one call, types mixed as a K-quant file mixes them: each weight's columns are bit for
@@ -112,6 +113,32 @@ def test_several_weights_in_one_call_equal_each_alone(path, n):
     alone = torch.cat([K.qmatmul(x, w, t, path) for w, t in zip(raws, types)], 1)
     together = K.extension().qmatmul_cat(x, raws, types, K.PATHS[path])
     assert together.shape == (n, sum(rows)) and torch.equal(together, alone)
+
+
+@pytest.mark.parametrize("name", INTEGER)
+def test_vnni_gives_avx2s_results_bit_for_bit(name):
+    """VNNI's vpdpbusd adds the same four products per lane that AVX2's vpmaddubsw + vpmaddwd add (no int16
+    saturation at these ranges), so a CPU with VNNI computes exactly what one without it does."""
+    if "vnni" not in K.cpu_paths():
+        pytest.skip("this CPU has no VNNI")
+    raw = torch.from_numpy(blocks(name, 37, 128, seed=4))
+    x = torch.randn(9, 128, generator=torch.Generator().manual_seed(5))
+    x[0, :5] *= 30
+    for n in (1, 9):
+        vnni, avx2 = (K.qmatmul(x[:n], raw, K.TYPE_IDS[name], path) for path in ("vnni", "avx2"))
+        assert torch.equal(vnni, avx2)
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file() or platform.machine() != "x86_64", reason="x86 Linux flags")
+def test_the_paths_follow_the_cpu_flags():
+    flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags")).split(":")[1].split())
+    avx2 = {"avx2", "fma", "f16c"} <= flags
+    vnni = avx2 and ({"avx512_vnni", "avx512vl"} <= flags or "avx_vnni" in flags)
+    assert K.cpu_paths() == ["portable"] + ["avx2"] * avx2 + ["vnni"] * vnni
+    with pytest.raises(RuntimeError, match="not available"):
+        beyond = len(K.cpu_paths())  # the first path past this CPU's best
+        K.extension().qmatmul(torch.randn(1, 32), torch.from_numpy(blocks("Q8_0", 1, 32, seed=0)), 8, beyond)
 
 
 def test_quant_linears_group_equals_its_layers():

@@ -237,10 +237,24 @@ AVX2 inline __m256i nibbles(const uint8_t* qs) {
   return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
 }
 
-// Sum of u8 x s8 products in 8 int32 lanes, as floats (pair sums stay within int16: |u| <= 128, |s| <= 127).
+// How a tile multiplies u8 x s8: AVX2's vpmaddubsw + vpmaddwd, or one vpdpbusd where the CPU has VNNI (EVEX-encoded
+// with AVX512-VNNI and AVX512-VL, VEX-encoded with AVX-VNNI). Written as assembly so the tiles stay one template
+// compiled for AVX2; only a CPU that has the instruction is given a tile that issues it.
+enum Dot { kMadd, kVnniEvex, kVnniVex };
+
+// Sum of u8 x s8 products, four to each of 8 int32 lanes, as floats. The same integers either way: AVX2's pair
+// sums stay within int16 (|u| <= 128, |s| <= 127), so its saturation never acts, and VNNI adds the same four.
+template <Dot D>
 AVX2 inline __m256 dot_u8s8(__m256i u, __m256i s) {
-  const __m256i pairs = _mm256_maddubs_epi16(u, s);
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  if constexpr (D == kMadd) {
+    const __m256i pairs = _mm256_maddubs_epi16(u, s);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  } else {
+    __m256i acc = _mm256_setzero_si256();
+    if constexpr (D == kVnniEvex) asm("vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
+    else asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
+    return _mm256_cvtepi32_ps(acc);
+  }
 }
 
 
@@ -252,7 +266,7 @@ AVX2 inline float half_f16c(const uint8_t* p) {
 
 // RT rows x NT tokens of Q4_0 / Q4_1 / Q8_0 against q8 activations: each weight block is unpacked once for NT
 // tokens and each activation block loaded once for RT rows; RT * NT independent accumulators hide the FMA latency.
-template <int64_t T, int RT, int NT>
+template <int64_t T, int RT, int NT, Dot D>
 AVX2 inline void tile_int_avx2(const uint8_t* w, int64_t row_bytes, const Act& a, int64_t M, float* out, int64_t r,
                                int64_t n0, int64_t r_end) {
   constexpr int64_t bytes = T == Q4_0 ? 18 : T == Q4_1 ? 20 : 34;
@@ -294,9 +308,9 @@ AVX2 inline void tile_int_avx2(const uint8_t* w, int64_t row_bytes, const Act& a
         __m256 p;
         if constexpr (T == Q8_0) {
           const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + qoff));
-          p = dot_u8s8(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq[j], wq));
+          p = dot_u8s8<D>(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq[j], wq));
         } else {
-          p = dot_u8s8(nibbles(blk + qoff), xq[j]);
+          p = dot_u8s8<D>(nibbles(blk + qoff), xq[j]);
         }
         acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[j]), p, acc[i][j]);
         // An explicit fma: left to the compiler, tiles of different shapes contract this differently, and a
@@ -312,25 +326,25 @@ AVX2 inline void tile_int_avx2(const uint8_t* w, int64_t row_bytes, const Act& a
 }
 
 // Rows r0..r1 of the output for every token: 4-row tiles for one token (decoding), 2 x 4 tiles for several.
-template <int64_t T>
+template <int64_t T, Dot D>
 AVX2 void rows_int_avx2(const uint8_t* w, int64_t row_bytes, const Act& a, int64_t M, float* out, int64_t r0,
                         int64_t r1) {
   int64_t r = r0;
   if (a.N == 1) {
-    for (; r + 4 <= r1; r += 4) tile_int_avx2<T, 4, 1>(w, row_bytes, a, M, out, r, 0, r1);
-    for (; r < r1; ++r) tile_int_avx2<T, 1, 1>(w, row_bytes, a, M, out, r, 0, r1);
+    for (; r + 4 <= r1; r += 4) tile_int_avx2<T, 4, 1, D>(w, row_bytes, a, M, out, r, 0, r1);
+    for (; r < r1; ++r) tile_int_avx2<T, 1, 1, D>(w, row_bytes, a, M, out, r, 0, r1);
     return;
   }
   for (; r < r1; r += 2) {
     const bool pair = r + 2 <= r1;
     int64_t n = 0;
     for (; n + 4 <= a.N; n += 4) {
-      if (pair) tile_int_avx2<T, 2, 4>(w, row_bytes, a, M, out, r, n, r1);
-      else tile_int_avx2<T, 1, 4>(w, row_bytes, a, M, out, r, n, r1);
+      if (pair) tile_int_avx2<T, 2, 4, D>(w, row_bytes, a, M, out, r, n, r1);
+      else tile_int_avx2<T, 1, 4, D>(w, row_bytes, a, M, out, r, n, r1);
     }
     for (; n < a.N; ++n) {
-      if (pair) tile_int_avx2<T, 2, 1>(w, row_bytes, a, M, out, r, n, r1);
-      else tile_int_avx2<T, 1, 1>(w, row_bytes, a, M, out, r, n, r1);
+      if (pair) tile_int_avx2<T, 2, 1, D>(w, row_bytes, a, M, out, r, n, r1);
+      else tile_int_avx2<T, 1, 1, D>(w, row_bytes, a, M, out, r, n, r1);
     }
   }
 }
@@ -393,6 +407,23 @@ AVX2 void rows_decoded_avx2(int64_t t, const uint8_t* w, int64_t row_bytes, int6
 bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
+
+// The VNNI encoding this CPU runs, kMadd where it has none.
+Dot cpu_vnni() {
+  if (!cpu_has_avx2()) return kMadd;
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) return kVnniEvex;
+  return __builtin_cpu_supports("avxvnni") ? kVnniVex : kMadd;
+}
+
+// The block-format tiles of type T with the dot product path 1 (AVX2) or 2 (VNNI) takes.
+template <int64_t T>
+void rows_int_path(const uint8_t* w, int64_t row_bytes, const Act& a, int64_t M, float* out, int64_t r0, int64_t r1,
+                   int64_t path) {
+  static const Dot vnni = cpu_vnni();
+  if (path == 2 && vnni == kVnniEvex) return rows_int_avx2<T, kVnniEvex>(w, row_bytes, a, M, out, r0, r1);
+  if (path == 2 && vnni == kVnniVex) return rows_int_avx2<T, kVnniVex>(w, row_bytes, a, M, out, r0, r1);
+  rows_int_avx2<T, kMadd>(w, row_bytes, a, M, out, r0, r1);
+}
 #else
 bool cpu_has_avx2() { return false; }
 #endif
@@ -417,8 +448,13 @@ void check_weight(const torch::Tensor& w, int64_t qtype, int64_t K) {
               K / f.block * f.bytes);
 }
 
-// The best path this CPU runs: 1 AVX2, 0 portable C++.
-int64_t best_path() { return cpu_has_avx2() ? 1 : 0; }
+// The best path this CPU runs: 2 AVX2 with VNNI's dot products, 1 AVX2, 0 portable C++.
+int64_t best_path() {
+#ifdef SPUTNIK_X86
+  if (cpu_vnni() != kMadd) return 2;
+#endif
+  return cpu_has_avx2() ? 1 : 0;
+}
 
 // Rows r0..r1 of one weight for every token, written at column offset `col` of an output `stride` floats wide.
 void rows_of(const torch::Tensor& w, int64_t qtype, const float* x, const Act* a, int64_t N, int64_t K, float* out,
@@ -426,15 +462,15 @@ void rows_of(const torch::Tensor& w, int64_t qtype, const float* x, const Act* a
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t row_bytes = w.size(1);
 #ifdef SPUTNIK_X86
-  if (qtype == F32 && path == 1) return rows_f32_avx2(reinterpret_cast<const float*>(wp), K, x, N, stride, out, r0, r1);
+  if (qtype == F32 && path >= 1) return rows_f32_avx2(reinterpret_cast<const float*>(wp), K, x, N, stride, out, r0, r1);
   if (a != nullptr && (qtype == Q4_0 || qtype == Q4_1 || qtype == Q8_0)) {
-    if (qtype == Q4_0) rows_int_avx2<Q4_0>(wp, row_bytes, *a, stride, out, r0, r1);
-    else if (qtype == Q4_1) rows_int_avx2<Q4_1>(wp, row_bytes, *a, stride, out, r0, r1);
-    else rows_int_avx2<Q8_0>(wp, row_bytes, *a, stride, out, r0, r1);
+    if (qtype == Q4_0) rows_int_path<Q4_0>(wp, row_bytes, *a, stride, out, r0, r1, path);
+    else if (qtype == Q4_1) rows_int_path<Q4_1>(wp, row_bytes, *a, stride, out, r0, r1, path);
+    else rows_int_path<Q8_0>(wp, row_bytes, *a, stride, out, r0, r1, path);
     return;
   }
 #endif
-  rows_decoded(qtype, wp, row_bytes, K, x, N, stride, out, r0, r1, path == 1);
+  rows_decoded(qtype, wp, row_bytes, K, x, N, stride, out, r0, r1, path >= 1);
 }
 
 }  // namespace
@@ -443,7 +479,7 @@ namespace sputnik {
 
 // x [N, K] float32 times the rows of several weights (each M_i rows of GGUF blocks, one type each) -> [N, sum M_i],
 // their outputs side by side: the activations are quantized once and the threads split all the rows together, so
-// q/k/v (or gate/up) cost one call. path: -1 best, 0 portable, 1 AVX2.
+// q/k/v (or gate/up) cost one call. path: -1 best, 0 portable, 1 AVX2, 2 AVX2 with VNNI.
 torch::Tensor qmatmul_cat(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<int64_t> qtypes, int64_t path) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.dim() == 2,
               "sputnik kernels: activations must be a 2-d float32 CPU tensor");
@@ -458,14 +494,14 @@ torch::Tensor qmatmul_cat(torch::Tensor x, std::vector<torch::Tensor> ws, std::v
     integer = integer || qtypes[i] == Q4_0 || qtypes[i] == Q4_1 || qtypes[i] == Q8_0;
   }
   if (path < 0) path = best_path();
-  TORCH_CHECK(path == 0 || (path == 1 && cpu_has_avx2()), "sputnik kernels: path ", path, " is not available here");
+  TORCH_CHECK(path >= 0 && path <= best_path(), "sputnik kernels: path ", path, " is not available here");
   const int64_t total = starts.back();
   auto out = torch::empty({N, total}, x.options());
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   Act a;
-  if (path == 1 && integer) a = quantize_act(xp, N, K);
-  const Act* ap = path == 1 && integer ? &a : nullptr;
+  if (path >= 1 && integer) a = quantize_act(xp, N, K);
+  const Act* ap = path >= 1 && integer ? &a : nullptr;
   at::parallel_for(0, total, 16, [&](int64_t g0, int64_t g1) {
     for (size_t i = 0; i < ws.size(); ++i) {  // the part of [g0, g1) that falls in weight i
       const int64_t r0 = std::max(g0, starts[i]) - starts[i], r1 = std::min(g1, starts[i + 1]) - starts[i];
@@ -499,6 +535,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &sputnik::qmatmul, "x [N, K] @ GGUF-block weights [M, bytes]^T -> [N, M]");
   m.def("qmatmul_cat", &sputnik::qmatmul_cat, "x [N, K] @ several GGUF-block weights -> their outputs side by side");
   m.def("dequantize", &sputnik::dequantize, "GGUF-block rows -> float32");
-  m.def("best_path", &best_path, "1: AVX2, 0: portable C++");
+  m.def("best_path", &best_path, "2: AVX2 with VNNI, 1: AVX2, 0: portable C++");
   sputnik::bind_decoder(m);
 }
