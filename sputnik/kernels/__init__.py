@@ -3,8 +3,9 @@
 On CPUs the products run in a C++ extension (quant.cpp beside this file) that torch's cpp_extension compiles with
 g++ on first use and caches (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions): Q4_0/Q4_1/Q8_0 as
 integer dot products against activations quantized to 8 bits per block of 32 (llama.cpp's scheme; AVX2, with VNNI's
-one-instruction dot products where the CPU has them), the other types by decoding one row at a time. Elsewhere (no compiler, a GPU) a layer dequantizes once with the `gguf` package and
-keeps the dense weight, which is correct but not small.
+one-instruction dot products where the CPU has them), the other types by decoding one row at a time. Elsewhere (no
+compiler, a GPU) a layer dequantizes once with the `gguf` package and keeps the dense weight, which is correct but
+not small.
 """
 
 from __future__ import annotations
