@@ -59,14 +59,16 @@ def _mapping(ptr: int) -> tuple[int, int, float]:
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
 def test_only_the_blocks_in_use_stay_resident(default_gguf, default_tokenizer):
     """The file's header and the rows llama's q/k permutation copied (8 MB here) were read once through the map;
-    after loading, only the blocks the model multiplies stay in its RSS."""
+    after loading they leave the RSS, and the blocks the model multiplies are read only when used (more of the map
+    stayed resident after loading before: 59 MB in one measurement)."""
     model = load_model(default_gguf, quantize="auto")
-    Engine(model, default_tokenizer).generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0))
     lo, hi, resident_mb = _mapping(model.model.embed_tokens.qweight.data_ptr())
     weights = {m.qweight.data_ptr(): m.qweight for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
     kept_mb = sum(w.nbytes for p, w in weights.items() if lo <= p < hi) / 2**20
     assert 80 < kept_mb < 90  # all but q_proj and k_proj (~8 MB) are views of the map
-    assert resident_mb < kept_mb + 2  # + the pages each tensor shares with its neighbours
+    # What stays: the kernel's fault-around (64 KB windows) mapped the kept blocks beside each copied q/k tensor when
+    # it was read: at most 60 tensors x 2 sides x 64 KB = 7.5 MB, ~6 MB measured.
+    assert resident_mb < 8
 
 
 def test_greedy_tokens_match_the_dequantized_model(models, default_tokenizer):
