@@ -57,7 +57,7 @@ def _mapping(ptr: int) -> tuple[int, int, float]:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
-def test_only_the_blocks_in_use_stay_resident(default_gguf, default_tokenizer):
+def test_only_the_blocks_in_use_stay_resident(default_gguf):
     """The file's header and the rows llama's q/k permutation copied (8 MB here) were read once through the map;
     after loading they leave the RSS, and the blocks the model multiplies are read only when used (more of the map
     stayed resident after loading before: 59 MB in one measurement)."""
