@@ -205,6 +205,19 @@ def test_kernels_of_other_sources_build_in_another_folder(tmp_path):
     assert K.build_dir(tmp_path) == K.build_dir()
     (tmp_path / "decode.cpp").write_text((here / "decode.cpp").read_text() + "\n// changed\n")
     assert K.build_dir(tmp_path) != K.build_dir() and K.build_dir(tmp_path).parent == K.build_dir().parent
+    from torch.utils.cpp_extension import get_default_build_root
+
+    assert K.build_dir().parent.parent == Path(get_default_build_root())  # torch's root, named without importing it
+
+
+def test_a_finished_build_is_imported_without_setuptools():
+    # Loading the model used to import torch.utils.cpp_extension (and setuptools with it, ~4 MB resident) only to
+    # find the library up to date; a finished build is now imported directly.
+    code = ("import sys, sputnik.kernels as K; assert K.available(); "
+            "assert 'setuptools' not in sys.modules and 'torch.utils.cpp_extension' not in sys.modules, 'imported'")
+    done = subprocess.run([sys.executable, "-c", code], timeout=600, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (K.build_dir() / K.BUILT).exists()
 
 
 def test_a_killed_build_does_not_block_the_next():
@@ -212,7 +225,8 @@ def test_a_killed_build_does_not_block_the_next():
     # on it forever, at import time of any test module that asks whether the kernels are available.
     lock = K.build_dir() / "lock"
     lock.touch()
+    (K.build_dir() / K.BUILT).unlink(missing_ok=True)  # as if the build had not finished: the compile path runs
     code = "import sputnik.kernels as K; assert K.available()"
     done = subprocess.run([sys.executable, "-c", code], timeout=600, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert not lock.exists()
+    assert not lock.exists() and (K.build_dir() / K.BUILT).exists()

@@ -60,37 +60,57 @@ SOURCES = ("quant.cpp", "decode.cpp", "quant.h")
 
 def build_dir(sources: Path | None = None) -> Path:
     """Where the kernels are compiled: one folder per Python and torch version (an extension is built for both) and
-    per version of the sources, so that two checkouts of different kernels never rebuild over each other's library
-    (one may be loaded in a running process)."""
+    per version of the sources and flags, so that two checkouts of different kernels never rebuild over each other's
+    library (one may be loaded in a running process)."""
     import hashlib
 
-    from torch.utils.cpp_extension import get_default_build_root
+    from torch import _appdirs
 
     here = sources or Path(__file__).parent
-    digest = hashlib.sha256(b"".join((here / name).read_bytes() for name in SOURCES)).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join((here / name).read_bytes() for name in SOURCES) + " ".join(CFLAGS).encode())
     tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
-    return Path(get_default_build_root()) / tag / f"sputnik_quant_{digest}"
+    # torch.utils.cpp_extension's default build root, named without importing it (it imports setuptools: ~4 MB)
+    root = _appdirs.user_cache_dir(appname="torch_extensions")
+    return Path(os.path.realpath(root)) / tag / f"sputnik_quant_{digest.hexdigest()[:12]}"
+
+
+# -fopenmp at compile time only: the OpenMP calls then bind to torch's own libgomp (one thread pool)
+CFLAGS = ("-O3", "-fopenmp")
+BUILT = "sputnik_quant.built"  # written once a build has finished: later processes import the library directly
 
 
 def _build():
-    """Compile (or load the cached build of) quant.cpp, one process at a time.
+    """Import the finished build of quant.cpp, or compile it first, one process at a time.
 
     torch marks a build in progress with a plain `lock` file and waits while it exists, so a build that was killed
     (Ctrl-C, a CI timeout) made every later process wait forever. Builds here take an OS lock instead, which dies with
     its holder; whoever holds it knows any `lock` file left in the build directory is stale.
     """
+    build = build_dir()
+    if (build / BUILT).exists():
+        return _import(build / "sputnik_quant.so")
     from filelock import FileLock
     from torch.utils.cpp_extension import load
 
-    build = build_dir()
     build.mkdir(parents=True, exist_ok=True)
     with FileLock(str(build / "build.flock")):
         (build / "lock").unlink(missing_ok=True)
         here = Path(__file__).parent
-        # -fopenmp at compile time only: the OpenMP calls then bind to torch's own libgomp (one thread pool)
-        return load("sputnik_quant", [str(here / name) for name in SOURCES if name.endswith(".cpp")],
-                    extra_cflags=["-O3", "-fopenmp"], extra_include_paths=[str(here)], build_directory=str(build),
-                    verbose=False)
+        ext = load("sputnik_quant", [str(here / name) for name in SOURCES if name.endswith(".cpp")],
+                   extra_cflags=list(CFLAGS), extra_include_paths=[str(here)], build_directory=str(build),
+                   verbose=False)
+        (build / BUILT).touch()
+        return ext
+
+
+def _import(library: Path):
+    """Import a built extension module as torch's loader does, without its up-to-date check (ninja, setuptools)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sputnik_quant", library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def available() -> bool:
