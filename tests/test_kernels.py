@@ -52,6 +52,33 @@ def test_dequantize_equals_gguf(name):
     assert torch.equal(ours, reference(name, raw))
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", INTEGER + DECODED)
+def test_torch_decoders_equal_gguf(name, device):
+    # the GPU path (and the CPU's without a compiler) decodes blocks with torch operators: the same values
+    from sputnik.kernels.dequant import dequantize_blocks
+
+    cols = 768 if name.endswith("_K") else 96
+    raw = blocks(name, 7, cols, seed=3)
+    _, block, size = K.TYPES[K.TYPE_IDS[name]]
+    ours = dequantize_blocks(torch.from_numpy(raw).to(device), name, block, size, cols)
+    assert ours.device.type == device and torch.equal(ours.cpu(), reference(name, raw))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_block_layers_on_a_gpu_keep_their_blocks():
+    raw = torch.from_numpy(blocks("Q4_K", 24, 256))
+    w = QTensor(raw, K.TYPE_IDS["Q4_K"], (24, 256))
+    layer, emb = QuantLinear(w).cuda(), QuantEmbedding(w).cuda()
+    x = torch.randn(3, 256)
+    assert torch.allclose(layer(x.cuda()).cpu(), x @ w.dequantize().T, atol=1e-4)
+    assert layer._dense is None and layer.qweight.is_cuda  # nothing dense kept beside the blocks
+    assert torch.equal(emb(torch.tensor([5, 0]).cuda()).cpu(), w.dequantize()[[5, 0]])
+
+
 def q8_error_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The most that rounding activations to 8 bits per block of 32 (scale amax/127) can move x @ w.T: half a step
     per element, times |w|."""
@@ -179,7 +206,7 @@ def test_quant_linear_and_embedding():
     assert emb.to(torch.bfloat16)(tokens).dtype == torch.bfloat16 and emb.qweight.dtype == torch.uint8
 
 
-def test_fallback_without_kernels_dequantizes_with_gguf(monkeypatch):
+def test_fallback_without_kernels_decodes_with_torch(monkeypatch):
     raw = torch.from_numpy(blocks("Q4_1", 8, 64))
     w = QTensor(raw, K.TYPE_IDS["Q4_1"], (8, 64))
     x = torch.randn(3, 64)

@@ -184,3 +184,19 @@ def test_compiled_decode_over_block_weights(tmp_path):
 def test_unknown_quantize_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="unknown quantize 'int3'"):
         load_model(tmp_path, quantize="int3")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_int8_on_a_gpu_keeps_its_blocks_and_matches_the_cpu(tmp_path):
+    config_cls, model_cls, kw = FAMILIES["llama"]
+    torch.manual_seed(0)
+    cfg = config_cls(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=128, **kw)
+    model_cls(cfg).save_pretrained(tmp_path)
+    cpu, gpu = load_model(tmp_path, quantize="int8"), load_model(tmp_path, quantize="int8", device="cuda")
+    layers = [m for m in gpu.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.qweight.is_cuda for m in layers)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = cpu(ids), gpu(ids.cuda()).cpu()
+    assert (got - want).norm() / want.norm() < 0.02  # the CPU quantizes activations to 8 bits, the GPU does not

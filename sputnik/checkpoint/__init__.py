@@ -89,13 +89,15 @@ def load_model(
 
     quantize: "none" dequantizes everything to `dtype`; "auto" keeps a GGUF file's quantized matrices in their
     blocks where the kernels run (the CPU, with a compiler), multiplied as they are; "int8" / "int4" quantize the
-    matrices of any checkpoint to Q8_0 / Q4_1 blocks (weight-only, groups of 32).
+    matrices of any checkpoint to Q8_0 / Q4_1 blocks (weight-only, groups of 32), a GGUF file's blocks kept, on any
+    device (on a GPU the blocks stay in its memory and are decoded by torch operators for each product).
     """
     if quantize not in QUANTIZE:
         raise ValueError(f"unknown quantize {quantize!r}: use one of {', '.join(QUANTIZE)}")
     from sputnik import kernels
 
-    blocks = quantize != "none" and torch.device(device).type == "cpu" and kernels.available()
+    on_cpu = torch.device(device).type == "cpu"
+    blocks = quantize in ("int8", "int4") and not on_cpu or quantize != "none" and on_cpu and kernels.available()
     cfg, sd, p = load_state(path, keep_blocks=blocks)
     if blocks and quantize in ("int8", "int4"):
         sd = quantize_state(sd, "Q8_0" if quantize == "int8" else "Q4_1")
@@ -117,7 +119,7 @@ def build_model(cfg: ModelConfig, sd: dict[str, Tensor | QTensor], dtype: torch.
     if cfg.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear):
         model.lm_head.weight = model.model.embed_tokens.weight
     load_weights(model, sd, source)
-    return model.to(dtype).eval()
+    return model.to(device=device, dtype=dtype).eval()  # the device: block buffers come from the file on the CPU
 
 
 def quantize_state(sd: dict[str, Tensor | QTensor], type_name: str) -> dict[str, Tensor | QTensor]:

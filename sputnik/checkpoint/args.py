@@ -22,7 +22,8 @@ class ModelArgs:
     device: str = option("auto", "cpu, cuda, cuda:1 … (auto: cuda when available)")
     quantize: str = option("auto", "auto: a GGUF file's quantized weights run as they are on the CPU (dequantized "
                                    "elsewhere); none: dequantize to --dtype; int8/int4: quantize any checkpoint's "
-                                   "matrices to Q8_0/Q4_1 blocks", choices=["auto", "none", "int8", "int4"])
+                                   "matrices to Q8_0/Q4_1 blocks (a GGUF file's blocks kept), on a GPU too, "
+                                   "where they stay in its memory", choices=["auto", "none", "int8", "int4"])
 
     def load(self):
         """(model, tokenizer), ready for the engine."""

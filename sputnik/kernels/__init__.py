@@ -17,7 +17,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -134,16 +133,16 @@ def row_bytes(qtype: int, in_features: int) -> int:
 
 
 def dequantize(qweight: Tensor, qtype: int, in_features: int) -> Tensor:
-    """Block rows [M, bytes] (uint8) -> float32 [M, in_features], by the kernels or else the `gguf` package."""
-    ext = extension()
-    if ext is not None and qweight.device.type == "cpu":
+    """Block rows [M, bytes] (uint8) -> float32 [M, in_features]: by the C++ kernels on the CPU where they are built,
+    else by torch operators on the blocks' device (kernels/dequant.py; the same values, bit for bit)."""
+    ext = extension() if qweight.device.type == "cpu" else None
+    if ext is not None:
         return ext.dequantize(qweight.contiguous(), qtype, in_features)
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize as gguf_dequantize
+    from sputnik.kernels.dequant import dequantize_blocks
 
-    raw = qweight.detach().cpu().numpy()
-    out = gguf_dequantize(raw, GGMLQuantizationType(qtype)).astype(np.float32, copy=False)
-    return torch.from_numpy(out.reshape(qweight.shape[0], in_features)).to(qweight.device)
+    name, block, size = TYPES[qtype]
+    row_bytes(qtype, in_features)  # a clear error for a width the type cannot hold
+    return dequantize_blocks(qweight, name, block, size, in_features)
 
 
 def qmatmul(x: Tensor, qweight: Tensor, qtype: int, path: str | None = None) -> Tensor:
@@ -224,8 +223,10 @@ class QuantLinear(nn.Module):
             if self.bias is not None:
                 y += self.bias.float()
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        if self._dense is None or self._dense.device != x.device or self._dense.dtype != x.dtype:
-            self._dense = dequantize(self.qweight, self.qtype, self.in_features).to(x.device, x.dtype)
+        if self.qweight.device.type != "cpu":  # a GPU: the blocks stay in its memory, decoded for each product
+            return F.linear(x, dequantize(self.qweight, self.qtype, self.in_features).to(x.dtype), self.bias)
+        if self._dense is None or self._dense.dtype != x.dtype:  # a CPU without the kernels: decoded once
+            self._dense = dequantize(self.qweight, self.qtype, self.in_features).to(x.dtype)
         return F.linear(x, self._dense, self.bias)
 
     def extra_repr(self) -> str:
