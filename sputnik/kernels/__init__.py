@@ -86,8 +86,9 @@ def _build():
     its holder; whoever holds it knows any `lock` file left in the build directory is stale.
     """
     build = build_dir()
-    if (build / BUILT).exists():
-        return _import(build / "sputnik_quant.so")
+    library = build / "sputnik_quant.so"
+    if (build / BUILT).exists() and library.exists():
+        return _import(library)
     from filelock import FileLock
     from torch.utils.cpp_extension import load
 
