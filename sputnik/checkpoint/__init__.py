@@ -96,8 +96,10 @@ def load_model(
         raise ValueError(f"unknown quantize {quantize!r}: use one of {', '.join(QUANTIZE)}")
     from sputnik import kernels
 
-    on_cpu = torch.device(device).type == "cpu"
-    blocks = quantize in ("int8", "int4") and not on_cpu or quantize != "none" and on_cpu and kernels.available()
+    if torch.device(device).type == "cpu":
+        blocks = quantize != "none" and kernels.available()
+    else:  # a GPU keeps blocks only when asked by name: decoding them for each product costs time
+        blocks = quantize in ("int8", "int4")
     cfg, sd, p = load_state(path, keep_blocks=blocks)
     if blocks and quantize in ("int8", "int4"):
         sd = quantize_state(sd, "Q8_0" if quantize == "int8" else "Q4_1")
