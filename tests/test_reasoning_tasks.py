@@ -69,9 +69,11 @@ def test_traces_reach_the_answer(op, language):
             assert "자리" in reasoning or op == "*"
 
 
+@pytest.mark.parametrize("places", [False, True])
 @pytest.mark.parametrize("language", ["en", "ko"])
-def test_the_work_of_a_trace_is_read_back(language):
-    task = get_task(("korean-arithmetic" if language == "ko" else "arithmetic") + ":digits=1-4,ops=+-*")
+def test_the_work_of_a_trace_is_read_back(language, places):
+    name = "korean-arithmetic" if language == "ko" else "arithmetic"
+    task = get_task(f"{name}:digits=1-4,ops=+-*,places={places}")
     for p in task.problems("train", 90):
         reasoning, _ = task.trace(p)
         assert task.worked_result(p, reasoning) == p.answer, reasoning
@@ -121,6 +123,19 @@ def test_column_steps_say_carries_and_borrows():
     assert "123 × 4 = 492, × 10 = 4920." in reasoning and "615 + 4920 = 5535" in reasoning
     with pytest.raises(ValueError, match="traces"):
         arithmetic_trace(1, "+", 2, "fr")
+
+
+def test_places_name_each_operands_digits_before_the_columns():
+    reasoning, _ = arithmetic_trace(916, "+", 65, places=True)
+    assert reasoning.splitlines()[:4] == ["916 + 65.", "916: Hundreds 9, Tens 1, Ones 6.",
+                                          "65: Hundreds 0, Tens 6, Ones 5.", "Ones: 6 + 5 = 11, write 1, carry 1."]
+    reasoning, _ = arithmetic_trace(503, "-", 78, "ko", places=True)
+    assert reasoning.splitlines()[1:3] == ["503: 백 5, 십 0, 일 3.", "78: 백 0, 십 7, 일 8."]
+    # Multiplication works digit by digit of the multiplier: nothing to name.
+    assert arithmetic_trace(123, "*", 45, places=True) == arithmetic_trace(123, "*", 45)
+    task = get_task("arithmetic:digits=3,places=true")
+    p = task.problems("train", 1)[0]
+    assert ": Hundreds " in task.trace(p)[0] and ": Hundreds " not in get_task("arithmetic:digits=3").trace(p)[0]
 
 
 def test_tasks_without_traces_say_so():

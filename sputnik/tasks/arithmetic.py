@@ -67,11 +67,13 @@ class ArithmeticTask(GeneratedTask):
 
     With `test_digits`, the test split asks problems of that size while train keeps `digits`: held-out problems
     harder than training (length generalisation). Splits stay disjoint: sizes that do not overlap cannot share a
-    problem, and where they overlap the hash partition keeps them apart."""
+    problem, and where they overlap the hash partition keeps them apart. `places` makes the worked solutions
+    (`trace`) name each operand's digits by place before the columns."""
 
     digits: int | str = 2
     ops: str = "+"
     test_digits: int | str | None = None
+    places: bool = False
     name = "arithmetic"
     chat_suffix = BOXED_SUFFIX
 
@@ -108,7 +110,7 @@ class ArithmeticTask(GeneratedTask):
     def trace(self, problem: Problem) -> tuple[str, str]:
         """(reasoning, answer): the worked solution in the prompts' language (tasks.traces)."""
         m = problem.meta
-        return arithmetic_trace(m["a"], m["op"], m["b"], self.language)
+        return arithmetic_trace(m["a"], m["op"], m["b"], self.language, self.places)
 
     def worked_result(self, problem: Problem, reasoning: str) -> str | None:
         """What the reasoning's columns (or partial products) compute, written as tasks.traces writes them."""

@@ -3,7 +3,9 @@
 A trace restates the problem, then works column by column from the ones (carries and borrows said out loud) or
 digit by digit of the multiplier, and ends on the result; the answer is the result in \\boxed{}. Each step only
 needs digits written just above it, which is what makes thinking pay for a small model: the direct answer needs
-every digit at once.
+every digit at once. With `places`, a sum or difference first writes each operand's digits under the names its
+columns use ("916: Hundreds 9, Tens 1, Ones 6."), so a column finds its digits by name rather than by counting
+from the right.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ PLACES = {
     "ko": ("일의 자리", "십의 자리", "백의 자리", "천의 자리", "만의 자리", "십만의 자리", "백만의 자리",
            "천만의 자리", "억의 자리"),
 }
+# The places as the operands' digits are named (`places`): Korean's column names cost SmolLM2 ~8 tokens each.
+DIGIT_PLACES = {"en": PLACES["en"], "ko": ("일", "십", "백", "천", "만", "십만", "백만", "천만", "억")}
 # The phrases of a trace, per language.
 WORDS = {
     "en": {"write": "write {d}", "carry": "carry 1", "last_carry": "Write the carry 1.", "borrow": "borrow 1",
@@ -27,8 +31,8 @@ WORDS = {
 }
 
 
-def _place(i: int, language: str) -> str:
-    names = PLACES[language]
+def _place(i: int, language: str, names: dict[str, tuple[str, ...]] = PLACES) -> str:
+    names = names[language]
     return names[i] if i < len(names) else f"10^{i}"
 
 
@@ -87,14 +91,23 @@ def mul_steps(a: int, b: int, language: str = "en") -> list[str]:
 STEPS = {"+": add_steps, "-": sub_steps, "*": mul_steps}
 
 
-def arithmetic_trace(a: int, op: str, b: int, language: str = "en") -> tuple[str, str]:
-    """(reasoning, answer) for a op b: the problem restated, its steps, the result; the answer in \\boxed{}."""
+def place_steps(a: int, b: int, language: str = "en") -> list[str]:
+    """Each operand's digits from the highest place, under the names the columns use, padded to a common width."""
+    width = max(len(str(a)), len(str(b)))
+    return [f"{n}: " + ", ".join(f"{_place(i, language, DIGIT_PLACES)} {d}" for i, d in reversed(list(enumerate(_digits(n, width)))))
+            + "." for n in (a, b)]
+
+
+def arithmetic_trace(a: int, op: str, b: int, language: str = "en", places: bool = False) -> tuple[str, str]:
+    """(reasoning, answer) for a op b: the problem restated, its steps, the result; the answer in \\boxed{}.
+    `places` writes the operands' digits by place before the columns of a sum or difference."""
     if language not in PLACES:
         raise ValueError(f"traces are written in {tuple(PLACES)}, not {language!r}")
     result = a + b if op == "+" else a - b if op == "-" else a * b
     shown = "×" if op == "*" else op
     so = WORDS[language]["so"].format(a=a, op=shown, b=b, r=result)
-    lines = [f"{a} {shown} {b}.", *STEPS[op](a, b, language), so]
+    named = place_steps(a, b, language) if places and op in "+-" else []
+    lines = [f"{a} {shown} {b}.", *named, *STEPS[op](a, b, language), so]
     return "\n".join(lines), f"\\boxed{{{result}}}"
 
 
