@@ -3,9 +3,9 @@
 A trace restates the problem, then works column by column from the ones (carries and borrows said out loud) or
 digit by digit of the multiplier, and ends on the result; the answer is the result in \\boxed{}. Each step only
 needs digits written just above it, which is what makes thinking pay for a small model: the direct answer needs
-every digit at once. With `places`, a sum or difference first writes each operand's digits under the names its
-columns use ("916: Hundreds 9, Tens 1, Ones 6."), so a column finds its digits by name rather than by counting
-from the right.
+every digit at once. With `places`, a sum or difference first writes each operand's digits under their places'
+names ("916: Hundreds 9, Tens 1, Ones 6."), so a column finds its digits by name rather than by counting from the
+right.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ WORDS = {
 
 
 def _place(i: int, language: str, names: dict[str, tuple[str, ...]] = PLACES) -> str:
-    names = names[language]
-    return names[i] if i < len(names) else f"10^{i}"
+    table = names[language]
+    return table[i] if i < len(table) else f"10^{i}"
 
 
 def _digits(n: int, width: int) -> list[int]:
@@ -92,10 +92,14 @@ STEPS = {"+": add_steps, "-": sub_steps, "*": mul_steps}
 
 
 def place_steps(a: int, b: int, language: str = "en") -> list[str]:
-    """Each operand's digits from the highest place, under the names the columns use, padded to a common width."""
+    """Each operand's digits from the highest place, each after its place's name, padded to a common width."""
     width = max(len(str(a)), len(str(b)))
-    return [f"{n}: " + ", ".join(f"{_place(i, language, DIGIT_PLACES)} {d}" for i, d in reversed(list(enumerate(_digits(n, width)))))
-            + "." for n in (a, b)]
+
+    def named(n: int) -> str:
+        digits = _digits(n, width)
+        return f"{n}: " + ", ".join(f"{_place(i, language, DIGIT_PLACES)} {digits[i]}" for i in reversed(range(width)))
+
+    return [named(a) + ".", named(b) + "."]
 
 
 def arithmetic_trace(a: int, op: str, b: int, language: str = "en", places: bool = False) -> tuple[str, str]:
