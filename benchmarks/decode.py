@@ -9,7 +9,10 @@ weight once per token (memory bandwidth / weight bytes); at B=32 it is arithmeti
 
 "sputnik Q4_1" runs the file's blocks as they are (sputnik.kernels), each decode step one native call
 (engine/native.py); "sputnik Q4_1 pytorch step" runs the same blocks through the eager PyTorch step. "sputnik" (fp32)
-takes the native step too (float32 rows as type F32), "sputnik pytorch step" the eager one. Its memory (q_rss_mb: resident MB after loading
+takes the native step too (float32 rows as type F32), "sputnik pytorch step" the eager one; "sputnik bf16" is the model
+in bfloat16 (what `--dtype auto` loads where the CPU has AVX512-BF16 or AMX) through the native step (BF16 rows,
+float32 activations), "sputnik bf16 pytorch step" the same through the eager step (bf16_b1_of_ceiling: against twice
+the fp32 ceiling, its weights being half the bytes). Its memory (q_rss_mb: resident MB after loading
 the model and tokenizer and decoding 8 tokens, less the process's RSS after importing torch) is measured in a child
 process, so the fp32 copies here do not count; q_rss_vs_gguf is that less its KV cache over the file's size (the issue's
 measure), and llamacpp_rss_mb the same resident MB for llama.cpp on the file (n_ctx 512). llama.cpp
@@ -147,15 +150,18 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     compile_s = None
     qmodel = load_model(path, quantize="auto") if path.suffix == ".gguf" else None
+    bmodel = load_model(path, dtype=torch.bfloat16)  # what --dtype auto loads on a CPU with AVX512-BF16 or AMX
     q_compile_s = None
     compiled = [] if args.no_compile else ["sputnik --compile"]
     # "sputnik Q4_1" decodes with the native step (engine/native.py), "... pytorch step" with the eager PyTorch one
-    runs = ["sputnik", "sputnik pytorch step"] + compiled + (["sputnik Q4_1", "sputnik Q4_1 pytorch step"] +
-                                     [c.replace("sputnik", "sputnik Q4_1") for c in compiled] if qmodel else [])
+    runs = ["sputnik", "sputnik pytorch step"] + compiled + ["sputnik bf16", "sputnik bf16 pytorch step"]
+    runs += ["sputnik Q4_1", "sputnik Q4_1 pytorch step"] + [c.replace("sputnik", "sputnik Q4_1") for c in compiled] \
+        if qmodel else []
     engines: dict[str, Engine] = {}
     for name in runs:
-        engine = engines[name] = Engine(qmodel if "Q4_1" in name else model, tok, max_batch=B, compile=name.endswith("compile"),
-                        native=not name.endswith("pytorch step"))
+        weights = qmodel if "Q4_1" in name else bmodel if "bf16" in name else model
+        engine = engines[name] = Engine(weights, tok, max_batch=B, compile=name.endswith("compile"),
+                                        native=not name.endswith("pytorch step"))
         t = time.perf_counter()
         for prompts in (chats[:1], chats[:2]):  # warm up (and compile: one graph for one row, one for several)
             engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0))
@@ -285,8 +291,15 @@ def main() -> None:
     figures["llamacpp"] = llamacpp_status  # "ran", or why it did not: then its figures are null
     figures["llamacpp_b1_tok_s"] = figures["llamacpp_rss_mb"] = None
     # The *_vs_* ratios take sputnik's faster engine per column (compiled where measured); *_eager_* the default.
-    best = {k: max(r[k] for n, r in results.items() if n.startswith("sputnik") and "Q4_1" not in n)
-            for k in ("b1", "b32")}
+    fp32 = [r for n, r in results.items() if n in ("sputnik", "sputnik pytorch step", "sputnik --compile")]
+    best = {k: max(r[k] for r in fp32) for k in ("b1", "b32")}
+    bf16, bf16_step = results["sputnik bf16"], results["sputnik bf16 pytorch step"]
+    figures.update(bf16_b1_tok_s=round(bf16["b1"], 2), bf16_b32_tok_s=round(bf16["b32"], 2),
+                   bf16_b1_of_ceiling=round(bf16["b1"] / (2 * ceiling_b1), 3),  # half the bytes: twice the ceiling
+                   bf16_pytorch_step_b1_tok_s=round(bf16_step["b1"], 2),
+                   bf16_pytorch_step_b32_tok_s=round(bf16_step["b32"], 2),
+                   bf16_b1_vs_fp32=round(bf16["b1"] / results["sputnik"]["b1"], 3),
+                   bf16_b32_vs_fp32=round(bf16["b32"] / results["sputnik"]["b32"], 3))
     if compile_s is not None:
         c = results["sputnik --compile"]
         figures.update(sputnik_compiled_b1_tok_s=round(c["b1"], 2), sputnik_compiled_b32_tok_s=round(c["b32"], 2),

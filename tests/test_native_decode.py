@@ -74,6 +74,40 @@ def test_native_step_equals_the_pytorch_step(tmp_path, family, weights):
         tokens, lens = want.argmax(-1, keepdim=True), lens + 1
 
 
+@pytest.mark.parametrize("rows", [3, 6])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_bfloat16_model_steps_natively_over_its_own_weights_and_cache(tmp_path, family, rows):
+    """A bfloat16 model (what `--dtype auto` loads on a CPU with AVX512-BF16 or AMX) takes the native step over its
+    bfloat16 weights and cache, in float32 arithmetic (bfloat16 widens exactly): it equals the float32 PyTorch step over
+    the same weights but for rounding what it writes into the cache (and, past four rows, the activations ATen's
+    bfloat16 GEMM takes) to bfloat16. An in-place update of a weight (a trainer's) is seen by the next step."""
+    model, ref = tiny(tmp_path, family).to(torch.bfloat16), tiny(tmp_path, family).to(torch.bfloat16).float()
+    assert supported(model) is None
+    model.fuse()
+    step, cfg = native_decode(model), model.cfg
+    torch.manual_seed(1)
+    k = [torch.randn(rows, cfg.n_kv_heads, 16, cfg.head_dim).bfloat16() for _ in range(cfg.n_layers)]
+    v = [torch.randn_like(t) for t in k]
+    want_k, want_v = [t.float() for t in k], [t.float() for t in v]
+    lens = torch.tensor([0, 5, 11, 2, 9, 12][:rows])
+    tokens = torch.tensor([[7], [42], [95], [3], [60], [11]][:rows])
+    for i in range(3):
+        if i == 2:
+            with torch.no_grad():
+                for m in (model, ref):
+                    m.model.layers[1].post_attention_layernorm.weight.mul_(4)
+        with torch.no_grad():
+            want = next_logits(ref, tokens, lens[:, None], SlotView(want_k + want_v, lens, 16, masked=True))
+            got = step(tokens, lens[:, None], k, v)
+        # logits ~0.5 here; the bfloat16 PyTorch step is off the float32 one by up to 3e-3, this step by 3e-3 at most
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=6e-3)
+        for a, b in zip(k + v, want_k + want_v):  # the new slots rounded to bfloat16, the old ones untouched
+            assert a.dtype == torch.bfloat16
+            torch.testing.assert_close(a.float(), b, rtol=4e-3, atol=2e-3 if rows <= 4 else 2e-2)
+            b.copy_(a.float())
+        tokens, lens = want.argmax(-1, keepdim=True), lens + 1
+
+
 def test_default_model_greedy_text_with_the_native_step(default_gguf, default_tokenizer):
     """On the default model's Q4_1 blocks the native step and the PyTorch step round different float sums into 8-bit
     activations, so a near tie may flip; before that the greedy tokens are the same."""
@@ -105,9 +139,9 @@ def test_models_left_to_pytorch(tmp_path):
 
     adapted = tiny(tmp_path, "llama")
     apply_lora(adapted, r=4)
-    assert "neither in a block format nor a plain float32 Linear" in supported(adapted)
+    assert "neither in a block format nor a plain float32 or bfloat16 Linear" in supported(adapted)
     assert native_decode(adapted) is None
-    assert supported(tiny(tmp_path, "llama").to(torch.bfloat16)) == "only float32 models on the CPU"
+    assert supported(tiny(tmp_path, "llama").to(torch.float16)) == "only float32 and bfloat16 models on the CPU"
     assert "latent attention" in supported(load_model_mla(tmp_path / "mla"))
 
 

@@ -2,10 +2,11 @@
 
 At batch 1 an eager PyTorch step is ~20 small operators per layer around the matrix products, and dispatching them
 costs more than the products: llama.cpp's lead. Where the model is a Llama-family one (Llama, Qwen2, Qwen3: dense
-attention, SwiGLU) with every projection a QuantLinear or a plain float32 Linear on the CPU, its layers run in C++
-over the same weights (float32 rows read as F32 blocks, or by ATen's GEMM past four rows) and the same cache; the
-embedding and the rotary tables stay sputnik.model's own, and so does the output head but for a float32 one at up to
-four rows (decode.cpp's threshold too), which the kernels' F32 rows take in half MKL's time.
+attention, SwiGLU) with every projection a QuantLinear or a plain float32 or bfloat16 Linear on the CPU, its layers
+run in C++ over the same weights (float32 / bfloat16 rows read as F32 / BF16 blocks, or by ATen's GEMM past four rows)
+and the same cache (float32, or a bfloat16 model's bfloat16); activations stay float32 throughout. The embedding and
+the rotary tables stay sputnik.model's own, and so does the output head but for a dense one at up to four rows
+(decode.cpp's threshold too), which the kernels' rows take in half MKL's time.
 """
 
 from __future__ import annotations
@@ -20,28 +21,32 @@ from sputnik.kernels import QuantLinear
 from sputnik.model import MLP, Attention, Transformer
 
 
-DENSE = -1  # a float32 Linear's rows: F32 to the kernels, ATen's GEMM past a few tokens (decode.cpp's kDense)
+# a dense Linear's rows: F32 / BF16 to the kernels, ATen's GEMM past a few tokens (decode.cpp's kDense, kDenseBf16)
+DENSE = {torch.float32: -1, torch.bfloat16: -2}
+HEAD_TYPES = {torch.float32: kernels.TYPE_IDS["F32"], torch.bfloat16: kernels.TYPE_IDS["BF16"]}
 
 
 def _group(fused, *layers: nn.Module) -> tuple[list[Tensor], list[int], Tensor | None]:
-    """Rows, types and bias of projections that share one input, as the kernels take them. A float32 Linear gives
+    """Rows, types and bias of projections that share one input, as the kernels take them. A dense Linear gives
     its own memory read as bytes (type DENSE) — or, once fused, the matrix the model fused the group into (see
     model.fuse_linears) — so the step reads what a trainer writes into them; a block layer gives its rows of blocks."""
     if isinstance(fused, tuple):
-        return [fused[0].detach().view(torch.uint8)], [DENSE], None if fused[1] is None else fused[1].detach()
-    rows = [(m.qweight, m.qtype) if type(m) is QuantLinear else (m.weight.detach().view(torch.uint8), DENSE)
-            for m in layers]
-    biases = [m.bias.detach().float() for m in layers if m.bias is not None]
+        w = fused[0].detach()
+        return [w.view(torch.uint8)], [DENSE[w.dtype]], None if fused[1] is None else fused[1].detach()
+    rows = [(m.qweight, m.qtype) if type(m) is QuantLinear else (m.weight.detach().view(torch.uint8),
+                                                                  DENSE[m.weight.dtype]) for m in layers]
+    biases = [m.bias.detach() for m in layers if m.bias is not None]
     bias = (biases[0] if len(biases) == 1 else torch.cat(biases)) if biases else None
     return [r for r, _ in rows], [t for _, t in rows], bias
 
 
-def _head_rows(model: Transformer) -> Tensor | None:
-    """A plain float32 output head's rows as bytes, for the kernels' F32 rows at a few tokens: the vocabulary's
-    matrix (113 MB for SmolLM2) is a fifth of the model, and one token's product took MKL 9.0 ms, the rows 4.1 here."""
+def _head_rows(model: Transformer) -> tuple[Tensor, int] | None:
+    """A plain dense output head's rows as bytes and their type, for the kernels' F32 / BF16 rows at a few tokens: the
+    vocabulary's matrix (113 MB for SmolLM2 in float32) is a fifth of the model, and one token's product took MKL
+    9.0 ms, the rows 4.1 here."""
     head = model.lm_head
     if type(head) is nn.Linear and head.bias is None and head.weight.is_contiguous():
-        return head.weight.detach().view(torch.uint8)
+        return head.weight.detach().view(torch.uint8), HEAD_TYPES[head.weight.dtype]
     return None
 
 
@@ -59,8 +64,8 @@ def _fused_tensors(layer) -> list[Tensor]:
 def supported(model: Transformer) -> str | None:
     """Why this model cannot take the native step (None: it can)."""
     cfg = model.cfg
-    if model.device.type != "cpu" or model.dtype != torch.float32:
-        return "only float32 models on the CPU"
+    if model.device.type != "cpu" or model.dtype not in DENSE:
+        return "only float32 and bfloat16 models on the CPU"
     if cfg.is_mla or model.rotary.interleave:
         return "multi-head latent attention is not in the native step"
     for layer in model.model.layers:
@@ -68,9 +73,9 @@ def supported(model: Transformer) -> str | None:
         if type(attn) is not Attention or type(mlp) is not MLP:
             return "mixture-of-experts layers are not in the native step"
         projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if any(not (type(m) is QuantLinear or (type(m) is nn.Linear and m.weight.is_contiguous()))
-               for m in projections):
-            return "a projection is neither in a block format nor a plain float32 Linear (LoRA, experts)"
+        if any(not (type(m) is QuantLinear or (type(m) is nn.Linear and m.weight.is_contiguous()
+                                                and m.weight.dtype in DENSE)) for m in projections):
+            return "a projection is neither in a block format nor a plain float32 or bfloat16 Linear (LoRA, experts)"
         if len({m.bias is None for m in projections[:3]}) > 1 or len({m.bias is None for m in projections[4:6]}) > 1:
             return "projections that share an input differ in bias"
     if not kernels.available() or not hasattr(kernels.extension(), "Decoder"):
@@ -101,10 +106,10 @@ def native_decode(model: Transformer) -> Callable[[Tensor, Tensor, list[Tensor],
         B = tokens.shape[0]
         cos, sin = model.rotary(positions)
         x = model.model.embed_tokens(tokens).float().view(B, -1)
-        h = decoder.step(x, cos.view(B, -1), sin.view(B, -1), positions[:, 0], k, v)
+        h = decoder.step(x, cos.float().view(B, -1), sin.float().view(B, -1), positions[:, 0], k, v)
         if head is not None and B <= 4:
-            return kernels.extension().qmatmul(model.model.norm(h), head, kernels.TYPE_IDS["F32"], -1)
-        return model.logits(h)
+            return kernels.extension().qmatmul(model.model.norm(h).float(), *head, -1)
+        return model.logits(h.to(model.dtype))
 
     step.sources = _sources(model)
     return step

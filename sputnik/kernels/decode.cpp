@@ -45,12 +45,13 @@ void rotate(float* x, const float* cos, const float* sin, int64_t D) {
 // a . b with eight running sums: one sum is a chain of dependent adds (latency-bound), eight let the compiler keep
 // them in vector lanes. At B = 32 over 200 cached tokens attention was 61 ms of a 165 ms step; this took 24 off.
 #define INLINE inline __attribute__((always_inline))
-INLINE float dot(const float* a, const float* b, int64_t n) {
+template <typename C>
+INLINE float dot(const float* a, const C* b, int64_t n) {
   float s[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) s[j] += a[i + j] * b[i + j];
-  for (; i < n; ++i) s[0] += a[i] * b[i];
+    for (int j = 0; j < 8; ++j) s[j] += a[i + j] * static_cast<float>(b[i + j]);
+  for (; i < n; ++i) s[0] += a[i] * static_cast<float>(b[i]);
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
@@ -109,10 +110,11 @@ AVX2 void softmax_avx2(float* w, int64_t S) {
 #endif
 
 // The G query heads of one key/value group (grouped-query attention: q holds them side by side, G x D) over S
-// cached slots, into out (G x D): each cached key and value is read once for all G heads. w: G x S scratch.
-template <bool kAvx2>
-INLINE void attend_group_body(const float* q, int64_t G, const float* k, int64_t ks, const float* v, int64_t vs,
-                              int64_t S, int64_t D, float scale, float* w, float* out) {
+// cached slots, into out (G x D): each cached key and value is read once for all G heads. w: G x S scratch. The
+// cache holds C: float, or bfloat16 (a bfloat16 model's cache), widened as it is read.
+template <bool kAvx2, typename C>
+INLINE void attend_group_body(const float* q, int64_t G, const C* k, int64_t ks, const C* v, int64_t vs, int64_t S,
+                              int64_t D, float scale, float* w, float* out) {
   for (int64_t s = 0; s < S; ++s)
     for (int64_t h = 0; h < G; ++h) w[h * S + s] = dot(q + h * D, k + s * ks, D) * scale;
   for (int64_t h = 0; h < G; ++h) {
@@ -126,24 +128,26 @@ INLINE void attend_group_body(const float* q, int64_t G, const float* k, int64_t
   }
   std::fill_n(out, G * D, 0.f);
   for (int64_t s = 0; s < S; ++s) {
-    const float* vrow = v + s * vs;
+    const C* vrow = v + s * vs;
     for (int64_t h = 0; h < G; ++h) {
       const float pw = w[h * S + s];
       float* o = out + h * D;
-      for (int64_t d = 0; d < D; ++d) o[d] += pw * vrow[d];
+      for (int64_t d = 0; d < D; ++d) o[d] += pw * static_cast<float>(vrow[d]);
     }
   }
 }
 
-void attend_group(const float* q, int64_t G, const float* k, int64_t ks, const float* v, int64_t vs, int64_t S,
-                  int64_t D, float scale, float* w, float* out) {
+template <typename C>
+void attend_group(const float* q, int64_t G, const C* k, int64_t ks, const C* v, int64_t vs, int64_t S, int64_t D,
+                  float scale, float* w, float* out) {
   attend_group_body<false>(q, G, k, ks, v, vs, S, D, scale, w, out);
 }
 
 #if defined(__x86_64__) || defined(_M_X64)
 // The same loops compiled for AVX2 and FMA (chosen at run time, as quant.cpp's paths are): 8 lanes, fused adds.
-AVX2 void attend_group_avx2(const float* q, int64_t G, const float* k, int64_t ks, const float* v, int64_t vs,
-                            int64_t S, int64_t D, float scale, float* w, float* out) {
+template <typename C>
+AVX2 void attend_group_avx2(const float* q, int64_t G, const C* k, int64_t ks, const C* v, int64_t vs, int64_t S,
+                            int64_t D, float scale, float* w, float* out) {
   attend_group_body<true>(q, G, k, ks, v, vs, S, D, scale, w, out);
 }
 #endif
@@ -156,27 +160,43 @@ struct Layer {
   std::optional<torch::Tensor> qkv_bias, o_bias, gate_up_bias, down_bias;
 };
 
-// A float32 Linear's rows, given as bytes (engine/native.py): type F32 to the kernels, but free to take ATen's GEMM.
-constexpr int64_t kDense = -1, kF32 = 0;
+// A float32 or bfloat16 Linear's rows, given as bytes (engine/native.py): type F32 or BF16 to the kernels, but free
+// to take ATen's GEMM.
+constexpr int64_t kDense = -1, kDenseBf16 = -2, kF32 = 0, kBF16 = 30;
 
-// Float32 Linears past four tokens go to ATen's GEMM (at 32 tokens its register tiles run 2-3x faster than the
-// kernels' row-at-a-time dot, which streams a matrix once and wins at one token); F32 blocks stay in the kernels,
-// whose rows do not depend on the batch.
+// Dense Linears past four tokens go to ATen's GEMM (at 32 tokens its register tiles run 2-3x faster than the
+// kernels' row-at-a-time dot, which streams a matrix once and wins at one token; bfloat16 rows take the activations
+// rounded to bfloat16 there, as a bfloat16 model's own step does); F32 and BF16 blocks stay in the kernels, whose rows
+// do not depend on the batch.
 torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w, const std::vector<int64_t>& t,
                      const std::optional<torch::Tensor>& bias) {
-  const bool dense = std::all_of(t.begin(), t.end(), [](int64_t k) { return k == kDense; });
+  const bool dense = std::all_of(t.begin(), t.end(), [](int64_t k) { return k < 0; });
   torch::Tensor y;
   if (dense && x.size(0) > 4) {
     std::vector<torch::Tensor> parts;
-    for (const auto& rows : w) parts.push_back(torch::mm(x, rows.view(torch::kFloat).t()));
+    for (size_t i = 0; i < w.size(); ++i)
+      parts.push_back(t[i] == kDense ? torch::mm(x, w[i].view(torch::kFloat).t())
+                                     : torch::mm(x.to(torch::kBFloat16), w[i].view(torch::kBFloat16).t()).to(
+                                           torch::kFloat));
     y = parts.size() == 1 ? parts[0] : torch::cat(parts, 1);
   } else {
     std::vector<int64_t> types(t);
     std::replace(types.begin(), types.end(), kDense, kF32);
+    std::replace(types.begin(), types.end(), kDenseBf16, kBF16);
     y = qmatmul_cat(x, w, types, -1);
   }
   if (bias) y.add_(*bias);
   return y;
+}
+
+// A norm's weights as floats: a float32 tensor's own memory, a bfloat16 one's widened into buf (each step, so an
+// in-place update by a trainer is seen).
+const float* floats(const torch::Tensor& t, std::vector<float>& buf) {
+  if (t.scalar_type() == torch::kFloat) return t.data_ptr<float>();
+  TORCH_CHECK(t.scalar_type() == torch::kBFloat16, "sputnik decoder: norm weights must be float32 or bfloat16");
+  const c10::BFloat16* p = t.data_ptr<c10::BFloat16>();
+  buf.assign(p, p + t.numel());
+  return buf.data();
 }
 
 }  // namespace
@@ -187,7 +207,7 @@ class Decoder {
   Decoder(int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, double scale)
       : H_(heads), Hkv_(kv_heads), D_(head_dim), eps_(eps), scale_(scale) {
 #if defined(__x86_64__) || defined(_M_X64)
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) attend_avx2_ = attend_group_avx2;
+    avx2_ = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
   }
 
@@ -216,17 +236,18 @@ class Decoder {
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
       for (const auto& c : {kc[l], vc[l]})
-        TORCH_CHECK(c.scalar_type() == torch::kFloat && c.dim() == 4 && c.size(0) >= B && c.size(1) == Hkv &&
-                        c.size(2) == kc[l].size(2) && c.size(3) == D && c.stride(3) == 1,
-                    "sputnik decoder: caches must be float32 [rows >= B, kv_heads, slots, head_dim]");
+        TORCH_CHECK((c.scalar_type() == torch::kFloat || c.scalar_type() == torch::kBFloat16) &&
+                        c.scalar_type() == kc[l].scalar_type() && c.dim() == 4 && c.size(0) >= B &&
+                        c.size(1) == Hkv && c.size(2) == kc[l].size(2) && c.size(3) == D && c.stride(3) == 1,
+                    "sputnik decoder: caches must be float32 or bfloat16 [rows >= B, kv_heads, slots, head_dim]");
       for (int64_t b = 0; b < B; ++b)
         TORCH_CHECK(lp[b] >= 0 && lp[b] < kc[l].size(2), "sputnik decoder: cache slot ", lp[b], " out of range");
       auto h = torch::empty_like(x);
-      rms_norm(x.data_ptr<float>(), L.in_norm.data_ptr<float>(), B, dim, eps_, h.data_ptr<float>());
+      rms_norm(x.data_ptr<float>(), floats(L.in_norm, norm_), B, dim, eps_, h.data_ptr<float>());
       auto qkv = linear(h, L.qkv, L.qkv_t, L.qkv_bias);  // [B, (H + 2 Hkv) D]
       auto attn = attend(qkv, L, kc[l], vc[l], cos, sin, lp);
       x.add_(linear(attn, L.o, L.o_t, L.o_bias));
-      rms_norm(x.data_ptr<float>(), L.post_norm.data_ptr<float>(), B, dim, eps_, h.data_ptr<float>());
+      rms_norm(x.data_ptr<float>(), floats(L.post_norm, norm_), B, dim, eps_, h.data_ptr<float>());
       auto gu = linear(h, L.gate_up, L.gate_up_t, L.gate_up_bias);  // [B, 2 I]
       const int64_t I = gu.size(1) / 2;
       // SwiGLU by ATen's own vectorized, threaded silu (the PyTorch step's op): a scalar exp loop on one thread
@@ -238,31 +259,44 @@ class Decoder {
   }
 
  private:
-  // q/k norm and rotation, the new k/v into the cache, then each row's heads over its slots -> [B, H D].
   torch::Tensor attend(torch::Tensor& qkv, const Layer& L, torch::Tensor& kc, torch::Tensor& vc,
                        const torch::Tensor& cos, const torch::Tensor& sin, const int64_t* lp) {
+    if (kc.scalar_type() == torch::kBFloat16) return attend_as<c10::BFloat16>(qkv, L, kc, vc, cos, sin, lp);
+    return attend_as<float>(qkv, L, kc, vc, cos, sin, lp);
+  }
+
+  // q/k norm and rotation, the new k/v into the cache (C: its type), then each row's heads over its slots -> [B, H D].
+  template <typename C>
+  torch::Tensor attend_as(torch::Tensor& qkv, const Layer& L, torch::Tensor& kc, torch::Tensor& vc,
+                          const torch::Tensor& cos, const torch::Tensor& sin, const int64_t* lp) {
     const int64_t B = qkv.size(0), D = D_, H = H_, Hkv = Hkv_, W = qkv.size(1);
     float* p = qkv.data_ptr<float>();
     for (int64_t b = 0; b < B; ++b)
       for (int64_t head = 0; head < H + Hkv; ++head) {
         float* hp = p + b * W + head * D;
         const auto& norm = head < H ? L.q_norm : L.k_norm;
-        if (norm) rms_norm(hp, norm->data_ptr<float>(), 1, D, eps_, hp);
+        if (norm) rms_norm(hp, floats(*norm, norm_), 1, D, eps_, hp);
         rotate(hp, cos.data_ptr<float>() + b * D, sin.data_ptr<float>() + b * D, D);
       }
-    float *kp = kc.data_ptr<float>(), *vp = vc.data_ptr<float>();
+    C *kp = kc.data_ptr<C>(), *vp = vc.data_ptr<C>();
+    const auto put = [D](const float* from, C* to) {  // a bfloat16 cache rounds to nearest even, as torch does
+      std::transform(from, from + D, to, [](float f) { return C(f); });
+    };
     const int64_t s0 = kc.stride(0), s1 = kc.stride(1), s2 = kc.stride(2);
     const int64_t t0 = vc.stride(0), t1 = vc.stride(1), t2 = vc.stride(2);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t g = 0; g < Hkv; ++g) {
-        std::copy_n(p + b * W + (H + g) * D, D, kp + b * s0 + g * s1 + lp[b] * s2);
-        std::copy_n(p + b * W + (H + Hkv + g) * D, D, vp + b * t0 + g * t1 + lp[b] * t2);
+        put(p + b * W + (H + g) * D, kp + b * s0 + g * s1 + lp[b] * s2);
+        put(p + b * W + (H + Hkv + g) * D, vp + b * t0 + g * t1 + lp[b] * t2);
       }
     auto out = torch::empty({B, H * D}, qkv.options());
     float* op = out.data_ptr<float>();
     const float scale = static_cast<float>(scale_);
     const int64_t G = H / Hkv;
-    auto group = attend_avx2_ ? attend_avx2_ : attend_group;
+    auto group = attend_group<C>;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (avx2_) group = attend_group_avx2<C>;
+#endif
     at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> w;
       for (int64_t i = i0; i < i1; ++i) {
@@ -277,7 +311,8 @@ class Decoder {
 
   int64_t H_, Hkv_, D_;
   double eps_, scale_;
-  decltype(&attend_group) attend_avx2_ = nullptr;  // the AVX2 attention where the CPU has it
+  bool avx2_ = false;  // the AVX2 attention where the CPU has it
+  std::vector<float> norm_;  // a bfloat16 norm's weights, widened
   std::vector<Layer> layers_;
 };
 

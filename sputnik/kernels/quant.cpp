@@ -1,5 +1,6 @@
 // Matrix products with weights kept in GGUF's block formats (Q4_0, Q4_1, Q8_0 by integer dot products over
-// q8-quantized activations; Q4_K, Q5_K, Q6_K, F16, BF16, F32 by decoding one row at a time into floats).
+// q8-quantized activations; F32 and BF16 read in place; Q4_K, Q5_K, Q6_K, F16 by decoding one row at a time into
+// floats).
 //
 // One build serves every x86 CPU: the AVX2 functions carry a target attribute and are chosen at run time from the
 // CPU's flags, so the library is compiled without -march. Rows of the output are split across torch's threads.
@@ -349,38 +350,52 @@ AVX2 void rows_int_avx2(const uint8_t* w, int64_t row_bytes, const Act& a, int64
   }
 }
 
-// RT rows of float32 weights (type F32, read in place) against one token: each 8 floats of the token are loaded once
-// for RT rows. Every output keeps rows_decoded_avx2's two accumulators and order, so a row's result is the same
-// whichever tile computes it, however many tokens share the call.
-template <int RT>
-AVX2 inline void tile_f32_avx2(const float* w, int64_t K, const float* x, float* out, int64_t r) {
+// Eight weights as floats: float32 as they are, bfloat16 widened (its bits are a float's top half: exact).
+AVX2 inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
+AVX2 inline __m256 load8(const c10::BFloat16* w) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+// RT rows of float32 or bfloat16 weights (types F32 and BF16, read in place) against one token: each 8 floats of the
+// token are loaded once for RT rows. Every output keeps rows_decoded_avx2's two accumulators and order, so a row's
+// result is the same whichever tile computes it, however many tokens share the call.
+template <int RT, typename W>
+AVX2 inline void tile_dense_avx2(const W* w, int64_t K, const float* x, float* out, int64_t r, int64_t r_end) {
   __m256 acc0[RT], acc1[RT];
   for (int i = 0; i < RT; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+  // The tile after next (its RT rows are contiguous), the same share of it per step as this tile reads
+  const char* ahead = reinterpret_cast<const char*>(w + (r + 2 * RT) * K);
+  const char* ahead_end = reinterpret_cast<const char*>(w + std::min(r + 3 * RT, r_end) * K);
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
+    for (const char* p = ahead + k * RT * sizeof(W); p < ahead + (k + 16) * RT * sizeof(W) && p < ahead_end; p += 64)
+      _mm_prefetch(p, _MM_HINT_T0);
     const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
     for (int i = 0; i < RT; ++i) {
-      const float* wr = w + (r + i) * K + k;
-      acc0[i] = _mm256_fmadd_ps(_mm256_loadu_ps(wr), x0, acc0[i]);
-      acc1[i] = _mm256_fmadd_ps(_mm256_loadu_ps(wr + 8), x1, acc1[i]);
+      const W* wr = w + (r + i) * K + k;
+      acc0[i] = _mm256_fmadd_ps(load8(wr), x0, acc0[i]);
+      acc1[i] = _mm256_fmadd_ps(load8(wr + 8), x1, acc1[i]);
     }
   }
   for (int i = 0; i < RT; ++i) {
     float acc = hsum(_mm256_add_ps(acc0[i], acc1[i]));
-    for (int64_t j = k; j < K; ++j) acc = std::fma(w[(r + i) * K + j], x[j], acc);
+    for (int64_t j = k; j < K; ++j) acc = std::fma(static_cast<float>(w[(r + i) * K + j]), x[j], acc);
     out[r + i] = acc;
   }
 }
 
-// Rows r0..r1 of float32 weights for every token, 4 rows at a time: the tile (4 K floats) stays in L1 while each
-// token passes over it, so the matrix streams from memory once. The row-decoding path copied every row first.
-AVX2 void rows_f32_avx2(const float* w, int64_t K, const float* x, int64_t N, int64_t M, float* out, int64_t r0,
-                        int64_t r1) {
+// Rows r0..r1 of float32 or bfloat16 weights for every token, 4 rows at a time: the tile (4 K weights) stays in L1
+// while each token passes over it, so the matrix streams from memory once. The row-decoding path copied every row
+// first.
+template <typename W>
+AVX2 void rows_dense_avx2(const W* w, int64_t K, const float* x, int64_t N, int64_t M, float* out, int64_t r0,
+                          int64_t r1) {
   int64_t r = r0;
   for (; r + 4 <= r1; r += 4)
-    for (int64_t n = 0; n < N; ++n) tile_f32_avx2<4>(w, K, x + n * K, out + n * M, r);
+    for (int64_t n = 0; n < N; ++n) tile_dense_avx2<4>(w, K, x + n * K, out + n * M, r, r1);
   for (; r < r1; ++r)
-    for (int64_t n = 0; n < N; ++n) tile_f32_avx2<1>(w, K, x + n * K, out + n * M, r);
+    for (int64_t n = 0; n < N; ++n) tile_dense_avx2<1>(w, K, x + n * K, out + n * M, r, r1);
 }
 
 AVX2 void rows_decoded_avx2(int64_t t, const uint8_t* w, int64_t row_bytes, int64_t K,
@@ -462,7 +477,10 @@ void rows_of(const torch::Tensor& w, int64_t qtype, const float* x, const Act* a
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t row_bytes = w.size(1);
 #ifdef SPUTNIK_X86
-  if (qtype == F32 && path >= 1) return rows_f32_avx2(reinterpret_cast<const float*>(wp), K, x, N, stride, out, r0, r1);
+  if (qtype == F32 && path >= 1)
+    return rows_dense_avx2(reinterpret_cast<const float*>(wp), K, x, N, stride, out, r0, r1);
+  if (qtype == BF16 && path >= 1)
+    return rows_dense_avx2(reinterpret_cast<const c10::BFloat16*>(wp), K, x, N, stride, out, r0, r1);
   if (a != nullptr && (qtype == Q4_0 || qtype == Q4_1 || qtype == Q8_0)) {
     if (qtype == Q4_0) rows_int_path<Q4_0>(wp, row_bytes, *a, stride, out, r0, r1, path);
     else if (qtype == Q4_1) rows_int_path<Q4_1>(wp, row_bytes, *a, stride, out, r0, r1, path);
