@@ -39,7 +39,7 @@ def with_f32_blocks(model: nn.Module) -> nn.Module:
     for name, m in list(model.model.named_modules()):
         if type(m) is nn.Linear:
             parent, _, attr = name.rpartition(".")
-            raw = m.weight.detach().contiguous().view(torch.uint8)
+            raw = m.weight.detach().float().contiguous().view(torch.uint8)
             layer = QuantLinear(QTensor(raw, K.TYPE_IDS["F32"], tuple(m.weight.shape)), m.bias)
             setattr(model.model.get_submodule(parent), attr, layer)
     return model
@@ -74,14 +74,18 @@ def test_native_step_equals_the_pytorch_step(tmp_path, family, weights):
         tokens, lens = want.argmax(-1, keepdim=True), lens + 1
 
 
-@pytest.mark.parametrize("rows", [3, 6])
+@pytest.mark.parametrize("weights", ["f32 blocks", "dense 3 rows", "dense 6 rows"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_a_bfloat16_model_steps_natively_over_its_own_weights_and_cache(tmp_path, family, rows):
-    """A bfloat16 model (what `--dtype auto` loads on a CPU with AVX512-BF16 or AMX) takes the native step over its
-    bfloat16 weights and cache, in float32 arithmetic (bfloat16 widens exactly): it equals the float32 PyTorch step over
-    the same weights but for rounding what it writes into the cache (and, past four rows, the activations ATen's
-    bfloat16 GEMM takes) to bfloat16. An in-place update of a weight (a trainer's) is seen by the next step."""
+def test_a_bfloat16_model_steps_natively_over_its_own_weights_and_cache(tmp_path, family, weights):
+    """A bfloat16 model (what `--dtype auto` loads on a CPU with AVX512-BF16 or AMX, a GGUF file's blocks among its
+    bfloat16 norms too) takes the native step over its bfloat16 weights and cache, in float32 arithmetic (bfloat16
+    widens exactly): it equals the float32 PyTorch step over the same weights but for rounding what it writes into the
+    cache (and, past four rows, the activations ATen's bfloat16 GEMM takes) to bfloat16. An in-place update of a
+    weight (a trainer's) is seen by the next step."""
     model, ref = tiny(tmp_path, family).to(torch.bfloat16), tiny(tmp_path, family).to(torch.bfloat16).float()
+    if weights == "f32 blocks":
+        model = with_f32_blocks(model)
+    rows = 6 if weights == "dense 6 rows" else 3
     assert supported(model) is None
     model.fuse()
     step, cfg = native_decode(model), model.cfg
