@@ -74,6 +74,29 @@ def test_native_step_equals_the_pytorch_step(tmp_path, family, weights):
         tokens, lens = want.argmax(-1, keepdim=True), lens + 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_rows_attend_in_chunks_merged_exactly_enough(tmp_path, dtype):
+    """A row's slots past 256 are split into chunks the threads share, their softmax partials merged: the same
+    logits as the PyTorch step at lengths around the chunk edges, and a row's logits the same, bit for bit, alone or
+    in a batch."""
+    model, ref = tiny(tmp_path, "llama").to(dtype), tiny(tmp_path, "llama").to(dtype).float()
+    model.fuse()
+    step, cfg = native_decode(model), model.cfg
+    torch.manual_seed(2)
+    lens = torch.tensor([255, 256, 511, 700])  # four rows: the kernels' rows, whose results do not depend on the batch
+    k = [torch.randn(len(lens), cfg.n_kv_heads, 704, cfg.head_dim).to(dtype) for _ in range(cfg.n_layers)]
+    v = [torch.randn_like(t) for t in k]
+    tokens = torch.tensor([[7], [42], [95], [3]])
+    with torch.no_grad():
+        want = next_logits(ref, tokens, lens[:, None], SlotView([t.float() for t in k + v], lens, 704, masked=True))
+        got = step(tokens, lens[:, None], [t.clone() for t in k], [t.clone() for t in v])
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=1e-4 if dtype == torch.float32 else 6e-3)
+        for i in (1, 3):
+            alone = step(tokens[i : i + 1], lens[i : i + 1, None], [t[i : i + 1].clone() for t in k],
+                         [t[i : i + 1].clone() for t in v])
+            assert torch.equal(alone[0], got[i])
+
+
 @pytest.mark.parametrize("weights", ["f32 blocks", "dense 3 rows", "dense 6 rows"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_bfloat16_model_steps_natively_over_its_own_weights_and_cache(tmp_path, family, weights):

@@ -55,12 +55,14 @@ INLINE float dot(const float* a, const C* b, int64_t n) {
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
-// Softmax of w[0..S) in place, one exp per cached token and head.
-void softmax(float* w, int64_t S) {
+// w[0..S) -> exp(w - top) in place, one exp per cached token and head; returns the sum, top the max: a softmax
+// before its division, so that chunks of one row's slots can be merged.
+float exps(float* w, int64_t S, float* top_out) {
   float top = -INFINITY, total = 0.f;
   for (int64_t s = 0; s < S; ++s) top = std::max(top, w[s]);
   for (int64_t s = 0; s < S; ++s) total += (w[s] = std::exp(w[s] - top));
-  for (int64_t s = 0; s < S; ++s) w[s] /= total;
+  *top_out = top;
+  return total;
 }
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -86,7 +88,7 @@ AVX2 inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-AVX2 void softmax_avx2(float* w, int64_t S) {
+AVX2 float exps_avx2(float* w, int64_t S, float* top_out) {
   __m256 m8 = _mm256_set1_ps(-INFINITY);
   int64_t s = 0;
   for (; s + 8 <= S; s += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(w + s));
@@ -103,35 +105,37 @@ AVX2 void softmax_avx2(float* w, int64_t S) {
   }
   float total = hsum8(sum8);
   for (; s < S; ++s) total += (w[s] = std::exp(w[s] - top));
-  const __m256 inv8 = _mm256_set1_ps(1.f / total);
-  for (s = 0; s + 8 <= S; s += 8) _mm256_storeu_ps(w + s, _mm256_mul_ps(_mm256_loadu_ps(w + s), inv8));
-  for (; s < S; ++s) w[s] *= 1.f / total;
+  *top_out = top;
+  return total;
 }
 #endif
 
 // The G query heads of one key/value group (grouped-query attention: q holds them side by side, G x D) over S
-// cached slots, into out (G x D): each cached key and value is read once for all G heads. w: G x S scratch. The
-// cache holds C: float, or bfloat16 (a bfloat16 model's cache), widened as it is read.
+// cached slots (a chunk of a row's): each cached key and value is read once for all G heads. Into part: per head its
+// scores' max and sum of exps, then its values weighted by those exps (G x (2 + D)), the softmax's division left to
+// the merge of a row's chunks. w: G x S scratch. The cache holds C: float, or bfloat16 (a bfloat16 model's cache),
+// widened as it is read.
 template <bool kAvx2, typename C>
 INLINE void attend_group_body(const float* q, int64_t G, const C* k, int64_t ks, const C* v, int64_t vs, int64_t S,
-                              int64_t D, float scale, float* w, float* out) {
+                              int64_t D, float scale, float* w, float* part) {
   for (int64_t s = 0; s < S; ++s)
     for (int64_t h = 0; h < G; ++h) w[h * S + s] = dot(q + h * D, k + s * ks, D) * scale;
   for (int64_t h = 0; h < G; ++h) {
+    float* ml = part + h * (2 + D);
 #if defined(__x86_64__) || defined(_M_X64)
     if constexpr (kAvx2) {
-      softmax_avx2(w + h * S, S);
+      ml[1] = exps_avx2(w + h * S, S, ml);
       continue;
     }
 #endif
-    softmax(w + h * S, S);
+    ml[1] = exps(w + h * S, S, ml);
   }
-  std::fill_n(out, G * D, 0.f);
+  for (int64_t h = 0; h < G; ++h) std::fill_n(part + h * (2 + D) + 2, D, 0.f);
   for (int64_t s = 0; s < S; ++s) {
     const C* vrow = v + s * vs;
     for (int64_t h = 0; h < G; ++h) {
       const float pw = w[h * S + s];
-      float* o = out + h * D;
+      float* o = part + h * (2 + D) + 2;
       for (int64_t d = 0; d < D; ++d) o[d] += pw * static_cast<float>(vrow[d]);
     }
   }
@@ -139,18 +143,41 @@ INLINE void attend_group_body(const float* q, int64_t G, const C* k, int64_t ks,
 
 template <typename C>
 void attend_group(const float* q, int64_t G, const C* k, int64_t ks, const C* v, int64_t vs, int64_t S, int64_t D,
-                  float scale, float* w, float* out) {
-  attend_group_body<false>(q, G, k, ks, v, vs, S, D, scale, w, out);
+                  float scale, float* w, float* part) {
+  attend_group_body<false>(q, G, k, ks, v, vs, S, D, scale, w, part);
 }
 
 #if defined(__x86_64__) || defined(_M_X64)
 // The same loops compiled for AVX2 and FMA (chosen at run time, as quant.cpp's paths are): 8 lanes, fused adds.
 template <typename C>
 AVX2 void attend_group_avx2(const float* q, int64_t G, const C* k, int64_t ks, const C* v, int64_t vs, int64_t S,
-                            int64_t D, float scale, float* w, float* out) {
-  attend_group_body<true>(q, G, k, ks, v, vs, S, D, scale, w, out);
+                            int64_t D, float scale, float* w, float* part) {
+  attend_group_body<true>(q, G, k, ks, v, vs, S, D, scale, w, part);
 }
 #endif
+
+// Slots a chunk of attention covers: a long row's slots split across the threads (at one row and three key/value
+// groups, two threads split three items 2:1, and each streamed its cache at a third of the copy bandwidth). Fixed,
+// so a row's result does not depend on its batch.
+constexpr int64_t kChunk = 256;
+
+// Heads' partials of a row's chunks (each G x (2 + D), as attend_group_body writes them) -> the softmax-weighted
+// values, G x D: each chunk's sums rescaled to the heads' overall max.
+void merge(const float* parts, int64_t chunks, int64_t G, int64_t D, float* out) {
+  for (int64_t h = 0; h < G; ++h) {
+    float top = -INFINITY, total = 0.f;
+    for (int64_t c = 0; c < chunks; ++c) top = std::max(top, parts[(c * G + h) * (2 + D)]);
+    float* o = out + h * D;
+    std::fill_n(o, D, 0.f);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* ml = parts + (c * G + h) * (2 + D);
+      const float f = std::exp(ml[0] - top);
+      total += f * ml[1];
+      for (int64_t d = 0; d < D; ++d) o[d] += f * ml[2 + d];
+    }
+    for (int64_t d = 0; d < D; ++d) o[d] /= total;
+  }
+}
 
 struct Layer {
   torch::Tensor in_norm, post_norm;
@@ -297,13 +324,25 @@ class Decoder {
 #if defined(__x86_64__) || defined(_M_X64)
     if (avx2_) group = attend_group_avx2<C>;
 #endif
-    at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
+    // Work items: (row, group, chunk of the row's slots), each into its own partials; first[b]: row b's first item
+    std::vector<int64_t> first{0};
+    for (int64_t b = 0; b < B; ++b) first.push_back(first.back() + Hkv * ((lp[b] + kChunk) / kChunk));
+    std::vector<float> parts(first.back() * G * (2 + D));
+    at::parallel_for(0, first.back(), 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> w;
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / Hkv, g = i % Hkv, S = lp[b] + 1;
+        const int64_t b = std::upper_bound(first.begin(), first.end(), i) - first.begin() - 1;
+        const int64_t chunks = (first[b + 1] - first[b]) / Hkv, g = (i - first[b]) / chunks;
+        const int64_t c0 = (i - first[b]) % chunks * kChunk, S = std::min(lp[b] + 1 - c0, kChunk);
         w.resize(G * S);
-        group(p + b * W + g * G * D, G, kp + b * s0 + g * s1, s2, vp + b * t0 + g * t1, t2, S, D, scale, w.data(),
-              op + b * H * D + g * G * D);
+        group(p + b * W + g * G * D, G, kp + b * s0 + g * s1 + c0 * s2, s2, vp + b * t0 + g * t1 + c0 * t2, t2, S,
+              D, scale, w.data(), parts.data() + i * G * (2 + D));
+      }
+    });
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / Hkv, g = i % Hkv, chunks = (first[b + 1] - first[b]) / Hkv;
+        merge(parts.data() + (first[b] + g * chunks) * G * (2 + D), chunks, G, D, op + b * H * D + g * G * D);
       }
     });
     return out;
