@@ -201,10 +201,10 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
   torch::Tensor y;
   if (dense && x.size(0) > 4) {
     std::vector<torch::Tensor> parts;
+    const auto xb = std::count(t.begin(), t.end(), kDenseBf16) ? x.to(torch::kBFloat16) : x;
     for (size_t i = 0; i < w.size(); ++i)
       parts.push_back(t[i] == kDense ? torch::mm(x, w[i].view(torch::kFloat).t())
-                                     : torch::mm(x.to(torch::kBFloat16), w[i].view(torch::kBFloat16).t()).to(
-                                           torch::kFloat));
+                                     : torch::mm(xb, w[i].view(torch::kBFloat16).t()).to(torch::kFloat));
     y = parts.size() == 1 ? parts[0] : torch::cat(parts, 1);
   } else {
     std::vector<int64_t> types(t);
@@ -270,11 +270,12 @@ class Decoder {
       for (int64_t b = 0; b < B; ++b)
         TORCH_CHECK(lp[b] >= 0 && lp[b] < kc[l].size(2), "sputnik decoder: cache slot ", lp[b], " out of range");
       auto h = torch::empty_like(x);
-      rms_norm(x.data_ptr<float>(), floats(L.in_norm, norm_), B, dim, eps_, h.data_ptr<float>());
+      std::vector<float> widened;  // a bfloat16 norm's weights
+      rms_norm(x.data_ptr<float>(), floats(L.in_norm, widened), B, dim, eps_, h.data_ptr<float>());
       auto qkv = linear(h, L.qkv, L.qkv_t, L.qkv_bias);  // [B, (H + 2 Hkv) D]
       auto attn = attend(qkv, L, kc[l], vc[l], cos, sin, lp);
       x.add_(linear(attn, L.o, L.o_t, L.o_bias));
-      rms_norm(x.data_ptr<float>(), floats(L.post_norm, norm_), B, dim, eps_, h.data_ptr<float>());
+      rms_norm(x.data_ptr<float>(), floats(L.post_norm, widened), B, dim, eps_, h.data_ptr<float>());
       auto gu = linear(h, L.gate_up, L.gate_up_t, L.gate_up_bias);  // [B, 2 I]
       const int64_t I = gu.size(1) / 2;
       // SwiGLU by ATen's own vectorized, threaded silu (the PyTorch step's op): a scalar exp loop on one thread
@@ -298,11 +299,14 @@ class Decoder {
                           const torch::Tensor& cos, const torch::Tensor& sin, const int64_t* lp) {
     const int64_t B = qkv.size(0), D = D_, H = H_, Hkv = Hkv_, W = qkv.size(1);
     float* p = qkv.data_ptr<float>();
+    std::vector<float> qw, kw;  // a bfloat16 model's q/k norm weights, widened once a step
+    const float* qn = L.q_norm ? floats(*L.q_norm, qw) : nullptr;
+    const float* kn = L.k_norm ? floats(*L.k_norm, kw) : nullptr;
     for (int64_t b = 0; b < B; ++b)
       for (int64_t head = 0; head < H + Hkv; ++head) {
         float* hp = p + b * W + head * D;
-        const auto& norm = head < H ? L.q_norm : L.k_norm;
-        if (norm) rms_norm(hp, floats(*norm, norm_), 1, D, eps_, hp);
+        const float* norm = head < H ? qn : kn;
+        if (norm) rms_norm(hp, norm, 1, D, eps_, hp);
         rotate(hp, cos.data_ptr<float>() + b * D, sin.data_ptr<float>() + b * D, D);
       }
     C *kp = kc.data_ptr<C>(), *vp = vc.data_ptr<C>();
@@ -351,7 +355,6 @@ class Decoder {
   int64_t H_, Hkv_, D_;
   double eps_, scale_;
   bool avx2_ = false;  // the AVX2 attention where the CPU has it
-  std::vector<float> norm_;  // a bfloat16 norm's weights, widened
   std::vector<Layer> layers_;
 };
 
