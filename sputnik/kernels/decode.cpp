@@ -260,6 +260,7 @@ class Decoder {
     cos = cos.contiguous(), sin = sin.contiguous();
     const auto len = lens.to(torch::kLong).contiguous();
     const int64_t* lp = len.data_ptr<int64_t>();
+    std::vector<float> widened;  // a bfloat16 norm's weights
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
       for (const auto& c : {kc[l], vc[l]})
@@ -270,7 +271,6 @@ class Decoder {
       for (int64_t b = 0; b < B; ++b)
         TORCH_CHECK(lp[b] >= 0 && lp[b] < kc[l].size(2), "sputnik decoder: cache slot ", lp[b], " out of range");
       auto h = torch::empty_like(x);
-      std::vector<float> widened;  // a bfloat16 norm's weights
       rms_norm(x.data_ptr<float>(), floats(L.in_norm, widened), B, dim, eps_, h.data_ptr<float>());
       auto qkv = linear(h, L.qkv, L.qkv_t, L.qkv_bias);  // [B, (H + 2 Hkv) D]
       auto attn = attend(qkv, L, kc[l], vc[l], cos, sin, lp);
