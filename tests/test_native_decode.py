@@ -135,6 +135,31 @@ def test_a_bfloat16_model_steps_natively_over_its_own_weights_and_cache(tmp_path
         tokens, lens = want.argmax(-1, keepdim=True), lens + 1
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_float32_model_steps_natively_over_a_bfloat16_cache(tmp_path, family):
+    """Engine(kv_dtype=bfloat16) under a float32 model: the native step rounds what it writes into the cache to
+    bfloat16 and widens what it reads, as the PyTorch step does over the same cache (SlotView's casts): the same
+    logits and the same cache contents (both round the same float32 k and v, up to a last-bit tie)."""
+    model = with_f32_blocks(tiny(tmp_path, family))
+    model.fuse()
+    step, cfg = native_decode(model), model.cfg
+    torch.manual_seed(1)
+    k = [torch.randn(3, cfg.n_kv_heads, 16, cfg.head_dim).bfloat16() for _ in range(cfg.n_layers)]
+    v = [torch.randn_like(t) for t in k]
+    mine_k, mine_v = [t.clone() for t in k], [t.clone() for t in v]
+    lens, tokens = torch.tensor([0, 5, 11]), torch.tensor([[7], [42], [95]])
+    for _ in range(3):
+        with torch.no_grad():
+            want = next_logits(model, tokens, lens[:, None], SlotView(k + v, lens, 16, masked=True))
+            got = step(tokens, lens[:, None], mine_k, mine_v)
+        assert want.dtype == got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for a, b in zip(mine_k + mine_v, k + v):
+            assert a.dtype == b.dtype == torch.bfloat16
+            torch.testing.assert_close(a.float(), b.float(), rtol=8e-3, atol=1e-5)
+        tokens, lens = want.argmax(-1, keepdim=True), lens + 1
+
+
 def test_default_model_greedy_text_with_the_native_step(default_gguf, default_tokenizer):
     """On the default model's Q4_1 blocks the native step and the PyTorch step round different float sums into 8-bit
     activations, so a near tie may flip; before that the greedy tokens are the same."""

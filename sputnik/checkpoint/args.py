@@ -1,4 +1,5 @@
-"""ModelArgs: the settings that load a model for inference (which model, dtype, device, quantization), shared by
+"""ModelArgs: the settings that load a model for inference (which model, dtype, device, quantization, the KV cache's
+dtype), shared by
 every entry point that samples (generate, chat, eval, serve), so each loads it in one and the same step."""
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ class ModelArgs:
                                    "elsewhere); none: dequantize to --dtype; int8/int4: quantize any checkpoint's "
                                    "matrices to Q8_0/Q4_1 blocks (a GGUF file's blocks kept), on a GPU too, "
                                    "where they stay in its memory", choices=["auto", "none", "int8", "int4"])
+    kv_dtype: str = option("auto", "the KV cache's dtype; auto: the model's. bfloat16 halves a float32 (or quantized) "
+                                   "model's cache and the bytes each decoded token reads from it; llama.cpp keeps "
+                                   "float16", choices=["auto", "float32", "bfloat16"])
 
     def load(self):
         """(model, tokenizer), ready for the engine."""
@@ -32,3 +36,7 @@ class ModelArgs:
         device = pick_device(self.device)
         return load_pretrained(self.model, dtype=pick_dtype(self.dtype, device), device=device,
                                quantize=self.quantize)
+
+    def cache_dtype(self):
+        """The engine's KV cache dtype (None: the model's own)."""
+        return None if self.kv_dtype == "auto" else pick_dtype(self.kv_dtype, "cpu")

@@ -1,4 +1,8 @@
-"""Preallocated KV cache: per-layer k/v (or MLA's latent c_kv + k_pe), written at one shared slot offset."""
+"""Preallocated KV caches: per-layer k/v (or MLA's latent c_kv + k_pe).
+
+A cache may keep a narrower dtype than the model computes in (Engine's kv_dtype: bfloat16 halves a float32 model's
+cache): values are rounded as they are written and widened as they are read, so attention sees what the cache holds.
+"""
 
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ class KVCache:
         kc, vc = self.k[layer], self.v[layer]
         kc[:, :, self.length : end] = k
         vc[:, :, self.length : end] = v
-        return kc[:, :, :end], vc[:, :, :end]
+        return kc[:, :, :end].to(k.dtype), vc[:, :, :end].to(v.dtype)
 
     def update_latent(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor]:
         """Write MLA's c_kv [B, T, R] and k_pe [B, T, rope]; return all cached [B, S, R], [B, S, rope]."""
@@ -75,7 +79,7 @@ class KVCache:
         kv, pe = self.kv[layer], self.pe[layer]
         kv[:, self.length : end] = c_kv
         pe[:, self.length : end] = k_pe
-        return kv[:, :end], pe[:, :end]
+        return kv[:, :end].to(c_kv.dtype), pe[:, :end].to(k_pe.dtype)
 
     def buffers(self) -> list[Tensor]:
         return [*self.kv, *self.pe] if self.cfg.is_mla else [*self.k, *self.v]
@@ -200,15 +204,15 @@ class SlotView:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         kc, vc, n = self.first[layer], self.second[layer], self.lens.shape[0]
-        kc[self.rows, :, self.lens] = k[:, :, 0]
-        vc[self.rows, :, self.lens] = v[:, :, 0]
-        return kc[:n, :, : self.S], vc[:n, :, : self.S]
+        kc[self.rows, :, self.lens] = k[:, :, 0].to(kc.dtype)
+        vc[self.rows, :, self.lens] = v[:, :, 0].to(vc.dtype)
+        return kc[:n, :, : self.S].to(k.dtype), vc[:n, :, : self.S].to(v.dtype)
 
     def update_latent(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor]:
         kv, pe, n = self.first[layer], self.second[layer], self.lens.shape[0]
-        kv[self.rows, self.lens] = c_kv[:, 0]
-        pe[self.rows, self.lens] = k_pe[:, 0]
-        return kv[:n, : self.S], pe[:n, : self.S]
+        kv[self.rows, self.lens] = c_kv[:, 0].to(kv.dtype)
+        pe[self.rows, self.lens] = k_pe[:, 0].to(pe.dtype)
+        return kv[:n, : self.S].to(c_kv.dtype), pe[:n, : self.S].to(k_pe.dtype)
 
     def advance(self, T: int) -> None:
         pass  # the SlotCache advances its host-side lengths after the step

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from sputnik.engine.cache import KVCache, SlotCache, SlotView
 from sputnik.engine.grammar import Grammars, apply_masks
-from sputnik.engine.native import native_decode, refreshed
+from sputnik.engine.native import CACHES, native_decode, refreshed
 from sputnik.engine.prefix import PrefixCache
 from sputnik.engine.sampling import Sampler, SamplingParams
 from sputnik.model import Cache, Transformer
@@ -146,19 +146,22 @@ class Engine:
     the step or the cache, which the quantized kernels need (their 8-bit activations turn the last bit of a
     reordered sum into a different sample). Running sequences live in a SlotCache, each row at its own length; n
     samples of a prompt share one prefill. `generate` and `stream` drive the same steps that a server drives with
-    `add`, `step` and `abort`.
+    `add`, `step` and `abort`. kv_dtype: the caches' dtype (default: the model's; bfloat16 halves a float32 model's
+    cache and the bytes each decode step reads from it).
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_batch: int = 64,
                  prefill_chunk: int = 512, prefix_cache_mb: float = 0, compile: bool = False, native: bool = True,
-                 prefill_block: int = PREFILL_BLOCK):
+                 prefill_block: int = PREFILL_BLOCK, kv_dtype: torch.dtype | None = None):
         self.model = model.eval()
+        self.kv_dtype = kv_dtype or model.dtype
         self.sharded = is_sharded(model)
         if not self.sharded:
             model.fuse()  # q/k/v and gate/up as one matmul each, in every forward this engine runs
         self._compiled = compiled_decode(model) if compile else None
         # A Llama-family model on the CPU decodes in one native call per step where it can (engine/native.py)
-        self._native = native_decode(model) if native and not compile and not self.sharded else None
+        native = native and not compile and not self.sharded and self.kv_dtype in CACHES
+        self._native = native_decode(model) if native else None
         self._marked: Tensor | None = None  # the cache buffer last marked dynamic for the compiler
         self.tokenizer = tokenizer
         self.max_batch, self.prefill_chunk, self.prefill_block = max_batch, prefill_chunk, prefill_block
@@ -168,7 +171,7 @@ class Engine:
         self._prefill: _Prefill | None = None
         self._running: list[_Seq] = []
         self._next: Tensor | None = None  # the token each running row feeds next
-        self._cache = SlotCache(model.cfg, model.dtype, model.device)
+        self._cache = SlotCache(model.cfg, self.kv_dtype, model.device)
         self._sampler = Sampler([], [], model.cfg.vocab_size, model.device)
         self.stats = {"prefix_hit_tokens": 0, "prompt_tokens": 0}
         # What a thinking budget writes when it runs out: R1's layout around the closing tag.
@@ -375,7 +378,7 @@ class Engine:
             return
         model, now, caches = self.model, time.monotonic(), []
         for req in group:
-            cache = KVCache(model.cfg, 1, len(req.ids), model.dtype, model.device)
+            cache = KVCache(model.cfg, 1, len(req.ids), self.kv_dtype, model.device)
             hit = self.prefix_cache and self.prefix_cache.lookup(req.ids, align=self.prefill_block)
             if hit:  # the KV of the longest cached prefix, in whole blocks
                 cache.load_prefix(hit)

@@ -4,7 +4,7 @@ At batch 1 an eager PyTorch step is ~20 small operators per layer around the mat
 costs more than the products: llama.cpp's lead. Where the model is a Llama-family one (Llama, Qwen2, Qwen3: dense
 attention, SwiGLU) with every projection a QuantLinear or a plain float32 or bfloat16 Linear on the CPU, its layers
 run in C++ over the same weights (float32 / bfloat16 rows read as F32 / BF16 blocks, or by ATen's GEMM past four rows)
-and the same cache (float32, or a bfloat16 model's bfloat16); activations stay float32 throughout. The embedding and
+and the same cache (float32 or bfloat16, whichever the engine keeps); activations stay float32 throughout. The embedding and
 the rotary tables stay sputnik.model's own, and so does the output head but for a dense one at up to four rows
 (decode.cpp's threshold too), which the kernels' rows take in half MKL's time.
 """
@@ -24,6 +24,7 @@ from sputnik.model import MLP, Attention, Transformer
 # a dense Linear's rows: F32 / BF16 to the kernels, ATen's GEMM past a few tokens (decode.cpp's kDense, kDenseBf16)
 DENSE = {torch.float32: -1, torch.bfloat16: -2}
 HEAD_TYPES = {torch.float32: kernels.TYPE_IDS["F32"], torch.bfloat16: kernels.TYPE_IDS["BF16"]}
+CACHES = (torch.float32, torch.bfloat16)  # the cache dtypes the step reads and writes, whatever the model's
 
 
 def _group(fused, *layers: nn.Module) -> tuple[list[Tensor], list[int], Tensor | None]:

@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -22,6 +22,9 @@ from sputnik.settings import option
 from sputnik.tasks import TEMPLATES, Problem, Task, get_task
 from sputnik.tools.env import Environment, environment_maker
 from sputnik.tools.render import plan_of, tool_prompt
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -290,14 +293,15 @@ def _cons_correct(samples: list[dict]) -> bool:
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig, out_dir: str | Path | None = None, progress: bool = True,
-             engine: Engine | None = None) -> EvalSummary:
-    """Run the evaluation; with out_dir write samples.jsonl, summary.json, summary.md and accuracy_vs_k.png."""
+             engine: Engine | None = None, kv_dtype: torch.dtype | None = None) -> EvalSummary:
+    """Run the evaluation; with out_dir write samples.jsonl, summary.json, summary.md and accuracy_vs_k.png.
+    kv_dtype: the engine's KV cache dtype (None: the model's)."""
     task = get_task(cfg.task)
     problems = task.problems(cfg.split, cfg.n, seed=cfg.seed)
     make_env = environment_maker(cfg.tools, cfg.environment_factory)
     envs = [make_env(p) for p in problems] if make_env else None
     engine = engine or Engine(model, tokenizer, max_batch=cfg.batch, prefix_cache_mb=64 if envs else 0,
-                              prefill_block=RESUME_BLOCK if envs else PREFILL_BLOCK)
+                              prefill_block=RESUME_BLOCK if envs else PREFILL_BLOCK, kv_dtype=kv_dtype)
     prompts = [prompt_ids(task, p, tokenizer, cfg, envs[i] if envs else None) for i, p in enumerate(problems)]
     records: list[dict[str, Any]] = []
     start = time.perf_counter()
