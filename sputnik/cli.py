@@ -154,7 +154,8 @@ def cmd_generate(model_args: ModelArgs, sampling: SamplingArgs, session: ChatArg
             raise SystemExit("error: --system needs --chat (a raw --prompt has no roles)")
         prompt = tok.encode(args.prompt, add_special_tokens=True)
     params = sampling.params(n=args.n)
-    engine = Engine(model, tok, compile=session.compile, kv_dtype=model_args.cache_dtype())
+    engine = Engine(model, tok, compile=session.compile,
+                    kv_dtype=model_args.cache_dtype(model, session.compile))
     if args.json:
         for c in engine.generate([prompt], params)[0]:
             print(json.dumps({"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
@@ -202,7 +203,8 @@ def cmd_chat(model_args: ModelArgs, sampling: SamplingArgs, session: ChatArgs) -
 
     console = Console(highlight=False)
     model, tok = model_args.load()
-    engine = Engine(model, tok, compile=session.compile, kv_dtype=model_args.cache_dtype())
+    engine = Engine(model, tok, compile=session.compile,
+                    kv_dtype=model_args.cache_dtype(model, session.compile))
     params = sampling.params()
     system = [{"role": "system", "content": session.system}] if session.system else []
     messages: list[dict] = []
@@ -276,7 +278,7 @@ def cmd_eval(model_args: ModelArgs, cfg: EvalConfig, output: EvalOutput) -> int:
         print(markdown_table(summaries), end="")
         return 0
     model, tok = model_args.load()
-    summary = evaluate(model, tok, cfg, out_dir=output.out, kv_dtype=model_args.cache_dtype())
+    summary = evaluate(model, tok, cfg, out_dir=output.out, kv_dtype=model_args.cache_dtype(model))
     print(markdown_table({model_args.model: summary}), end="")
     if output.out:
         print(f"wrote {output.out}/samples.jsonl, summary.json, summary.md, accuracy_vs_k.png")

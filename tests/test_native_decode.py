@@ -197,6 +197,22 @@ def test_models_left_to_pytorch(tmp_path):
     assert "latent attention" in supported(load_model_mla(tmp_path / "mla"))
 
 
+def test_kv_dtype_auto_is_bfloat16_under_blocks_the_native_step_runs(tmp_path, default_gguf):
+    """--kv-dtype auto: bfloat16 where the native step multiplies blocks (the default GGUF), the model's dtype for a
+    dense model (exact), a compiled engine and a quantized model the native step leaves to PyTorch (either would
+    widen a copy of the cache every layer); an explicit dtype always wins."""
+    from sputnik.checkpoint.args import ModelArgs
+
+    auto, fp32 = ModelArgs(), ModelArgs(kv_dtype="float32")
+    gguf = load_model(default_gguf, quantize="auto")
+    assert auto.cache_dtype(gguf) == torch.bfloat16 and fp32.cache_dtype(gguf) == torch.float32
+    assert auto.cache_dtype(gguf, compile=True) == torch.float32
+    assert auto.cache_dtype(tiny(tmp_path, "llama")) == torch.float32
+    assert auto.cache_dtype(with_f32_blocks(tiny(tmp_path, "qwen3"))) == torch.bfloat16
+    assert auto.cache_dtype(load_model_mla(tmp_path / "mla")) == torch.float32
+    assert ModelArgs(kv_dtype="bfloat16").cache_dtype(tiny(tmp_path, "llama")) == torch.bfloat16
+
+
 def load_model_mla(path):
     torch.manual_seed(0)
     cfg = tf.DeepseekV3Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -25,9 +25,9 @@ class ModelArgs:
                                    "elsewhere); none: dequantize to --dtype; int8/int4: quantize any checkpoint's "
                                    "matrices to Q8_0/Q4_1 blocks (a GGUF file's blocks kept), on a GPU too, "
                                    "where they stay in its memory", choices=["auto", "none", "int8", "int4"])
-    kv_dtype: str = option("auto", "the KV cache's dtype; auto: the model's. bfloat16 halves a float32 (or quantized) "
-                                   "model's cache and the bytes each decoded token reads from it; llama.cpp keeps "
-                                   "float16", choices=["auto", "float32", "bfloat16"])
+    kv_dtype: str = option("auto", "the KV cache's dtype; auto: bfloat16 under GGUF or int8/int4 blocks on the CPU "
+                                   "(as llama.cpp keeps float16: half the bytes a long context costs each token), "
+                                   "else the model's", choices=["auto", "float32", "bfloat16"])
 
     def load(self):
         """(model, tokenizer), ready for the engine."""
@@ -37,6 +37,8 @@ class ModelArgs:
         return load_pretrained(self.model, dtype=pick_dtype(self.dtype, device), device=device,
                                quantize=self.quantize)
 
-    def cache_dtype(self):
-        """The engine's KV cache dtype (None: the model's own)."""
-        return None if self.kv_dtype == "auto" else pick_dtype(self.kv_dtype, "cpu")
+    def cache_dtype(self, model, compile: bool = False):
+        """The KV cache dtype of an engine over this model (see --kv-dtype; compile: the engine's)."""
+        from sputnik.engine.native import auto_cache_dtype
+
+        return auto_cache_dtype(model, compile) if self.kv_dtype == "auto" else pick_dtype(self.kv_dtype, "cpu")

@@ -85,6 +85,15 @@ def supported(model: Transformer) -> str | None:
     return None
 
 
+def auto_cache_dtype(model: Transformer, compile: bool = False) -> torch.dtype:
+    """The KV cache dtype `--kv-dtype auto` keeps: bfloat16 under a block-format model the native step runs (its 8-bit
+    activations round far more than bfloat16 rounds k and v; the step reads bfloat16 as it is, so a long context
+    costs half the bytes, as llama.cpp's float16 cache does), else the model's own (exact, and a PyTorch or compiled
+    step would widen a copy of the cache every layer)."""
+    blocks = any(type(m) is QuantLinear for m in model.model.layers.modules())
+    return torch.bfloat16 if blocks and not compile and supported(model) is None else model.dtype
+
+
 def native_decode(model: Transformer) -> Callable[[Tensor, Tensor, list[Tensor], list[Tensor]], Tensor] | None:
     """A decode step (tokens [B, 1], positions [B, 1], k and v caches per layer) -> logits [B, vocab] running every
     layer natively, or None where the model is not supported (see `supported`)."""

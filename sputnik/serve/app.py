@@ -33,7 +33,7 @@ def load_backend(cfg: ServeConfig) -> Backend:
 
     model, tok = cfg.load()
     engine = Engine(model, tok, max_batch=cfg.max_batch, prefix_cache_mb=cfg.prefix_cache_mb, compile=cfg.compile,
-                    kv_dtype=cfg.cache_dtype())
+                    kv_dtype=cfg.cache_dtype(model, cfg.compile))
     if cfg.compile:
         engine.warm_up()  # compile before /health says ready, not at the first requests
     name = cfg.served_name or Path(cfg.model.rstrip("/")).name.removesuffix(".gguf")
