@@ -9,7 +9,12 @@ samples of the prompt: eight rows of the same length), for `--kv-dtype float32` 
 with sputnik's two caches so all see the same phase of a noisy machine; the ratios are medians of the rounds'. The
 quality check: greedy tokens with the bfloat16 cache equal to the float32 cache's before they first differ.
 
-    python benchmarks/long_context.py [--lengths 512 2048] [--new-tokens 64] [--rounds 3]
+Then a chat of `--turns` long user messages, each answered greedily (up to --new-tokens): the time to each turn's
+first token, for the engine `sputnik chat` runs (the conversation's KV kept in its prefix cache, the cache's dtype
+`--kv-dtype auto`), the same engine without a prefix cache (every turn prefills the whole conversation), and
+llama.cpp (which evaluates only what follows the longest prefix its cache already holds), in alternating rounds.
+
+    python benchmarks/long_context.py [--lengths 512 2048] [--new-tokens 64] [--rounds 3] [--turns 6]
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ import torch
 
 import machine
 from sputnik.checkpoint import load_model
+from sputnik.checkpoint.args import ModelArgs
 from sputnik.checkpoint.registry import resolve
 from sputnik.engine import Engine, SamplingParams
+from sputnik.engine.multiturn import prefix_cache_mb
 from sputnik.tokenizer import Tokenizer
 
 CACHES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -80,10 +87,58 @@ def llamacpp_run(path: str, prompt: list[int], N: int) -> dict:
     return {"prefill": len(prompt) / (first - start), "decode": (N + 1) / (end - first), "tokens": tokens}
 
 
-def llamacpp_child(path: Path, prompt: list[int], N: int) -> tuple[dict | None, str]:
-    """llama_run in a child process (a crash in its native code loses its column, not the run)."""
+TURN = ("Tell me more about the history of the old harbour town, its markets, its bridges and the people who lived "
+        "along the river, and how the trade in salt and grain shaped its streets. ") * 3
+
+
+def chat_turns(tok: Tokenizer, reply, turns: int) -> list[list[float]]:
+    """A conversation of `turns` user messages, each answered by reply(ids) -> (text, seconds to its first token):
+    [prompt tokens, time to first token] per turn."""
+    messages, out = [], []
+    for turn in range(turns):
+        messages.append({"role": "user", "content": f"Turn {turn + 1}. {TURN}"})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        text, ttft = reply(ids)
+        messages.append({"role": "assistant", "content": text})
+        out.append([len(ids), ttft])
+    return out
+
+
+def sputnik_reply(engine: Engine, N: int):
+    def reply(ids: list[int]) -> tuple[str, float]:
+        start, first, text = time.perf_counter(), None, []
+        for delta in engine.stream([ids], SamplingParams(max_tokens=N, temperature=0)):
+            first = first or time.perf_counter() - start
+            text.append(delta.text)
+        return "".join(text), first
+    return reply
+
+
+def llamacpp_chat(path: str, N: int, turns: int) -> list[list[float]]:
+    """chat_turns through llama.cpp, greedy, stopping at the tokenizer's stop tokens."""
+    from llama_cpp import Llama
+
+    tok = Tokenizer.load(path)
+    llm = Llama(model_path=path, n_ctx=4096, n_batch=512, n_threads=torch.get_num_threads(), verbose=False)
+    llm.eval(tok.encode("Hello", add_special_tokens=False))  # warm-up
+
+    def reply(ids: list[int]) -> tuple[str, float]:
+        start, first, out = time.perf_counter(), None, []
+        for t in llm.generate(ids, temp=0.0):  # evaluates only what follows the longest prefix it holds
+            first = first or time.perf_counter() - start
+            if t in tok.stop_ids or len(out) == N:
+                break
+            out.append(t)
+        return tok.decode(out), first
+
+    return chat_turns(tok, reply, turns)
+
+
+def llamacpp_child(path: Path, prompt: list[int], N: int, turns: int = 0) -> tuple[dict | list | None, str]:
+    """llamacpp_run (or with turns, llamacpp_chat) in a child process (a crash in its native code loses its column,
+    not the run)."""
     child = subprocess.run([sys.executable, __file__, "--llamacpp-only", "--model", str(path), "--new-tokens", str(N),
-                            "--prompt-ids", json.dumps(prompt)], capture_output=True, text=True)
+                            "--prompt-ids", json.dumps(prompt), "--turns", str(turns)], capture_output=True, text=True)
     if child.returncode == 0 and child.stdout.strip():
         return json.loads(child.stdout.strip().splitlines()[-1]), "ran"
     return None, (f"crashed (signal {-child.returncode})" if child.returncode < 0 else
@@ -101,12 +156,14 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rows", type=int, default=8, help="samples decoded together in the batched run")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--turns", type=int, default=6, help="user messages in the chat (0: no chat)")
     ap.add_argument("--llamacpp-only", action="store_true", help=argparse.SUPPRESS)  # the child process
     ap.add_argument("--prompt-ids", default="[]", help=argparse.SUPPRESS)
     args = ap.parse_args()
     N = args.new_tokens
     if args.llamacpp_only:
-        print(json.dumps(llamacpp_run(args.model, json.loads(args.prompt_ids), N)))
+        print(json.dumps(llamacpp_chat(args.model, N, args.turns) if args.turns else
+                         llamacpp_run(args.model, json.loads(args.prompt_ids), N)))
         return
     print(machine.line())
     path = resolve(args.model)
@@ -161,12 +218,53 @@ def main() -> None:
                 figures[f"{key}_{name}_vs_llamacpp"] = round(statistics.median(ratios), 3)
             figures[f"{key}_llamacpp_b1_tok_s"] = round(med["llama.cpp"]["decode"], 2)
             figures[f"{key}_llamacpp_prefill_tok_s"] = round(med["llama.cpp"]["prefill"], 1)
+    if args.turns:
+        chat(path, model, tok, args, figures)
     cache = engines["float32"]._cache
     per_token = sum(b[0, ..., 0, :].numel() for b in cache.buffers())
     figures.update(cache_kb_per_token_float32=round(per_token * 4 / 1024, 1),
                    cache_kb_per_token_bfloat16=round(per_token * 2 / 1024, 1))
     print(f"cache per token: {per_token * 4 / 1024:.1f} KB float32, {per_token * 2 / 1024:.1f} KB bfloat16")
     print(json.dumps(figures))
+
+
+def chat(path: Path, model, tok: Tokenizer, args, figures: dict) -> None:
+    """The chat of --turns messages: time to each turn's first token, medians over alternating rounds."""
+    N = args.new_tokens
+    # as `sputnik chat` builds its engine: the cache's dtype as --kv-dtype auto picks it, one conversation's KV kept
+    kept = Engine(model, tok, kv_dtype=ModelArgs().cache_dtype(model),
+                  prefix_cache_mb=prefix_cache_mb(model, 1, model.cfg.max_seq_len))
+    engines = {"sputnik chat": kept, "sputnik, no prefix cache": Engine(model, tok, kv_dtype=kept.kv_dtype)}
+    runs: dict[str, list[list[list[float]]]] = {name: [] for name in [*engines, "llama.cpp"]}
+    status = "ran"
+    for _ in range(args.rounds):
+        for name, engine in engines.items():
+            if engine.prefix_cache is not None:
+                engine.prefix_cache.entries.clear()  # each round's conversation starts cold
+                engine.prefix_cache.bytes = 0
+            runs[name].append(chat_turns(tok, sputnik_reply(engine, N), args.turns))
+        if status == "ran":
+            theirs, status = llamacpp_child(path, [], N, args.turns)
+            if theirs is not None:
+                runs["llama.cpp"].append(theirs)
+    print(f"\nchat, {args.turns} turns: time to first token (s) per turn, median of {args.rounds} rounds "
+          f"[prompt tokens]")
+    for name, rs in runs.items():
+        if not rs:
+            print(f"{name:<26} {status}")
+            continue
+        ttft = [statistics.median(r[t][1] for r in rs) for t in range(args.turns)]
+        lengths = [rs[0][t][0] for t in range(args.turns)]
+        print(f"{name:<26} " + "  ".join(f"{s:.2f} [{n}]" for s, n in zip(ttft, lengths)))
+        key = "chat_" + {"sputnik chat": "sputnik", "sputnik, no prefix cache": "no_prefix_cache"}.get(name, "llamacpp")
+        figures[f"{key}_ttft_s"] = [round(x, 3) for x in ttft]
+    figures["chat_llamacpp"] = status
+    figures["chat_kv_dtype"] = str(kept.kv_dtype).removeprefix("torch.")
+    if runs["llama.cpp"]:
+        figures["chat_last_ttft_vs_llamacpp"] = round(figures["chat_sputnik_ttft_s"][-1] /
+                                                      figures["chat_llamacpp_ttft_s"][-1], 3)
+    figures["chat_last_ttft_vs_no_prefix_cache"] = round(figures["chat_sputnik_ttft_s"][-1] /
+                                                         figures["chat_no_prefix_cache_ttft_s"][-1], 3)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,29 @@ def test_chat_without_tty_answers_the_piped_prompt(default_gguf):
     assert "What is 2 + 2?" in proc.stdout and len(proc.stdout.strip().splitlines()) >= 2
 
 
+def test_chat_prefills_only_what_each_turn_adds(capsys, monkeypatch, default_gguf):
+    """The conversation's KV stays in the engine's prefix cache: the second turn's prompt (the first exchange, then
+    the new message) prefills only its tail, in whole blocks."""
+    import io
+
+    import sputnik.engine
+
+    engines = []
+
+    class Recorded(sputnik.engine.Engine):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            engines.append(self)
+
+    monkeypatch.setattr(sputnik.engine, "Engine", Recorded)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Tell me a story about a cat and a dog who live by the sea, "
+                                                  "in five sentences, please.\nAnd now one about a bird.\n"))
+    code, out, _ = run(capsys, "chat", "--model", str(default_gguf), "--max-tokens", "64", "--temperature", "0")
+    assert code == 0 and "And now one about a bird." in out
+    stats = engines[0].stats
+    assert stats["prefix_hit_tokens"] >= 64 and stats["prompt_tokens"] - stats["prefix_hit_tokens"] < 150
+
+
 def test_convert_gguf_to_hf_folder_loads_in_transformers(capsys, tmp_path, default_gguf):
     code, out, _ = run(capsys, "convert", str(default_gguf), str(tmp_path / "hf"))
     assert code == 0 and str(tmp_path / "hf") in out

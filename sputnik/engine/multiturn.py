@@ -222,7 +222,7 @@ RESUME_BLOCK = 16
 
 
 def prefix_cache_mb(model, rows: int, tokens: int) -> float:
-    """A prefix cache that holds every row's rollout (rows x tokens, prompt included), for the engine of a batch of
-    rollouts: a row resumes after its tools from its KV there, and a smaller LRU evicts rows before they resume,
-    so each miss prefills the whole rollout again."""
+    """A prefix cache (MB) that holds rows x tokens of the model's KV: for a batch of rollouts every row's, prompt
+    included (a row resumes after its tools from its KV there, and a smaller LRU evicts rows before they resume, so
+    each miss prefills the whole rollout again); for `sputnik chat` one conversation."""
     return rows * tokens * KVCache(model.cfg, 1, 1, model.dtype, model.device).nbytes_per_token() / 2**20
