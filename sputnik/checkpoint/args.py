@@ -1,6 +1,6 @@
 """ModelArgs: the settings that load a model for inference (which model, dtype, device, quantization, the KV cache's
-dtype), shared by
-every entry point that samples (generate, chat, eval, serve), so each loads it in one and the same step."""
+dtype), shared by every entry point that samples (generate, chat, eval, serve), so each loads it in one and the same
+step."""
 
 from __future__ import annotations
 

@@ -4,9 +4,9 @@ At batch 1 an eager PyTorch step is ~20 small operators per layer around the mat
 costs more than the products: llama.cpp's lead. Where the model is a Llama-family one (Llama, Qwen2, Qwen3: dense
 attention, SwiGLU) with every projection a QuantLinear or a plain float32 or bfloat16 Linear on the CPU, its layers
 run in C++ over the same weights (float32 / bfloat16 rows read as F32 / BF16 blocks, or by ATen's GEMM past four rows)
-and the same cache (float32 or bfloat16, whichever the engine keeps); activations stay float32 throughout. The embedding and
-the rotary tables stay sputnik.model's own, and so does the output head but for a dense one at up to four rows
-(decode.cpp's threshold too), which the kernels' rows take in half MKL's time.
+and the same cache (float32 or bfloat16, whichever the engine keeps); activations stay float32 throughout. The
+embedding and the rotary tables stay sputnik.model's own, and so does the output head but for a dense one at up to
+four rows (decode.cpp's threshold too), which the kernels' rows take in half MKL's time.
 """
 
 from __future__ import annotations
