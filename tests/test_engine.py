@@ -284,28 +284,29 @@ def test_prefix_cache_hits_give_the_same_tokens(family):
     assert again.token_ids == Engine(model, prefill_block=8).generate([follow], params)[0][0].token_ids
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("family", ["llama", "deepseek_v3"])
-def test_a_bfloat16_kv_cache_rounds_what_it_keeps_and_nothing_else(family):
-    """kv_dtype=bfloat16 under a float32 model: the caches (prefill's and the running rows') hold bfloat16, attention
-    reads them widened, so the logprobs move by bfloat16's rounding of k and v and no more; the engine's other
+def test_a_16_bit_kv_cache_rounds_what_it_keeps_and_nothing_else(family, dtype):
+    """kv_dtype=bfloat16 or float16 under a float32 model: the caches (prefill's and the running rows') hold it,
+    attention reads them widened, so the logprobs move by its rounding of k and v and no more; the engine's other
     guarantees hold over it (ragged rows alone and together, prefix-cache hits, the PyTorch and native steps)."""
     model = tiny(family)
     params = SamplingParams(max_tokens=10, temperature=0)
     full = Engine(model).generate(PROMPTS, params)
-    eng = Engine(model, kv_dtype=torch.bfloat16)
+    eng = Engine(model, kv_dtype=dtype)
     half = eng.generate(PROMPTS, params)
-    assert eng.kv_dtype == torch.bfloat16 and {b.dtype for b in eng._cache.buffers()} == {torch.bfloat16}
+    assert eng.kv_dtype == dtype and {b.dtype for b in eng._cache.buffers()} == {dtype}
     first = [(a[0].logprobs[0], b[0].logprobs[0]) for a, b in zip(full, half)]
     assert all(abs(x - y) < 0.05 for x, y in first) and any(x != y for x, y in first)
     for i, p in enumerate(PROMPTS):
-        alone = Engine(model, kv_dtype=torch.bfloat16, max_batch=1, native=False).generate([p], params)[0][0]
+        alone = Engine(model, kv_dtype=dtype, max_batch=1, native=False).generate([p], params)[0][0]
         assert alone.token_ids == half[i][0].token_ids
     system = list(range(1, 25))
-    cached = Engine(model, kv_dtype=torch.bfloat16, prefix_cache_mb=16, prefill_block=8)
+    cached = Engine(model, kv_dtype=dtype, prefix_cache_mb=16, prefill_block=8)
     cached.generate([system + [30, 31]], params)
     again = cached.generate([system + [40, 41, 42]], params)[0][0]  # the system prompt's blocks from the cache
     assert cached.stats["prefix_hit_tokens"] == len(system)
-    assert again.token_ids == Engine(model, kv_dtype=torch.bfloat16).generate([system + [40, 41, 42]], params)[0][
+    assert again.token_ids == Engine(model, kv_dtype=dtype).generate([system + [40, 41, 42]], params)[0][
         0].token_ids
 
 

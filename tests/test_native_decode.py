@@ -135,16 +135,17 @@ def test_a_bfloat16_model_steps_natively_over_its_own_weights_and_cache(tmp_path
         tokens, lens = want.argmax(-1, keepdim=True), lens + 1
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_a_float32_model_steps_natively_over_a_bfloat16_cache(tmp_path, family):
-    """Engine(kv_dtype=bfloat16) under a float32 model: the native step rounds what it writes into the cache to
-    bfloat16 and widens what it reads, as the PyTorch step does over the same cache (SlotView's casts): the same
-    logits and the same cache contents (both round the same float32 k and v, up to a last-bit tie)."""
+def test_a_float32_model_steps_natively_over_a_16_bit_cache(tmp_path, family, dtype):
+    """Engine(kv_dtype=bfloat16 or float16) under a float32 model: the native step rounds what it writes into the
+    cache to 16 bits and widens what it reads, as the PyTorch step does over the same cache (SlotView's casts): the
+    same logits and the same cache contents (both round the same float32 k and v, up to a last-bit tie)."""
     model = with_f32_blocks(tiny(tmp_path, family))
     model.fuse()
     step, cfg = native_decode(model), model.cfg
     torch.manual_seed(1)
-    k = [torch.randn(3, cfg.n_kv_heads, 16, cfg.head_dim).bfloat16() for _ in range(cfg.n_layers)]
+    k = [torch.randn(3, cfg.n_kv_heads, 16, cfg.head_dim).to(dtype) for _ in range(cfg.n_layers)]
     v = [torch.randn_like(t) for t in k]
     mine_k, mine_v = [t.clone() for t in k], [t.clone() for t in v]
     lens, tokens = torch.tensor([0, 5, 11]), torch.tensor([[7], [42], [95]])
@@ -155,7 +156,7 @@ def test_a_float32_model_steps_natively_over_a_bfloat16_cache(tmp_path, family):
         assert want.dtype == got.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         for a, b in zip(mine_k + mine_v, k + v):
-            assert a.dtype == b.dtype == torch.bfloat16
+            assert a.dtype == b.dtype == dtype
             torch.testing.assert_close(a.float(), b.float(), rtol=8e-3, atol=1e-5)
         tokens, lens = want.argmax(-1, keepdim=True), lens + 1
 
@@ -197,18 +198,18 @@ def test_models_left_to_pytorch(tmp_path):
     assert "latent attention" in supported(load_model_mla(tmp_path / "mla"))
 
 
-def test_kv_dtype_auto_is_bfloat16_under_blocks_the_native_step_runs(tmp_path, default_gguf):
-    """--kv-dtype auto: bfloat16 where the native step multiplies blocks (the default GGUF), the model's dtype for a
-    dense model (exact), a compiled engine and a quantized model the native step leaves to PyTorch (either would
-    widen a copy of the cache every layer); an explicit dtype always wins."""
+def test_kv_dtype_auto_is_float16_under_blocks_the_native_step_runs(tmp_path, default_gguf):
+    """--kv-dtype auto: float16 (llama.cpp's) where the native step multiplies blocks (the default GGUF), the model's
+    dtype for a dense model (exact), a compiled engine and a quantized model the native step leaves to PyTorch
+    (either would widen a copy of the cache every layer); an explicit dtype always wins."""
     from sputnik.checkpoint.args import ModelArgs
 
     auto, fp32 = ModelArgs(), ModelArgs(kv_dtype="float32")
     gguf = load_model(default_gguf, quantize="auto")
-    assert auto.cache_dtype(gguf) == torch.bfloat16 and fp32.cache_dtype(gguf) == torch.float32
+    assert auto.cache_dtype(gguf) == torch.float16 and fp32.cache_dtype(gguf) == torch.float32
     assert auto.cache_dtype(gguf, compile=True) == torch.float32
     assert auto.cache_dtype(tiny(tmp_path, "llama")) == torch.float32
-    assert auto.cache_dtype(with_f32_blocks(tiny(tmp_path, "qwen3"))) == torch.bfloat16
+    assert auto.cache_dtype(with_f32_blocks(tiny(tmp_path, "qwen3"))) == torch.float16
     assert auto.cache_dtype(load_model_mla(tmp_path / "mla")) == torch.float32
     assert ModelArgs(kv_dtype="bfloat16").cache_dtype(tiny(tmp_path, "llama")) == torch.bfloat16
 

@@ -25,9 +25,9 @@ class ModelArgs:
                                    "elsewhere); none: dequantize to --dtype; int8/int4: quantize any checkpoint's "
                                    "matrices to Q8_0/Q4_1 blocks (a GGUF file's blocks kept), on a GPU too, "
                                    "where they stay in its memory", choices=["auto", "none", "int8", "int4"])
-    kv_dtype: str = option("auto", "the KV cache's dtype; auto: bfloat16 under GGUF or int8/int4 blocks on the CPU "
-                                   "(as llama.cpp keeps float16: half the bytes a long context costs each token), "
-                                   "else the model's", choices=["auto", "float32", "bfloat16"])
+    kv_dtype: str = option("auto", "the KV cache's dtype; auto: float16 under GGUF or int8/int4 blocks on the CPU, "
+                                   "as llama.cpp keeps it (half the bytes a long context costs each token), else the "
+                                   "model's", choices=["auto", "float32", "bfloat16", "float16"])
 
     def load(self):
         """(model, tokenizer), ready for the engine."""

@@ -4,7 +4,7 @@ At batch 1 an eager PyTorch step is ~20 small operators per layer around the mat
 costs more than the products: llama.cpp's lead. Where the model is a Llama-family one (Llama, Qwen2, Qwen3: dense
 attention, SwiGLU) with every projection a QuantLinear or a plain float32 or bfloat16 Linear on the CPU, its layers
 run in C++ over the same weights (float32 / bfloat16 rows read as F32 / BF16 blocks, or by ATen's GEMM past four rows)
-and the same cache (float32 or bfloat16, whichever the engine keeps); activations stay float32 throughout. The
+and the same cache (float32, bfloat16 or float16: the engine's); activations stay float32 throughout. The
 embedding and the rotary tables stay sputnik.model's own, and so does the output head but for a dense one at up to
 four rows (decode.cpp's threshold too), which the kernels' rows take in half MKL's time.
 """
@@ -24,7 +24,7 @@ from sputnik.model import MLP, Attention, Transformer
 # a dense Linear's rows: F32 / BF16 to the kernels, ATen's GEMM past a few tokens (decode.cpp's kDense, kDenseBf16)
 DENSE = {torch.float32: -1, torch.bfloat16: -2}
 HEAD_TYPES = {torch.float32: kernels.TYPE_IDS["F32"], torch.bfloat16: kernels.TYPE_IDS["BF16"]}
-CACHES = (torch.float32, torch.bfloat16)  # the cache dtypes the step reads and writes, whatever the model's
+CACHES = (torch.float32, torch.bfloat16, torch.float16)  # the cache dtypes the step reads and writes
 
 
 def _group(fused, *layers: nn.Module) -> tuple[list[Tensor], list[int], Tensor | None]:
@@ -86,12 +86,12 @@ def supported(model: Transformer) -> str | None:
 
 
 def auto_cache_dtype(model: Transformer, compile: bool = False) -> torch.dtype:
-    """The KV cache dtype `--kv-dtype auto` keeps: bfloat16 under a block-format model the native step runs (its 8-bit
-    activations round far more than bfloat16 rounds k and v; the step reads bfloat16 as it is, so a long context
-    costs half the bytes, as llama.cpp's float16 cache does), else the model's own (exact, and a PyTorch or compiled
-    step would widen a copy of the cache every layer)."""
+    """The KV cache dtype `--kv-dtype auto` keeps: float16 under a block-format model the native step runs, as
+    llama.cpp keeps it (its 8-bit activations round far more than float16 rounds k and v, and a long context costs
+    half the bytes; bfloat16's three bits fewer moved greedy tokens further from llama.cpp's), else the model's own
+    (exact, and a PyTorch or compiled step would widen a copy of the cache every layer)."""
     blocks = any(type(m) is QuantLinear for m in model.model.layers.modules())
-    return torch.bfloat16 if blocks and not compile and supported(model) is None else model.dtype
+    return torch.float16 if blocks and not compile and supported(model) is None else model.dtype
 
 
 def native_decode(model: Transformer) -> Callable[[Tensor, Tensor, list[Tensor], list[Tensor]], Tensor] | None:

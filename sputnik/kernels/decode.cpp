@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #endif
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace sputnik {
@@ -66,7 +67,7 @@ float exps(float* w, int64_t S, float* top_out) {
 }
 
 #if defined(__x86_64__) || defined(_M_X64)
-#define AVX2 __attribute__((target("avx2,fma")))
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
 
 // e^x for x <= 0 in 8 lanes, as 2^n 2^f (n the nearest integer to x log2 e, |f| <= 1/2) with 2^f's Taylor
 // polynomial of degree 6 (relative error under 2e-7): std::exp, one call per cached token and head, cost as much
@@ -110,16 +111,45 @@ AVX2 float exps_avx2(float* w, int64_t S, float* top_out) {
 }
 #endif
 
+// One cached row of n values as the loops below read it: float and bfloat16 in place (bfloat16 widens in the loops:
+// a shift), float16 widened into buf first (F16C's vcvtph2ps on the AVX2 path; c10::Half's own conversion is a
+// scalar bit routine).
+#if defined(__x86_64__) || defined(_M_X64)
+AVX2 inline int64_t widen_f16c(const c10::Half* x, int64_t n, float* buf) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
+  return i;
+}
+#endif
+
+template <bool kAvx2, typename C>
+INLINE const auto* readable(const C* x, int64_t n, float* buf) {
+  if constexpr (!std::is_same_v<C, c10::Half>) {
+    return x;
+  } else {
+    int64_t i = 0;
+#if defined(__x86_64__) || defined(_M_X64)
+    if constexpr (kAvx2) i = widen_f16c(x, n, buf);
+#endif
+    for (; i < n; ++i) buf[i] = static_cast<float>(x[i]);
+    return static_cast<const float*>(buf);
+  }
+}
+
 // The G query heads of one key/value group (grouped-query attention: q holds them side by side, G x D) over S
 // cached slots (a chunk of a row's): each cached key and value is read once for all G heads. Into part: per head its
 // scores' max and sum of exps, then its values weighted by those exps (G x (2 + D)), the softmax's division left to
-// the merge of a row's chunks. w: G x S scratch. The cache holds C: float, or bfloat16 (a bfloat16 model's cache),
-// widened as it is read.
+// the merge of a row's chunks. w: G x S scratch. The cache holds C: float, bfloat16 or float16 (whichever the engine
+// keeps), widened as it is read.
 template <bool kAvx2, typename C>
 INLINE void attend_group_body(const float* q, int64_t G, const C* k, int64_t ks, const C* v, int64_t vs, int64_t S,
                               int64_t D, float scale, float* w, float* part) {
-  for (int64_t s = 0; s < S; ++s)
-    for (int64_t h = 0; h < G; ++h) w[h * S + s] = dot(q + h * D, k + s * ks, D) * scale;
+  float buf[512];  // D <= 512: rotate() checks it
+  for (int64_t s = 0; s < S; ++s) {
+    const auto* krow = readable<kAvx2>(k + s * ks, D, buf);
+    for (int64_t h = 0; h < G; ++h) w[h * S + s] = dot(q + h * D, krow, D) * scale;
+  }
   for (int64_t h = 0; h < G; ++h) {
     float* ml = part + h * (2 + D);
 #if defined(__x86_64__) || defined(_M_X64)
@@ -132,7 +162,7 @@ INLINE void attend_group_body(const float* q, int64_t G, const C* k, int64_t ks,
   }
   for (int64_t h = 0; h < G; ++h) std::fill_n(part + h * (2 + D) + 2, D, 0.f);
   for (int64_t s = 0; s < S; ++s) {
-    const C* vrow = v + s * vs;
+    const auto* vrow = readable<kAvx2>(v + s * vs, D, buf);
     for (int64_t h = 0; h < G; ++h) {
       const float pw = w[h * S + s];
       float* o = part + h * (2 + D) + 2;
@@ -234,7 +264,7 @@ class Decoder {
   Decoder(int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, double scale)
       : H_(heads), Hkv_(kv_heads), D_(head_dim), eps_(eps), scale_(scale) {
 #if defined(__x86_64__) || defined(_M_X64)
-    avx2_ = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    avx2_ = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #endif
   }
 
@@ -264,10 +294,12 @@ class Decoder {
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
       for (const auto& c : {kc[l], vc[l]})
-        TORCH_CHECK((c.scalar_type() == torch::kFloat || c.scalar_type() == torch::kBFloat16) &&
+        TORCH_CHECK((c.scalar_type() == torch::kFloat || c.scalar_type() == torch::kBFloat16 ||
+                     c.scalar_type() == torch::kHalf) &&
                         c.scalar_type() == kc[l].scalar_type() && c.dim() == 4 && c.size(0) >= B &&
                         c.size(1) == Hkv && c.size(2) == kc[l].size(2) && c.size(3) == D && c.stride(3) == 1,
-                    "sputnik decoder: caches must be float32 or bfloat16 [rows >= B, kv_heads, slots, head_dim]");
+                    "sputnik decoder: caches must be float32, bfloat16 or float16 ",
+                    "[rows >= B, kv_heads, slots, head_dim]");
       for (int64_t b = 0; b < B; ++b)
         TORCH_CHECK(lp[b] >= 0 && lp[b] < kc[l].size(2), "sputnik decoder: cache slot ", lp[b], " out of range");
       auto h = torch::empty_like(x);
@@ -290,6 +322,7 @@ class Decoder {
   torch::Tensor attend(torch::Tensor& qkv, const Layer& L, torch::Tensor& kc, torch::Tensor& vc,
                        const torch::Tensor& cos, const torch::Tensor& sin, const int64_t* lp) {
     if (kc.scalar_type() == torch::kBFloat16) return attend_as<c10::BFloat16>(qkv, L, kc, vc, cos, sin, lp);
+    if (kc.scalar_type() == torch::kHalf) return attend_as<c10::Half>(qkv, L, kc, vc, cos, sin, lp);
     return attend_as<float>(qkv, L, kc, vc, cos, sin, lp);
   }
 
@@ -310,7 +343,7 @@ class Decoder {
         rotate(hp, cos.data_ptr<float>() + b * D, sin.data_ptr<float>() + b * D, D);
       }
     C *kp = kc.data_ptr<C>(), *vp = vc.data_ptr<C>();
-    const auto put = [D](const float* from, C* to) {  // a bfloat16 cache rounds to nearest even, as torch does
+    const auto put = [D](const float* from, C* to) {  // a 16-bit cache rounds to nearest even, as torch does
       std::transform(from, from + D, to, [](float f) { return C(f); });
     };
     const int64_t s0 = kc.stride(0), s1 = kc.stride(1), s2 = kc.stride(2);
