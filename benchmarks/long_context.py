@@ -1,13 +1,13 @@
-"""Decoding after a long prompt: the KV cache's dtype (float32 or bfloat16) against llama.cpp's float16, one run.
+"""Decoding after a long prompt: the KV cache's dtype (float32, bfloat16, float16) against llama.cpp's, one run.
 
 The default model's Q4_1 GGUF, loaded as `sputnik chat` loads it (blocks kept, float32 around them): at a few
 thousand cached tokens each decoded token reads the whole cache (SmolLM2-135M: 45 KB a token in float32, half that
-in bfloat16) besides the 84 MB of weights, so the cache's dtype sets much of the step's cost. For each prompt length:
+in bfloat16 or float16) besides the 84 MB of weights, so the cache's dtype sets much of the step's cost. For each prompt length:
 prefill tok/s, then decode tok/s after the prompt (from the first token on), B=1 greedy and B=8 sampled (eight
-samples of the prompt: eight rows of the same length), for `--kv-dtype float32` and `bfloat16`. llama.cpp
+samples of the prompt: eight rows of the same length), for `--kv-dtype float32`, `bfloat16` and `float16`. llama.cpp
 (llama-cpp-python, the bench extra; its default float16 cache) runs B=1 in a child process, in rounds that alternate
-with sputnik's two caches so all see the same phase of a noisy machine; the ratios are medians of the rounds'. The
-quality check: greedy tokens with the bfloat16 cache equal to the float32 cache's before they first differ.
+with sputnik's caches so all see the same phase of a noisy machine; the ratios are medians of the rounds'. The
+quality check: greedy tokens with each 16-bit cache equal to the float32 cache's before they first differ.
 
 Then a chat of `--turns` long user messages, each answered greedily (up to --new-tokens): the time to each turn's
 first token, for the engine `sputnik chat` runs (the conversation's KV kept in its prefix cache, the cache's dtype
@@ -37,7 +37,7 @@ from sputnik.engine import Engine, SamplingParams
 from sputnik.engine.multiturn import prefix_cache_mb
 from sputnik.tokenizer import Tokenizer
 
-CACHES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CACHES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TEXT = ("The history of the city begins with a small settlement on the river, where traders met to exchange salt, "
         "grain and cloth. Over the centuries the market grew into a town, the town into a city, and each generation "
         "left its mark on the streets, the bridges and the houses along the water. ")
@@ -181,7 +181,7 @@ def main() -> None:
         status = "ran"
         for i in range(args.rounds):  # one of each per round, the order turning: the same phases of the machine
             order = [*CACHES, "llama.cpp"]
-            for name in order[i % 3:] + order[: i % 3]:
+            for name in order[i % len(order):] + order[: i % len(order)]:
                 if name in engines:
                     runs[name].append(sputnik_run(engines[name], prompt, 1, N))
                     rows[name].append(sputnik_run(engines[name], prompt, args.rows, N)["decode"])
@@ -199,19 +199,21 @@ def main() -> None:
             label = f"sputnik, {name} cache" if name in CACHES else "llama.cpp, float16 cache"
             b8 = f"{batched[name]:>11.1f}" if name in batched else f"{'-':>11}"
             print(f"{len(prompt):>7} {label:<28}{med[name]['prefill']:>14.1f}{med[name]['decode']:>11.1f}{b8}")
-        same = equal_prefix(runs["float32"][0]["tokens"], runs["bfloat16"][0]["tokens"])
-        print(f"{len(prompt):>7} greedy tokens, bfloat16 cache = float32 cache before the first difference: "
-              f"{same} of {N + 1}")
-        print(f"{len(prompt):>7} greedy text, bfloat16 cache: {tok.decode(runs['bfloat16'][0]['tokens'])!r}")
         key = f"p{length}"
-        figures.update({f"{key}_prompt_tokens": len(prompt), f"{key}_equal_greedy_tokens": same,
-                        f"{key}_llamacpp": status})
+        figures.update({f"{key}_prompt_tokens": len(prompt), f"{key}_llamacpp": status})
+        for name in ("bfloat16", "float16"):
+            same = figures[f"{key}_{name}_equal_greedy_tokens"] = equal_prefix(runs["float32"][0]["tokens"],
+                                                                               runs[name][0]["tokens"])
+            print(f"{len(prompt):>7} greedy tokens, {name} cache = float32 cache before the first difference: "
+                  f"{same} of {N + 1}")
+        print(f"{len(prompt):>7} greedy text, float16 cache: {tok.decode(runs['float16'][0]['tokens'])!r}")
         for name in CACHES:
             figures[f"{key}_{name}_b1_tok_s"] = round(med[name]["decode"], 2)
             figures[f"{key}_{name}_b{args.rows}_tok_s"] = round(batched[name], 2)
             figures[f"{key}_{name}_prefill_tok_s"] = round(med[name]["prefill"], 1)
-        figures[f"{key}_bf16_vs_fp32_b1"] = round(med["bfloat16"]["decode"] / med["float32"]["decode"], 3)
-        figures[f"{key}_bf16_vs_fp32_b{args.rows}"] = round(batched["bfloat16"] / batched["float32"], 3)
+        for name, short in (("bfloat16", "bf16"), ("float16", "f16")):
+            figures[f"{key}_{short}_vs_fp32_b1"] = round(med[name]["decode"] / med["float32"]["decode"], 3)
+            figures[f"{key}_{short}_vs_fp32_b{args.rows}"] = round(batched[name] / batched["float32"], 3)
         if "llama.cpp" in med:
             for name in CACHES:  # per round: each against the llama.cpp run beside it
                 ratios = [o["decode"] / t["decode"] for o, t in zip(runs[name], runs["llama.cpp"])]
@@ -223,8 +225,8 @@ def main() -> None:
     cache = engines["float32"]._cache
     per_token = sum(b[0, ..., 0, :].numel() for b in cache.buffers())
     figures.update(cache_kb_per_token_float32=round(per_token * 4 / 1024, 1),
-                   cache_kb_per_token_bfloat16=round(per_token * 2 / 1024, 1))
-    print(f"cache per token: {per_token * 4 / 1024:.1f} KB float32, {per_token * 2 / 1024:.1f} KB bfloat16")
+                   cache_kb_per_token_16_bit=round(per_token * 2 / 1024, 1))
+    print(f"cache per token: {per_token * 4 / 1024:.1f} KB float32, {per_token * 2 / 1024:.1f} KB in 16 bits")
     print(json.dumps(figures))
 
 
