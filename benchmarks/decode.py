@@ -26,14 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import machine
+from child import run_json
 from sputnik.checkpoint import load_model
 from sputnik.checkpoint.registry import resolve
 from sputnik.engine import Engine, SamplingParams
@@ -109,12 +108,8 @@ def llamacpp_b1(path: str, prompt: list[int], N: int, repeats: int) -> dict[str,
 
 def llamacpp_child(path: Path, N: int, prompt: list[int]) -> tuple[dict | None, str]:
     """One timed llama.cpp generation (after a warm-up) in a child process: its figures, or None and why not."""
-    child = subprocess.run([sys.executable, __file__, "--llamacpp-only", "--model", str(path), "--new-tokens", str(N),
-                            "--repeats", "1", "--prompt-ids", json.dumps(prompt)], capture_output=True, text=True)
-    if child.returncode == 0 and child.stdout.strip():
-        return json.loads(child.stdout.strip().splitlines()[-1]), "ran"
-    return None, (f"crashed (signal {-child.returncode})" if child.returncode < 0 else
-                  (child.stderr.strip().splitlines() or [f"exit {child.returncode}"])[-1])
+    return run_json(__file__, "--llamacpp-only", "--model", str(path), "--new-tokens", str(N), "--repeats", "1",
+                    "--prompt-ids", json.dumps(prompt))
 
 
 def main() -> None:
@@ -219,9 +214,7 @@ def main() -> None:
 
     memory = None
     if qmodel is not None:
-        child = subprocess.run([sys.executable, __file__, "--rss-only", "--model", str(path),
-                                "--prompt-ids", json.dumps(chats[0])], capture_output=True, text=True, check=False)
-        memory = json.loads(child.stdout.strip().splitlines()[-1]) if child.returncode == 0 else None
+        memory, _ = run_json(__file__, "--rss-only", "--model", str(path), "--prompt-ids", json.dumps(chats[0]))
 
     bw = memory_bandwidth_gbs()
     gflops = matmul_gflops(model.cfg.dim, model.cfg.inter_dim, B)

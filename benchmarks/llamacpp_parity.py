@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import machine
+from child import run_json
 from sputnik.checkpoint import load_model
 from sputnik.checkpoint.gguf_export import export_gguf
 from sputnik.checkpoint.registry import resolve
@@ -53,14 +52,10 @@ def in_child(path: Path, prompts: list[list[int]], n: int) -> tuple[list[list[in
     """llama.cpp's greedy tokens from a child process, or None and why."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(prompts, f)
-    child = subprocess.run([sys.executable, __file__, "--llamacpp-only", "--model", str(path), "--new-tokens", str(n),
-                            "--prompts", f.name], capture_output=True, text=True, check=False)
-    Path(f.name).unlink()
-    if child.returncode == 0 and child.stdout.strip():
-        return json.loads(child.stdout.strip().splitlines()[-1]), "ran"
-    if child.returncode < 0:
-        return None, f"crashed (signal {-child.returncode})"
-    return None, (child.stderr.strip().splitlines() or [f"exit {child.returncode}"])[-1]
+    try:
+        return run_json(__file__, "--llamacpp-only", "--model", str(path), "--new-tokens", str(n), "--prompts", f.name)
+    finally:
+        Path(f.name).unlink()
 
 
 def sputnik_greedy(model, tok, prompts: list[list[int]], n: int) -> list[list[int]]:

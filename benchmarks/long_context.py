@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import machine
+from child import run_json
 from sputnik.checkpoint import load_model
 from sputnik.checkpoint.args import ModelArgs
 from sputnik.checkpoint.registry import resolve
@@ -137,12 +136,8 @@ def llamacpp_chat(path: str, N: int, turns: int) -> list[list[float]]:
 def llamacpp_child(path: Path, prompt: list[int], N: int, turns: int = 0) -> tuple[dict | list | None, str]:
     """llamacpp_run (or with turns, llamacpp_chat) in a child process (a crash in its native code loses its column,
     not the run)."""
-    child = subprocess.run([sys.executable, __file__, "--llamacpp-only", "--model", str(path), "--new-tokens", str(N),
-                            "--prompt-ids", json.dumps(prompt), "--turns", str(turns)], capture_output=True, text=True)
-    if child.returncode == 0 and child.stdout.strip():
-        return json.loads(child.stdout.strip().splitlines()[-1]), "ran"
-    return None, (f"crashed (signal {-child.returncode})" if child.returncode < 0 else
-                  (child.stderr.strip().splitlines() or [f"exit {child.returncode}"])[-1])
+    return run_json(__file__, "--llamacpp-only", "--model", str(path), "--new-tokens", str(N), "--prompt-ids",
+                    json.dumps(prompt), "--turns", str(turns))
 
 
 def equal_prefix(a: list[int], b: list[int]) -> int:
