@@ -1,7 +1,8 @@
 """Greedy agreement with llama.cpp: the default model's own GGUF, and the GGUF files `sputnik convert` writes.
 
-1. The default model's Q4_1 file: sputnik (the file's blocks as they are, and dequantized to fp32) and llama.cpp
-   greedy-decode `--new-tokens` tokens after each of 10 chat prompts; a prompt counts as equal when every token is.
+1. The default model's Q4_1 file: sputnik (the file's blocks as they are, and dequantized to fp32; the KV cache as
+   `--kv-dtype auto` keeps it: float16 under the blocks, as llama.cpp's) and llama.cpp greedy-decode `--new-tokens`
+   tokens after each of 10 chat prompts; a prompt counts as equal when every token is.
 2. The same model exported by sputnik (`export_gguf`, as `sputnik convert MODEL out.gguf --type T`): llama.cpp loads
    each file and greedy-decodes; compared with sputnik's greedy tokens on the same exported file, and with the source.
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import machine
 from child import run_json
 from sputnik.checkpoint import load_model
+from sputnik.checkpoint.args import ModelArgs
 from sputnik.checkpoint.gguf_export import export_gguf
 from sputnik.checkpoint.registry import resolve
 from sputnik.engine import Engine, SamplingParams
@@ -59,8 +61,10 @@ def in_child(path: Path, prompts: list[list[int]], n: int) -> tuple[list[list[in
 
 
 def sputnik_greedy(model, tok, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """Greedy tokens from the engine `sputnik generate` builds (its KV cache as --kv-dtype auto picks it)."""
     params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-    return [c[0].token_ids for c in Engine(model, tok).generate(prompts, params)]
+    engine = Engine(model, tok, kv_dtype=ModelArgs().cache_dtype(model))
+    return [c[0].token_ids for c in engine.generate(prompts, params)]
 
 
 def agreement(a: list[list[int]] | None, b: list[list[int]] | None) -> dict | None:
