@@ -227,19 +227,17 @@ def main() -> None:
 
 def chat(path: Path, model, tok: Tokenizer, args, figures: dict) -> None:
     """The chat of --turns messages: time to each turn's first token, medians over alternating rounds."""
-    N = args.new_tokens
-    # as `sputnik chat` builds its engine: the cache's dtype as --kv-dtype auto picks it, one conversation's KV kept
-    kept = Engine(model, tok, kv_dtype=ModelArgs().cache_dtype(model),
-                  prefix_cache_mb=prefix_cache_mb(model, 1, model.cfg.max_seq_len))
-    engines = {"sputnik chat": kept, "sputnik, no prefix cache": Engine(model, tok, kv_dtype=kept.kv_dtype)}
+    N, kv_dtype = args.new_tokens, ModelArgs().cache_dtype(model)
+    # as `sputnik chat` builds its engine (the cache's dtype as --kv-dtype auto picks it, one conversation's KV kept),
+    # and the same without the prefix cache; a new engine each round, so each conversation starts cold
+    engines = {"sputnik chat": lambda: Engine(model, tok, kv_dtype=kv_dtype,
+                                              prefix_cache_mb=prefix_cache_mb(model, 1, model.cfg.max_seq_len)),
+               "sputnik, no prefix cache": lambda: Engine(model, tok, kv_dtype=kv_dtype)}
     runs: dict[str, list[list[list[float]]]] = {name: [] for name in [*engines, "llama.cpp"]}
     status = "ran"
     for _ in range(args.rounds):
-        for name, engine in engines.items():
-            if engine.prefix_cache is not None:
-                engine.prefix_cache.entries.clear()  # each round's conversation starts cold
-                engine.prefix_cache.bytes = 0
-            runs[name].append(chat_turns(tok, sputnik_reply(engine, N), args.turns))
+        for name, make in engines.items():
+            runs[name].append(chat_turns(tok, sputnik_reply(make(), N), args.turns))
         if status == "ran":
             theirs, status = llamacpp_child(path, [], N, args.turns)
             if theirs is not None:
@@ -256,7 +254,7 @@ def chat(path: Path, model, tok: Tokenizer, args, figures: dict) -> None:
         key = "chat_" + {"sputnik chat": "sputnik", "sputnik, no prefix cache": "no_prefix_cache"}.get(name, "llamacpp")
         figures[f"{key}_ttft_s"] = [round(x, 3) for x in ttft]
     figures["chat_llamacpp"] = status
-    figures["chat_kv_dtype"] = str(kept.kv_dtype).removeprefix("torch.")
+    figures["chat_kv_dtype"] = str(kv_dtype).removeprefix("torch.")
     if runs["llama.cpp"]:
         figures["chat_last_ttft_vs_llamacpp"] = round(figures["chat_sputnik_ttft_s"][-1] /
                                                       figures["chat_llamacpp_ttft_s"][-1], 3)
