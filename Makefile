@@ -7,7 +7,7 @@ PIP := $(PY) -m pip -q --disable-pip-version-check
 TORCH_CPU ?= torch==2.13.0
 MODEL ?= smollm2-135m-instruct
 
-.PHONY: setup model demo test test-deps bench r1-zero r1 r1-tools nano-r1 clean
+.PHONY: setup kernels model demo test test-deps bench r1-zero r1 r1-tools nano-r1 clean
 
 # The web chat's front-end libraries (marked, DOMPurify, highlight.js, KaTeX) come from the npm registry at
 # install time, pinned by web/package-lock.json, and are served from the package: never from a CDN.
@@ -22,9 +22,8 @@ $(VENDOR): web/package.json web/package-lock.json web/vendor.mjs
 	touch $@
 
 # Debian packages the tests use: Chromium for the browser tests, PostgreSQL's server for the storage tests (the
-# tests start a throwaway cluster on a free loopback port and stop it), a C++ compiler for the compiled decode step.
+# tests start a throwaway cluster on a free loopback port and stop it).
 test-deps:
-	@command -v g++ >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q g++; }
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium; }
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q postgresql; }
 
@@ -39,11 +38,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -e '.[test]'
 	touch $@
 
-model: setup
+# The CPU kernels for block-format weights (sputnik/kernels: the GGUF's blocks as they are, the native decode step),
+# compiled here by g++ from Debian's packages so that the first chat or server start does not wait for them. Where
+# they cannot be built the model still runs, dequantized (slower, larger): the demo goes on, the tests fail.
+kernels: setup
+	@command -v g++ >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q g++; } || true
+	$(PY) -m sputnik.kernels || echo "continuing without the kernels: block-format weights will be dequantized"
+
+model: kernels
 	$(VENV)/bin/sputnik pull $(MODEL)
 
 test: model test-deps
-	PYTHONUNBUFFERED=1 SPUTNIK_REQUIRE_MODEL=1 SPUTNIK_REQUIRE_PG=1 SPUTNIK_REQUIRE_BROWSER=1 $(PY) -m pytest -q
+	PYTHONUNBUFFERED=1 SPUTNIK_REQUIRE_MODEL=1 SPUTNIK_REQUIRE_KERNELS=1 SPUTNIK_REQUIRE_PG=1 SPUTNIK_REQUIRE_BROWSER=1 $(PY) -m pytest -q
 
 # The DeepSeek/OpenAI-compatible API on loopback (no keys needed there); Ctrl-C stops it.
 PORT ?= 8000

@@ -16,6 +16,17 @@ os.environ.setdefault("SPUTNIK_DATA_DIR", tempfile.mkdtemp(prefix="sputnik-test-
 DEFAULT_GGUF = Path("models") / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def pytest_sessionstart(session) -> None:
+    """Without a compiler the kernels' tests skip; `make test` (SPUTNIK_REQUIRE_KERNELS=1) fails instead, as for
+    the model, PostgreSQL and the browser."""
+    if os.environ.get("SPUTNIK_REQUIRE_KERNELS") == "1":
+        from sputnik import kernels
+
+        if not kernels.available():
+            pytest.exit(f"the CPU kernels are required (SPUTNIK_REQUIRE_KERNELS=1) but unavailable: "
+                        f"{kernels._ext_error}", returncode=1)
+
+
 def find_default_gguf() -> Path | None:
     if os.environ.get("SPUTNIK_TEST_GGUF"):
         return Path(os.environ["SPUTNIK_TEST_GGUF"])

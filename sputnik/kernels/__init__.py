@@ -96,6 +96,9 @@ def _build():
     with FileLock(str(build / "build.flock")):
         (build / "lock").unlink(missing_ok=True)
         here = Path(__file__).parent
+        # Half a minute and more of silence otherwise, at the first chat, eval or server start after an install
+        print(f"sputnik: compiling the CPU kernels into {build} (once per version of them, ~30 s on 2 cores)",
+              file=sys.stderr, flush=True)
         ext = load("sputnik_quant", [str(here / name) for name in SOURCES if name.endswith(".cpp")],
                    extra_cflags=list(CFLAGS), extra_include_paths=[str(here)], build_directory=str(build),
                    verbose=False)
