@@ -33,7 +33,7 @@ from sputnik.checkpoint import load_model
 from sputnik.checkpoint.args import ModelArgs
 from sputnik.checkpoint.registry import resolve
 from sputnik.engine import Engine, SamplingParams
-from sputnik.engine.multiturn import prefix_cache_mb
+from sputnik.engine.multiturn import chat_engine
 from sputnik.tokenizer import Tokenizer
 
 CACHES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -228,10 +228,9 @@ def main() -> None:
 def chat(path: Path, model, tok: Tokenizer, args, figures: dict) -> None:
     """The chat of --turns messages: time to each turn's first token, medians over alternating rounds."""
     N, kv_dtype = args.new_tokens, ModelArgs().cache_dtype(model)
-    # as `sputnik chat` builds its engine (the cache's dtype as --kv-dtype auto picks it, one conversation's KV kept),
-    # and the same without the prefix cache; a new engine each round, so each conversation starts cold
-    engines = {"sputnik chat": lambda: Engine(model, tok, kv_dtype=kv_dtype,
-                                              prefix_cache_mb=prefix_cache_mb(model, 1, model.cfg.max_seq_len)),
+    # `sputnik chat`'s engine (the cache's dtype as --kv-dtype auto picks it, one conversation's KV kept), and the
+    # same without the prefix cache; a new engine each round, so each conversation starts cold
+    engines = {"sputnik chat": lambda: chat_engine(model, tok, kv_dtype),
                "sputnik, no prefix cache": lambda: Engine(model, tok, kv_dtype=kv_dtype)}
     runs: dict[str, list[list[list[float]]]] = {name: [] for name in [*engines, "llama.cpp"]}
     status = "ran"

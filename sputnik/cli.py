@@ -199,15 +199,11 @@ class ThinkPrinter:
 def cmd_chat(model_args: ModelArgs, sampling: SamplingArgs, session: ChatArgs) -> int:
     from rich.console import Console
 
-    from sputnik.engine import Engine
-    from sputnik.engine.multiturn import prefix_cache_mb
+    from sputnik.engine.multiturn import chat_engine
 
     console = Console(highlight=False)
     model, tok = model_args.load()
-    # The conversation's KV stays cached (room for one as long as the model's context): a turn prefills only what
-    # is new since the last, not the whole conversation again.
-    engine = Engine(model, tok, compile=session.compile, kv_dtype=model_args.cache_dtype(model, session.compile),
-                    prefix_cache_mb=prefix_cache_mb(model, 1, model.cfg.max_seq_len))
+    engine = chat_engine(model, tok, model_args.cache_dtype(model, session.compile), session.compile)
     params = sampling.params()
     system = [{"role": "system", "content": session.system}] if session.system else []
     messages: list[dict] = []
