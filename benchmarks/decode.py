@@ -12,7 +12,9 @@ weight once per token (memory bandwidth / weight bytes); at B=32 it is arithmeti
 takes the native step too (float32 rows as type F32), "sputnik pytorch step" the eager one; "sputnik bf16" is the model
 in bfloat16 (what `--dtype auto` loads where the CPU has AVX512-BF16 or AMX) through the native step (BF16 rows,
 float32 activations), "sputnik bf16 pytorch step" the same through the eager step (bf16_b1_of_ceiling: against twice
-the fp32 ceiling, its weights being half the bytes). Its memory (q_rss_mb: resident MB after loading
+the fp32 ceiling, its weights being half the bytes). The native-step engines keep the KV cache `sputnik generate`
+keeps (`--kv-dtype auto`: float16 under the blocks, the model's dtype otherwise); the PyTorch-step ones the model's
+dtype. Its memory (q_rss_mb: resident MB after loading
 the model and tokenizer and decoding 8 tokens, less the process's RSS after importing torch) is measured in a child
 process, so the fp32 copies here do not count; q_rss_vs_gguf is that less its KV cache over the file's size (the issue's
 measure), and llamacpp_rss_mb the same resident MB for llama.cpp on the file (n_ctx 512). llama.cpp
@@ -34,6 +36,7 @@ import torch
 import machine
 from child import run_json
 from sputnik.checkpoint import load_model
+from sputnik.checkpoint.args import ModelArgs
 from sputnik.checkpoint.registry import resolve
 from sputnik.engine import Engine, SamplingParams
 from sputnik.tokenizer import Tokenizer
@@ -79,7 +82,7 @@ def quantized_rss(path: str, prompt: list[int]) -> dict[str, float]:
     """RSS (MB) of a fresh process that loads the model quantized and decodes 8 tokens, and of torch alone."""
     base = rss_mb()
     model = load_model(path, quantize="auto")
-    engine = Engine(model, Tokenizer.load(path))
+    engine = Engine(model, Tokenizer.load(path), kv_dtype=ModelArgs().cache_dtype(model))
     engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0))
     total = rss_mb()
     cache = sum(t.numel() * t.element_size() for t in engine._cache.k + engine._cache.v) / 2**20
@@ -155,8 +158,10 @@ def main() -> None:
     engines: dict[str, Engine] = {}
     for name in runs:
         weights = qmodel if "Q4_1" in name else bmodel if "bf16" in name else model
-        engine = engines[name] = Engine(weights, tok, max_batch=B, compile=name.endswith("compile"),
-                                        native=not name.endswith("pytorch step"))
+        native, jit = not name.endswith("pytorch step"), name.endswith("compile")
+        # the KV cache `sputnik generate` keeps (--kv-dtype auto: float16 under blocks the native step runs)
+        engine = engines[name] = Engine(weights, tok, max_batch=B, compile=jit, native=native,
+                                        kv_dtype=ModelArgs().cache_dtype(weights, jit) if native else None)
         t = time.perf_counter()
         for prompts in (chats[:1], chats[:2]):  # warm up (and compile: one graph for one row, one for several)
             engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0))
