@@ -216,18 +216,19 @@ def _insert_results(row: _Row, results: list[ToolResult], text: str, engine: Eng
     return True
 
 
-# A row resumes after its tools (or a chat after its last turn) from the prefix cache in whole prefill blocks
-# (engine/generate.py); smaller blocks than a prompt's leave less of each resumed conversation to prefill again.
+# A row resumes after its tools from the prefix cache in whole prefill blocks (engine/generate.py); smaller blocks than
+# a prompt's leave less of each resumed conversation to prefill again.
 RESUME_BLOCK = 16
 
 
 def chat_engine(model, tok, kv_dtype=None, compile: bool = False) -> Engine:
     """The engine of one conversation (`sputnik chat`): its KV kept in a prefix cache with room for the model's
-    context, answered in blocks of RESUME_BLOCK tokens, so a turn prefills what is new since the last turn (and at
-    most RESUME_BLOCK - 1 tokens before it), not the whole conversation again."""
+    context, so a turn prefills what is new since the last (from the last whole prefill block), not the whole
+    conversation again. The engine's 64-token blocks, not RESUME_BLOCK's 16: a turn's new ~200 tokens prefill faster
+    in fewer, larger blocks than the smaller blocks' extra ~16 cached tokens a turn save (docs/benchmarks.md)."""
     from sputnik.engine.generate import Engine
 
-    return Engine(model, tok, compile=compile, kv_dtype=kv_dtype, prefill_block=RESUME_BLOCK,
+    return Engine(model, tok, compile=compile, kv_dtype=kv_dtype,
                   prefix_cache_mb=prefix_cache_mb(model, 1, model.cfg.max_seq_len))
 
 
