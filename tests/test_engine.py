@@ -310,6 +310,18 @@ def test_a_16_bit_kv_cache_rounds_what_it_keeps_and_nothing_else(family, dtype):
         0].token_ids
 
 
+def test_chat_engine_holds_one_conversation_in_its_cache_dtype():
+    from sputnik.engine.multiturn import chat_engine, prefix_cache_mb
+
+    model = tiny()
+    per_token = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim  # k and v, every layer
+    assert prefix_cache_mb(model, 1, 100) == 100 * per_token * 4 / 2**20
+    assert prefix_cache_mb(model, 1, 100, torch.float16) == 100 * per_token * 2 / 2**20
+    eng = chat_engine(model, None, torch.float16)
+    assert eng.kv_dtype == torch.float16
+    assert eng.prefix_cache.max_bytes == int(model.cfg.max_seq_len * per_token * 2)
+
+
 def test_prefix_cache_hits_are_whole_blocks():
     eng = Engine(tiny(), prefix_cache_mb=16, prefill_block=16)
     params = SamplingParams(max_tokens=2, temperature=0)

@@ -229,11 +229,13 @@ def chat_engine(model, tok, kv_dtype=None, compile: bool = False) -> Engine:
     from sputnik.engine.generate import Engine
 
     return Engine(model, tok, compile=compile, kv_dtype=kv_dtype,
-                  prefix_cache_mb=prefix_cache_mb(model, 1, model.cfg.max_seq_len))
+                  prefix_cache_mb=prefix_cache_mb(model, 1, model.cfg.max_seq_len, kv_dtype))
 
 
-def prefix_cache_mb(model, rows: int, tokens: int) -> float:
-    """A prefix cache (MB) that holds rows x tokens of the model's KV: for a batch of rollouts every row's, prompt
-    included (a row resumes after its tools from its KV there, and a smaller LRU evicts rows before they resume, so
-    each miss prefills the whole rollout again); for `sputnik chat` one conversation."""
-    return rows * tokens * KVCache(model.cfg, 1, 1, model.dtype, model.device).nbytes_per_token() / 2**20
+def prefix_cache_mb(model, rows: int, tokens: int, kv_dtype=None) -> float:
+    """A prefix cache (MB) that holds rows x tokens of the model's KV (in kv_dtype, default the model's): for a
+    batch of rollouts every row's, prompt included (a row resumes after its tools from its KV there, and a smaller LRU
+    evicts rows before they resume, so each miss prefills the whole rollout again); for `sputnik chat` one
+    conversation."""
+    cache = KVCache(model.cfg, 1, 1, kv_dtype or model.dtype, model.device)
+    return rows * tokens * cache.nbytes_per_token() / 2**20
