@@ -5,7 +5,7 @@ sputnik with the file's blocks as they are (what `generate`, `chat` and `serve` 
 integer formats), sputnik with the blocks dequantized to float32 (no activation rounding: the issue's reference,
 "within 1%"), and llama.cpp on the file (llama-cpp-python, the bench extra, in a child process; its own log-softmax
 of its logits). Then each `--types` export of the dequantized model (`sputnik convert MODEL out.gguf --type T`), in
-both engines. Per-token log-probs come from sputnik.train.logprobs.scored_logprobs (the server's echo path); the
+both engines. Per-token log-probs come from sputnik.eval.perplexity (`sputnik perplexity`, one window); the
 table adds the mean absolute difference of each token's log-prob from the dequantized model's, and between the two
 engines on the same file.
 
@@ -26,8 +26,8 @@ from child import run_json
 from sputnik.checkpoint import load_model
 from sputnik.checkpoint.gguf_export import export_gguf
 from sputnik.checkpoint.registry import resolve
+from sputnik.eval.perplexity import perplexity
 from sputnik.tokenizer import Tokenizer
-from sputnik.train.logprobs import scored_logprobs
 
 TEXT = """\
 The lighthouse on the northern cape was built in 1871, after three ships were lost on the same reef in a single \
@@ -104,13 +104,14 @@ happened, and an old man beside her fell asleep before the doors had closed.
 """
 
 
-def perplexity(logps: list[float]) -> float:
-    return math.exp(-statistics.fmean(logps))
+def ppl_of(logps: list[float]) -> float:
+    return math.exp(-math.fsum(logps) / len(logps))
 
 
 def sputnik_logps(path: Path, ids: list[int], blocks: bool) -> list[float]:
-    """log p of each token after the first: the file's blocks as sputnik loads them, or dequantized to float32."""
-    return scored_logprobs(load_model(path, quantize="auto" if blocks else "none"), ids)[0]
+    """log p of each token after the first (`sputnik perplexity`, one window): the file's blocks as sputnik loads
+    them, or dequantized to float32."""
+    return perplexity(load_model(path, quantize="auto" if blocks else "none"), ids, context=len(ids), stride=1).logprobs
 
 
 def llamacpp_logps(path: str, ids: list[int]) -> list[float]:
@@ -129,7 +130,7 @@ def llamacpp_logps(path: str, ids: list[int]) -> list[float]:
 def row(logps: list[float] | None, reference: list[float], status: str = "ran") -> dict:
     if logps is None:
         return {"ppl": None, "status": status}
-    ppl, ref = perplexity(logps), perplexity(reference)
+    ppl, ref = ppl_of(logps), ppl_of(reference)
     gap = statistics.fmean(abs(a - b) for a, b in zip(logps, reference))
     return {"ppl": round(ppl, 4), "vs_fp32": round(ppl / ref - 1, 5), "mean_abs_dlogp": round(gap, 5), "status": status}
 
@@ -169,7 +170,7 @@ def main() -> None:
             rows[f"sputnik convert --type {kind}"] = measure(out, ids, reference)
 
     print(f"\nperplexity over a fixed text of {len(ids)} tokens; the dequantized float32 model: "
-          f"{perplexity(reference):.3f}")
+          f"{ppl_of(reference):.3f}")
     print(machine.line())
     print(f"{'file':<46}{'engine':<11}{'perplexity':>11}{'vs fp32':>9}{'|dlogp| vs fp32':>17}{'vs llama.cpp':>14}")
     for name, engines in rows.items():
@@ -181,7 +182,7 @@ def main() -> None:
                 print(f"{name:<46}{engine:<11}{r['ppl']:>11.3f}{r['vs_fp32']:>+9.2%}{r['mean_abs_dlogp']:>17.4f}"
                       f"{'' if other is None else f'{other:.4f}':>14}")
     shipped = next(iter(rows.values()))
-    figures = {"tokens": len(ids), "fp32_ppl": round(perplexity(reference), 4),
+    figures = {"tokens": len(ids), "fp32_ppl": round(ppl_of(reference), 4),
                "q_ppl": shipped["sputnik"]["ppl"], "q_ppl_vs_fp32": shipped["sputnik"]["vs_fp32"],
                "llamacpp_ppl": shipped["llama.cpp"]["ppl"], "llamacpp_ppl_vs_fp32": shipped["llama.cpp"].get("vs_fp32"),
                "llamacpp": shipped["llama.cpp"]["status"],

@@ -17,6 +17,7 @@ from sputnik.r1 import TEMPERATURE, ReasoningSplitter, opens_thinking
 from sputnik.settings import add_flags, fill, option
 
 if TYPE_CHECKING:
+    from sputnik.eval.perplexity import PerplexityConfig
     from sputnik.eval.run import EvalConfig
     from sputnik.serve.config import ServeConfig
     from sputnik.train.distill import DistillConfig
@@ -284,6 +285,23 @@ def cmd_eval(model_args: ModelArgs, cfg: EvalConfig, output: EvalOutput) -> int:
     return 0
 
 
+def cmd_perplexity(model_args: ModelArgs, cfg: PerplexityConfig) -> int:
+    from sputnik.eval.perplexity import perplexity, read_text
+
+    text = read_text(cfg.file)  # a bad file fails before the model loads
+    model, tok = model_args.load()
+    ids = tok.encode(text, add_special_tokens=True)
+    r = perplexity(model, ids, cfg.context, cfg.stride, progress=not cfg.json)
+    context = min(cfg.context, model.cfg.max_seq_len)
+    if cfg.json:
+        print(json.dumps({"model": model_args.model, "file": str(cfg.file), "perplexity": r.ppl, "nll": r.nll,
+                          "tokens": r.tokens, "windows": r.windows, "context": context, "stride": cfg.stride}))
+    else:
+        print(f"perplexity {r.ppl:.4f} (nll {r.nll:.4f} nats a token) over {r.tokens} tokens of {cfg.file}: "
+              f"{r.windows} window(s) of up to {context} tokens, stride {cfg.stride}")
+    return 0
+
+
 def cmd_train_grpo(policy: PolicyArgs, grpo: GRPOConfig, train: TrainConfig) -> int:
     from sputnik.train.grpo import train_grpo
 
@@ -411,6 +429,7 @@ def add_verb(sub, name: str, func: Callable[..., int], help: str, *configs: Any,
 
 
 def add_model_verbs(sub) -> None:
+    from sputnik.eval.perplexity import PerplexityConfig
     from sputnik.eval.run import EvalConfig
 
     add_verb(sub, "pull", cmd_pull, "install a named model (default: the embedded SmolLM2-135M-Instruct)", PullArgs,
@@ -420,6 +439,8 @@ def add_model_verbs(sub) -> None:
              SamplingArgs(temperature=TEMPERATURE, max_tokens=512), ChatArgs)
     add_verb(sub, "eval", cmd_eval, "R1-style evaluation: greedy accuracy, pass@1 over k samples, cons@k", ModelArgs,
              EvalConfig, EvalOutput, positional=("model",))
+    add_verb(sub, "perplexity", cmd_perplexity, "perplexity of a text file in sliding windows (what quantizing or "
+             "converting a model costs, on your own text)", ModelArgs, PerplexityConfig, positional=("file",))
     add_verb(sub, "convert", cmd_convert, "write any loadable model as an HF folder, or as a GGUF file (DST.gguf, "
              "--type f16|q8_0|q4_0|q4_k)", ConvertArgs,
              positional=("src", "dst"))
