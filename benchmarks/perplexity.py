@@ -5,7 +5,7 @@ sputnik with the file's blocks as they are (what `generate`, `chat` and `serve` 
 integer formats), sputnik with the blocks dequantized to float32 (no activation rounding: the issue's reference,
 "within 1%"), and llama.cpp on the file (llama-cpp-python, the bench extra, in a child process; its own log-softmax
 of its logits). Then each `--types` export of the dequantized model (`sputnik convert MODEL out.gguf --type T`), in
-both engines. Per-token log-probs come from sputnik.eval.perplexity (`sputnik perplexity`, one window); the
+both engines. Per-token log-probs come from sputnik.train.perplexity (`sputnik perplexity`, one window); the
 table adds the mean absolute difference of each token's log-prob from the dequantized model's, and between the two
 engines on the same file.
 
@@ -26,7 +26,7 @@ from child import run_json
 from sputnik.checkpoint import load_model
 from sputnik.checkpoint.gguf_export import export_gguf
 from sputnik.checkpoint.registry import resolve
-from sputnik.eval.perplexity import perplexity
+from sputnik.train.perplexity import perplexity
 from sputnik.tokenizer import Tokenizer
 
 TEXT = """\

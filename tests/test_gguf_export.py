@@ -16,7 +16,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import sputnik.kernels as K
 from sputnik.checkpoint import load_model, load_pretrained
-from sputnik.checkpoint.gguf_export import export_gguf
+from sputnik.checkpoint.gguf_export import export_gguf, requantize_warning
 from sputnik.checkpoint.quants import quantize_rows
 from sputnik.cli import main
 from sputnik.config import ModelConfig
@@ -290,3 +290,13 @@ def test_legacy_deepseek2_file_with_attn_kv_b_loads(tmp_path):
     writer.close()
     with torch.no_grad():
         assert rel(load_model(tmp_path / "old.gguf")(IDS), model(IDS)) < 1e-5
+
+
+def test_requantizing_a_4_bit_file_to_q4_0_is_warned(tmp_path, default_gguf, tiny_tok):
+    # The default model's Q4_1 file rounded onto Q4_0's grid lost 22% perplexity (benchmarks/perplexity.py)
+    warning = requantize_warning(default_gguf, "q4_0")
+    assert warning and "Q4_1" in warning and default_gguf.name in warning
+    assert requantize_warning(default_gguf, "q4_k") is None and requantize_warning(default_gguf, "q8_0") is None
+    f16 = export_gguf(tiny("llama"), tiny_tok, tmp_path / "m.gguf", "f16").path
+    assert requantize_warning(f16, "q4_0") is None  # float matrices: q4_0 rounds them once
+    assert requantize_warning(tmp_path / "hf-folder", "q4_0") is None

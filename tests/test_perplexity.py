@@ -9,7 +9,7 @@ import torch
 
 from sputnik.cli import main
 from sputnik.config import ModelConfig
-from sputnik.eval.perplexity import perplexity, windows
+from sputnik.train.perplexity import perplexity, windows
 from sputnik.model import Transformer
 
 
@@ -57,6 +57,8 @@ def test_perplexity_matches_the_models_logits_window_by_window():
     assert slid.ppl == pytest.approx(by_hand(model, ids, 16, 5), rel=1e-5)
     assert slid.ppl != pytest.approx(whole.ppl, rel=1e-4)  # shorter context: another measure
     assert perplexity(model, ids, context=1000, stride=32).ppl == whole.ppl  # capped at the model's 64
+    capped = perplexity(model, ids)  # the defaults, 1024 and 512: 64 and 32 on this model
+    assert (capped.context, capped.stride, capped.ppl) == (64, 32, whole.ppl)
 
 
 def test_bad_settings_are_clear_errors():

@@ -81,6 +81,22 @@ def export_gguf(model, tokenizer, path: str | Path, type_name: str = "f16", name
     return ExportSummary(path, arch, dict(types), path.stat().st_size, warnings)
 
 
+def requantize_warning(source: str | Path, type_name: str) -> str | None:
+    """A warning when a GGUF source's matrices are already at 4-5 bits and --type q4_0 rounds them onto another
+    grid: measured on the default model's Q4_1 file, +22% perplexity (q4_k +1%, q8_0 +0.5%: docs/benchmarks.md)."""
+    from sputnik.tokenizer.gguf import open_gguf
+
+    if type_name != "q4_0" or Path(source).suffix.lower() != ".gguf":
+        return None
+    low = {"Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K"}
+    found = sorted({gguf.GGMLQuantizationType(t.tensor_type).name for t in open_gguf(source).tensors} & low)
+    if not found:
+        return None
+    return (f"{Path(source).name}'s matrices are already {'/'.join(found)}: q4_0 rounds them again onto another "
+            "grid (the default model's Q4_1 file lost 22% perplexity so; q4_k 1%, q8_0 0.5%); "
+            "`sputnik perplexity` measures it on your text")
+
+
 def _vocab(writer, tokenizer, vocab_size: int) -> list[str]:
     from sputnik.tokenizer.gguf import write_vocab
 

@@ -3,8 +3,8 @@ transformers' guide): what quantizing or converting a model costs, on the user's
 
 Each window holds up to `context` tokens and ends `stride` tokens after the one before; it scores only the tokens
 the window before did not, so every token after the first is scored once, with at least context - stride tokens
-before it (all of them in the first window). Log-probs come from train.logprobs.scored_logprobs: the model's own
-forward and head, block-format weights included.
+before it (all of them in the first window). Log-probs come from logprobs.scored_logprobs (the one log-prob
+function): the model's own forward and head, block-format weights included.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ class Perplexity:
     nll: float  # nats per scored token
     tokens: int  # tokens scored: all but the first
     windows: int
+    context: int  # as run: capped at the model's length
+    stride: int
     logprobs: list[float]  # log p of tokens 1..n-1, in order
 
 
@@ -53,18 +55,21 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
 
 
 def perplexity(model, ids: list[int], context: int = 1024, stride: int = 512, progress: bool = False) -> Perplexity:
-    """Sliding-window perplexity of ids (see the module docstring); context is capped at the model's length."""
+    """Sliding-window perplexity of ids (see the module docstring). A context beyond the model's length is capped
+    at it, and then a stride that no longer fits at half of it (the defaults on a model shorter than 1,024 tokens)."""
     if len(ids) < 2:
         raise ValueError(f"perplexity needs at least 2 tokens, got {len(ids)}")
-    context = min(context, model.cfg.max_seq_len)
     if not 0 < stride < context:
         raise ValueError(f"stride must be in 1..context - 1 (context {context}), got {stride}")
+    if context > model.cfg.max_seq_len:
+        context = model.cfg.max_seq_len
+        stride = stride if stride < context else max(1, context // 2)
     logps: list[float] = []
     spans = windows(len(ids), context, stride)
     for start, end, scored in tqdm(spans, desc="perplexity", unit="window", disable=not progress):
         logps += scored_logprobs(model, ids[start:end])[0][-scored:]
     nll = -math.fsum(logps) / len(logps)
-    return Perplexity(math.exp(nll), nll, len(logps), len(spans), logps)
+    return Perplexity(math.exp(nll), nll, len(logps), len(spans), context, stride, logps)
 
 
 def read_text(path: Path) -> str:
