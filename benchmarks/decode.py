@@ -89,6 +89,31 @@ def quantized_rss(path: str, prompt: list[int]) -> dict[str, float]:
     return {"rss_mb": total, "torch_mb": base, "q_rss_mb": total - base, "cache_mb": cache}
 
 
+def transformers_rates(path: Path, pad: int, chats: list[list[int]], N: int, repeats: int, device: str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """The anchor: transformers' generate on the same GGUF (dequantized by its loader), B=1 greedy and B=len(chats)
+    sampled tok/s, rows left-padded."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).to(device)
+    hf.eval()
+
+    def generate(prompts, sample: bool) -> None:
+        L = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=device)
+        kw = dict(do_sample=True, temperature=0.7, top_p=0.95, top_k=0) if sample else dict(do_sample=False)
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=N, pad_token_id=pad, **kw)
+        assert out.shape[1] == L + N
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    generate(chats[:1], False)
+    return {"b1": N / median_time(lambda: generate(chats[:1], False), repeats),
+            "b32": len(chats) * N / median_time(lambda: generate(chats, True), repeats)}
+
+
 def llamacpp_b1(path: str, prompt: list[int], N: int, repeats: int) -> dict[str, float]:
     """llama.cpp's B=1 greedy tok/s on the file, and its resident MB above the imports (n_ctx 512: a small cache)."""
     try:
@@ -173,27 +198,7 @@ def main() -> None:
                          "b32": B * N / median_time(lambda: engine.generate(chats, sampled), args.repeats)}
 
     try:
-        import transformers
-
-        gguf = Path(path)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        hf.eval()
-        pad = tok.pad_id
-
-        def hf_generate(prompts, sample: bool) -> None:
-            L = max(map(len, prompts))
-            ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts])
-            mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
-            kw = dict(do_sample=True, temperature=0.7, top_p=0.95, top_k=0) if sample else dict(do_sample=False)
-            with torch.inference_mode():
-                out = hf.generate(ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=N, pad_token_id=pad, **kw)
-            assert out.shape[1] == L + N
-
-        hf_generate(chats[:1], False)
-        results["transformers"] = {
-            "b1": N / median_time(lambda: hf_generate(chats[:1], False), args.repeats),
-            "b32": B * N / median_time(lambda: hf_generate(chats, True), args.repeats),
-        }
+        results["transformers"] = transformers_rates(path, tok.pad_id, chats, N, args.repeats)
     except ImportError:
         print("transformers not installed: no anchor")
 
