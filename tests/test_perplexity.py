@@ -9,8 +9,8 @@ import torch
 
 from sputnik.cli import main
 from sputnik.config import ModelConfig
-from sputnik.train.perplexity import perplexity, windows
 from sputnik.model import Transformer
+from sputnik.train.perplexity import perplexity, windows
 
 
 def tiny() -> Transformer:
