@@ -67,7 +67,8 @@ def main() -> None:
         raise SystemExit("no CUDA device (use --device cpu for a dry run)")
     path, N, start = resolve(args.model), args.new_tokens, time.perf_counter()
     tok = Tokenizer.load(path)
-    chats = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True) for q in QUESTIONS[:args.batch]]
+    chats = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True) for q in QUESTIONS]
+    chats = (chats * (args.batch // len(chats) + 1))[: args.batch]  # as decode.py: the questions again past 30
     cpu = load_model(path)
     probe = chats[:8]
     with torch.no_grad():
