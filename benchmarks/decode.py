@@ -44,6 +44,14 @@ from sputnik.tokenizer import Tokenizer
 QUESTIONS = [f"What is {a} + {b}? Explain step by step." for a, b in zip(range(11, 99, 3), range(97, 9, -3))]
 
 
+def chat_prompts(tok: Tokenizer, B: int) -> list[list[int]]:
+    """B chat prompts of the questions (again from the first past the last)."""
+    chats = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True) for q in QUESTIONS[:B]]
+    while len(chats) < B:
+        chats += chats[: B - len(chats)]
+    return chats
+
+
 def median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -165,9 +173,7 @@ def main() -> None:
     model = load_model(path, dtype=torch.float32)
     params_count = sum(p.numel() for p in model.parameters())
     weight_bytes = params_count * 4
-    chats = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True) for q in QUESTIONS[:B]]
-    while len(chats) < B:
-        chats += chats[: B - len(chats)]
+    chats = chat_prompts(tok, B)
     greedy = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)
     sampled = SamplingParams(max_tokens=N, temperature=0.7, top_p=0.95, ignore_eos=True, seed=0)
     results: dict[str, dict[str, float]] = {}

@@ -20,7 +20,7 @@ import time
 import torch
 
 import machine
-from decode import QUESTIONS, median_time, transformers_rates
+from decode import chat_prompts, median_time, transformers_rates
 from sputnik.checkpoint import load_model
 from sputnik.checkpoint.registry import resolve
 from sputnik.engine import Engine, SamplingParams
@@ -67,8 +67,7 @@ def main() -> None:
         raise SystemExit("no CUDA device (use --device cpu for a dry run)")
     path, N, start = resolve(args.model), args.new_tokens, time.perf_counter()
     tok = Tokenizer.load(path)
-    chats = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True) for q in QUESTIONS]
-    chats = (chats * (args.batch // len(chats) + 1))[: args.batch]  # as decode.py: the questions again past 30
+    chats = chat_prompts(tok, args.batch)
     cpu = load_model(path)
     probe = chats[:8]
     with torch.no_grad():
