@@ -143,17 +143,20 @@ def test_several_weights_in_one_call_equal_each_alone(path, n):
 
 
 @pytest.mark.parametrize("name", INTEGER)
-def test_vnni_gives_avx2s_results_bit_for_bit(name):
-    """VNNI's vpdpbusd adds the same four products per lane that AVX2's vpmaddubsw + vpmaddwd add (no int16
-    saturation at these ranges), so a CPU with VNNI computes exactly what one without it does."""
-    if "vnni" not in K.cpu_paths():
+def test_every_integer_path_gives_avx2s_results_bit_for_bit(name):
+    """VNNI's vpdpbusd adds the same products as AVX2's vpmaddubsw + vpmaddwd (no int16 saturation at these ranges),
+    and 16 rows to a zmm scale each block's exact integer sum as 8 rows to a ymm do, so a CPU with VNNI or AVX-512
+    computes exactly what one without them does. 37 rows: a panel's rows past the end are not written."""
+    faster = [p for p in ("vnni", "avx512") if p in K.cpu_paths()]
+    if not faster:
         pytest.skip("this CPU has no VNNI")
     raw = torch.from_numpy(blocks(name, 37, 128, seed=4))
-    x = torch.randn(9, 128, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(13, 128, generator=torch.Generator().manual_seed(5))
     x[0, :5] *= 30
-    for n in (1, 9):
-        vnni, avx2 = (K.qmatmul(x[:n], raw, K.TYPE_IDS[name], path) for path in ("vnni", "avx2"))
-        assert torch.equal(vnni, avx2)
+    for n in (1, 5, 13):
+        avx2 = K.qmatmul(x[:n], raw, K.TYPE_IDS[name], "avx2")
+        for path in faster:
+            assert torch.equal(K.qmatmul(x[:n], raw, K.TYPE_IDS[name], path), avx2), (path, n)
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file() or platform.machine() != "x86_64", reason="x86 Linux flags")
@@ -162,7 +165,8 @@ def test_the_paths_follow_the_cpu_flags():
                      if line.startswith("flags")).split(":")[1].split())
     avx2 = {"avx2", "fma", "f16c"} <= flags
     vnni = avx2 and ({"avx512_vnni", "avx512vl"} <= flags or "avx_vnni" in flags)
-    assert K.cpu_paths() == ["portable"] + ["avx2"] * avx2 + ["vnni"] * vnni
+    avx512 = avx2 and {"avx512_vnni", "avx512vl", "avx512f", "avx512bw"} <= flags
+    assert K.cpu_paths() == ["portable"] + ["avx2"] * avx2 + ["vnni"] * vnni + ["avx512"] * avx512
     with pytest.raises(RuntimeError, match="not available"):
         beyond = len(K.cpu_paths())  # the first path past this CPU's best
         K.extension().qmatmul(torch.randn(1, 32), torch.from_numpy(blocks("Q8_0", 1, 32, seed=0)), 8, beyond)

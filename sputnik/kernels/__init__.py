@@ -3,9 +3,9 @@
 On CPUs the products run in a C++ extension (quant.cpp beside this file) that torch's cpp_extension compiles with
 g++ on first use and caches (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions): Q4_0/Q4_1/Q8_0 as
 integer dot products against activations quantized to 8 bits per block of 32 (llama.cpp's scheme; AVX2, with VNNI's
-one-instruction dot products where the CPU has them), the other types by decoding one row at a time. Elsewhere (no
-compiler, a GPU) a layer dequantizes once with the `gguf` package and keeps the dense weight, which is correct but
-not small.
+one-instruction dot products where the CPU has them, 16 rows to a zmm with AVX-512), the other types by decoding one
+row at a time. Elsewhere (no compiler, a GPU) a layer dequantizes once with the `gguf` package and keeps the dense
+weight, which is correct but not small.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from torch import Tensor, nn
 TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
          8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
 TYPE_IDS = {name: t for t, (name, _, _) in TYPES.items()}
-# The C++ code paths, each needing the one before: the best one the CPU runs is the default. "vnni": AVX2's tiles with
-# VNNI's one-instruction u8 x s8 dot products (AVX512-VNNI + AVX512-VL or AVX-VNNI); the same integers, so the same
-# results as "avx2", bit for bit.
-PATHS = {"portable": 0, "avx2": 1, "vnni": 2}
+# The C++ code paths, each needing the one before: the best one the CPU runs is the default. "vnni": AVX2's panels
+# with VNNI's one-instruction u8 x s8 dot products (AVX512-VNNI + AVX512-VL or AVX-VNNI); "avx512": 16 rows to a zmm
+# (AVX512-VNNI + AVX512-BW). Each computes a block's integer dot product exactly and scales it the same way, so the
+# three give the same results, bit for bit.
+PATHS = {"portable": 0, "avx2": 1, "vnni": 2, "avx512": 3}
 
 _lock = threading.Lock()
 _ext = None

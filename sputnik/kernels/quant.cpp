@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -164,16 +165,18 @@ void decode_row(int64_t t, const uint8_t* row, int64_t K, float* y) {
 
 // ---------------------------------------------------------------- q8 activations
 
-// Each token's row cut into blocks of 32: int8 values, the block's scale d, and d * sum(values) (what Q4_0 and
-// Q4_1 need for their offsets); sT holds s block-major ([block][token]), so a tile's tokens load theirs at once.
+// Each token's row cut into blocks of 32: int8 values, the block's scale d, the sum of its values (what Q4_0 and
+// Q8_0 fold into their integer dot products) and d times that sum (Q4_1's offsets).
 struct Act {
   int64_t N, K;
   std::vector<int8_t> q;
-  std::vector<float> d, s, sT;
+  std::vector<float> d, s;
+  std::vector<int32_t> qsum;
 };
 
 Act quantize_act(const float* x, int64_t N, int64_t K) {
-  Act a{N, K, std::vector<int8_t>(N * K), std::vector<float>(N * K / 32), std::vector<float>(N * K / 32)};
+  Act a{N, K, std::vector<int8_t>(N * K), std::vector<float>(N * K / 32), std::vector<float>(N * K / 32),
+        std::vector<int32_t>(N * K / 32)};
   at::parallel_for(0, N * K / 32, 64, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* xb = x + b * 32;
@@ -188,14 +191,9 @@ Act quantize_act(const float* x, int64_t N, int64_t K) {
       }
       a.d[b] = d;
       a.s[b] = d * sum;
+      a.qsum[b] = sum;
     }
   });
-  const int64_t nb = K / 32;
-  if (N > 1) {
-    a.sT.resize(N * nb);
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t b = 0; b < nb; ++b) a.sT[b * N + n] = a.s[n * nb + b];
-  }
   return a;
 }
 
@@ -231,123 +229,232 @@ AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// 16 bytes of nibbles -> 32 bytes 0..15: the low nibbles are elements 0..15, the high ones 16..31.
-AVX2 inline __m256i nibbles(const uint8_t* qs) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
-  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
-}
+// ---------------------------------------------------------------- Q4_0 / Q4_1 / Q8_0: one row per lane
+//
+// Every path computes a (row, token) output the same way, so it does not depend on the tile, the batch or the
+// instruction set: per block an exact integer dot product of the row's integers with the token's q8 values (Q4_0's
+// -8, and the +128 that makes Q8_0's bytes unsigned for zmm, taken off exactly with the token's sum of q8 values),
+// then acc = fma(float(dot), d_w * d_x, acc)
+// block after block, for Q4_1 also off = fma(m_w, s_x, off); the output is acc + off. A vector holds one 4-byte
+// group of each of 8 (ymm) or 16 (zmm) rows, so a block's dot product needs no horizontal sum: its 8 groups are 8
+// multiply-adds against the token's matching 4 bytes broadcast to every lane, and one fma scales 8 or 16 rows.
 
-// How a tile multiplies u8 x s8: AVX2's vpmaddubsw + vpmaddwd, or one vpdpbusd where the CPU has VNNI (EVEX-encoded
-// with AVX512-VNNI and AVX512-VL, VEX-encoded with AVX-VNNI). Written as assembly so the tiles stay one template
-// compiled for AVX2; only a CPU that has the instruction is given a tile that issues it.
+// How the ymm panels multiply u8 x s8: AVX2's vpmaddubsw (+ vpmaddwd), or vpdpbusd where the CPU has VNNI
+// (EVEX-encoded with AVX512-VNNI and AVX512-VL, VEX-encoded with AVX-VNNI). Written as assembly so the panels stay
+// one template compiled for AVX2; only a CPU that has the instruction is given a panel that issues it.
 enum Dot { kMadd, kVnniEvex, kVnniVex };
 
-// Sum of u8 x s8 products, four to each of 8 int32 lanes, as floats. The same integers either way: AVX2's pair
-// sums stay within int16 (|u| <= 128, |s| <= 127), so its saturation never acts, and VNNI adds the same four.
 template <Dot D>
-AVX2 inline __m256 dot_u8s8(__m256i u, __m256i s) {
-  if constexpr (D == kMadd) {
-    const __m256i pairs = _mm256_maddubs_epi16(u, s);
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-  } else {
-    __m256i acc = _mm256_setzero_si256();
-    if constexpr (D == kVnniEvex) asm("vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
-    else asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
-    return _mm256_cvtepi32_ps(acc);
-  }
+AVX2 inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+  if constexpr (D == kVnniEvex) asm("vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
+  else asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
+  return acc;
 }
 
-
-AVX2 inline float half_f16c(const uint8_t* p) {
-  uint16_t bits;
-  std::memcpy(&bits, p, 2);
-  return _cvtsh_ss(bits);
+AVX2 inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+AVX2 inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
 }
 
-// RT rows x NT tokens of Q4_0 / Q4_1 / Q8_0 against q8 activations: each weight block is unpacked once for NT
-// tokens and each activation block loaded once for RT rows; RT * NT independent accumulators hide the FMA latency.
-template <int64_t T, int RT, int NT, Dot D>
-AVX2 inline void tile_int_avx2(const uint8_t* w, int64_t row_bytes, const Act& a, int64_t M, float* out, int64_t r,
-                               int64_t n0, int64_t r_end) {
+// The 4-byte group k of 16 bytes at p + i * stride for rows i = 0..7, lane i of t[k]: rows i and i + 4 in one ymm's
+// halves, then a 4 x 4 transpose of 4-byte groups inside each half.
+AVX2 inline void transpose8(const uint8_t* p, int64_t stride, __m256i t[4]) {
+  __m256i z[4];
+  for (int j = 0; j < 4; ++j)
+    z[j] = _mm256_inserti128_si256(_mm256_castsi128_si256(load16(p + j * stride)), load16(p + (j + 4) * stride), 1);
+  const __m256i a = _mm256_unpacklo_epi32(z[0], z[1]), b = _mm256_unpackhi_epi32(z[0], z[1]);
+  const __m256i c = _mm256_unpacklo_epi32(z[2], z[3]), e = _mm256_unpackhi_epi32(z[2], z[3]);
+  t[0] = _mm256_unpacklo_epi64(a, c), t[1] = _mm256_unpackhi_epi64(a, c);
+  t[2] = _mm256_unpacklo_epi64(b, e), t[3] = _mm256_unpackhi_epi64(b, e);
+}
+
+// The eight halves at bit `shift` of each 32-bit lane, as floats.
+AVX2 inline __m256 halves8(__m256i v, int shift) {
+  const __m256i h = _mm256_and_si256(_mm256_srli_epi32(v, shift), _mm256_set1_epi32(0xFFFF));
+  return _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+}
+
+// 8 rows of type T at `base`, `stride` bytes apart, x NT tokens from n0, u8 x s8 by D: outputs out[token][row], the
+// first `rows` of the 8 stored.
+template <int64_t T, int NT, Dot D>
+AVX2 inline void panel8(const uint8_t* base, int64_t stride, const Act& a, float* out, int64_t M, int rows,
+                        int64_t n0, const uint8_t* ahead, int64_t ahead_step) {
   constexpr int64_t bytes = T == Q4_0 ? 18 : T == Q4_1 ? 20 : 34;
   constexpr int64_t qoff = T == Q4_1 ? 4 : 2;
   const int64_t nb = a.K / 32;
-  __m256 acc[RT][NT];
-  // The offsets m * sum over blocks, one lane per token when a tile has four (eight scalars here lived on the stack,
-  // a load and a store each per block: ~30% of the 2 x 4 tile's time); lane j's fma is the scalar one, bit for bit.
-  float off[RT][NT];
-  __m128 off4[RT];
-  for (int i = 0; i < RT; ++i) {
-    off4[i] = _mm_setzero_ps();
-    for (int j = 0; j < NT; ++j) acc[i][j] = _mm256_setzero_ps(), off[i][j] = 0.f;
-  }
-  // The tile after next, a line or two per block: one core's hardware prefetch alone streams these interleaved rows
-  // at under half the read bandwidth.
-  const uint8_t* ahead = w + (r + 2 * RT) * row_bytes;
-  const uint8_t* ahead_end = w + std::min(r + 3 * RT, r_end) * row_bytes;
-  const int64_t step = (RT * row_bytes / nb + 63) / 64 * 64;
+  const __m256i idx = _mm256_mullo_epi32(_mm256_set1_epi32(static_cast<int32_t>(stride)),
+                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256 acc[NT], mo[NT];
+  for (int j = 0; j < NT; ++j) acc[j] = mo[j] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    for (const uint8_t* p = ahead + b * step; p < ahead + (b + 1) * step && p < ahead_end; p += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
-    __m256i xq[NT];
-    float dx[NT], sx[NT];
+    if (ahead != nullptr)  // the next panel, the same share of it per block as this one reads
+      for (int64_t p = b * ahead_step; p < (b + 1) * ahead_step; p += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + p), _MM_HINT_T0);
+    const uint8_t* blk = base + b * bytes;
+    const __m256i head = _mm256_i32gather_epi32(reinterpret_cast<const int*>(blk), idx, 1);
+    const __m256 dw = halves8(head, 0);
+    __m256 mw = _mm256_setzero_ps();
+    if constexpr (T == Q4_1) mw = halves8(head, 16);
+    __m256i g[8];
+    transpose8(blk + qoff, stride, g);
+    if constexpr (T == Q8_0) {
+      transpose8(blk + qoff + 16, stride, g + 4);
+    } else {
+      const __m256i low = _mm256_set1_epi8(0x0F);
+      for (int k = 0; k < 4; ++k)
+        g[k + 4] = _mm256_and_si256(_mm256_srli_epi16(g[k], 4), low), g[k] = _mm256_and_si256(g[k], low);
+    }
     for (int j = 0; j < NT; ++j) {
       const int64_t ab = (n0 + j) * nb + b;
-      xq[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + ab * 32));
-      dx[j] = a.d[ab];
-      sx[j] = a.s[ab];
-    }
-    __m128 sx4 = _mm_setzero_ps();
-    if constexpr (NT == 4 && T != Q8_0) sx4 = _mm_loadu_ps(a.sT.data() + b * a.N + n0);
-    for (int i = 0; i < RT; ++i) {
-      const uint8_t* blk = w + (r + i) * row_bytes + b * bytes;
-      const float d = half_f16c(blk);
-      const float m = T == Q4_1 ? half_f16c(blk + 2) : T == Q4_0 ? -8.f * d : 0.f;
-      if constexpr (NT == 4 && T != Q8_0) off4[i] = _mm_fmadd_ps(_mm_set1_ps(m), sx4, off4[i]);
-      for (int j = 0; j < NT; ++j) {
-        __m256 p;
-        if constexpr (T == Q8_0) {
-          const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + qoff));
-          p = dot_u8s8<D>(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq[j], wq));
-        } else {
-          p = dot_u8s8<D>(nibbles(blk + qoff), xq[j]);
+      const int8_t* x = a.q.data() + ab * 32;
+      __m256i dot;
+      if constexpr (T == Q8_0) {  // |w| x (x with w's sign): the same products as u8 x s8, pairs within int16
+        __m256i part[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};  // two chains: exact integer sums
+        for (int k = 0; k < 8; ++k) {
+          const __m256i s = _mm256_sign_epi8(bcast4(x + 4 * k), g[k]), u = _mm256_abs_epi8(g[k]);
+          if constexpr (D == kMadd) part[k & 1] = _mm256_add_epi32(part[k & 1], _mm256_madd_epi16(
+                                                    _mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+          else part[k & 1] = dpbusd<D>(part[k & 1], u, s);
         }
-        acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[j]), p, acc[i][j]);
-        // An explicit fma: left to the compiler, tiles of different shapes contract this differently, and a
-        // token's result would depend on how many share its batch.
-        if constexpr (T != Q8_0 && NT != 4) off[i][j] = std::fma(m, sx[j], off[i][j]);
+        dot = _mm256_add_epi32(part[0], part[1]);
+      } else if constexpr (D == kMadd) {  // nibbles <= 15: eight groups' pair sums stay inside int16
+        __m256i pairs = _mm256_setzero_si256();
+        for (int k = 0; k < 8; ++k) pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(g[k], bcast4(x + 4 * k)));
+        dot = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+      } else {
+        __m256i part[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int k = 0; k < 8; ++k) part[k & 1] = dpbusd<D>(part[k & 1], g[k], bcast4(x + 4 * k));
+        dot = _mm256_add_epi32(part[0], part[1]);
       }
+      if constexpr (T == Q4_0) dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(8 * a.qsum[ab]));
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw, _mm256_set1_ps(a.d[ab])), acc[j]);
+      if constexpr (T == Q4_1) mo[j] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.s[ab]), mo[j]);
     }
   }
-  for (int i = 0; i < RT; ++i) {
-    if constexpr (NT == 4) _mm_storeu_ps(off[i], off4[i]);
-    for (int j = 0; j < NT; ++j) out[(n0 + j) * M + r + i] = hsum(acc[i][j]) + off[i][j];
+  for (int j = 0; j < NT; ++j) {
+    alignas(32) float y[8];
+    _mm256_store_ps(y, _mm256_add_ps(acc[j], mo[j]));
+    std::memcpy(out + (n0 + j) * M, y, rows * sizeof(float));
   }
 }
 
-// Rows r0..r1 of the output for every token: 4-row tiles for one token (decoding), 2 x 4 tiles for several.
+// Rows r0..r1 of the output for every token in panels of L rows: Panel(base, stride, out, rows, n0, NT-token
+// tile, ahead, step) for tiles of 8, 4 and 1 tokens (8 only where Wide). The last panel, when short, runs on a
+// copy padded with its last row, so a panel always reads L rows `row_bytes` apart.
+template <int L, bool Wide, typename Panel>
+inline void rows_in_panels(const uint8_t* w, int64_t row_bytes, const Act& a, int64_t M, float* out, int64_t r0,
+                           int64_t r1, Panel panel) {
+  const int64_t nb = a.K / 32;
+  std::vector<uint8_t> pad;
+  for (int64_t r = r0; r < r1; r += L) {
+    const int rows = static_cast<int>(std::min<int64_t>(L, r1 - r));
+    const uint8_t* base = w + r * row_bytes;
+    if (rows < L) {
+      pad.resize(L * row_bytes);
+      for (int i = 0; i < L; ++i) std::memcpy(pad.data() + i * row_bytes, w + (r + std::min(i, rows - 1)) * row_bytes,
+                                              row_bytes);
+      base = pad.data();
+    }
+    // The next panel, prefetched by the first token tile: the same share of it per block as this panel reads.
+    const bool next = r + L < r1;
+    const uint8_t* ahead = next ? w + (r + L) * row_bytes : nullptr;
+    const int64_t step = next ? (std::min<int64_t>(L, r1 - r - L) * row_bytes + nb - 1) / nb : 0;
+    int64_t n = 0;
+    if constexpr (Wide)
+      for (; n + 8 <= a.N; n += 8) panel(base, out + r, rows, n, std::integral_constant<int, 8>(), n ? nullptr : ahead, step);
+    for (; n + 4 <= a.N; n += 4) panel(base, out + r, rows, n, std::integral_constant<int, 4>(), n ? nullptr : ahead, step);
+    for (; n < a.N; ++n) panel(base, out + r, rows, n, std::integral_constant<int, 1>(), n ? nullptr : ahead, step);
+  }
+}
+
+// Rows r0..r1 of the output for every token: panels of 8 rows, 4 tokens at a time.
 template <int64_t T, Dot D>
 AVX2 void rows_int_avx2(const uint8_t* w, int64_t row_bytes, const Act& a, int64_t M, float* out, int64_t r0,
                         int64_t r1) {
-  int64_t r = r0;
-  if (a.N == 1) {
-    for (; r + 4 <= r1; r += 4) tile_int_avx2<T, 4, 1, D>(w, row_bytes, a, M, out, r, 0, r1);
-    for (; r < r1; ++r) tile_int_avx2<T, 1, 1, D>(w, row_bytes, a, M, out, r, 0, r1);
-    return;
+  rows_in_panels<8, false>(w, row_bytes, a, M, out, r0, r1,
+                           [&](const uint8_t* base, float* o, int rows, int64_t n0, auto nt, const uint8_t* ahead,
+                               int64_t step) AVX2 { panel8<T, decltype(nt)::value, D>(base, row_bytes, a, o, M, rows, n0, ahead, step); });
+}
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+AVX512 inline __m512i bcast4x16(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// The 4-byte group k of 16 bytes at p + i * stride for rows i = 0..15, lane i of t[k]: rows i, i + 4, i + 8,
+// i + 12 in one zmm's quarters, then a 4 x 4 transpose inside each quarter.
+AVX512 inline void transpose16(const uint8_t* p, int64_t stride, __m512i t[4]) {
+  __m512i z[4];
+  for (int j = 0; j < 4; ++j) {
+    z[j] = _mm512_castsi128_si512(load16(p + j * stride));
+    for (int q = 1; q < 4; ++q) z[j] = _mm512_inserti32x4(z[j], load16(p + (j + 4 * q) * stride), q);
   }
-  for (; r < r1; r += 2) {
-    const bool pair = r + 2 <= r1;
-    int64_t n = 0;
-    for (; n + 4 <= a.N; n += 4) {
-      if (pair) tile_int_avx2<T, 2, 4, D>(w, row_bytes, a, M, out, r, n, r1);
-      else tile_int_avx2<T, 1, 4, D>(w, row_bytes, a, M, out, r, n, r1);
+  const __m512i a = _mm512_unpacklo_epi32(z[0], z[1]), b = _mm512_unpackhi_epi32(z[0], z[1]);
+  const __m512i c = _mm512_unpacklo_epi32(z[2], z[3]), e = _mm512_unpackhi_epi32(z[2], z[3]);
+  t[0] = _mm512_unpacklo_epi64(a, c), t[1] = _mm512_unpackhi_epi64(a, c);
+  t[2] = _mm512_unpacklo_epi64(b, e), t[3] = _mm512_unpackhi_epi64(b, e);
+}
+
+// panel8 with 16 rows to a zmm and vpdpbusd (AVX512-VNNI); Q8_0 as (w + 128) x s less 128 x the token's sum.
+template <int64_t T, int NT>
+AVX512 inline void panel16(const uint8_t* base, int64_t stride, const Act& a, float* out, int64_t M, int rows,
+                           int64_t n0, const uint8_t* ahead, int64_t ahead_step) {
+  constexpr int64_t bytes = T == Q4_0 ? 18 : T == Q4_1 ? 20 : 34;
+  constexpr int64_t qoff = T == Q4_1 ? 4 : 2;
+  const int64_t nb = a.K / 32;
+  const __m512i idx = _mm512_mullo_epi32(_mm512_set1_epi32(static_cast<int32_t>(stride)),
+                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  __m512 acc[NT], mo[NT];
+  for (int j = 0; j < NT; ++j) acc[j] = mo[j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    if (ahead != nullptr)
+      for (int64_t p = b * ahead_step; p < (b + 1) * ahead_step; p += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + p), _MM_HINT_T0);
+    const uint8_t* blk = base + b * bytes;
+    const __m512i head = _mm512_i32gather_epi32(idx, blk, 1);
+    const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
+    __m512 mw = _mm512_setzero_ps();
+    if constexpr (T == Q4_1) mw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16)));
+    __m512i g[8];
+    transpose16(blk + qoff, stride, g);
+    if constexpr (T == Q8_0) {
+      transpose16(blk + qoff + 16, stride, g + 4);
+      for (int k = 0; k < 8; ++k) g[k] = _mm512_xor_si512(g[k], _mm512_set1_epi8(-128));
+    } else {
+      const __m512i low = _mm512_set1_epi8(0x0F);
+      for (int k = 0; k < 4; ++k)
+        g[k + 4] = _mm512_and_si512(_mm512_srli_epi16(g[k], 4), low), g[k] = _mm512_and_si512(g[k], low);
     }
-    for (; n < a.N; ++n) {
-      if (pair) tile_int_avx2<T, 2, 1, D>(w, row_bytes, a, M, out, r, n, r1);
-      else tile_int_avx2<T, 1, 1, D>(w, row_bytes, a, M, out, r, n, r1);
+    for (int j = 0; j < NT; ++j) {
+      const int64_t ab = (n0 + j) * nb + b;
+      const int8_t* x = a.q.data() + ab * 32;
+      __m512i part[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};  // two chains: exact integer sums
+      for (int k = 0; k < 8; ++k) part[k & 1] = _mm512_dpbusd_epi32(part[k & 1], g[k], bcast4x16(x + 4 * k));
+      __m512i dot = _mm512_add_epi32(part[0], part[1]);
+      if constexpr (T == Q4_0) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(8 * a.qsum[ab]));
+      if constexpr (T == Q8_0) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(128 * a.qsum[ab]));
+      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_set1_ps(a.d[ab])), acc[j]);
+      if constexpr (T == Q4_1) mo[j] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.s[ab]), mo[j]);
     }
   }
+  const __mmask16 keep = static_cast<__mmask16>((1u << rows) - 1);
+  for (int j = 0; j < NT; ++j) _mm512_mask_storeu_ps(out + (n0 + j) * M, keep, _mm512_add_ps(acc[j], mo[j]));
+}
+
+// Rows r0..r1 of the output for every token: panels of 16 rows, 8 tokens at a time.
+template <int64_t T>
+AVX512 void rows_int_avx512(const uint8_t* w, int64_t row_bytes, const Act& a, int64_t M, float* out, int64_t r0,
+                            int64_t r1) {
+  rows_in_panels<16, true>(w, row_bytes, a, M, out, r0, r1,
+                           [&](const uint8_t* base, float* o, int rows, int64_t n0, auto nt, const uint8_t* ahead,
+                               int64_t step) AVX512 {
+                             panel16<T, decltype(nt)::value>(base, row_bytes, a, o, M, rows, n0, ahead, step);
+                           });
 }
 
 // Eight weights as floats: float32 as they are, bfloat16 widened (its bits are a float's top half: exact).
@@ -430,17 +537,23 @@ Dot cpu_vnni() {
   return __builtin_cpu_supports("avxvnni") ? kVnniVex : kMadd;
 }
 
-// The block-format tiles of type T with the dot product path 1 (AVX2) or 2 (VNNI) takes.
+bool cpu_has_avx512() {
+  return cpu_vnni() == kVnniEvex && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+}
+
+// The block-format panels of type T for path 1 (AVX2), 2 (VNNI on ymm) or 3 (AVX-512 VNNI on zmm).
 template <int64_t T>
 void rows_int_path(const uint8_t* w, int64_t row_bytes, const Act& a, int64_t M, float* out, int64_t r0, int64_t r1,
                    int64_t path) {
   static const Dot vnni = cpu_vnni();
+  if (path == 3) return rows_int_avx512<T>(w, row_bytes, a, M, out, r0, r1);
   if (path == 2 && vnni == kVnniEvex) return rows_int_avx2<T, kVnniEvex>(w, row_bytes, a, M, out, r0, r1);
   if (path == 2 && vnni == kVnniVex) return rows_int_avx2<T, kVnniVex>(w, row_bytes, a, M, out, r0, r1);
   rows_int_avx2<T, kMadd>(w, row_bytes, a, M, out, r0, r1);
 }
 #else
 bool cpu_has_avx2() { return false; }
+bool cpu_has_avx512() { return false; }
 #endif
 
 void rows_decoded(int64_t t, const uint8_t* w, int64_t row_bytes, int64_t K, const float* x, int64_t N, int64_t M,
@@ -463,9 +576,10 @@ void check_weight(const torch::Tensor& w, int64_t qtype, int64_t K) {
               K / f.block * f.bytes);
 }
 
-// The best path this CPU runs: 2 AVX2 with VNNI's dot products, 1 AVX2, 0 portable C++.
+// The best path this CPU runs: 3 AVX-512 VNNI, 2 AVX2 with VNNI's dot products, 1 AVX2, 0 portable C++.
 int64_t best_path() {
 #ifdef SPUTNIK_X86
+  if (cpu_has_avx512()) return 3;
   if (cpu_vnni() != kMadd) return 2;
 #endif
   return cpu_has_avx2() ? 1 : 0;
@@ -497,7 +611,7 @@ namespace sputnik {
 
 // x [N, K] float32 times the rows of several weights (each M_i rows of GGUF blocks, one type each) -> [N, sum M_i],
 // their outputs side by side: the activations are quantized once and the threads split all the rows together, so
-// q/k/v (or gate/up) cost one call. path: -1 best, 0 portable, 1 AVX2, 2 AVX2 with VNNI.
+// q/k/v (or gate/up) cost one call. path: -1 best, 0 portable, 1 AVX2, 2 AVX2 with VNNI, 3 AVX-512 VNNI.
 torch::Tensor qmatmul_cat(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<int64_t> qtypes, int64_t path) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.dim() == 2,
               "sputnik kernels: activations must be a 2-d float32 CPU tensor");
@@ -553,6 +667,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &sputnik::qmatmul, "x [N, K] @ GGUF-block weights [M, bytes]^T -> [N, M]");
   m.def("qmatmul_cat", &sputnik::qmatmul_cat, "x [N, K] @ several GGUF-block weights -> their outputs side by side");
   m.def("dequantize", &sputnik::dequantize, "GGUF-block rows -> float32");
-  m.def("best_path", &best_path, "2: AVX2 with VNNI, 1: AVX2, 0: portable C++");
+  m.def("best_path", &best_path, "3: AVX-512 VNNI, 2: AVX2 with VNNI, 1: AVX2, 0: portable C++");
   sputnik::bind_decoder(m);
 }
