@@ -53,6 +53,7 @@ def test_lm_eval_against_the_server(smol_server, default_gguf, tmp_path, monkeyp
                                   task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
                                   apply_chat_template=False)
     from sputnik.checkpoint import load_pretrained
+    from sputnik.checkpoint.args import ModelArgs
     from sputnik.eval.run import EvalConfig, evaluate
 
     model, tok = load_pretrained(default_gguf, quantize="auto")  # as the server loads it: its blocks as they are
@@ -75,10 +76,11 @@ def test_lm_eval_against_the_server(smol_server, default_gguf, tmp_path, monkeyp
     acc = out["results"]["sum_choice"]["acc,none"]
     assert acc == pytest.approx(correct / len(samples))
 
-    # generate_until: the same rows through `sputnik eval` (greedy, plain prompts, the last number) agree.
+    # generate_until: the same rows through `sputnik eval` (greedy, plain prompts, the last number) agree. Its KV
+    # cache is the server's (--kv-dtype auto: float16 under blocks): a float32 cache parts from it at near ties.
     summary = evaluate(model, tok, EvalConfig(task=f"jsonl:{tmp_path / 'rows.jsonl'}", n=len(ADDITIONS), k=0,
                                               template="plain", suffix="", max_tokens=8, grading="lenient"),
-                       progress=False)
+                       progress=False, kv_dtype=ModelArgs().cache_dtype(model))
     exact = out["results"]["sum_gen"]["exact_match,last_number"]
     assert summary.problems == len(ADDITIONS)
     assert exact == pytest.approx(summary.greedy_accuracy)
