@@ -1,6 +1,10 @@
-"""Which device and dtype a command runs on when the user says "auto"."""
+"""Which device and dtype a command runs on when the user says "auto"; giving freed memory back after a load."""
 
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}  # names, so the CLI can list them without importing torch
@@ -60,3 +64,21 @@ def pick_dtype(name: str, device: str, flags: set[str] | None = None):
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}: use auto or one of {', '.join(DTYPES)}")
     return getattr(torch, DTYPES[name])
+
+
+@functools.cache
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc's malloc_trim), a loader's last step: parsing a file and
+    building a model or a tokenizer free megabytes of temporaries whose pages would otherwise stay in the process's
+    resident memory. Nothing where the C library is not glibc."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

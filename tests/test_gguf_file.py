@@ -3,10 +3,13 @@ views of the file, and clear errors on files that are not GGUF or are cut short.
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import quantize
 
-from sputnik.tokenizer.gguf_file import read_gguf
+from sputnik.tokenizer.gguf_file import GGML_SIZES, StringArray, read_gguf
+
+
+VOCAB = [f"tok{i}" for i in range(3000)] + ["", "Ġ한국어", "a b", "\\\"", "🚀"]
 
 
 @pytest.fixture
@@ -22,6 +25,7 @@ def written(tmp_path):
     w.add_bool("t.bool", True)
     w.add_string("t.str", "한국어 text")
     w.add_array("t.strings", ["a", "", "토큰", "<|im_end|>"])
+    w.add_array("t.vocab", VOCAB)  # long enough to be kept as bytes (StringArray)
     w.add_array("t.ints", [1, -2, 3])
     w.add_array("t.floats", [0.5, 1.5])
     rng = np.random.default_rng(0)
@@ -55,6 +59,11 @@ def test_metadata_matches_the_gguf_package(written):
     assert ours.get("llama.attention.layer_norm_rms_epsilon") == 1e-05  # float32 in its short decimal form
     assert ours.get("t.strings") == ["a", "", "토큰", "<|im_end|>"]
     assert ours.get("missing", 4) == 4
+    vocab = ours.get("t.vocab")
+    assert isinstance(vocab, StringArray) and len(vocab) == len(VOCAB) and vocab == VOCAB and list(vocab) == VOCAB
+    assert vocab[0] == "tok0" and vocab[-1] == "🚀" and vocab[-5] == "" and vocab[2998:3001] == VOCAB[2998:3001]
+    with pytest.raises(IndexError):
+        vocab[len(VOCAB)]
 
 
 def test_tensors_are_the_written_bytes(written):
@@ -81,3 +90,11 @@ def test_not_gguf_and_truncated_files_raise(tmp_path, written):
         short.write_bytes(raw[:cut])
         with pytest.raises(ValueError, match="truncated"):
             read_gguf(short)
+
+
+def test_the_type_sizes_are_ggmls():
+    """The reader's own table of block sizes (it does not import the gguf package) agrees with the gguf package's
+    for every type either knows."""
+    theirs = {int(t): size for t, size in GGML_QUANT_SIZES.items()}
+    assert {t: GGML_SIZES[t] for t in theirs if t in GGML_SIZES} == {t: theirs[t] for t in GGML_SIZES if t in theirs}
+    assert set(theirs) <= set(GGML_SIZES), set(theirs) - set(GGML_SIZES)

@@ -203,3 +203,17 @@ def test_int8_on_a_gpu_keeps_its_blocks_and_matches_the_cpu(tmp_path):
     with torch.no_grad():
         want, got = cpu(ids), gpu(ids.cuda()).cpu()
     assert (got - want).norm() / want.norm() < 0.02  # the CPU quantizes activations to 8 bits, the GPU does not
+
+
+def test_loading_a_gguf_file_needs_no_gguf_package(default_gguf):
+    """The reader sizes every tensor type itself and F32 norms are read as they are, so a model and tokenizer load
+    without importing the `gguf` package (~2 MB of a loaded model's memory; it writes files, for convert)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from sputnik.checkpoint import load_model; from sputnik.tokenizer import Tokenizer; "
+            f"m = load_model({str(default_gguf)!r}, quantize='auto'); Tokenizer.load({str(default_gguf)!r}); "
+            "print(sorted(n for n in sys.modules if n.split('.')[0] == 'gguf'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from sputnik.checkpoint.hf import CheckpointError, load_hf_folder, save_hf_folder
 from sputnik.checkpoint.registry import resolve
 from sputnik.config import ModelConfig
+from sputnik.device import trim_heap
 from sputnik.kernels import QTensor, QuantEmbedding, QuantLinear
 from sputnik.model import Transformer
 
@@ -105,7 +106,10 @@ def load_model(
         sd = quantize_state(sd, "Q8_0" if quantize == "int8" else "Q4_1")
     if not blocks:
         sd = {k: v.dequantize() if isinstance(v, QTensor) else v for k, v in sd.items()}
-    return build_model(cfg, sd, dtype, device, p)
+    model = build_model(cfg, sd, dtype, device, p)
+    del sd
+    trim_heap()
+    return model
 
 
 def build_model(cfg: ModelConfig, sd: dict[str, Tensor | QTensor], dtype: torch.dtype = torch.float32,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import mmap
 import struct
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -19,6 +21,17 @@ import numpy as np
 
 if TYPE_CHECKING:
     import torch
+
+# ggml tensor type id -> (elements per block, bytes per block), as the gguf package (0.19) lists them: enough to
+# size and skip any tensor of a file (what the kernels multiply is sputnik.kernels.TYPES). Kept here rather than
+# imported from the `gguf` package, whose import costs a loaded model ~2 MB of memory for this one table.
+GGML_SIZES = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 40),  # F32 .. Q8_1
+    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),  # Q2_K .. Q8_K
+    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82),
+    23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2),  # .. BF16
+    34: (256, 54), 35: (256, 66), 39: (32, 17), 40: (64, 36), 41: (128, 18),  # TQ1_0, TQ2_0, MXFP4, ...
+}
 
 # GGUF metadata value types -> struct formats (8: string, 9: array)
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -72,6 +85,36 @@ def _drop_pages(mapped: mmap.mmap, start: int, end: int) -> None:
         mapped.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
+class StringArray(Sequence[str]):
+    """A long GGUF array of strings (a vocabulary, its merges) kept as its bytes and decoded item by item when read.
+
+    100k small str objects, parsed with the header and freed after the tokenizer is built, leave the allocator's
+    arenas pinned by whatever the model loader allocated in between (~5 MB of a loaded model's memory); one bytes
+    object is freed whole."""
+
+    MIN = 1024  # shorter arrays are plain lists
+
+    def __init__(self, blob: bytes, starts: array):
+        self._blob, self._starts = blob, starts  # starts[i]: where item i's 8-byte length is
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError("StringArray index out of range")
+        index %= len(self)
+        end = self._starts[index + 1] if index + 1 < len(self) else len(self._blob)
+        return self._blob[self._starts[index] + 8 : end].decode("utf-8", errors="replace")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and not isinstance(other, str) and list(self) == list(other)
+
+    __hash__ = None  # a sequence compared by value, like the list it stands for
+
+
 class _Cursor:
     """Sequential little-endian reads from a buffer; a read past its end is a truncated file."""
 
@@ -94,6 +137,18 @@ class _Cursor:
         self.pos += n
         return text
 
+    def strings(self, n: int) -> "StringArray":
+        start, starts = self.pos, array("q", bytes(8 * n))
+        for i in range(n):
+            starts[i] = self.pos - start
+            self.pos += 8
+            if self.pos > len(self.buf):
+                raise ValueError(f"truncated at byte {self.pos}")
+            self.pos += struct.unpack_from("<Q", self.buf, self.pos - 8)[0]
+        if self.pos > len(self.buf):
+            raise ValueError(f"truncated at byte {self.pos}")
+        return StringArray(bytes(self.buf[start : self.pos]), starts)
+
     def value(self, kind: int) -> Any:
         if kind == STRING:
             return self.string()
@@ -107,6 +162,8 @@ class _Cursor:
                 values = list(struct.unpack_from(f"<{n}{fmt}", self.buf, self.pos))
                 self.pos += size
                 return values
+            if item == STRING and n >= StringArray.MIN:
+                return self.strings(n)
             return [self.value(item) for _ in range(n)]
         if kind not in _SCALARS:
             raise ValueError(f"unknown metadata value type {kind} at byte {self.pos}")
@@ -116,8 +173,6 @@ class _Cursor:
 
 def read_gguf(path: str | Path) -> GGUFFile:
     """Parse a GGUF file (ValueError when it is not one, is truncated, or names a type this reader cannot size)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     file = Path(path)
     with open(file, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # stays open while a tensor view refers to it
@@ -143,10 +198,9 @@ def read_gguf(path: str | Path) -> GGUFFile:
     data = np.frombuffer(mapped, dtype=np.uint8)
     tensors = []
     for name, dims, kind, offset in infos:
-        try:
-            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
-        except (ValueError, KeyError):
-            raise ValueError(f"tensor {name!r} has unknown ggml type {kind}") from None
+        if kind not in GGML_SIZES:
+            raise ValueError(f"tensor {name!r} has unknown ggml type {kind}")
+        block, size = GGML_SIZES[kind]
         n = int(np.prod(dims, dtype=np.int64)) if dims else 1
         nbytes = n // block * size
         if start + offset + nbytes > len(mapped):

@@ -12,6 +12,7 @@ from tokenizers import AddedToken, models
 from tokenizers import Tokenizer as Backend
 
 from sputnik import r1
+from sputnik.device import trim_heap
 from sputnik.tokenizer.backends import bos_eos_processor
 from sputnik.tokenizer.chat_template import render_chat_template
 from sputnik.tokenizer.gguf import load_vocab
@@ -126,9 +127,12 @@ class Tokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"No tokenizer at {path}: the file does not exist")
         vocab = load_vocab(path)
-        return cls(vocab.backend, bos_token=vocab.bos_token, eos_token=vocab.eos_token, pad_token=vocab.pad_token,
-                   unk_token=vocab.unk_token, chat_template=vocab.chat_templates, extra_stop_ids=vocab.stop_ids,
-                   source=str(path))
+        tok = cls(vocab.backend, bos_token=vocab.bos_token, eos_token=vocab.eos_token, pad_token=vocab.pad_token,
+                  unk_token=vocab.unk_token, chat_template=vocab.chat_templates, extra_stop_ids=vocab.stop_ids,
+                  source=str(path))
+        del vocab
+        trim_heap()  # the vocabulary's temporaries (~3 MB of the heap)
+        return tok
 
     # ----- encoding and decoding -----
 
