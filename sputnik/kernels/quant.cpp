@@ -234,10 +234,10 @@ AVX2 inline float hsum(__m256 v) {
 // Every path computes a (row, token) output the same way, so it does not depend on the tile, the batch or the
 // instruction set: per block an exact integer dot product of the row's integers with the token's q8 values (Q4_0's
 // -8, and the +128 that makes Q8_0's bytes unsigned for zmm, taken off exactly with the token's sum of q8 values),
-// then acc = fma(float(dot), d_w * d_x, acc)
-// block after block, for Q4_1 also off = fma(m_w, s_x, off); the output is acc + off. A vector holds one 4-byte
-// group of each of 8 (ymm) or 16 (zmm) rows, so a block's dot product needs no horizontal sum: its 8 groups are 8
-// multiply-adds against the token's matching 4 bytes broadcast to every lane, and one fma scales 8 or 16 rows.
+// then acc = fma(float(dot), d_w * d_x, acc) block after block, for Q4_1 also off = fma(m_w, s_x, off); the output
+// is acc + off. A vector holds one 4-byte group of each of 8 (ymm) or 16 (zmm) rows, so a block's dot product needs
+// no horizontal sum: its 8 groups are 8 multiply-adds against the token's matching 4 bytes broadcast to every lane,
+// and one fma scales 8 or 16 rows.
 
 // How the ymm panels multiply u8 x s8: AVX2's vpmaddubsw (+ vpmaddwd), or vpdpbusd where the CPU has VNNI
 // (EVEX-encoded with AVX512-VNNI and AVX512-VL, VEX-encoded with AVX-VNNI). Written as assembly so the panels stay
@@ -362,10 +362,13 @@ inline void rows_in_panels(const uint8_t* w, int64_t row_bytes, const Act& a, in
     const uint8_t* ahead = next ? w + (r + L) * row_bytes : nullptr;
     const int64_t step = next ? (std::min<int64_t>(L, r1 - r - L) * row_bytes + nb - 1) / nb : 0;
     int64_t n = 0;
-    if constexpr (Wide)
-      for (; n + 8 <= a.N; n += 8) panel(base, out + r, rows, n, std::integral_constant<int, 8>(), n ? nullptr : ahead, step);
-    for (; n + 4 <= a.N; n += 4) panel(base, out + r, rows, n, std::integral_constant<int, 4>(), n ? nullptr : ahead, step);
-    for (; n < a.N; ++n) panel(base, out + r, rows, n, std::integral_constant<int, 1>(), n ? nullptr : ahead, step);
+    const auto tiles = [&](auto nt) {
+      for (; n + decltype(nt)::value <= a.N; n += decltype(nt)::value)
+        panel(base, out + r, rows, n, nt, n == 0 ? ahead : nullptr, step);
+    };
+    if constexpr (Wide) tiles(std::integral_constant<int, 8>());
+    tiles(std::integral_constant<int, 4>());
+    tiles(std::integral_constant<int, 1>());
   }
 }
 
@@ -375,7 +378,9 @@ AVX2 void rows_int_avx2(const uint8_t* w, int64_t row_bytes, const Act& a, int64
                         int64_t r1) {
   rows_in_panels<8, false>(w, row_bytes, a, M, out, r0, r1,
                            [&](const uint8_t* base, float* o, int rows, int64_t n0, auto nt, const uint8_t* ahead,
-                               int64_t step) AVX2 { panel8<T, decltype(nt)::value, D>(base, row_bytes, a, o, M, rows, n0, ahead, step); });
+                               int64_t step) AVX2 {
+                             panel8<T, decltype(nt)::value, D>(base, row_bytes, a, o, M, rows, n0, ahead, step);
+                           });
 }
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
