@@ -166,36 +166,14 @@ void decode_row(int64_t t, const uint8_t* row, int64_t K, float* y) {
 // ---------------------------------------------------------------- q8 activations
 
 // Each token's row cut into blocks of 32: int8 values, the block's scale d, the sum of its values (what Q4_0 and
-// Q8_0 fold into their integer dot products) and d times that sum (Q4_1's offsets).
+// Q8_0 fold into their integer dot products) and d times that sum (Q4_1's offsets). Made by quantize_act (AVX2,
+// below): only the AVX2 paths multiply integers.
 struct Act {
   int64_t N, K;
   std::vector<int8_t> q;
   std::vector<float> d, s;
   std::vector<int32_t> qsum;
 };
-
-Act quantize_act(const float* x, int64_t N, int64_t K) {
-  Act a{N, K, std::vector<int8_t>(N * K), std::vector<float>(N * K / 32), std::vector<float>(N * K / 32),
-        std::vector<int32_t>(N * K / 32)};
-  at::parallel_for(0, N * K / 32, 64, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* xb = x + b * 32;
-      float amax = 0.f;
-      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
-      const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-      int sum = 0;
-      for (int j = 0; j < 32; ++j) {
-        const int v = static_cast<int>(std::nearbyint(xb[j] * inv));
-        a.q[b * 32 + j] = static_cast<int8_t>(v);
-        sum += v;
-      }
-      a.d[b] = d;
-      a.s[b] = d * sum;
-      a.qsum[b] = sum;
-    }
-  });
-  return a;
-}
 
 // ---------------------------------------------------------------- portable paths
 
@@ -227,6 +205,44 @@ AVX2 inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// One block of 32 activations as int8 values v = nearbyint(x * 127 / max|x|) (ties to even), eight lanes at a
+// time; returns their sum and sets the block's scale d = max|x| / 127.
+AVX2 inline int quantize_block(const float* x, int8_t* q, float* d_out) {
+  __m256 v[4], m = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i)
+    v[i] = _mm256_loadu_ps(x + 8 * i), m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[i]));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+  __m256i iv[4], sum = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    const __m256 scaled = _mm256_mul_ps(v[i], _mm256_set1_ps(inv));
+    iv[i] = _mm256_cvtps_epi32(_mm256_round_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    sum = _mm256_add_epi32(sum, iv[i]);
+  }
+  // The packs work within 128-bit halves: bytes come out as 4-value groups 0, 2, 4, 6, 1, 3, 5, 7 of the block.
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  *d_out = d;
+  return _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1)));
+}
+
+AVX2 Act quantize_act(const float* x, int64_t N, int64_t K) {
+  Act a{N, K, std::vector<int8_t>(N * K), std::vector<float>(N * K / 32), std::vector<float>(N * K / 32),
+        std::vector<int32_t>(N * K / 32)};
+  at::parallel_for(0, N * K / 32, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      a.qsum[b] = quantize_block(x + b * 32, a.q.data() + b * 32, &a.d[b]);
+      a.s[b] = a.d[b] * a.qsum[b];
+    }
+  });
+  return a;
 }
 
 // ---------------------------------------------------------------- Q4_0 / Q4_1 / Q8_0: one row per lane
@@ -637,7 +653,9 @@ torch::Tensor qmatmul_cat(torch::Tensor x, std::vector<torch::Tensor> ws, std::v
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   Act a;
-  if (path >= 1 && integer) a = quantize_act(xp, N, K);
+#ifdef SPUTNIK_X86
+  if (path >= 1 && integer) a = quantize_act(xp, N, K);  // path 1 and up: the CPU has AVX2
+#endif
   const Act* ap = path >= 1 && integer ? &a : nullptr;
   at::parallel_for(0, total, 16, [&](int64_t g0, int64_t g1) {
     for (size_t i = 0; i < ws.size(); ++i) {  // the part of [g0, g1) that falls in weight i
