@@ -17,8 +17,11 @@ The last line is one JSON object of the figures.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,14 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import QUESTIONS, median_time  # noqa: E402
 
 import machine  # noqa: E402
-from sputnik.checkpoint import build_model, load_pretrained, quantize_state  # noqa: E402
+from sputnik.checkpoint import load_pretrained, quantized_copy  # noqa: E402
 from sputnik.engine import Engine, SamplingParams  # noqa: E402
+from sputnik.train.grpo import GRPOConfig, GRPOObjective  # noqa: E402
 from sputnik.train.logprobs import token_logprobs  # noqa: E402
-
-
-def quantized_copy(model):
-    """The policy's matrices in Q8_0 blocks, as a rollout engine would take them after an update."""
-    return build_model(model.cfg, quantize_state(model.state_dict(), "Q8_0"))
+from sputnik.train.loop import TrainConfig, Trainer  # noqa: E402
 
 
 def off_policy(model, prompts: list[list[int]], completions) -> tuple[float, float]:
@@ -51,12 +51,37 @@ def off_policy(model, prompts: list[list[int]], completions) -> tuple[float, flo
     return outside / total, gap / total
 
 
+def grpo_steps(model, tok, args, rollout_quantize: str) -> list[dict]:
+    """The metrics rows of args.steps GRPO steps from a copy of `model`, its rollouts sampled as asked."""
+    cfg = GRPOConfig(task="arithmetic", template="chat", prompts_per_step=args.rows // 8, num_generations=8,
+                     max_completion_length=args.new_tokens, loss_type="dapo", epsilon_high=0.28,
+                     rewards={"accuracy": 1.0}, micro_batch_size=16, eval_n=0, rollout_quantize=rollout_quantize)
+    policy = copy.deepcopy(model)
+    with tempfile.TemporaryDirectory() as out:
+        train = TrainConfig(out_dir=out, max_steps=args.steps, lr=2e-5, progress=False, plot_every=0, save_every=0)
+        Trainer(policy, train, GRPOObjective(policy, tok, cfg, seed=0), tokenizer=tok).run()
+        return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()
+                if '"seconds"' in line]
+
+
+def step_figures(rows: list[dict]) -> dict[str, float]:
+    timed = rows[1:] if len(rows) > 1 else rows
+    out = {"step_s": statistics.median(r["seconds"] for r in timed),
+           "prepare_s": statistics.median(r["prepare_seconds"] for r in timed),
+           "reward": statistics.mean(r["reward"] for r in rows)}
+    for key in ("rollout_is/weight", "rollout_is/capped", "rollout_is/abs_log_ratio"):
+        if key in rows[-1]:
+            out[key.split("/")[1]] = statistics.mean(r[key] for r in rows)
+    return {k: round(v, 4) for k, v in out.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--rows", type=int, default=48, help="rollouts per step (make r1: 6 prompts x 8)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4, help="GRPO steps each way (0: none)")
     args = ap.parse_args()
     print(machine.line(), flush=True)
 
@@ -68,10 +93,10 @@ def main() -> None:
     fp32.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0))
     fp32_s = median_time(lambda: fp32.generate(prompts, params), args.repeats)
     copy_s = median_time(lambda: quantized_copy(model), args.repeats)
-    copy = Engine(quantized_copy(model), tok, max_batch=args.rows)
-    copy.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0))
-    sampled = [c[0] for c in copy.generate(prompts, params)]
-    copy_rollout_s = median_time(lambda: copy.generate(prompts, params), args.repeats)
+    engine = Engine(quantized_copy(model), tok, max_batch=args.rows)
+    engine.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0))
+    sampled = [c[0] for c in engine.generate(prompts, params)]
+    copy_rollout_s = median_time(lambda: engine.generate(prompts, params), args.repeats)
     outside, gap = off_policy(model, prompts, sampled)
 
     tokens = args.rows * args.new_tokens
@@ -88,6 +113,17 @@ def main() -> None:
                "copy_total_vs_fp32": round((copy_s + copy_rollout_s) / fp32_s, 3),
                "pays": copy_s + copy_rollout_s < fp32_s, "tokens_outside_clip": round(outside, 4),
                "mean_abs_log_ratio": round(gap, 5)}
+    if args.steps:
+        runs = {q: step_figures(grpo_steps(model, tok, args, q)) for q in ("none", "int8")}
+        print(f"\nGRPO, {args.steps} steps each way (medians leave out each run's first step)")
+        print("| rollouts | step s | prepare s | mean reward | IS weight | capped | mean abs log ratio |")
+        print("|---|---|---|---|---|---|---|")
+        for q, f in runs.items():
+            print(f"| {q} | {f['step_s']:.2f} | {f['prepare_s']:.2f} | {f['reward']:.3f} | {f.get('weight', 1):.4f} | "
+                  f"{f.get('capped', 0):.4f} | {f.get('abs_log_ratio', 0):.4f} |")
+        figures.update(grpo_none=runs["none"], grpo_int8=runs["int8"],
+                       grpo_prepare_int8_vs_none=round(runs["int8"]["prepare_s"] / runs["none"]["prepare_s"], 3),
+                       grpo_step_int8_vs_none=round(runs["int8"]["step_s"] / runs["none"]["step_s"], 3))
     print(json.dumps(figures))
 
 

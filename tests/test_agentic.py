@@ -11,6 +11,7 @@ import torch
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
+from sputnik import kernels
 from sputnik.config import ModelConfig
 from sputnik.engine import Engine, SamplingParams
 from sputnik.engine.multiturn import AgentConfig, run_rollouts
@@ -214,6 +215,21 @@ def test_masks_exclude_tool_tokens_from_loss_and_kl(tmp_path):
     assert torch.isfinite(loss) and metrics["kl"] == 0.0
     step = objective.metrics(0)
     assert step["tools/calls_per_rollout"] > 0 and step["tools/result_tokens"] > 0 and "tools/error_rate" in step
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs sputnik's CPU kernels (a C++ compiler)")
+def test_tool_rollouts_from_a_quantized_copy_weigh_only_the_models_tokens(tmp_path):
+    """rollout_quantize with tools: the copy's log-probs ride along each multi-turn rollout (0 on tool tokens, which
+    the mask leaves out), and the loss weighs the model's own tokens by truncated importance sampling."""
+    tok, cfg = grpo_setup(tmp_path, rollout_quantize="int8")
+    model = toy_model(call_bias=0.6)
+    objective = GRPOObjective(model, tok, cfg, seed=0)
+    micro = objective.prepare(0, model)
+    assert objective.metrics(0)["tools/result_tokens"] > 0
+    sampled, mask = torch.cat([m.sampled for m in micro]), torch.cat([m.mask for m in micro])
+    assert (sampled[mask > 0] < 0).all()  # a sampled token's log-prob; tool tokens carry none and train none
+    loss, metrics = objective.loss(model, micro[0])
+    assert torch.isfinite(loss) and 0 < metrics["rollout_is/abs_log_ratio"] < 1
 
 
 def test_tiny_model_learns_to_call_a_tool(tmp_path):

@@ -17,7 +17,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 import sputnik.kernels as K
 from sputnik.checkpoint import load_model, load_pretrained
 from sputnik.checkpoint.gguf_export import export_gguf, requantize_warning
-from sputnik.checkpoint.quants import quantize_rows
+from sputnik.checkpoint.quants import quantize_rows, quantize_tensor
 from sputnik.cli import main
 from sputnik.config import ModelConfig
 from sputnik.engine import Engine, SamplingParams
@@ -29,6 +29,26 @@ Q4_K = gguf.GGMLQuantizationType.Q4_K
 TEXTS = ["hello world, this is a test", "tokens 12345 and   spaces\n\nnew lines", "<|im_start|>user\nhi<|im_end|>"]
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+# ---------------------------------------------------------------- Q8_0 / Q4_1 in torch, against gguf's reference
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_1"])
+def test_torch_quantizers_equal_ggufs_reference_bit_for_bit(type_name):
+    """Ours run in torch for speed; the bytes must be the reference's: random rows at several scales, exact halves
+    of a quantum (roundf's ties), constant and all-zero blocks, bf16 input."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((70, 256)) * rng.choice([1e-3, 0.02, 3.0], (70, 1))).astype(np.float32)
+    x[1] = np.tile(np.arange(32, dtype=np.float32) - 15.5, 8)
+    x[2] = np.tile(np.r_[127.0, np.arange(-20, 11) + 0.5], 8)  # q8: d = 1, so x / d sits on halves
+    x[3], x[4, :64] = 0.0, 0.7
+    want = quantize(x, gguf.GGMLQuantizationType[type_name])
+    assert np.array_equal(quantize_rows(x, type_name), want)
+    assert torch.equal(quantize_tensor(torch.from_numpy(x), type_name), torch.from_numpy(want))
+    half = torch.from_numpy(x).bfloat16()
+    assert torch.equal(quantize_tensor(half, type_name),
+                       torch.from_numpy(quantize(half.float().numpy(), gguf.GGMLQuantizationType[type_name])))
 
 
 # ---------------------------------------------------------------- Q4_K, our quantizer

@@ -7,10 +7,13 @@ import torch
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
+from sputnik import kernels
+from sputnik.checkpoint import quantized_copy
 from sputnik.config import ModelConfig
 from sputnik.model import Transformer
 from sputnik.tokenizer import Tokenizer
-from sputnik.train.grpo import GRPOConfig, GRPOObjective
+from sputnik.train.grpo import GRPOConfig, GRPOObjective, check_rollout_copy
+from sputnik.train.logprobs import token_logprobs
 from sputnik.train.loop import TrainConfig, Trainer
 from torchrun import write_shared
 
@@ -39,8 +42,10 @@ def setup(tmp_path, **overrides):
     return model, tok, cfg
 
 
-def test_tiny_model_learns_to_answer_three(tmp_path):
-    model, tok, cfg = setup(tmp_path)
+@pytest.mark.parametrize("rollout_quantize", [
+    "none", pytest.param("int8", marks=pytest.mark.skipif(not kernels.available(), reason="needs the CPU kernels"))])
+def test_tiny_model_learns_to_answer_three(tmp_path, rollout_quantize):
+    model, tok, cfg = setup(tmp_path, rollout_quantize=rollout_quantize)
     objective = GRPOObjective(model, tok, cfg, seed=0)
     train = TrainConfig(out_dir=str(tmp_path / "run"), max_steps=40, lr=3e-3, progress=False, plot_every=0)
     Trainer(model, train, objective).run()
@@ -50,6 +55,7 @@ def test_tiny_model_learns_to_answer_three(tmp_path):
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.3, (first, last)
     assert all(k in rows[-1] for k in ("loss", "accuracy", "completion_length", "clip_ratio", "entropy"))
+    assert ("rollout_is/weight" in rows[-1]) == (rollout_quantize != "none")
     assert (tmp_path / "run" / "metrics.png").is_file()
 
 
@@ -279,3 +285,36 @@ def test_a_task_without_training_problems_is_a_clear_error(tmp_path):
     model, tok, cfg = setup(tmp_path, task=f"jsonl:{empty},verifier=number")
     with pytest.raises(ValueError, match="empty.jsonl.*no training problems"):
         GRPOObjective(model, tok, cfg, seed=0)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs sputnik's CPU kernels (a C++ compiler)")
+def test_rollouts_from_a_quantized_copy_carry_its_logprobs(tmp_path):
+    """rollout_quantize: the rollouts come from an int8 copy of the policy, and each row keeps the copy's log-probs of
+    its tokens, which the loss weighs against the policy's (truncated importance sampling)."""
+    model, tok, cfg = setup(tmp_path, rollout_quantize="int8", micro_batch_size=64)
+    objective = GRPOObjective(model, tok, cfg, seed=0)
+    (micro,) = objective.prepare(0, model)
+    copy = quantized_copy(model, "int8")
+    mine = torch.zeros_like(micro.sampled)
+    with torch.no_grad():
+        for b in range(len(mine)):  # row by row, unpadded: the copy's own forward over prompt + completion
+            ids = micro.tokens[b][micro.attn[b]]
+            logp = copy(ids[None])[0].float().log_softmax(-1)
+            prompt = int(micro.attn[b, : micro.P].sum())
+            picked = logp[prompt - 1 : -1].gather(1, ids[prompt:, None])[:, 0]
+            mine[b, : len(picked)] = picked
+        policy = token_logprobs(model, micro.tokens, micro.attn, temperature=1.0, start=micro.P - 1)[:, micro.P - 1:]
+    on = micro.mask > 0
+    assert on.any() and micro.sampled.shape == micro.mask.shape
+    assert (micro.sampled - mine)[on].abs().max() < 1e-4  # the copy sampled them
+    assert (micro.sampled - policy)[on].abs().max() > 1e-3  # and the copy is not the policy
+    _, metrics = objective.loss(model, micro)
+    assert metrics["rollout_is/abs_log_ratio"] == pytest.approx((policy - micro.sampled)[on].abs().mean().item(),
+                                                                rel=1e-3)
+    assert 0 < metrics["rollout_is/weight"] < 2
+
+
+def test_rollout_copy_refuses_fsdp(tmp_path):
+    model, tok, cfg = setup(tmp_path, rollout_quantize="int8")
+    with pytest.raises(ValueError, match="FSDP"):
+        check_rollout_copy(cfg, TrainConfig(out_dir=str(tmp_path / "run"), fsdp=True))

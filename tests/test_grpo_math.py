@@ -366,3 +366,30 @@ def test_gspo_sequence_ratio():
     (g,) = torch.autograd.grad(loss, logp)
     want = torch.tensor([[-s0 / 2 / 2, -s0 / 2 / 2, 0.0], [0.5 * s1 / 3 / 2] * 3])
     torch.testing.assert_close(g, want, atol=1e-6, rtol=1e-6)
+
+
+def test_truncated_importance_sampling_weights_each_token():
+    """Tokens sampled by another model (a quantized copy): each policy term is weighted by
+    min(pi_old / pi_sampler, cap), its gradient too; the KL term is not; a sampler equal to the policy changes nothing."""
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.5, -2.5]], requires_grad=True)
+    plain, _ = policy_loss(logp, None, ADV, MASK, loss_type="dapo")
+    same, m = policy_loss(logp, None, ADV, MASK, loss_type="dapo", rollout_logp=logp.detach().clone())
+    assert same.item() == plain.item() and m["rollout_is/weight"] == 1.0 and m["rollout_is/abs_log_ratio"] == 0.0
+    # Row 0: the sampler gave its tokens 4x less probability than the policy (weight 4, capped at 2); row 1: 2x more.
+    sampler = logp.detach() + torch.tensor([[-math.log(4.0)] * 3, [math.log(2.0)] * 3])
+    loss, m = policy_loss(logp, None, ADV, MASK, loss_type="dapo", rollout_logp=sampler, rollout_is_cap=2.0)
+    (g,) = torch.autograd.grad(loss, logp)
+    (g_plain,) = torch.autograd.grad(plain, logp)
+    torch.testing.assert_close(g, g_plain * torch.tensor([[2.0], [0.5]]))
+    active = MASK.sum().item()
+    assert m["rollout_is/capped"] == pytest.approx(MASK[0].sum().item() / active)
+    assert m["rollout_is/weight"] == pytest.approx((2.0 * MASK[0].sum() + 0.5 * MASK[1].sum()).item() / active)
+    assert m["rollout_is/abs_log_ratio"] == pytest.approx(
+        (math.log(4.0) * MASK[0].sum() + math.log(2.0) * MASK[1].sum()).item() / active, rel=1e-6)
+    # beta > 0: the KL gradient is added unweighted.
+    ref = logp.detach() + 0.3
+    with_kl, _ = policy_loss(logp, None, ADV, MASK, loss_type="dapo", rollout_logp=sampler, ref_logp=ref, beta=0.1)
+    kl_only, _ = policy_loss(logp, None, torch.zeros_like(ADV), MASK, loss_type="dapo", ref_logp=ref, beta=0.1)
+    (g_kl,) = torch.autograd.grad(with_kl, logp)
+    (g_kl_only,) = torch.autograd.grad(kl_only, logp)
+    torch.testing.assert_close(g_kl, g + g_kl_only)

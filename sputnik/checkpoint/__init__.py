@@ -81,6 +81,7 @@ def load_weights(model: Transformer, sd: dict[str, Tensor], source: str | Path) 
 
 
 QUANTIZE = ("none", "auto", "int8", "int4")
+BLOCK_TYPES = {"int8": "Q8_0", "int4": "Q4_1"}  # what --quantize int8 / int4 quantize the matrices to
 
 
 def load_model(
@@ -102,8 +103,8 @@ def load_model(
     else:  # a GPU keeps blocks only when asked by name: decoding them for each product costs time
         blocks = quantize in ("int8", "int4")
     cfg, sd, p = load_state(path, keep_blocks=blocks)
-    if blocks and quantize in ("int8", "int4"):
-        sd = quantize_state(sd, "Q8_0" if quantize == "int8" else "Q4_1")
+    if blocks and quantize in BLOCK_TYPES:
+        sd = quantize_state(sd, BLOCK_TYPES[quantize])
     if not blocks:
         sd = {k: v.dequantize() if isinstance(v, QTensor) else v for k, v in sd.items()}
     model = build_model(cfg, sd, dtype, device, p)
@@ -128,12 +129,20 @@ def build_model(cfg: ModelConfig, sd: dict[str, Tensor | QTensor], dtype: torch.
     return model.to(device=device, dtype=dtype).eval()  # the device: block buffers come from the file on the CPU
 
 
+def quantized_copy(model: nn.Module, quantize: str = "int8") -> Transformer:
+    """A copy of a model in memory with its matrices in int8 / int4 blocks (adapters folded in), on its device: what
+    GRPO samples its rollouts from when asked to, made again after each update."""
+    if quantize not in BLOCK_TYPES:
+        raise ValueError(f"unknown quantize {quantize!r}: int8 or int4")
+    weight = next(model.parameters())
+    sd = quantize_state({k: v.detach() for k, v in merged_state_dict(model).items()}, BLOCK_TYPES[quantize])
+    return build_model(model.cfg, sd, torch.float32, weight.device)
+
+
 def quantize_state(sd: dict[str, Tensor | QTensor], type_name: str) -> dict[str, Tensor | QTensor]:
     """Every dense linear / embedding matrix (2-d, rows a multiple of 32 wide) of a state dict in `type_name`
-    blocks, quantized by the `gguf` package; norms, biases, routers and MLA's kv_b_proj (read as a matrix) stay."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import quantize
-
+    blocks (checkpoint.quants); norms, biases, routers and MLA's kv_b_proj (read as a matrix) stay."""
+    from sputnik.checkpoint.quants import quantize_tensor
     from sputnik.kernels import TYPE_IDS
 
     out: dict[str, Tensor | QTensor] = {}
@@ -142,8 +151,7 @@ def quantize_state(sd: dict[str, Tensor | QTensor], type_name: str) -> dict[str,
         if isinstance(t, QTensor) or t.dim() != 2 or t.shape[1] % 32 or any(s in name for s in skip):
             out[name] = t
             continue
-        raw = quantize(t.float().numpy(), GGMLQuantizationType[type_name])
-        out[name] = QTensor(torch.from_numpy(raw), TYPE_IDS[type_name], tuple(t.shape))
+        out[name] = QTensor(quantize_tensor(t, type_name), TYPE_IDS[type_name], tuple(t.shape))
     return out
 
 

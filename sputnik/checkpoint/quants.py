@@ -1,4 +1,6 @@
-"""Float rows to GGUF block bytes: the `gguf` package's quantizers, and our own Q4_K (which `gguf` can only read).
+"""Float rows to GGUF block bytes: Q8_0 and Q4_1 in torch (bit for bit the `gguf` package's reference quantizers, at
+torch's speed: GRPO quantizes its policy after every update), our own Q4_K (which `gguf` can only read), and the
+`gguf` package's quantizers for the other types.
 
 Q4_K, from the format's definition (ggml's block_q4_K): super-blocks of 256 values in 8 sub-blocks of 32; each
 sub-block j holds 4-bit codes q and decodes as d * sc[j] * q - dmin * m[j], with 6-bit sc[j], m[j] and the two
@@ -9,8 +11,10 @@ nibbles (bytes 32c..32c+31 hold sub-block 2c in their low nibbles and 2c+1 in th
 from __future__ import annotations
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import quantize as gguf_quantize
+from torch import Tensor
 
 QK_K = 256
 # Candidate code ranges tried per sub-block (the range [min, max] is stretched by (15 + r) / 15): a small search
@@ -21,9 +25,49 @@ _STRETCH = np.linspace(-1.0, 1.0, 21)
 def quantize_rows(x: np.ndarray, type_name: str) -> np.ndarray:
     """Rows [..., K] of float32 as block bytes [..., K / block * bytes] (uint8) of a GGUF type named like "Q8_0"."""
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if type_name in _TORCH:
+        return quantize_tensor(torch.from_numpy(x), type_name).numpy()
     if type_name == "Q4_K":
         return quantize_q4_k(x)
     return gguf_quantize(x, GGMLQuantizationType[type_name])
+
+
+def quantize_tensor(t: Tensor, type_name: str) -> Tensor:
+    """quantize_rows for a tensor (any float dtype or device; the bytes come back on the CPU)."""
+    if type_name not in _TORCH:
+        return torch.from_numpy(quantize_rows(t.detach().float().cpu().numpy(), type_name))
+    blocks = t.detach().reshape(-1, 32)
+    chunk = 1 << 16  # blocks at a time: a few MB of temporaries
+    out = torch.cat([_TORCH[type_name](blocks[i : i + chunk].float().cpu()) for i in range(0, len(blocks), chunk)])
+    return out.reshape(*t.shape[:-1], -1)
+
+
+def _roundf(v: Tensor) -> Tensor:
+    """C's roundf (halves away from zero), computed as ggml's reference quantizer computes it."""
+    a = v.abs()
+    whole = a.floor()
+    return v.sign() * (whole + (2 * (a - whole)).floor())
+
+
+def _q8_0(x: Tensor) -> Tensor:
+    """Blocks [n, 32] -> Q8_0 bytes [n, 34]: the scale d = max |x| / 127 (stored fp16), then roundf(x / d)."""
+    d = x.abs().amax(1, keepdim=True) / 127
+    inv = torch.where(d == 0, 0.0, 1 / d)
+    q = _roundf(x * inv).to(torch.int8)
+    return torch.cat([d.half().view(torch.uint8), q.view(torch.uint8)], 1)
+
+
+def _q4_1(x: Tensor) -> Tensor:
+    """Blocks [n, 32] -> Q4_1 bytes [n, 20]: d = (max - min) / 15 and m = min (fp16 each), then 4-bit codes
+    trunc((x - min) / d + 0.5), element j in the low nibble of byte j and element j + 16 in its high one."""
+    hi, lo = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
+    d = (hi - lo) / 15
+    inv = torch.where(d == 0, 0.0, 1 / d)
+    q = ((x - lo) * inv + 0.5).trunc().clamp(0, 15).to(torch.uint8)
+    return torch.cat([d.half().view(torch.uint8), lo.half().view(torch.uint8), q[:, :16] | (q[:, 16:] << 4)], 1)
+
+
+_TORCH = {"Q8_0": _q8_0, "Q4_1": _q4_1}
 
 
 def quantize_q4_k(x: np.ndarray) -> np.ndarray:

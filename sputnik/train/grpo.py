@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sputnik.checkpoint import quantized_copy
 from sputnik.engine import Engine, SamplingParams
 from sputnik.engine.grammar import json_answer
 from sputnik.engine.multiturn import RESUME_BLOCK, AgentConfig, MultiTurn, prefix_cache_mb, tool_rollouts
@@ -59,6 +60,11 @@ class GRPOConfig:
     beta: float = option(0.0, "KL weight; 0 loads no reference model")
     ref_model_sync_steps: int = option(0, "reset the reference to the policy every N steps (0: never)")
     num_iterations: int = option(1, "updates per batch of rollouts (mu)")
+    rollout_quantize: str = option("none", "sample the rollouts from a copy of the policy in int8 / int4 blocks, made "
+                                           "again after each update (faster on CPUs with sputnik's kernels); its "
+                                           "tokens are reweighted by truncated importance sampling",
+                                   choices=["none", "int8", "int4"])
+    rollout_is_cap: float = option(2.0, "cap on the importance weight policy / copy of each token sampled by the copy")
     dynamic_sampling: bool = option(False, "DAPO: drop groups whose rewards are all equal and refill them")
     max_refills: int = option(4, "rounds of refilling per step under dynamic_sampling")
     mask_truncated_completions: bool = option(False, "no loss on completions cut off at max_completion_length")
@@ -99,6 +105,7 @@ class Rollout:
     closed: bool = False  # the completion closed a thought (wrote </think>): an answer can follow
     skip: bool = False  # an unverifiable gold answer: no gradient, no effect on the group
     own: list[int] | None = None  # with tools: 1 where the model sampled the token, 0 for tool results and glue
+    logprobs: list[float] | None = None  # the sampler's log-probs of the completion's tokens (0.0 on tool tokens)
     turn: MultiTurn | None = None  # with tools: the whole rollout (calls, errors, tool tokens)
 
 
@@ -113,6 +120,7 @@ class MicroBatch:
     P: int  # the padded prompt length: completion token t sits at column P + t
     old: Tensor | None  # [B, L] log-probs of the policy that sampled (num_iterations > 1)
     ref: Tensor | None  # [B, L] log-probs of the reference (beta > 0)
+    sampled: Tensor | None  # [B, L] log-probs of the sampler when it was a quantized copy of the policy
     num_items: float  # active completion tokens in the whole step, over every rank
     num_seqs: int  # rows in the whole step, over every rank
 
@@ -236,7 +244,7 @@ class GRPOObjective(RankAware):
             groups.append([Rollout(ids, comp.token_ids, fill if total is None else total, parts,
                                    truncated=comp.finish_reason == "length", skip=total is None,
                                    think_tokens=self._think_tokens(comp.text, think_opened),
-                                   closed=answer_part(comp.text) is not None)
+                                   closed=answer_part(comp.text) is not None, logprobs=comp.logprobs)
                            for comp, (total, parts) in zip(comps, scored)])
         return groups
 
@@ -271,7 +279,7 @@ class GRPOObjective(RankAware):
             valid = [x for x in shaped if x is not None]
             fill = sum(valid) / len(valid) if valid else 0.0
             groups.append([Rollout(ids, t.tokens, fill if x is None else x, parts, truncated=t.finish_reason == "length",
-                                   skip=x is None, own=t.own, turn=t)
+                                   skip=x is None, own=t.own, turn=t, logprobs=t.logprobs)
                            for t, x, (_, parts) in zip(rows, shaped, scored)])
         return groups
 
@@ -341,7 +349,9 @@ class GRPOObjective(RankAware):
         if self.ref is not None and c.ref_model_sync_steps and step > 0 and step % c.ref_model_sync_steps == 0:
             self.ref.load_state_dict(model.state_dict())
         with gathered(model):  # under FSDP: the rollouts' forwards, as many as each rank's take, need no collective
-            groups, seen, refills = self._groups(model, step)
+            sampler = model if c.rollout_quantize == "none" else quantized_copy(model, c.rollout_quantize)
+            groups, seen, refills = self._groups(sampler, step)
+            del sampler
         rows = [r for g in groups for r in g]
         everything, adv = self._advantages(rows)
         tokens, attn, mask, truncated, P = self._pad(rows)
@@ -354,6 +364,9 @@ class GRPOObjective(RankAware):
         train = (adv != 0) & (mask.sum(1) > 0) if c.beta == 0 else mask.sum(1) > 0
         rows_idx = train.nonzero()[:, 0] if bool(train.any()) else torch.arange(1)
         tokens, attn, mask, adv = tokens[rows_idx], attn[rows_idx], mask[rows_idx], adv[rows_idx]
+        sampled = None
+        if c.rollout_quantize != "none":
+            sampled = _padded([rows[i].logprobs or [] for i in rows_idx.tolist()], mask.shape[1])
 
         def score(m) -> Tensor:
             return token_logprobs(m, tokens, attn, temperature=c.temperature, start=P - 1)[:, P - 1 :]
@@ -364,7 +377,8 @@ class GRPOObjective(RankAware):
         for s in range(0, len(rows_idx), c.micro_batch_size):
             sl = slice(s, s + c.micro_batch_size)
             micro.append(MicroBatch(tokens[sl], attn[sl], mask[sl], adv[sl], P, None if old is None else old[sl],
-                                    None if ref is None else ref[sl], max(num_items, 1.0), num_seqs))
+                                    None if ref is None else ref[sl], None if sampled is None else sampled[sl],
+                                    max(num_items, 1.0), num_seqs))
         self._step_metrics = self._rollout_metrics(rows, seen, everything, truncated, refills, num_items,
                                                    len(rows_idx))
         return micro
@@ -419,7 +433,8 @@ class GRPOObjective(RankAware):
             logp, m.old, m.adv, m.mask, loss_type=c.loss_type, epsilon_low=c.epsilon,
             epsilon_high=c.epsilon_high if c.epsilon_high is not None else c.epsilon, ref_logp=m.ref, beta=c.beta,
             importance=c.importance_sampling_level, max_completion_length=c.max_completion_length,
-            num_items_in_batch=m.num_items, num_sequences_in_batch=m.num_seqs,
+            num_items_in_batch=m.num_items, num_sequences_in_batch=m.num_seqs, rollout_logp=m.sampled,
+            rollout_is_cap=c.rollout_is_cap,
         )
         n = m.mask.sum().clamp(min=1)
         metrics["entropy"] = ((ent * m.mask).sum() / n).item()
@@ -430,6 +445,28 @@ class GRPOObjective(RankAware):
         """Greedy held-out figures at `step`; with out_dir, also its samples and summary (eval.run's files)."""
         return eval_figures(evaluate(model, self.tok, self._eval_cfg(n or self.cfg.eval_n), out_dir=out_dir,
                                      progress=False))
+
+
+def check_rollout_copy(cfg: GRPOConfig, train: TrainConfig) -> None:
+    """A clear error, before anything loads, where rollouts from a quantized copy cannot run or cannot pay."""
+    from sputnik import kernels
+
+    if cfg.rollout_quantize == "none":
+        return
+    if train.fsdp:
+        raise ValueError("rollout_quantize: a policy sharded with FSDP has no whole weights on a rank to quantize; "
+                         "use data parallel (fsdp: false) or rollout_quantize: none")
+    if not torch.cuda.is_available() and not kernels.available():
+        raise ValueError("rollout_quantize: sputnik's CPU kernels are not available here (they build with a C++ "
+                         "compiler at first use); without them a quantized copy samples slower than the policy")
+
+
+def _padded(rows: list[list[float]], L: int) -> Tensor:
+    """[B, L] float rows, right-padded with zeros."""
+    out = torch.zeros(len(rows), L)
+    for b, r in enumerate(rows):
+        out[b, : len(r)] = torch.tensor(r[:L], dtype=torch.float32)
+    return out
 
 
 def eval_figures(s) -> dict[str, float]:
@@ -462,6 +499,7 @@ def train_grpo(model_name: str, cfg: GRPOConfig, train: TrainConfig) -> GRPOSumm
     from sputnik.train.lora import apply_lora
 
     start = time.perf_counter()
+    check_rollout_copy(cfg, train)
     model, tok = load_pretrained(model_name)
     if cfg.lora_r:
         apply_lora(model, cfg.lora_r, cfg.lora_alpha, tuple(cfg.lora_target_modules))

@@ -86,6 +86,8 @@ def policy_loss(
     max_completion_length: int | None = None,
     num_items_in_batch: float | None = None,
     num_sequences_in_batch: int | None = None,
+    rollout_logp: Tensor | None = None,
+    rollout_is_cap: float = 2.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped surrogate loss (to minimise) over completions [B, L] and its metrics.
 
@@ -97,6 +99,11 @@ def policy_loss(
     sg[s_i] * exp(logp - sg[logp]), whose value is s_i and whose gradient is s_i * grad(logp_t) (GSPO-token with
     a per-sequence advantage; it equals GSPO's gradient under every aggregation). GSPO's setting: loss_type
     "grpo" (then the loss is the mean over sequences of -min(s_i A_i, clip(s_i) A_i)), epsilon 3e-4 / 4e-4, beta 0.
+
+    rollout_logp: the log-probs of the model that sampled, when it is not the policy (a quantized copy). The tokens
+    then come from another distribution than old_logp's, and each token's policy term is weighted by
+    min(exp(old_logp - rollout_logp), rollout_is_cap), detached: truncated importance sampling (Yao et al. 2025, "Your
+    efficient RL framework secretly brings you off-policy RL training"). The KL term is not weighted.
 
     Aggregation, and what makes it independent of the micro-batch split (defaults = this micro-batch's counts):
       grpo     sum over sequences of their masked token mean / num_sequences_in_batch
@@ -123,17 +130,13 @@ def policy_loss(
         old_logp = logp.detach()
     zero = torch.zeros_like(logp)
 
-    # Masked slots may hold anything (pads, -inf): keep them out of every exp.
-    log_ratio = torch.where(active, logp - old_logp, zero)
-    n_tokens = mask.sum(1)
-    seq_ratio = None
-    if importance == "sequence":
-        seq_log_ratio = (log_ratio * mask).sum(1) / n_tokens.clamp(min=1)
-        seq_ratio = seq_log_ratio.detach().exp()
-        log_ratio = torch.where(active, seq_log_ratio.detach()[:, None] + logp - logp.detach(), zero)
-    ratio = torch.exp(log_ratio)
+    ratio, seq_ratio = _ratios(logp, old_logp, mask, importance)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)
+    is_log_ratio = None
+    if rollout_logp is not None:
+        is_log_ratio = torch.where(active, old_logp.detach() - rollout_logp, zero)
+        per_token = per_token * torch.exp(is_log_ratio).clamp(max=rollout_is_cap)
 
     kl = None
     if ref_logp is not None:
@@ -144,7 +147,22 @@ def policy_loss(
 
     loss = _aggregate(per_token, mask, loss_type, max_completion_length, num_items_in_batch, num_sequences_in_batch)
     metrics = _metrics(ratio, adv, mask, eps_low, eps_high, kl, seq_ratio)
+    if is_log_ratio is not None:
+        metrics.update(_is_metrics(is_log_ratio, mask, rollout_is_cap))
     return loss, metrics
+
+
+def _ratios(logp: Tensor, old_logp: Tensor, mask: Tensor, importance: str) -> tuple[Tensor, Tensor | None]:
+    """Per-token importance ratios [B, L] (GSPO's: each sequence's, with the token's gradient) and, for GSPO, the
+    sequences' ratios [B] for the metrics."""
+    active, zero = mask > 0, torch.zeros_like(logp)
+    # Masked slots may hold anything (pads, -inf): keep them out of every exp.
+    log_ratio = torch.where(active, logp - old_logp, zero)
+    if importance != "sequence":
+        return torch.exp(log_ratio), None
+    seq_log_ratio = (log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1)
+    log_ratio = torch.where(active, seq_log_ratio.detach()[:, None] + logp - logp.detach(), zero)
+    return torch.exp(log_ratio), seq_log_ratio.detach().exp()
 
 
 def _aggregate(per_token: Tensor, mask: Tensor, loss_type: LossType, max_completion_length: int | None,
@@ -184,3 +202,18 @@ def _metrics(ratio: Tensor, adv: Tensor, mask: Tensor, eps_low: float, eps_high:
             has_tokens = mask.sum(1) > 0
             out["seq_ratio"] = seq_ratio[has_tokens].mean().item() if bool(has_tokens.any()) else 1.0
     return out
+
+
+def _is_metrics(log_ratio: Tensor, mask: Tensor, cap: float) -> dict[str, float]:
+    """Truncated importance sampling over the active tokens: the mean weight, the share of tokens the cap cut, and
+    the mean |log(policy / sampler)| (how far the sampler is from the policy)."""
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        log_ratio = log_ratio.float()
+
+        def mean(x: Tensor) -> float:
+            return ((x.float() * mask).sum() / n).item()
+
+        return {"rollout_is/weight": mean(log_ratio.exp().clamp(max=cap)),
+                "rollout_is/capped": mean(log_ratio.exp() > cap),
+                "rollout_is/abs_log_ratio": mean(log_ratio.abs())}
