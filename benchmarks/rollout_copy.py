@@ -32,6 +32,7 @@ from decode import QUESTIONS, median_time  # noqa: E402
 import machine  # noqa: E402
 from sputnik.checkpoint import load_pretrained, quantized_copy  # noqa: E402
 from sputnik.engine import Engine, SamplingParams  # noqa: E402
+from sputnik.engine.native import auto_cache_dtype  # noqa: E402
 from sputnik.train.grpo import GRPOConfig, GRPOObjective  # noqa: E402
 from sputnik.train.logprobs import token_logprobs  # noqa: E402
 from sputnik.train.loop import TrainConfig, Trainer  # noqa: E402
@@ -93,7 +94,8 @@ def main() -> None:
     fp32.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0))
     fp32_s = median_time(lambda: fp32.generate(prompts, params), args.repeats)
     copy_s = median_time(lambda: quantized_copy(model), args.repeats)
-    engine = Engine(quantized_copy(model), tok, max_batch=args.rows)
+    q8 = quantized_copy(model)
+    engine = Engine(q8, tok, max_batch=args.rows, kv_dtype=auto_cache_dtype(q8))  # as GRPO samples from it
     engine.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0))
     sampled = [c[0] for c in engine.generate(prompts, params)]
     copy_rollout_s = median_time(lambda: engine.generate(prompts, params), args.repeats)

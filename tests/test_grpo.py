@@ -289,12 +289,12 @@ def test_a_task_without_training_problems_is_a_clear_error(tmp_path):
 
 @pytest.mark.skipif(not kernels.available(), reason="needs sputnik's CPU kernels (a C++ compiler)")
 def test_rollouts_from_a_quantized_copy_carry_its_logprobs(tmp_path):
-    """rollout_quantize: the rollouts come from an int8 copy of the policy, and each row keeps the copy's log-probs of
+    """rollout_quantize: the rollouts come from an int4 copy of the policy, and each row keeps the copy's log-probs of
     its tokens, which the loss weighs against the policy's (truncated importance sampling)."""
-    model, tok, cfg = setup(tmp_path, rollout_quantize="int8", micro_batch_size=64)
+    model, tok, cfg = setup(tmp_path, rollout_quantize="int4", micro_batch_size=64)
     objective = GRPOObjective(model, tok, cfg, seed=0)
     (micro,) = objective.prepare(0, model)
-    copy = quantized_copy(model, "int8")
+    copy = quantized_copy(model, "int4")
     mine = torch.zeros_like(micro.sampled)
     with torch.no_grad():
         for b in range(len(mine)):  # row by row, unpadded: the copy's own forward over prompt + completion
@@ -306,15 +306,20 @@ def test_rollouts_from_a_quantized_copy_carry_its_logprobs(tmp_path):
         policy = token_logprobs(model, micro.tokens, micro.attn, temperature=1.0, start=micro.P - 1)[:, micro.P - 1:]
     on = micro.mask > 0
     assert on.any() and micro.sampled.shape == micro.mask.shape
-    assert (micro.sampled - mine)[on].abs().max() < 1e-4  # the copy sampled them
-    assert (micro.sampled - policy)[on].abs().max() > 1e-3  # and the copy is not the policy
+    # The copy sampled them: its forward gives their log-probs up to its float16 KV cache's rounding (the cache the
+    # server keeps under blocks), a twentieth of how far the policy is from the copy.
+    to_copy, to_policy = (micro.sampled - mine)[on].abs(), (micro.sampled - policy)[on].abs()
+    assert to_copy.max() < 0.02 and to_copy.mean() < 0.2 * to_policy.mean(), (to_copy.mean(), to_policy.mean())
     _, metrics = objective.loss(model, micro)
     assert metrics["rollout_is/abs_log_ratio"] == pytest.approx((policy - micro.sampled)[on].abs().mean().item(),
                                                                 rel=1e-3)
     assert 0 < metrics["rollout_is/weight"] < 2
 
 
-def test_rollout_copy_refuses_fsdp(tmp_path):
+def test_rollout_copy_refuses_fsdp_and_a_cap_below_one(tmp_path):
     model, tok, cfg = setup(tmp_path, rollout_quantize="int8")
     with pytest.raises(ValueError, match="FSDP"):
         check_rollout_copy(cfg, TrainConfig(out_dir=str(tmp_path / "run"), fsdp=True))
+    with pytest.raises(ValueError, match="rollout_is_cap"):
+        check_rollout_copy(GRPOConfig(rollout_quantize="int8", rollout_is_cap=0.5), TrainConfig())
+    check_rollout_copy(GRPOConfig(rollout_is_cap=0.5), TrainConfig())  # no copy, no weights: nothing to check

@@ -17,6 +17,7 @@ from sputnik.checkpoint import quantized_copy
 from sputnik.engine import Engine, SamplingParams
 from sputnik.engine.grammar import json_answer
 from sputnik.engine.multiturn import RESUME_BLOCK, AgentConfig, MultiTurn, prefix_cache_mb, tool_rollouts
+from sputnik.engine.native import auto_cache_dtype
 from sputnik.eval.run import EvalConfig, evaluate, load_summary, prompt_ids, thinking
 from sputnik.r1 import GRADINGS, THINK_MODES, answer_part
 from sputnik.rewards import combine
@@ -216,9 +217,10 @@ class GRPOObjective(RankAware):
         return [self.order[(start + i) % len(self.order)] for i in range(n)]
 
     def _sample(self, model, idx: list[int], step: int, attempt: int) -> list[list]:
-        """G completions for each problem index, from the engine."""
+        """G completions for each problem index, from the engine (its KV cache as the server keeps it for this model:
+        the policy's dtype, float16 under a quantized copy)."""
         c, G = self.cfg, self.cfg.num_generations
-        engine = Engine(model, self.tok, max_batch=len(idx) * G)
+        engine = Engine(model, self.tok, max_batch=len(idx) * G, kv_dtype=auto_cache_dtype(model))
         seed = mix(self.seed, step * 1009, attempt * 31, self.rank, bits=31)
         params = SamplingParams(max_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
                                 top_k=c.top_k, n=G, seed=seed)
@@ -257,7 +259,7 @@ class GRPOObjective(RankAware):
         c, G = self.cfg, self.cfg.num_generations
         n, longest = len(idx) * G, max(len(self.prompts[i][0]) for i in idx) + c.max_completion_length
         engine = Engine(model, self.tok, max_batch=n, prefix_cache_mb=prefix_cache_mb(model, n, longest),
-                        prefill_block=RESUME_BLOCK)
+                        prefill_block=RESUME_BLOCK, kv_dtype=auto_cache_dtype(model))
         # Streams by global row (the rank's rows follow those of the ranks before it): N processes sample what one
         # process sampling every rank's prompts would.
         seed = mix(self.seed, step * 1009, attempt * 31, bits=31)
@@ -453,6 +455,8 @@ def check_rollout_copy(cfg: GRPOConfig, train: TrainConfig) -> None:
 
     if cfg.rollout_quantize == "none":
         return
+    if not cfg.rollout_is_cap >= 1:
+        raise ValueError(f"rollout_is_cap must be at least 1 (TRL's default is 2), not {cfg.rollout_is_cap}")
     if train.fsdp:
         raise ValueError("rollout_quantize: a policy sharded with FSDP has no whole weights on a rank to quantize; "
                          "use data parallel (fsdp: false) or rollout_quantize: none")
