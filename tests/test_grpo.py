@@ -316,6 +316,21 @@ def test_rollouts_from_a_quantized_copy_carry_its_logprobs(tmp_path):
     assert 0 < metrics["rollout_is/weight"] < 2
 
 
+@pytest.mark.skipif(not kernels.available(), reason="needs sputnik's CPU kernels (a C++ compiler)")
+def test_rollout_copy_weights_use_the_old_logprobs_after_an_update(tmp_path):
+    """With several updates per batch (mu > 1) the policy at rollout time is the one the step scored as `old`: the
+    weights stay old / copy after the policy has moved."""
+    model, tok, cfg = setup(tmp_path, rollout_quantize="int8", num_iterations=2, micro_batch_size=64)
+    (micro,) = GRPOObjective(model, tok, cfg, seed=0).prepare(0, model)
+    with torch.no_grad():  # an update's worth of change
+        model.lm_head.weight.mul_(1.5)
+    on = micro.mask > 0
+    _, metrics = GRPOObjective(model, tok, cfg, seed=0).loss(model, micro)
+    assert metrics["ratio"] != pytest.approx(1.0, abs=1e-3)  # the policy moved
+    assert metrics["rollout_is/abs_log_ratio"] == pytest.approx((micro.old - micro.sampled)[on].abs().mean().item(),
+                                                                rel=1e-4)
+
+
 def test_rollout_copy_refuses_fsdp_and_a_cap_below_one(tmp_path):
     model, tok, cfg = setup(tmp_path, rollout_quantize="int8")
     with pytest.raises(ValueError, match="FSDP"):
