@@ -49,6 +49,8 @@ def test_torch_quantizers_equal_ggufs_reference_bit_for_bit(type_name):
     half = torch.from_numpy(x).bfloat16()
     assert torch.equal(quantize_tensor(half, type_name),
                        torch.from_numpy(quantize(half.float().numpy(), gguf.GGMLQuantizationType[type_name])))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_rows(np.zeros((2, 48), np.float32), type_name)  # 96 values: whole blocks only across rows
 
 
 # ---------------------------------------------------------------- Q4_K, our quantizer

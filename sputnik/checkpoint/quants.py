@@ -36,6 +36,8 @@ def quantize_tensor(t: Tensor, type_name: str) -> Tensor:
     """quantize_rows for a tensor (any float dtype or device; the bytes come back on the CPU)."""
     if type_name not in _TORCH:
         return torch.from_numpy(quantize_rows(t.detach().float().cpu().numpy(), type_name))
+    if t.shape[-1] % 32:
+        raise ValueError(f"{type_name} rows need a multiple of 32 values, got {t.shape[-1]}")
     blocks = t.detach().reshape(-1, 32)
     chunk = 1 << 16  # blocks at a time: a few MB of temporaries
     out = torch.cat([_TORCH[type_name](blocks[i : i + chunk].float().cpu()) for i in range(0, len(blocks), chunk)])
