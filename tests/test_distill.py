@@ -11,14 +11,16 @@ import pytest
 import torch
 from live import REPLY, Live
 
+from sputnik import kernels
 from sputnik.config import ModelConfig
+from sputnik.kernels import QuantLinear
 from sputnik.model import Transformer, build_doc_mask
 from sputnik.serve.config import ServeConfig
 from sputnik.tasks import get_task
 from sputnik.r1 import CHAT_TEMPLATE as R1_CHAT_TEMPLATE, EOS as R1_EOS, SPECIAL_TOKENS as R1_SPECIAL_TOKENS
 from sputnik.tokenizer import Tokenizer
 from sputnik.train.distill import (DistillConfig, KLDistillObjective, acceptance, check_shared_vocab, distill,
-                                   forward_kl, generate_traces, judge, rejection_sample, split_think)
+                                   forward_kl, generate_traces, judge, load_teacher, rejection_sample, split_think)
 from sputnik.train.loop import TrainConfig, Trainer
 from sputnik.train.sft import IGNORE, SFTConfig, load_chat_jsonl
 
@@ -142,6 +144,17 @@ def test_generate_traces_from_an_engine_teacher(tmp_path, think_model):
     assert [r["messages"][0]["content"] for r in rows] == ["What is 2 + 2?"] * 2
     assert load_chat_jsonl(cfg.out_jsonl)[0][-1]["reasoning_content"] == THOUGHT
     assert len(rejection_sample(traces, DistillConfig(max_per_problem=1))) == 1
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs sputnik's CPU kernels (a C++ compiler)")
+def test_a_gguf_teacher_samples_from_its_blocks(default_gguf):
+    """Teacher traces come from the engine as chat and serve run it: a GGUF teacher keeps its blocks and the float16
+    cache under them; KL distillation, which scores whole rows with the teacher, takes it dense."""
+    cfg = DistillConfig(teacher=str(default_gguf), device="cpu")
+    sampler = load_teacher(cfg)
+    assert any(isinstance(m, QuantLinear) for m in sampler.model.modules()) and sampler.kv_dtype == torch.float16
+    dense = load_teacher(cfg, quantize="none")
+    assert not any(isinstance(m, QuantLinear) for m in dense.model.modules()) and dense.kv_dtype == torch.float32
 
 
 def test_generate_traces_from_an_http_teacher(tmp_path, think_model):

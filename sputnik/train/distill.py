@@ -30,6 +30,7 @@ from tqdm import tqdm
 from sputnik.checkpoint.registry import DEFAULT_MODEL
 from sputnik.device import pick_device
 from sputnik.engine import Engine, SamplingParams
+from sputnik.engine.native import auto_cache_dtype
 from sputnik.eval.run import EvalConfig, prompt_ids
 from sputnik.model import build_doc_mask
 from sputnik.r1 import TEMPERATURE, THINK_CLOSE, THINK_OPEN, TOP_P
@@ -126,12 +127,14 @@ def _eval_cfg(cfg: DistillConfig) -> EvalConfig:
     return EvalConfig(task=cfg.task, template=cfg.template, system=cfg.system, suffix=cfg.suffix)
 
 
-def load_teacher(cfg: DistillConfig, dtype: torch.dtype = torch.float32) -> Engine:
-    """An engine over the local teacher model."""
+def load_teacher(cfg: DistillConfig, dtype: torch.dtype = torch.float32, quantize: str = "auto") -> Engine:
+    """An engine over the local teacher model, loaded as chat and serve load it (quantize "auto": a GGUF teacher's
+    blocks multiplied as they are on the CPU, the KV cache float16 under them). KL distillation passes "none": its
+    teacher scores whole packed rows in `dtype`."""
     from sputnik.checkpoint import load_pretrained
 
-    model, tok = load_pretrained(cfg.teacher, dtype=dtype, device=pick_device(cfg.device))
-    return Engine(model, tok, max_batch=cfg.batch)
+    model, tok = load_pretrained(cfg.teacher, dtype=dtype, device=pick_device(cfg.device), quantize=quantize)
+    return Engine(model, tok, max_batch=cfg.batch, kv_dtype=auto_cache_dtype(model))
 
 
 def _engine_samples(engine: Engine, task: Task, problems: list[Problem], cfg: DistillConfig,
@@ -416,7 +419,7 @@ def distill(cfg: DistillConfig, student_model_name: str, sft_cfg: SFTConfig, tra
     student, student_tok = load_pretrained(student_model_name, device=device)
     engine = None
     if cfg.teacher is not None:
-        engine = load_teacher(cfg, dtype)
+        engine = load_teacher(cfg, dtype, quantize="auto" if mode == "sft" else "none")
         if mode == "kl":  # before spending time on traces
             check_shared_vocab(engine.model, engine.tokenizer, student, student_tok)
 
