@@ -14,6 +14,10 @@ first token, for the engine `sputnik chat` runs (the conversation's KV kept in i
 `--kv-dtype auto`), the same engine without a prefix cache (every turn prefills the whole conversation), and
 llama.cpp (which evaluates only what follows the longest prefix its cache already holds), in alternating rounds.
 
+Memory: in a fresh process each, sputnik (loaded as `sputnik chat` loads it) and llama.cpp read the longest prompt and
+decode --new-tokens; resident MB above what the process held before loading (for sputnik: above torch), and
+sputnik's KV cache's share of it.
+
     python benchmarks/long_context.py [--lengths 512 2048] [--new-tokens 64] [--rounds 3] [--turns 6]
 """
 
@@ -29,6 +33,7 @@ import torch
 
 import machine
 from child import run_json
+from decode import rss_mb
 from sputnik.checkpoint import load_model
 from sputnik.checkpoint.args import ModelArgs
 from sputnik.checkpoint.registry import resolve
@@ -70,6 +75,7 @@ def llamacpp_run(path: str, prompt: list[int], N: int) -> dict:
     """The same for llama.cpp at B=1 (greedy), its cache float16, n_ctx just above the prompt."""
     from llama_cpp import Llama
 
+    base = rss_mb()
     llm = Llama(model_path=path, n_ctx=len(prompt) + N + 16, n_batch=512, n_threads=torch.get_num_threads(),
                 verbose=False)
     llm.eval(prompt[:8])  # warm-up
@@ -83,7 +89,19 @@ def llamacpp_run(path: str, prompt: list[int], N: int) -> dict:
         llm.eval([tokens[-1]])
     end = time.perf_counter()
     # its first token's sampling is in the decode time, as sputnik's is not: one token of N + 1, within the noise
-    return {"prefill": len(prompt) / (first - start), "decode": (N + 1) / (end - first), "tokens": tokens}
+    return {"prefill": len(prompt) / (first - start), "decode": (N + 1) / (end - first), "tokens": tokens,
+            "rss_mb": rss_mb() - base}
+
+
+def sputnik_rss(path: str, prompt: list[int], N: int) -> dict:
+    """Resident MB above torch of a fresh process that loads the model as `sputnik chat` does, reads the prompt and
+    decodes N tokens; and the KV cache's MB."""
+    base = rss_mb()
+    model = load_model(path, quantize="auto")
+    engine = Engine(model, Tokenizer.load(path), kv_dtype=ModelArgs().cache_dtype(model))
+    engine.generate([prompt], SamplingParams(max_tokens=N, temperature=0, ignore_eos=True))
+    cache = sum(t.numel() * t.element_size() for t in engine._cache.buffers()) / 2**20
+    return {"rss_mb": rss_mb() - base, "cache_mb": cache}
 
 
 TURN = ("Tell me more about the history of the old harbour town, its markets, its bridges and the people who lived "
@@ -152,13 +170,17 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8, help="samples decoded together in the batched run")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--turns", type=int, default=6, help="user messages in the chat (0: no chat)")
-    ap.add_argument("--llamacpp-only", action="store_true", help=argparse.SUPPRESS)  # the child process
+    ap.add_argument("--llamacpp-only", action="store_true", help=argparse.SUPPRESS)  # the child processes
+    ap.add_argument("--rss-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--prompt-ids", default="[]", help=argparse.SUPPRESS)
     args = ap.parse_args()
     N = args.new_tokens
     if args.llamacpp_only:
         print(json.dumps(llamacpp_chat(args.model, N, args.turns) if args.turns else
                          llamacpp_run(args.model, json.loads(args.prompt_ids), N)))
+        return
+    if args.rss_only:
+        print(json.dumps(sputnik_rss(args.model, json.loads(args.prompt_ids), N)))
         return
     print(machine.line())
     path = resolve(args.model)
@@ -215,6 +237,7 @@ def main() -> None:
                 figures[f"{key}_{name}_vs_llamacpp"] = round(statistics.median(ratios), 3)
             figures[f"{key}_llamacpp_b1_tok_s"] = round(med["llama.cpp"]["decode"], 2)
             figures[f"{key}_llamacpp_prefill_tok_s"] = round(med["llama.cpp"]["prefill"], 1)
+    memory(path, prompt, N, figures)
     if args.turns:
         chat(path, model, tok, args, figures)
     cache = engines["float32"]._cache
@@ -223,6 +246,24 @@ def main() -> None:
                    cache_kb_per_token_16_bit=round(per_token * 2 / 1024, 1))
     print(f"cache per token: {per_token * 4 / 1024:.1f} KB float32, {per_token * 2 / 1024:.1f} KB in 16 bits")
     print(json.dumps(figures))
+
+
+def memory(path: Path, prompt: list[int], N: int, figures: dict) -> None:
+    """Resident memory after the longest prompt and N tokens, each side in a fresh process."""
+    ours, why = run_json(__file__, "--rss-only", "--model", str(path), "--new-tokens", str(N), "--prompt-ids",
+                       json.dumps(prompt))
+    if ours is None:
+        print(f"resident memory: sputnik's child failed: {why}")
+        return
+    theirs, status = llamacpp_child(path, prompt, N)
+    line = f"resident MB after {len(prompt)} prompt tokens + {N}: sputnik {ours['rss_mb']:.1f} " \
+           f"(its KV cache {ours['cache_mb']:.1f})"
+    figures.update(rss_after_prompt_mb=round(ours["rss_mb"], 1), rss_cache_mb=round(ours["cache_mb"], 1))
+    if theirs is not None:
+        line += f", llama.cpp {theirs['rss_mb']:.1f}"
+        figures.update(llamacpp_rss_after_prompt_mb=round(theirs["rss_mb"], 1),
+                       rss_vs_llamacpp=round(ours["rss_mb"] / theirs["rss_mb"], 3))
+    print(line if theirs is not None else f"{line}; llama.cpp: {status}")
 
 
 def chat(path: Path, model, tok: Tokenizer, args, figures: dict) -> None:

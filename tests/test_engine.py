@@ -399,3 +399,18 @@ def test_the_engine_follows_weights_replaced_after_it_fused_them():
         for p in model.parameters():
             p.data = p.data.flip(0).clone()
     assert eng.generate(PROMPTS[:1], params)[0][0].token_ids == greedy_by_forward(model, PROMPTS[0], 8)
+
+
+def test_a_long_prefill_hands_its_memory_back(monkeypatch):
+    """A prompt of at least a prefill chunk frees tens of MB of activations and its own cache once its rows join the
+    batch; the engine then gives the C heap's free pages back (once), which short prompts do not pay for."""
+    import sputnik.engine.generate as generate
+
+    calls = []
+    monkeypatch.setattr(generate, "trim_heap", lambda: calls.append(len(calls)))
+    eng = Engine(tiny(), prefill_chunk=32, prefill_block=16)
+    greedy = SamplingParams(max_tokens=3, temperature=0)
+    eng.generate([list(range(1, 20))], greedy)
+    assert calls == [] and eng._cache.rows == 1  # one sequence, one row of cache
+    long = eng.generate([list(range(1, 41))], greedy)
+    assert calls == [0] and len(long[0][0].token_ids) == 3

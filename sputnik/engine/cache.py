@@ -95,7 +95,7 @@ class SlotCache:
     share a step. Finished rows are refilled by moving the last row into them; buffers grow by doubling.
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str, rows: int = 4,
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str, rows: int = 1,
                  max_len: int = 128):
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         self.names = ("kv", "pe") if cfg.is_mla else ("k", "v")
