@@ -9,7 +9,7 @@ import torch
 import transformers as tf
 
 import sputnik.kernels as K
-from sputnik.checkpoint import load_model
+from sputnik.checkpoint import load_model, quantized_copy
 from sputnik.engine import Engine, SamplingParams
 from sputnik.kernels import QuantEmbedding, QuantLinear
 
@@ -90,6 +90,22 @@ def test_greedy_tokens_match_the_dequantized_model(models, default_tokenizer):
         top2 = a.topk(2, -1).values
         clear = (top2[:, 0] - top2[:, 1]) > 0.5
         assert clear.sum() >= len(cont) // 2 and torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
+
+
+def test_an_int8_copy_of_a_tied_model_quantizes_its_table_once(models, default_tokenizer):
+    """quantized_copy (GRPO's rollout copy) of the dense SmolLM2: the tied head shares the embedding's Q8_0 blocks,
+    and the copy's next-token choices are the dense model's where those are clear."""
+    _, dense = models
+    copy = quantized_copy(dense, "int8")
+    assert copy.lm_head.qweight.data_ptr() == copy.model.embed_tokens.qweight.data_ptr()
+    assert K.TYPES[copy.model.layers[0].mlp.down_proj.qtype][0] == "Q8_0"
+    ids = torch.tensor([default_tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[0]}],
+                                                              tokenize=True)])
+    with torch.no_grad():
+        a, b = dense(ids)[0], copy(ids)[0]
+    top2 = a.topk(2, -1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.5
+    assert clear.sum() >= len(a) // 3 and torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
 
 
 def test_seeded_samples_are_the_same_alone_in_a_crowd_and_from_the_prefix_cache(models, default_tokenizer):

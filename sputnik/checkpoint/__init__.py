@@ -135,8 +135,10 @@ def quantized_copy(model: nn.Module, quantize: str = "int8") -> Transformer:
     if quantize not in BLOCK_TYPES:
         raise ValueError(f"unknown quantize {quantize!r}: int8 or int4")
     weight = next(model.parameters())
-    sd = quantize_state({k: v.detach() for k, v in merged_state_dict(model).items()}, BLOCK_TYPES[quantize])
-    return build_model(model.cfg, sd, torch.float32, weight.device)
+    sd = {k: v.detach() for k, v in merged_state_dict(model).items()}
+    if model.cfg.tie_embeddings:  # one matrix under two names: quantized once, its blocks shared by the head
+        sd.pop("lm_head.weight", None)
+    return build_model(model.cfg, quantize_state(sd, BLOCK_TYPES[quantize]), torch.float32, weight.device)
 
 
 def quantize_state(sd: dict[str, Tensor | QTensor], type_name: str) -> dict[str, Tensor | QTensor]:
