@@ -315,7 +315,7 @@ class Engine:
                 self._next = tok if self._next is None or not len(self._next) else torch.cat([self._next, tok])
             del joined, kvs  # the prompts' own caches, now copied into the batch's (the prefix cache keeps its own)
             if prefilled >= self.prefill_chunk and self.model.device.type == "cpu":
-                # A long prompt's activations and caches free tens of MB that glibc keeps (~240 MB after 2,000 tokens
+                # A long prompt's activations and caches free tens of MB that glibc keeps (~100 MB after 2,000 tokens
                 # here); handing them back takes a few ms, against the prefill's seconds.
                 trim_heap()
         return out
