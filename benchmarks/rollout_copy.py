@@ -1,15 +1,23 @@
-"""Do GRPO's rollouts pay for a quantized copy of the policy? (issue 19)
+"""Do GRPO's rollouts pay for a quantized copy of the policy? (issue 19; GRPO's `rollout_quantize`)
 
 A GRPO step samples its rollouts from the policy as the last update left it. The policy trains in fp32, so its
-rollouts run the fp32 native step; a copy in Q8_0 blocks (quantize_state of its state dict, then build_model), made
-again after every update, decodes from a quarter of the bytes. In one run, for a rollout of `make r1`'s shape
-(rows = prompts x G, sampled at temperature 1, a fixed number of new tokens), this times the fp32 rollouts, making
-the copy, and the copy's rollouts, medians of --repeats. `pays` is whether copy + its rollouts take less than the
-fp32 rollouts. The copy's samples are off-policy by its rounding: the fp32 policy's log-probs of the copy's tokens
+rollouts run the fp32 native step; a copy in Q8_0 blocks (checkpoint.quantized_copy), made again after every update,
+decodes from a quarter of the bytes. In one run, for a rollout of `make r1`'s shape (rows = prompts x G, sampled at
+temperature 1, a fixed number of new tokens), this times the fp32 rollouts, making the copy, and the copy's rollouts
+(its KV cache float16, as GRPO keeps it), medians of --repeats. `pays` is whether copy + its rollouts take less than
+the fp32 rollouts. The copy's samples are off-policy by its rounding: the fp32 policy's log-probs of the copy's tokens
 (train.logprobs, the trainer's own function) against the copy's, as the share of tokens whose ratio leaves DAPO's
-clip range [0.8, 1.28] (such tokens would train with a clipped or biased ratio).
+clip range [0.8, 1.28] (GRPO weighs the copy's tokens by truncated importance sampling).
+
+Then whole GRPO steps of that shape with recipes/r1-zero.yaml's GRPO settings (its task, thinking, format + accuracy
+rewards, loss, learning rate), --steps with `rollout_quantize: none` and as many with `int8`, each run from its own
+copy of the loaded policy, in turn: seconds per step and in its prepare phase (rollouts, the copy included, rewards,
+padding; medians, each run's first step left out as warm-up), rewards, and the importance weights' figures. The
+update phases differ a little: rows whose group's rewards are all equal are not trained, and the runs sample
+different rows.
 
     python benchmarks/rollout_copy.py [--model smollm2-135m-instruct] [--rows 48] [--new-tokens 128] [--repeats 3]
+                                      [--steps 4]
 
 The last line is one JSON object of the figures.
 """
@@ -25,6 +33,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import QUESTIONS, median_time  # noqa: E402
@@ -52,14 +61,21 @@ def off_policy(model, prompts: list[list[int]], completions) -> tuple[float, flo
     return outside / total, gap / total
 
 
+# r1-zero's GRPO: its rewards (format and accuracy) give a 135M model's groups a spread, so both runs train.
+R1_ZERO = Path(__file__).resolve().parents[1] / "recipes" / "r1-zero.yaml"
+R1_ZERO_GRPO = ("task", "template", "think", "suffix", "rewards", "grading", "num_generations", "temperature",
+                "loss_type", "scale_rewards", "epsilon", "epsilon_high", "beta", "micro_batch_size")
+
+
 def grpo_steps(model, tok, args, rollout_quantize: str) -> list[dict]:
     """The metrics rows of args.steps GRPO steps from a copy of `model`, its rollouts sampled as asked."""
-    cfg = GRPOConfig(task="arithmetic", template="chat", prompts_per_step=args.rows // 8, num_generations=8,
-                     max_completion_length=args.new_tokens, loss_type="dapo", epsilon_high=0.28,
-                     rewards={"accuracy": 1.0}, micro_batch_size=16, eval_n=0, rollout_quantize=rollout_quantize)
+    recipe = yaml.safe_load(R1_ZERO.read_text())
+    cfg = GRPOConfig(**{k: recipe[k] for k in R1_ZERO_GRPO}, prompts_per_step=args.rows // recipe["num_generations"],
+                     max_completion_length=args.new_tokens, eval_n=0, rollout_quantize=rollout_quantize)
     policy = copy.deepcopy(model)
     with tempfile.TemporaryDirectory() as out:
-        train = TrainConfig(out_dir=out, max_steps=args.steps, lr=2e-5, progress=False, plot_every=0, save_every=0)
+        train = TrainConfig(out_dir=out, max_steps=args.steps, lr=recipe["lr"], progress=False, plot_every=0,
+                            save_every=0)
         Trainer(policy, train, GRPOObjective(policy, tok, cfg, seed=0), tokenizer=tok).run()
         return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()
                 if '"seconds"' in line]
