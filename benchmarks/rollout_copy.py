@@ -85,6 +85,8 @@ def step_figures(rows: list[dict]) -> dict[str, float]:
     timed = rows[1:] if len(rows) > 1 else rows
     out = {"step_s": statistics.median(r["seconds"] for r in timed),
            "prepare_s": statistics.median(r["prepare_seconds"] for r in timed),
+           "update_s": statistics.median(r["seconds"] - r["prepare_seconds"] for r in timed),
+           "trained_rows": statistics.mean(r["trained_rows"] for r in timed),  # share of the rows with a gradient
            "reward": statistics.mean(r["reward"] for r in rows)}
     for key in ("rollout_is/weight", "rollout_is/capped", "rollout_is/abs_log_ratio"):
         if key in rows[-1]:
@@ -134,11 +136,13 @@ def main() -> None:
     if args.steps:
         runs = {q: step_figures(grpo_steps(model, tok, args, q)) for q in ("none", "int8")}
         print(f"\nGRPO, {args.steps} steps each way (medians leave out each run's first step)")
-        print("| rollouts | step s | prepare s | mean reward | IS weight | capped | mean abs log ratio |")
-        print("|---|---|---|---|---|---|---|")
+        print("| rollouts | step s | prepare s | update s | rows trained | mean reward | IS weight | capped | "
+              "mean abs log ratio |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for q, f in runs.items():
-            print(f"| {q} | {f['step_s']:.2f} | {f['prepare_s']:.2f} | {f['reward']:.3f} | {f.get('weight', 1):.4f} | "
-                  f"{f.get('capped', 0):.4f} | {f.get('abs_log_ratio', 0):.4f} |")
+            print(f"| {q} | {f['step_s']:.2f} | {f['prepare_s']:.2f} | {f['update_s']:.2f} | {f['trained_rows']:.2f} | "
+                  f"{f['reward']:.3f} | {f.get('weight', 1):.4f} | {f.get('capped', 0):.4f} | "
+                  f"{f.get('abs_log_ratio', 0):.4f} |")
         figures.update(grpo_none=runs["none"], grpo_int8=runs["int8"],
                        grpo_prepare_int8_vs_none=round(runs["int8"]["prepare_s"] / runs["none"]["prepare_s"], 3),
                        grpo_step_int8_vs_none=round(runs["int8"]["step_s"] / runs["none"]["step_s"], 3))
