@@ -86,14 +86,15 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def quantized_rss(path: str, prompt: list[int]) -> dict[str, float]:
-    """RSS (MB) of a fresh process that loads the model quantized and decodes 8 tokens, and of torch alone."""
+def quantized_rss(path: str, prompt: list[int], new_tokens: int = 8) -> dict[str, float]:
+    """RSS (MB) of a fresh process that loads the model quantized (as `sputnik chat` does), reads the prompt and
+    decodes new_tokens, and of torch alone; and the KV cache's MB."""
     base = rss_mb()
     model = load_model(path, quantize="auto")
     engine = Engine(model, Tokenizer.load(path), kv_dtype=ModelArgs().cache_dtype(model))
-    engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0))
+    engine.generate([prompt], SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))
     total = rss_mb()
-    cache = sum(t.numel() * t.element_size() for t in engine._cache.k + engine._cache.v) / 2**20
+    cache = sum(t.numel() * t.element_size() for t in engine._cache.buffers()) / 2**20
     return {"rss_mb": total, "torch_mb": base, "q_rss_mb": total - base, "cache_mb": cache}
 
 

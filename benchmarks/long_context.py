@@ -33,7 +33,7 @@ import torch
 
 import machine
 from child import run_json
-from decode import rss_mb
+from decode import quantized_rss, rss_mb
 from sputnik.checkpoint import load_model
 from sputnik.checkpoint.args import ModelArgs
 from sputnik.checkpoint.registry import resolve
@@ -91,17 +91,6 @@ def llamacpp_run(path: str, prompt: list[int], N: int) -> dict:
     # its first token's sampling is in the decode time, as sputnik's is not: one token of N + 1, within the noise
     return {"prefill": len(prompt) / (first - start), "decode": (N + 1) / (end - first), "tokens": tokens,
             "rss_mb": rss_mb() - base}
-
-
-def sputnik_rss(path: str, prompt: list[int], N: int) -> dict:
-    """Resident MB above torch of a fresh process that loads the model as `sputnik chat` does, reads the prompt and
-    decodes N tokens; and the KV cache's MB."""
-    base = rss_mb()
-    model = load_model(path, quantize="auto")
-    engine = Engine(model, Tokenizer.load(path), kv_dtype=ModelArgs().cache_dtype(model))
-    engine.generate([prompt], SamplingParams(max_tokens=N, temperature=0, ignore_eos=True))
-    cache = sum(t.numel() * t.element_size() for t in engine._cache.buffers()) / 2**20
-    return {"rss_mb": rss_mb() - base, "cache_mb": cache}
 
 
 TURN = ("Tell me more about the history of the old harbour town, its markets, its bridges and the people who lived "
@@ -180,7 +169,7 @@ def main() -> None:
                          llamacpp_run(args.model, json.loads(args.prompt_ids), N)))
         return
     if args.rss_only:
-        print(json.dumps(sputnik_rss(args.model, json.loads(args.prompt_ids), N)))
+        print(json.dumps(quantized_rss(args.model, json.loads(args.prompt_ids), N)))
         return
     print(machine.line())
     path = resolve(args.model)
@@ -256,13 +245,13 @@ def memory(path: Path, prompt: list[int], N: int, figures: dict) -> None:
         print(f"resident memory: sputnik's child failed: {why}")
         return
     theirs, status = llamacpp_child(path, prompt, N)
-    line = f"resident MB after {len(prompt)} prompt tokens + {N}: sputnik {ours['rss_mb']:.1f} " \
+    line = f"resident MB after {len(prompt)} prompt tokens + {N}: sputnik {ours['q_rss_mb']:.1f} " \
            f"(its KV cache {ours['cache_mb']:.1f})"
-    figures.update(rss_after_prompt_mb=round(ours["rss_mb"], 1), rss_cache_mb=round(ours["cache_mb"], 1))
+    figures.update(rss_after_prompt_mb=round(ours["q_rss_mb"], 1), rss_cache_mb=round(ours["cache_mb"], 1))
     if theirs is not None:
         line += f", llama.cpp {theirs['rss_mb']:.1f}"
         figures.update(llamacpp_rss_after_prompt_mb=round(theirs["rss_mb"], 1),
-                       rss_vs_llamacpp=round(ours["rss_mb"] / theirs["rss_mb"], 3))
+                       rss_vs_llamacpp=round(ours["q_rss_mb"] / theirs["rss_mb"], 3))
     print(line if theirs is not None else f"{line}; llama.cpp: {status}")
 
 
